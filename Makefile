@@ -1,0 +1,46 @@
+# Every target sets up .venv itself: torch's CPU wheel first (a looser pin would pull a multi-GB CUDA
+# build), then paddock in editable mode with its dev extra.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.paddock-installed
+TORCH   ?= torch==2.13.0
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv demo test test-unit test-integration bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python jobs/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration and not gpu" tests
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -m "integration and not gpu" tests
+
+bench: $(STAMP)
+	@ls benchmarks/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check platform jobs tests benchmarks
+	$(BIN)/ruff format --check platform jobs tests benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .paddock

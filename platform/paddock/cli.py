@@ -1,0 +1,46 @@
+"""The shared command line of jobs/ scripts: ``--config FILE [--set dotted.key=value ...]``.
+
+Library code raises; this is the one place that turns paddock's errors into a message and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from paddock.config import ConfigError, load_config
+
+T = TypeVar("T", bound=BaseModel)
+
+# Errors that are the user's to fix: print the message, no traceback, exit 2.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML config file, e.g. jobs/configs/tiny/world.yaml")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value by its dotted path, e.g. --set world.seed=3 (repeatable)",
+    )
+    return p
+
+
+def run_stage(config_cls: type[T], stage: Callable[[T], Any], description: str, argv: list[str] | None = None) -> int:
+    """Parse the command line, validate the config, run the stage; 2 on a user error."""
+    from paddock.data.validate import DatasetError
+    from paddock.models import ModelLoadError
+    from paddock.tokenizer import TokenizerError
+
+    args = parser(description).parse_args(argv)
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+        stage(cfg)
+    except (*USER_ERRORS, DatasetError, ModelLoadError, TokenizerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,111 @@
+"""Tokenisation into input ids and labels, loss masks, and packing into fixed-length sequences.
+
+Labels follow the Hugging Face convention: the label of a position is its own token id (the model shifts),
+and ``IGNORE`` (-100) marks tokens that carry no loss. Masks (LLAMA2_SPEC.md):
+
+- pretraining: every token;
+- SFT (``train_on="answers"``): the answer tokens and their EOS only, never the ``[INST] ... [/INST]`` prompt;
+- GAtt (``train_on="last_answer"``): only the last answer; every earlier turn carries no loss.
+
+Packing concatenates examples (each already BOS ... EOS, so EOS is the separator) and cuts the stream into
+``seq_len`` windows, as the paper packs SFT data; the last window is padded with ignored positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from paddock.data.chat import Segment, segments
+
+IGNORE = -100
+TrainOn = Literal["answers", "last_answer", "all"]
+
+
+class TextEncoder(Protocol):
+    bos_token_id: int
+    eos_token_id: int
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _ids(tok: TextEncoder, text: str) -> list[int]:
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def encode_pretrain(tok: TextEncoder, text: str) -> Example:
+    ids = [tok.bos_token_id, *_ids(tok, text), tok.eos_token_id]
+    return Example(ids, list(ids))
+
+
+def encode_segment(tok: TextEncoder, seg: Segment) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of one segment, without BOS; the answer ids end with EOS when finished.
+
+    The whole ``prompt + answer`` text is tokenised at once (as Meta's code does) and split where the prompt
+    alone ends. SentencePiece pieces never span ``]`` and the space that follows it, so the split is exact;
+    it is checked anyway because a foreign tokenizer might merge across it.
+    """
+    prompt_ids = _ids(tok, seg.prompt)
+    if seg.answer is None:
+        return prompt_ids, []
+    full = _ids(tok, seg.prompt + seg.answer_text)
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"tokenizer merges across the end of the prompt {seg.prompt[-40:]!r}; cannot mask the loss")
+    return prompt_ids, [*full[len(prompt_ids) :], tok.eos_token_id]
+
+
+def encode_dialog(
+    tok: TextEncoder,
+    turns: Sequence[Mapping[str, str]],
+    system: str | None = None,
+    train_on: TrainOn = "answers",
+) -> Example:
+    """Ids and labels of a dialog in the Llama 2 chat format with the loss mask ``train_on``."""
+    segs = segments(turns, system)
+    ids: list[int] = []
+    labels: list[int] = []
+    finished = [i for i, s in enumerate(segs) if s.answer is not None]
+    for i, seg in enumerate(segs):
+        prompt_ids, answer_ids = encode_segment(tok, seg)
+        head = [tok.bos_token_id, *prompt_ids]
+        ids += head + answer_ids
+        trained = train_on != "last_answer" or (bool(finished) and i == finished[-1])
+        labels += head if train_on == "all" else [IGNORE] * len(head)
+        labels += answer_ids if trained else [IGNORE] * len(answer_ids)
+    return Example(ids, labels)
+
+
+def encode_prompt(tok: TextEncoder, turns: Sequence[Mapping[str, str]], system: str | None = None) -> list[int]:
+    """Ids to generate from: the dialog up to and including the open ``[INST] ... [/INST]`` of the last turn."""
+    if turns and turns[-1].get("role") != "user":
+        raise ValueError("a generation prompt must end with a user turn")
+    return encode_dialog(tok, turns, system, train_on="answers").input_ids
+
+
+def pack(examples: Iterable[Example], seq_len: int, pad_id: int) -> Iterator[Example]:
+    """Concatenate examples and cut them into windows of exactly ``seq_len`` tokens.
+
+    An example longer than ``seq_len`` spans windows, as in the paper's packing. The final partial window is
+    padded with ``pad_id`` and ``IGNORE`` labels, so no token is lost.
+    """
+    buf_ids: list[int] = []
+    buf_labels: list[int] = []
+    for ex in examples:
+        buf_ids += ex.input_ids
+        buf_labels += ex.labels
+        while len(buf_ids) >= seq_len:
+            yield Example(buf_ids[:seq_len], buf_labels[:seq_len])
+            del buf_ids[:seq_len], buf_labels[:seq_len]
+    if buf_ids:
+        pad = seq_len - len(buf_ids)
+        yield Example(buf_ids + [pad_id] * pad, buf_labels + [IGNORE] * pad)

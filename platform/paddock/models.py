@@ -1,0 +1,143 @@
+"""Llama 2 shapes, building models from a shape, and loading local checkpoints (safetensors only).
+
+Architecture (LLAMA2_SPEC.md): pre-norm RMSNorm (eps 1e-5), SwiGLU, rotary embeddings (theta 10000), no
+biases, untied embedding and head. FFN width follows Meta's reference code:
+``multiple_of * ceil(int(ffn_mult * int(2 * 4 * dim / 3)) / multiple_of)``.
+
+Reward and value models are the same backbone with a scalar head (``LlamaForSequenceClassification``,
+one label), initialised from a causal LM checkpoint: the head is new, the LM head is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+# The reward head reads the last non-pad token. Llama has no pad token, so paddock pads with unk (id 0),
+# which a byte-fallback tokenizer never emits.
+PAD_ID = 0
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    dim: int
+    heads: int
+    kv_heads: int
+    multiple_of: int
+    ffn_mult: float = 1.0
+    vocab_size: int = 32000
+    max_seq_len: int = 4096
+
+    @property
+    def ffn_dim(self) -> int:
+        hidden = int(self.ffn_mult * int(2 * 4 * self.dim / 3))
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+SHAPES: dict[str, Shape] = {
+    # Released sizes (Touvron et al. 2023, Table 1; Meta's params.json). 34B follows Code Llama 34B.
+    "7b": Shape(layers=32, dim=4096, heads=32, kv_heads=32, multiple_of=256),
+    "13b": Shape(layers=40, dim=5120, heads=40, kv_heads=40, multiple_of=256),
+    "34b": Shape(layers=48, dim=8192, heads=64, kv_heads=8, multiple_of=256),
+    "70b": Shape(layers=80, dim=8192, heads=64, kv_heads=8, multiple_of=4096, ffn_mult=1.3),
+    # CPU shapes: tiny trains in minutes on 2 cores, small is for benchmarks (~25M with a 4k vocabulary).
+    "tiny": Shape(layers=4, dim=128, heads=4, kv_heads=4, multiple_of=32, vocab_size=4000, max_seq_len=512),
+    "small": Shape(layers=6, dim=512, heads=8, kv_heads=8, multiple_of=64, vocab_size=4000, max_seq_len=1024),
+}
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint that cannot be loaded: missing, not safetensors, or not a Llama model."""
+
+
+def llama_config(shape: str | Shape, vocab_size: int | None = None, max_seq_len: int | None = None) -> LlamaConfig:
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    return LlamaConfig(
+        vocab_size=vocab_size or s.vocab_size,
+        hidden_size=s.dim,
+        intermediate_size=s.ffn_dim,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        max_position_embeddings=max_seq_len or s.max_seq_len,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+
+
+def count_parameters(shape: str | Shape, vocab_size: int | None = None) -> int:
+    """Parameter count of a causal LM of this shape, built on the meta device (no memory allocated)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(shape, vocab_size))
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_causal_lm(shape: str, vocab_size: int | None = None, max_seq_len: int | None = None, seed: int = 0) -> LlamaForCausalLM:
+    """A freshly initialised Llama causal LM; the seed makes the weights reproducible."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; valid: {', '.join(SHAPES)}")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(shape, vocab_size, max_seq_len))
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """A local Hugging Face directory with config.json and safetensors weights, or ModelLoadError."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ModelLoadError(f"checkpoint directory {str(p)!r} does not exist")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{p} has no config.json; is it a Hugging Face checkpoint directory?")
+    if not any(p.glob("*.safetensors")):
+        found = sorted(x.name for x in p.glob("*.bin")) or sorted(x.name for x in p.iterdir())[:5]
+        raise ModelLoadError(
+            f"{p} has no *.safetensors weights (found {found}); paddock loads safetensors only, "
+            "convert pickled weights with transformers' save_pretrained(safe_serialization=True)"
+        )
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(s for s in shards if not (p / s).is_file())
+        if missing:
+            raise ModelLoadError(f"{p} is missing weight shards listed in its index: {', '.join(missing)}")
+    return p
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    p = check_checkpoint(path)
+    return LlamaForCausalLM.from_pretrained(
+        str(p), dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True
+    )
+
+
+def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForSequenceClassification:
+    """A reward or value model: from a reward checkpoint, or from a causal LM with a new scalar head."""
+    p = check_checkpoint(path)
+    model = LlamaForSequenceClassification.from_pretrained(
+        str(p),
+        num_labels=1,
+        pad_token_id=PAD_ID,
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=False,
+        local_files_only=True,
+    )
+    model.config.pad_token_id = PAD_ID
+    return model

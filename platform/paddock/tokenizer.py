@@ -1,0 +1,144 @@
+"""SentencePiece BPE tokenizer training and loading, with Llama 2's settings.
+
+Llama 2 (paper, section 2.1): BPE via SentencePiece, every number split into single digits, unknown UTF-8
+falls back to bytes, vocabulary 32000; ids unk 0, BOS 1, EOS 2 and no pad token. The trainer options below
+mirror the ones stored in Meta's released ``tokenizer.model`` (identity normalisation, no whitespace
+collapsing, a dummy prefix), so a model trained here and a real Llama 2 tokenizer load through the same code.
+
+A trained tokenizer is saved as a Hugging Face tokenizer directory (``tokenizer.json`` and its config) plus
+the raw ``tokenizer.model``, so every checkpoint can carry it.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from paddock.config import TokenizerJob
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory that is missing, incomplete or not Llama-compatible."""
+
+
+def sample_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str]:
+    """Non-empty lines of ``texts``, reservoir-sampled down to ``max_lines``."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    seen = 0
+    for text in texts:
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            seen += 1
+            if len(out) < max_lines:
+                out.append(line)
+            else:
+                j = rng.randrange(seen)
+                if j < max_lines:
+                    out[j] = line
+    return out
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int, max_lines: int = 2_000_000, seed: int = 0) -> Path:
+    """Train a Llama-style BPE tokenizer on ``texts`` and save it to ``out_dir``. Returns ``out_dir``.
+
+    The vocabulary may come out smaller than ``vocab_size`` when the corpus is too small to fill it;
+    ``len(load_tokenizer(out_dir))`` is the real size.
+    """
+    import sentencepiece as spm
+
+    lines = sample_lines(texts, max_lines, seed)
+    if not lines:
+        raise TokenizerError("cannot train a tokenizer on an empty corpus")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = Path(tmp) / "tokenizer"
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_prefix=str(prefix),
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            split_digits=True,
+            byte_fallback=True,
+            character_coverage=0.99995,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            add_dummy_prefix=True,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
+            num_threads=2,
+            minloglevel=2,
+        )
+        shutil.copy(f"{prefix}.model", out / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(str(out), add_bos_token=True, add_eos_token=False, local_files_only=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local directory: one paddock trained, or a user's Llama 2 checkpoint.
+
+    Only local directories are accepted (nothing is fetched from a hub), and remote code is never run.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise TokenizerError(f"tokenizer directory {str(p)!r} does not exist; run jobs/tokenizer.py or fix the path")
+    if (p / "tokenizer.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    elif (p / "tokenizer.model").is_file():
+        tok = LlamaTokenizer.from_pretrained(str(p), add_bos_token=True, add_eos_token=False, local_files_only=True)
+    else:
+        raise TokenizerError(f"{p} holds neither tokenizer.json nor tokenizer.model")
+    if tok.bos_token_id != BOS_ID or tok.eos_token_id != EOS_ID:
+        raise TokenizerError(
+            f"{p}: expected Llama ids BOS {BOS_ID} and EOS {EOS_ID}, got {tok.bos_token_id} and {tok.eos_token_id}"
+        )
+    return tok
+
+
+def run(job: "TokenizerJob") -> Path:
+    """Stage entry point: train a tokenizer on the pretraining corpus, or import an existing one."""
+    import pyarrow.parquet as pq
+
+    from paddock.config import resolve_path
+
+    cfg = job.tokenizer
+    out = resolve_path(cfg.out_dir)
+    if cfg.existing is not None:
+        src = Path(cfg.existing).expanduser()
+        tok = load_tokenizer(src)
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(out))
+        if (src / "tokenizer.model").is_file():
+            shutil.copy(src / "tokenizer.model", out / "tokenizer.model")
+        print(f"imported tokenizer from {src} ({len(tok)} tokens) to {out}")
+        return out
+    corpus = resolve_path(cfg.corpus)
+    if not corpus.is_file():
+        raise FileNotFoundError(f"tokenizer.corpus: {corpus} does not exist; run jobs/world.py first")
+    texts = pq.read_table(corpus, columns=["text"])["text"].to_pylist()
+    print(f"training a BPE tokenizer (vocab {cfg.vocab_size}) on {len(texts)} documents from {corpus}", flush=True)
+    train_tokenizer(texts, out, cfg.vocab_size, cfg.max_sentences, seed=job.seed)
+    tok = load_tokenizer(out)
+    sample = "The capital of France is Paris. 12 + 35 = 47."
+    n_chars = sum(len(t) for t in texts[:200])
+    n_tokens = sum(len(tok.encode(t, add_special_tokens=False)) for t in texts[:200])
+    print(f"tokenizer written to {out}: {len(tok)} tokens, {n_chars / max(n_tokens, 1):.2f} characters per token")
+    print(f"  {sample!r} -> {tok.convert_ids_to_tokens(tok.encode(sample, add_special_tokens=False))}")
+    return out
