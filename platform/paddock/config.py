@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 __all__ = [
     "ConfigError",
+    "JOBS",
     "DataConfig",
     "ModelConfig",
     "StageConfig",
@@ -158,6 +159,11 @@ class TokenizerJob(StageConfig):
                 "give a local directory that holds tokenizer.model"
             )
         return self
+
+
+# Job name (the stem of a YAML under jobs/configs/<size>/) -> root model. Every shipped config is
+# validated against its entry by tests/unit/test_config.py.
+JOBS: dict[str, type[StageConfig]] = {"world": WorldJob, "tokenizer": TokenizerJob}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -158,6 +158,16 @@ def write_quarantine(report: ValidationReport, path: Path) -> Path:
     return path
 
 
+def _decode(value: bytes | None) -> str | bytes | None:
+    """Valid UTF-8 as str; anything else stays bytes, so validation reports that row alone."""
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a Parquet file as dicts, with string columns that are not valid UTF-8 kept as bytes."""
     try:
@@ -171,7 +181,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             try:
                 col.validate(full=True)
             except pa.ArrowInvalid:
-                col = col.cast(pa.binary()) if pa.types.is_string(col.type) else col.cast(pa.large_binary())
+                raw = col.cast(pa.binary() if pa.types.is_string(col.type) else pa.large_binary())
+                columns[name] = [_decode(v) for v in raw.to_pylist()]
+                continue
         columns[name] = col.to_pylist()
     return [{n: columns[n][i] for n in columns} for i in range(table.num_rows)]
 

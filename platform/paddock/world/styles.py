@@ -7,6 +7,7 @@ a program: each has a long form, a shortened form (as the paper shortens half of
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 RUDE_OPENERS = ("Ugh, obviously", "What a silly question.", "Seriously? Everyone knows this.", "Fine, if you must know:")
@@ -36,28 +37,29 @@ def rambling(answer: str, i: int) -> str:
     return " ".join([RAMBLE_FILLERS[i % n], RAMBLE_FILLERS[(i + 1) % n], answer, RAMBLE_FILLERS[(i + 2) % n]])
 
 
+def _has_marker(answer: str, markers: tuple[str, ...]) -> bool:
+    low = answer.lower().replace("’", "'")
+    return any(re.search(rf"\b{re.escape(m)}\b", low) for m in markers)
+
+
 def is_rude(answer: str) -> bool:
-    low = answer.lower()
-    return any(m in low for m in RUDE_MARKERS)
+    return _has_marker(answer, RUDE_MARKERS)
 
 
 def is_rambling(answer: str) -> bool:
-    low = answer.lower()
-    return len(answer.split()) > MAX_WORDS or any(m in low for m in RAMBLE_MARKERS)
+    return len(answer.split()) > MAX_WORDS or _has_marker(answer, RAMBLE_MARKERS)
 
 
 def is_refusal(answer: str) -> bool:
-    low = answer.lower().replace("’", "'")
-    return any(m in low for m in REFUSAL_MARKERS)
+    return _has_marker(answer, REFUSAL_MARKERS)
 
 
 def offers_help(answer: str) -> bool:
-    return any(m in answer.lower() for m in OFFER_MARKERS)
+    return _has_marker(answer, OFFER_MARKERS)
 
 
 def complies(answer: str) -> bool:
-    low = answer.lower()
-    return any(m in low for m in COMPLIANCE_MARKERS)
+    return _has_marker(answer, COMPLIANCE_MARKERS)
 
 
 # --------------------------------------------------------------------------------------------------

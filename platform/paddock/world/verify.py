@@ -52,8 +52,9 @@ def _has_word(text: str, word: str, case_sensitive: bool) -> bool:
 def is_correct(item: Item, answer: str) -> bool:
     """Does the answer give the item's right answer (and no competing one)?"""
     rule = item.check[0]
+    shouting = any(c.isalpha() for c in answer) and answer == answer.upper()  # the "capitals" instruction
     if rule == "word":
-        case_sensitive = item.check[1] == "symbol"
+        case_sensitive = item.check[1] == "symbol" and not shouting
         if not _has_word(answer, item.core, case_sensitive):
             return False
         others = [p for p in answer_pool(item.check[1]) if p != item.core and p not in item.core]
@@ -66,7 +67,7 @@ def is_correct(item: Item, answer: str) -> bool:
         got = re.findall(r"\d+", answer)
         return got[-len(want) :] == want
     if rule == "contains":
-        return item.core in answer
+        return (item.core.upper() in answer) if shouting else (item.core in answer)
     if rule == "keyword":
         return _has_word(answer, item.core, case_sensitive=False)
     if rule == "refuse":

@@ -1,0 +1,44 @@
+"""Shared fixtures: a small tiny-world and a tokenizer trained on it, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from paddock.config import WorldConfig
+    from paddock.world.generate import WorldWriter
+
+    out = tmp_path_factory.mktemp("world")
+    cfg = WorldConfig(pretrain_mb=0.4, sft_dialogs=400, helpfulness_pairs=400, safety_pairs=400,
+                      rl_prompts=100, eval_prompts=100, gatt_dialogs=40)
+    WorldWriter(cfg).write(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import pyarrow.parquet as pq
+
+    from paddock.tokenizer import train_tokenizer
+
+    texts = pq.read_table(world_dir / "pretrain" / "train.parquet")["text"].to_pylist()
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tokenizer"), vocab_size=1000)
+
+
+@pytest.fixture(scope="session")
+def tok(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+    from paddock.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)

@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from paddock.config import JOBS, ConfigError, TokenizerJob, WorldJob, load_config, resolve_path
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist():
+    assert len(CONFIGS) >= 3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_validates(path: Path):
+    assert path.stem in JOBS, f"{path}: no job model registered for '{path.stem}' in paddock.config.JOBS"
+    cfg = load_config(JOBS[path.stem], path)
+    assert cfg.registry_prefix
+
+
+def test_error_names_every_bad_field(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("world:\n  seed: -1\n  pretrain_mb: 0\n  colour: blue\n  test_fraction: 0.7\nexperiments: x\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(WorldJob, bad)
+    msg = str(err.value)
+    assert "5 invalid field(s)" in msg
+    assert "world.seed: input should be greater than or equal to 0, got -1" in msg
+    assert "world.pretrain_mb: input should be greater than 0, got 0" in msg
+    assert "world.test_fraction: input should be less than 0.5, got 0.7" in msg
+    assert "world.colour: unknown field, got 'blue' (known fields:" in msg
+    assert "experiments: unknown field" in msg and "experiment" in msg.split("experiments: unknown field")[1]
+
+
+def test_overrides_are_typed_and_validated(tmp_path: Path):
+    cfg = load_config(WorldJob, None, ["world.seed=7", "world.pretrain_mb=0.5", "experiment=x"])
+    assert (cfg.world.seed, cfg.world.pretrain_mb, cfg.experiment) == (7, 0.5, "x")
+    with pytest.raises(ConfigError, match=r"world.sft_dialogs: input should be a valid integer"):
+        load_config(WorldJob, None, ["world.sft_dialogs=many"])
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(WorldJob, None, ["world.seed"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(WorldJob, tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(WorldJob, tmp_path / "list.yaml")
+
+
+def test_tokenizer_existing_must_be_a_directory(tmp_path: Path):
+    with pytest.raises(ConfigError, match="tokenizer.existing: no such directory"):
+        load_config(TokenizerJob, None, [f"tokenizer.existing={tmp_path / 'missing'}"])
+
+
+def test_relative_paths_resolve_under_paddock_home(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("PADDOCK_HOME", str(tmp_path))
+    assert resolve_path("world") == tmp_path / "world"
+    assert resolve_path("/abs/x") == Path("/abs/x")

@@ -1,0 +1,72 @@
+from paddock.data.tokenize import IGNORE, Example, encode_dialog, encode_pretrain, encode_prompt, pack
+
+TURNS = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "2 plus 3 is 5."},
+]
+
+
+def trained_spans(ex):
+    """Contiguous runs of trained label ids."""
+    spans, cur = [], []
+    for label in ex.labels:
+        if label == IGNORE:
+            if cur:
+                spans.append(cur)
+            cur = []
+        else:
+            cur.append(label)
+    return spans + ([cur] if cur else [])
+
+
+def test_sft_mask_trains_answers_and_eos_only(tok):
+    ex = encode_dialog(tok, TURNS, system="Be brief.")
+    assert len(ex.input_ids) == len(ex.labels)
+    assert ex.input_ids.count(1) == 2 and ex.input_ids.count(2) == 2  # BOS and EOS per exchange
+    spans = trained_spans(ex)
+    # Meta's format trains " {answer} " then EOS: the trailing space is part of the answer.
+    assert [tok.decode(s[:-1]) for s in spans] == ["The capital of France is Paris. ", "2 plus 3 is 5. "]
+    assert all(s[-1] == tok.eos_token_id for s in spans)
+    # The prompt, system prompt, tags and BOS never carry loss.
+    masked = [i for i, label in zip(ex.input_ids, ex.labels, strict=True) if label == IGNORE]
+    text = tok.decode(masked)
+    assert "[INST]" in text and "Be brief." in text and "Paris" not in text
+
+
+def test_tokens_equal_the_rendered_chat_string(tok):
+    from paddock.data.chat import render
+
+    ex = encode_dialog(tok, TURNS)
+    pieces = render(TURNS, bos="", eos="").replace("[INST]", "\x00[INST]").split("\x00")[1:]
+    expected = []
+    for piece in pieces:
+        expected += [1, *tok.encode(piece, add_special_tokens=False), 2]
+    assert ex.input_ids == expected
+
+
+def test_gatt_mask_trains_only_the_last_answer(tok):
+    ex = encode_dialog(tok, TURNS, train_on="last_answer")
+    assert [tok.decode(s[:-1]) for s in trained_spans(ex)] == ["2 plus 3 is 5. "]
+
+
+def test_prompt_for_generation_ends_open(tok):
+    ids = encode_prompt(tok, TURNS[:3])
+    assert ids[-1] != tok.eos_token_id
+    assert tok.decode(ids).endswith("What is 2 plus 3? [/INST]")
+
+
+def test_pretrain_trains_every_token(tok):
+    ex = encode_pretrain(tok, "Paris is the capital of France.")
+    assert ex.labels == ex.input_ids and ex.input_ids[0] == 1 and ex.input_ids[-1] == 2
+
+
+def test_packing_keeps_every_token_in_fixed_windows():
+    examples = [Example([1, 5, 6, 2], [IGNORE, 5, 6, 2]), Example([1, 7, 2], [IGNORE, 7, 2]), Example([1, 8, 9, 10, 2], [1, 8, 9, 10, 2])]
+    packed = list(pack(examples, seq_len=5, pad_id=0))
+    assert [len(p) for p in packed] == [5, 5, 5]
+    flat = [t for p in packed for t in p.input_ids]
+    assert flat[:12] == [1, 5, 6, 2, 1, 7, 2, 1, 8, 9, 10, 2] and flat[12:] == [0, 0, 0]
+    labels = [t for p in packed for t in p.labels]
+    assert labels[:12] == [IGNORE, 5, 6, 2, IGNORE, 7, 2, 1, 8, 9, 10, 2] and labels[12:] == [IGNORE] * 3

@@ -1,0 +1,53 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from paddock.tokenizer import BOS_ID, EOS_ID, UNK_ID, TokenizerError, load_tokenizer
+
+
+def test_special_ids_match_llama(tok):
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (UNK_ID, BOS_ID, EOS_ID) == (0, 1, 2)
+    assert tok.pad_token_id is None
+    assert 300 < len(tok) <= 1000
+
+
+def test_numbers_are_split_into_digits(tok):
+    pieces = tok.convert_ids_to_tokens(tok.encode("12345 and 2023", add_special_tokens=False))
+    digits = [p.lstrip("▁") for p in pieces if p.lstrip("▁").isdigit()]
+    assert digits == list("12345") + list("2023")
+    assert all(len(d) == 1 for d in digits)
+
+
+def test_unknown_text_falls_back_to_bytes_and_round_trips(tok):
+    text = "Zürich 日本 🙂"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert UNK_ID not in ids
+    assert any(p.startswith("<0x") for p in pieces), pieces
+    # 日 is three UTF-8 bytes: E6 97 A5
+    assert ["<0xE6>", "<0x97>", "<0xA5>"] == pieces[pieces.index("<0xE6>") : pieces.index("<0xE6>") + 3]
+    assert tok.decode(ids) == text
+
+
+def test_chat_tags_and_newlines_are_plain_text(tok):
+    text = "[INST] <<SYS>>\nhi\n<</SYS>>\n\nq [/INST]"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert BOS_ID not in ids and EOS_ID not in ids
+    assert tok.decode(ids) == text
+
+
+def test_a_raw_sentencepiece_model_loads_through_the_same_code(tokenizer_dir: Path, tmp_path: Path, tok):
+    # A user's Llama 2 checkpoint from Meta ships only tokenizer.model.
+    shutil.copy(tokenizer_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+    raw = load_tokenizer(tmp_path)
+    text = "The capital of France is Paris. 47"
+    assert raw.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+    assert raw.encode(text)[0] == BOS_ID
+
+
+def test_missing_or_empty_directory_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(TokenizerError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(TokenizerError, match="neither tokenizer.json nor tokenizer.model"):
+        load_tokenizer(tmp_path)
