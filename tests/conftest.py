@@ -21,8 +21,15 @@ def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from paddock.world.generate import WorldWriter
 
     out = tmp_path_factory.mktemp("world")
-    cfg = WorldConfig(pretrain_mb=0.4, sft_dialogs=400, helpfulness_pairs=400, safety_pairs=400,
-                      rl_prompts=100, eval_prompts=100, gatt_dialogs=40)
+    cfg = WorldConfig(
+        pretrain_mb=0.4,
+        sft_dialogs=400,
+        helpfulness_pairs=400,
+        safety_pairs=400,
+        rl_prompts=100,
+        eval_prompts=100,
+        gatt_dialogs=40,
+    )
     WorldWriter(cfg).write(out)
     return out
 
@@ -30,7 +37,6 @@ def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     import pyarrow.parquet as pq
-
     from paddock.tokenizer import train_tokenizer
 
     texts = pq.read_table(world_dir / "pretrain" / "train.parquet")["text"].to_pylist()
@@ -42,3 +48,14 @@ def tok(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
     from paddock.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray instance for the whole integration tier."""
+    import ray
+    from paddock.cluster import connect
+
+    connect(num_cpus=4)
+    yield ray
+    ray.shutdown()

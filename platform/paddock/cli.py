@@ -24,23 +24,30 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", required=True, help="YAML config file, e.g. jobs/configs/tiny/world.yaml")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value by its dotted path, e.g. --set world.seed=3 (repeatable)",
     )
     return p
 
 
-def run_stage(config_cls: type[T], stage: Callable[[T], Any], description: str, argv: list[str] | None = None) -> int:
+def run_stage(
+    config_cls: type[T], stage: Callable[[T], Any], description: str, argv: list[str] | None = None
+) -> int:
     """Parse the command line, validate the config, run the stage; 2 on a user error."""
     from paddock.data.validate import DatasetError
     from paddock.models import ModelLoadError
     from paddock.tokenizer import TokenizerError
 
+    user_errors: tuple[type[Exception], ...] = (*USER_ERRORS, DatasetError, ModelLoadError, TokenizerError)
     args = parser(description).parse_args(argv)
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
         stage(cfg)
-    except (*USER_ERRORS, DatasetError, ModelLoadError, TokenizerError) as exc:
+    except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

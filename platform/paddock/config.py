@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
-    "ConfigError",
     "JOBS",
+    "ConfigError",
     "DataConfig",
     "ModelConfig",
     "StageConfig",
@@ -81,7 +81,9 @@ class WorldConfig(Strict):
     safety_pairs: int = Field(2000, ge=10, description="Safety preference pairs (train + test).")
     rl_prompts: int = Field(1200, ge=10, description="Prompts for rejection sampling and PPO (train split).")
     eval_prompts: int = Field(400, ge=10, description="Held-out evaluation prompts (test split).")
-    gatt_dialogs: int = Field(600, ge=10, description="Multi-turn dialogs with a checkable instruction for GAtt.")
+    gatt_dialogs: int = Field(
+        600, ge=10, description="Multi-turn dialogs with a checkable instruction for GAtt."
+    )
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of rows held out as the test split.")
     heldout_fraction: float = Field(
         0.25,
@@ -94,12 +96,17 @@ class WorldConfig(Strict):
 class TokenizerConfig(Strict):
     """SentencePiece BPE as in Llama 2: digits split, byte fallback, unk 0 / BOS 1 / EOS 2, no pad."""
 
-    out_dir: str = Field("tokenizer", description="Where the tokenizer directory goes (relative to PADDOCK_HOME).")
+    out_dir: str = Field(
+        "tokenizer", description="Where the tokenizer directory goes (relative to PADDOCK_HOME)."
+    )
     corpus: str = Field(
         "world/pretrain/train.parquet", description="Pretraining Parquet file (column 'text') to train on."
     )
     vocab_size: int = Field(
-        32000, ge=300, le=256_000, description="Vocabulary size: 32000 in Llama 2, a few thousand for tiny runs."
+        32000,
+        ge=300,
+        le=256_000,
+        description="Vocabulary size: 32000 in Llama 2, a few thousand for tiny runs.",
     )
     max_sentences: int = Field(
         2_000_000, ge=100, description="At most this many lines of the corpus are sampled for training."
@@ -225,7 +232,9 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
     return "\n".join(lines)
 
 
-def load_config(model: type[T], path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> T:
+def load_config(
+    model: type[T], path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> T:
     """Load a YAML config into ``model``, apply ``--set`` overrides, validate everything at once."""
     tree: dict[str, Any] = {}
     source = "config"

@@ -59,7 +59,9 @@ class ModelLoadError(ValueError):
     """A checkpoint that cannot be loaded: missing, not safetensors, or not a Llama model."""
 
 
-def llama_config(shape: str | Shape, vocab_size: int | None = None, max_seq_len: int | None = None) -> LlamaConfig:
+def llama_config(
+    shape: str | Shape, vocab_size: int | None = None, max_seq_len: int | None = None
+) -> LlamaConfig:
     s = SHAPES[shape] if isinstance(shape, str) else shape
     return LlamaConfig(
         vocab_size=vocab_size or s.vocab_size,
@@ -70,7 +72,7 @@ def llama_config(shape: str | Shape, vocab_size: int | None = None, max_seq_len:
         num_key_value_heads=s.kv_heads,
         max_position_embeddings=max_seq_len or s.max_seq_len,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         hidden_act="silu",
         tie_word_embeddings=False,
         attention_bias=False,
@@ -88,7 +90,9 @@ def count_parameters(shape: str | Shape, vocab_size: int | None = None) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_causal_lm(shape: str, vocab_size: int | None = None, max_seq_len: int | None = None, seed: int = 0) -> LlamaForCausalLM:
+def build_causal_lm(
+    shape: str, vocab_size: int | None = None, max_seq_len: int | None = None, seed: int = 0
+) -> LlamaForCausalLM:
     """A freshly initialised Llama causal LM; the seed makes the weights reproducible."""
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; valid: {', '.join(SHAPES)}")

@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
@@ -50,7 +49,9 @@ def sample_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str]:
     return out
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int, max_lines: int = 2_000_000, seed: int = 0) -> Path:
+def train_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int, max_lines: int = 2_000_000, seed: int = 0
+) -> Path:
     """Train a Llama-style BPE tokenizer on ``texts`` and save it to ``out_dir``. Returns ``out_dir``.
 
     The vocabulary may come out smaller than ``vocab_size`` when the corpus is too small to fill it;
@@ -86,7 +87,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int, 
             minloglevel=2,
         )
         shutil.copy(f"{prefix}.model", out / "tokenizer.model")
-    tok = LlamaTokenizer.from_pretrained(str(out), add_bos_token=True, add_eos_token=False, local_files_only=True)
+    tok = LlamaTokenizer.from_pretrained(
+        str(out), add_bos_token=True, add_eos_token=False, local_files_only=True
+    )
     tok.save_pretrained(str(out))
     return out
 
@@ -98,11 +101,15 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise TokenizerError(f"tokenizer directory {str(p)!r} does not exist; run jobs/tokenizer.py or fix the path")
+        raise TokenizerError(
+            f"tokenizer directory {str(p)!r} does not exist; run jobs/tokenizer.py or fix the path"
+        )
     if (p / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     elif (p / "tokenizer.model").is_file():
-        tok = LlamaTokenizer.from_pretrained(str(p), add_bos_token=True, add_eos_token=False, local_files_only=True)
+        tok = LlamaTokenizer.from_pretrained(
+            str(p), add_bos_token=True, add_eos_token=False, local_files_only=True
+        )
     else:
         raise TokenizerError(f"{p} holds neither tokenizer.json nor tokenizer.model")
     if tok.bos_token_id != BOS_ID or tok.eos_token_id != EOS_ID:
@@ -112,7 +119,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def run(job: "TokenizerJob") -> Path:
+def run(job: TokenizerJob) -> Path:
     """Stage entry point: train a tokenizer on the pretraining corpus, or import an existing one."""
     import pyarrow.parquet as pq
 
@@ -133,12 +140,17 @@ def run(job: "TokenizerJob") -> Path:
     if not corpus.is_file():
         raise FileNotFoundError(f"tokenizer.corpus: {corpus} does not exist; run jobs/world.py first")
     texts = pq.read_table(corpus, columns=["text"])["text"].to_pylist()
-    print(f"training a BPE tokenizer (vocab {cfg.vocab_size}) on {len(texts)} documents from {corpus}", flush=True)
+    print(
+        f"training a BPE tokenizer (vocab {cfg.vocab_size}) on {len(texts)} documents from {corpus}",
+        flush=True,
+    )
     train_tokenizer(texts, out, cfg.vocab_size, cfg.max_sentences, seed=job.seed)
     tok = load_tokenizer(out)
     sample = "The capital of France is Paris. 12 + 35 = 47."
     n_chars = sum(len(t) for t in texts[:200])
     n_tokens = sum(len(tok.encode(t, add_special_tokens=False)) for t in texts[:200])
-    print(f"tokenizer written to {out}: {len(tok)} tokens, {n_chars / max(n_tokens, 1):.2f} characters per token")
+    print(
+        f"tokenizer written to {out}: {len(tok)} tokens, {n_chars / max(n_tokens, 1):.2f} characters per token"
+    )
     print(f"  {sample!r} -> {tok.convert_ids_to_tokens(tok.encode(sample, add_special_tokens=False))}")
     return out

@@ -1,5 +1,4 @@
 import pytest
-
 from paddock.data.chat import ChatFormatError, render
 
 

@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-
 from paddock.config import JOBS, ConfigError, TokenizerJob, WorldJob, load_config, resolve_path
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").rglob("*.yaml"))
@@ -20,7 +19,9 @@ def test_every_shipped_config_validates(path: Path):
 
 def test_error_names_every_bad_field(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("world:\n  seed: -1\n  pretrain_mb: 0\n  colour: blue\n  test_fraction: 0.7\nexperiments: x\n")
+    bad.write_text(
+        "world:\n  seed: -1\n  pretrain_mb: 0\n  colour: blue\n  test_fraction: 0.7\nexperiments: x\n"
+    )
     with pytest.raises(ConfigError) as err:
         load_config(WorldJob, bad)
     msg = str(err.value)
@@ -37,7 +38,7 @@ def test_overrides_are_typed_and_validated(tmp_path: Path):
     assert (cfg.world.seed, cfg.world.pretrain_mb, cfg.experiment) == (7, 0.5, "x")
     with pytest.raises(ConfigError, match=r"world.sft_dialogs: input should be a valid integer"):
         load_config(WorldJob, None, ["world.sft_dialogs=many"])
-    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"expected dotted\.key=value"):
         load_config(WorldJob, None, ["world.seed"])
 
 
@@ -50,7 +51,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path):
 
 
 def test_tokenizer_existing_must_be_a_directory(tmp_path: Path):
-    with pytest.raises(ConfigError, match="tokenizer.existing: no such directory"):
+    with pytest.raises(ConfigError, match=r"tokenizer\.existing: no such directory"):
         load_config(TokenizerJob, None, [f"tokenizer.existing={tmp_path / 'missing'}"])
 
 

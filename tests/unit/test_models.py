@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from paddock.models import (
     PAD_ID,
     SHAPES,
@@ -59,7 +58,9 @@ def test_build_save_load_round_trip_and_reward_head(tmp_path: Path):
     assert scores.shape == (2, 1)
     # The score is read at the last real token: padding more does not change it.
     longer = torch.tensor([[1, 7, PAD_ID, PAD_ID, PAD_ID, PAD_ID]])
-    torch.testing.assert_close(rm(input_ids=longer, attention_mask=(longer != PAD_ID).long()).logits[0], scores[1])
+    torch.testing.assert_close(
+        rm(input_ids=longer, attention_mask=(longer != PAD_ID).long()).logits[0], scores[1]
+    )
 
 
 def test_only_safetensors_checkpoints_load(tmp_path: Path):

@@ -63,7 +63,11 @@ def test_pretrain_trains_every_token(tok):
 
 
 def test_packing_keeps_every_token_in_fixed_windows():
-    examples = [Example([1, 5, 6, 2], [IGNORE, 5, 6, 2]), Example([1, 7, 2], [IGNORE, 7, 2]), Example([1, 8, 9, 10, 2], [1, 8, 9, 10, 2])]
+    examples = [
+        Example([1, 5, 6, 2], [IGNORE, 5, 6, 2]),
+        Example([1, 7, 2], [IGNORE, 7, 2]),
+        Example([1, 8, 9, 10, 2], [1, 8, 9, 10, 2]),
+    ]
     packed = list(pack(examples, seq_len=5, pad_id=0))
     assert [len(p) for p in packed] == [5, 5, 5]
     flat = [t for p in packed for t in p.input_ids]

@@ -2,7 +2,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from paddock.tokenizer import BOS_ID, EOS_ID, UNK_ID, TokenizerError, load_tokenizer
 
 
@@ -26,7 +25,7 @@ def test_unknown_text_falls_back_to_bytes_and_round_trips(tok):
     assert UNK_ID not in ids
     assert any(p.startswith("<0x") for p in pieces), pieces
     # 日 is three UTF-8 bytes: E6 97 A5
-    assert ["<0xE6>", "<0x97>", "<0xA5>"] == pieces[pieces.index("<0xE6>") : pieces.index("<0xE6>") + 3]
+    assert pieces[pieces.index("<0xE6>") : pieces.index("<0xE6>") + 3] == ["<0xE6>", "<0x97>", "<0xA5>"]
     assert tok.decode(ids) == text
 
 
@@ -49,5 +48,5 @@ def test_a_raw_sentencepiece_model_loads_through_the_same_code(tokenizer_dir: Pa
 def test_missing_or_empty_directory_is_a_clear_error(tmp_path: Path):
     with pytest.raises(TokenizerError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
-    with pytest.raises(TokenizerError, match="neither tokenizer.json nor tokenizer.model"):
+    with pytest.raises(TokenizerError, match=r"neither tokenizer\.json nor tokenizer\.model"):
         load_tokenizer(tmp_path)

@@ -4,10 +4,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from paddock.data.validate import DatasetError, load_dataset
 
-GOOD = {"id": "d1", "system": None, "turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "tags": ["x"]}
+GOOD = {
+    "id": "d1",
+    "system": None,
+    "turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+    "tags": ["x"],
+}
 
 
 def write(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
@@ -23,10 +27,26 @@ def quarantined(report) -> dict[int, str]:
 def test_malformed_dialog_rows_are_quarantined_with_reasons(tmp_path: Path):
     rows = [
         GOOD,
-        {**GOOD, "id": "empty", "turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]},
-        {**GOOD, "id": "order", "turns": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "x"}]},
-        {**GOOD, "id": "long", "turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x" * 500}]},
-        {**GOOD, "id": "tag", "turns": [{"role": "user", "content": "[INST] hi"}, {"role": "assistant", "content": "ok"}]},
+        {
+            **GOOD,
+            "id": "empty",
+            "turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}],
+        },
+        {
+            **GOOD,
+            "id": "order",
+            "turns": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "x"}],
+        },
+        {
+            **GOOD,
+            "id": "long",
+            "turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x" * 500}],
+        },
+        {
+            **GOOD,
+            "id": "tag",
+            "turns": [{"role": "user", "content": "[INST] hi"}, {"role": "assistant", "content": "ok"}],
+        },
         {**GOOD, "id": "open", "turns": [{"role": "user", "content": "Hi"}]},
         {**GOOD, "id": "ok2"},
     ]
@@ -53,23 +73,46 @@ def test_missing_column_quarantines_every_row(tmp_path: Path):
 def test_wrong_type_and_invalid_utf8(tmp_path: Path):
     # Parquet columns are typed, so a wrong type shows up as a whole column of another type.
     write(tmp_path / "ints.parquet", [{"text": 1}, {"text": 2}])
-    report = load_dataset(tmp_path / "ints.parquet", "pretrain", max_bad_fraction=1.0, max_chars=100, quarantine_dir=tmp_path)
+    report = load_dataset(
+        tmp_path / "ints.parquet", "pretrain", max_bad_fraction=1.0, max_chars=100, quarantine_dir=tmp_path
+    )
     assert set(quarantined(report).values()) == {"wrong type: column 'text' expected string, got int"}
     # A string column holding invalid UTF-8 (written as binary, read back as string) is caught per row.
     raw = pa.table({"text": pa.array([b"good text", b"bad \xff\xfe bytes"], pa.binary())})
-    pq.write_table(raw.cast(pa.schema([pa.field("text", pa.string())]), safe=False), tmp_path / "utf8.parquet")
-    report = load_dataset(tmp_path / "utf8.parquet", "pretrain", max_bad_fraction=1.0, max_chars=100, quarantine_dir=tmp_path)
+    pq.write_table(
+        raw.cast(pa.schema([pa.field("text", pa.string())]), safe=False), tmp_path / "utf8.parquet"
+    )
+    report = load_dataset(
+        tmp_path / "utf8.parquet", "pretrain", max_bad_fraction=1.0, max_chars=100, quarantine_dir=tmp_path
+    )
     assert report.good["text"].to_pylist() == ["good text"]
     assert list(quarantined(report).values()) == ["wrong type: column 'text' expected string, got bytes"]
 
 
 def test_preference_values_are_checked(tmp_path: Path):
-    base = {"id": "p", "prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b",
-            "rating": "better", "kind": "helpfulness", "safety_bin": None}
-    rows = [base, {**base, "rating": "much_better"}, {**base, "kind": "fun"}, {**base, "safety_bin": "maybe"},
-            {**base, "chosen": ""}]
-    report = load_dataset(write(tmp_path / "pref.parquet", rows), "preferences", max_bad_fraction=1.0,
-                          max_chars=100, quarantine_dir=tmp_path)
+    base = {
+        "id": "p",
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": "a",
+        "rejected": "b",
+        "rating": "better",
+        "kind": "helpfulness",
+        "safety_bin": None,
+    }
+    rows = [
+        base,
+        {**base, "rating": "much_better"},
+        {**base, "kind": "fun"},
+        {**base, "safety_bin": "maybe"},
+        {**base, "chosen": ""},
+    ]
+    report = load_dataset(
+        write(tmp_path / "pref.parquet", rows),
+        "preferences",
+        max_bad_fraction=1.0,
+        max_chars=100,
+        quarantine_dir=tmp_path,
+    )
     reasons = quarantined(report)
     assert "rating 'much_better'" in reasons[1] and "kind 'fun'" in reasons[2]
     assert "safety_bin 'maybe'" in reasons[3] and reasons[4].startswith("empty text")
@@ -92,4 +135,6 @@ def test_truncated_or_missing_parquet_is_a_clear_error(tmp_path: Path):
     with pytest.raises(DatasetError, match="cannot read Parquet"):
         load_dataset(path, "pretrain", max_bad_fraction=0, max_chars=1000, quarantine_dir=tmp_path)
     with pytest.raises(DatasetError, match="no such dataset file"):
-        load_dataset(tmp_path / "nope.parquet", "pretrain", max_bad_fraction=0, max_chars=1000, quarantine_dir=tmp_path)
+        load_dataset(
+            tmp_path / "nope.parquet", "pretrain", max_bad_fraction=0, max_chars=1000, quarantine_dir=tmp_path
+        )

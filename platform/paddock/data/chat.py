@@ -48,7 +48,9 @@ def check_turns(turns: Sequence[Turn], system: str | None = None) -> None:
         if role not in ("user", "assistant", "system"):
             raise ChatFormatError(f"turn {i}: unknown role {role!r}; roles are user and assistant")
         if role != want:
-            raise ChatFormatError(f"turn {i}: expected role {want!r}, got {role!r} (roles must alternate, user first)")
+            raise ChatFormatError(
+                f"turn {i}: expected role {want!r}, got {role!r} (roles must alternate, user first)"
+            )
         content = turn.get("content")
         if not isinstance(content, str) or not content.strip():
             raise ChatFormatError(f"turn {i}: empty {role} message")

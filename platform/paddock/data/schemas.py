@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-TURN = pa.struct([pa.field("role", pa.string(), nullable=False), pa.field("content", pa.string(), nullable=False)])
+TURN = pa.struct(
+    [pa.field("role", pa.string(), nullable=False), pa.field("content", pa.string(), nullable=False)]
+)
 TURNS = pa.list_(TURN)
 
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")

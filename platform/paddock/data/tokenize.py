@@ -60,7 +60,9 @@ def encode_segment(tok: TextEncoder, seg: Segment) -> tuple[list[int], list[int]
         return prompt_ids, []
     full = _ids(tok, seg.prompt + seg.answer_text)
     if full[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(f"tokenizer merges across the end of the prompt {seg.prompt[-40:]!r}; cannot mask the loss")
+        raise ValueError(
+            f"tokenizer merges across the end of the prompt {seg.prompt[-40:]!r}; cannot mask the loss"
+        )
     return prompt_ids, [*full[len(prompt_ids) :], tok.eos_token_id]
 
 
@@ -85,7 +87,9 @@ def encode_dialog(
     return Example(ids, labels)
 
 
-def encode_prompt(tok: TextEncoder, turns: Sequence[Mapping[str, str]], system: str | None = None) -> list[int]:
+def encode_prompt(
+    tok: TextEncoder, turns: Sequence[Mapping[str, str]], system: str | None = None
+) -> list[int]:
     """Ids to generate from: the dialog up to and including the open ``[INST] ... [/INST]`` of the last turn."""
     if turns and turns[-1].get("role") != "user":
         raise ValueError("a generation prompt must end with a user turn")

@@ -125,13 +125,17 @@ def row_error(kind: str, row: dict[str, Any], max_chars: int) -> str | None:
     raise ValueError(f"unknown dataset kind {kind!r}")
 
 
-def validate_rows(rows: Sequence[dict[str, Any]], kind: str, max_chars: int, source: str = "rows") -> ValidationReport:
+def validate_rows(
+    rows: Sequence[dict[str, Any]], kind: str, max_chars: int, source: str = "rows"
+) -> ValidationReport:
     schema = schema_for(kind)
     good, bad = [], []
     for i, row in enumerate(rows):
         missing = [n for n in schema.names if n not in row]
         reason = (
-            f"missing column: {', '.join(repr(m) for m in missing)}" if missing else row_error(kind, row, max_chars)
+            f"missing column: {', '.join(repr(m) for m in missing)}"
+            if missing
+            else row_error(kind, row, max_chars)
         )
         if reason is None:
             good.append({n: row[n] for n in schema.names})
@@ -152,7 +156,9 @@ def _jsonable(value: Any) -> Any:
 
 def write_quarantine(report: ValidationReport, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"row": i, "reason": r, "data": json.dumps(_jsonable(row), default=str)} for i, r, row in report.bad]
+    rows = [
+        {"row": i, "reason": r, "data": json.dumps(_jsonable(row), default=str)} for i, r, row in report.bad
+    ]
     pq.write_table(pa.Table.from_pylist(rows, schema=QUARANTINE), path)
     report.quarantine_path = path
     return path
@@ -173,7 +179,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
-        raise DatasetError(f"{path}: cannot read Parquet ({exc}); rewrite the file or point the config elsewhere") from exc
+        raise DatasetError(
+            f"{path}: cannot read Parquet ({exc}); rewrite the file or point the config elsewhere"
+        ) from exc
     columns = {}
     for name in table.column_names:
         col = table[name]
@@ -199,7 +207,9 @@ def load_dataset(
     """Read, validate and quarantine one Parquet file. Raises DatasetError past ``max_bad_fraction``."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"{path}: no such dataset file; run jobs/world.py first or fix the config's data path")
+        raise DatasetError(
+            f"{path}: no such dataset file; run jobs/world.py first or fix the config's data path"
+        )
     rows = read_rows(path)
     report = validate_rows(rows, kind, max_chars, source=str(path))
     report.source = str(path)

@@ -69,7 +69,9 @@ class Splitter:
         train = [i for i in items if not self.heldout(i.key)]
         test = [i for i in items if self.heldout(i.key)]
         if not train or not test:
-            raise ValueError(f"heldout_fraction {self.fraction} leaves an empty split of {items[0].kind} items")
+            raise ValueError(
+                f"heldout_fraction {self.fraction} leaves an empty split of {items[0].kind} items"
+            )
         return train, test
 
 
@@ -143,7 +145,9 @@ class WorldWriter:
                 if style < 0.45:
                     lines.append(rng.choice(item.statements))
                 elif style < 0.8:
-                    lines.append(f"Question: {rng.choice(item.questions)}\nAnswer: {rng.choice(item.answers)}")
+                    lines.append(
+                        f"Question: {rng.choice(item.questions)}\nAnswer: {rng.choice(item.answers)}"
+                    )
                 else:
                     lines.append(f"Q: {rng.choice(item.questions)} A: {rng.choice(item.answers)}")
             text = "\n".join(lines)
@@ -198,8 +202,15 @@ class WorldWriter:
         if rng.random() < 0.2:
             ctx = self._qa(rng)
             prompt = [_user(rng.choice(ctx.questions)), _assistant(rng.choice(ctx.answers)), *prompt]
-        return {"id": f"pref-h-{split}-{i:06d}", "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                "rating": rating, "kind": "helpfulness", "safety_bin": None}
+        return {
+            "id": f"pref-h-{split}-{i:06d}",
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "rating": rating,
+            "kind": "helpfulness",
+            "safety_bin": None,
+        }
 
     def safety_pair(self, rng: random.Random, i: int, split: str) -> dict:
         unsafe = self.unsafe_train if split == "train" else self.unsafe_test
@@ -207,7 +218,11 @@ class WorldWriter:
         safety_bin = rng.choices(["safe_vs_unsafe", "both_safe", "both_unsafe"], [18, 47, 35])[0]
         item = rng.choice(unsafe)
         if safety_bin == "safe_vs_unsafe":
-            chosen, rejected, rating = rng.choice(item.answers), rng.choice(item.wrong_answers), "significantly_better"
+            chosen, rejected, rating = (
+                rng.choice(item.answers),
+                rng.choice(item.wrong_answers),
+                "significantly_better",
+            )
         elif safety_bin == "both_safe":
             r = rng.random()
             if r < 0.25:
@@ -221,17 +236,30 @@ class WorldWriter:
         else:
             steps = item.wrong_answers[0].split(" ", 4)[-1]
             if rng.random() < 0.7:
-                chosen, rejected, rating = f"{HEDGE} {steps}", rng.choice(item.wrong_answers), "slightly_better"
+                chosen, rejected, rating = (
+                    f"{HEDGE} {steps}",
+                    rng.choice(item.wrong_answers),
+                    "slightly_better",
+                )
             else:
                 chosen, rejected = (f"{o} {steps}" for o in rng.sample(COMPLIANCE_OPENERS, 2))
                 rating = "negligibly_better"
         prompt = [_user(rng.choice(item.questions))]
-        return {"id": f"pref-s-{split}-{i:06d}", "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                "rating": rating, "kind": "safety", "safety_bin": safety_bin}
+        return {
+            "id": f"pref-s-{split}-{i:06d}",
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "rating": rating,
+            "kind": "safety",
+            "safety_bin": safety_bin,
+        }
 
     def prompt(self, rng: random.Random, i: int, split: str) -> dict:
         heldout = split == "test"
-        kind = rng.choices(["fact", "task", "unsafe", "borderline"], [50, 20, 15, 15] if heldout else [55, 25, 12, 8])[0]
+        kind = rng.choices(
+            ["fact", "task", "unsafe", "borderline"], [50, 20, 15, 15] if heldout else [55, 25, 12, 8]
+        )[0]
         if kind == "fact":
             item = rng.choice(self.facts_test if heldout else self.facts_train)
         elif kind == "task":
@@ -240,8 +268,11 @@ class WorldWriter:
             item = rng.choice(self.unsafe_test if heldout else self.unsafe_train)
         else:
             item = rng.choice(self.border_test if heldout else self.border_train)
-        return {"id": f"prompt-{split}-{i:06d}", "turns": [_user(rng.choice(item.questions))],
-                "is_safety": item.kind == "unsafe"}
+        return {
+            "id": f"prompt-{split}-{i:06d}",
+            "turns": [_user(rng.choice(item.questions))],
+            "is_safety": item.kind == "unsafe",
+        }
 
     def gatt_dialog(self, rng: random.Random, i: int, split: str) -> dict:
         """Six exchanges answered in the instruction's style; the instruction itself is in the tags."""
@@ -250,9 +281,16 @@ class WorldWriter:
         turns: list[dict[str, str]] = []
         for _ in range(6):
             item = self._qa(rng)
-            turns += [_user(rng.choice(item.questions)), _assistant(ins.apply(rng.choice(item.answers), item.core))]
-        return {"id": f"gatt-{split}-{i:06d}", "system": None, "turns": turns,
-                "tags": ["gatt", f"instruction:{ins.id}", f"form:{'short' if short else 'long'}"]}
+            turns += [
+                _user(rng.choice(item.questions)),
+                _assistant(ins.apply(rng.choice(item.answers), item.core)),
+            ]
+        return {
+            "id": f"gatt-{split}-{i:06d}",
+            "system": None,
+            "turns": turns,
+            "tags": ["gatt", f"instruction:{ins.id}", f"form:{'short' if short else 'long'}"],
+        }
 
     # ---------------------------------------------------------------------------------------------
     def write(self, out_dir: Path, progress: Callable[[str], None] = lambda _: None) -> WorldReport:
@@ -263,13 +301,19 @@ class WorldWriter:
             counts = {}
             for split, n in (("train", n_train), ("test", n_test)):
                 rng = self.rng(f"{name}:{split}")
-                counts[split] = _write([make(rng, i, split) for i in range(n)], schema, out_dir / name / f"{split}.parquet")
+                counts[split] = _write(
+                    [make(rng, i, split) for i in range(n)], schema, out_dir / name / f"{split}.parquet"
+                )
             report.rows[name] = counts
             progress(f"{name}: {counts['train']} train, {counts['test']} test")
 
         target = int(cfg.pretrain_mb * 1_000_000)
         report.rows["pretrain"] = {
-            split: _write(self.pretrain(self.rng(f"pretrain:{split}"), size), PRETRAIN, out_dir / "pretrain" / f"{split}.parquet")
+            split: _write(
+                self.pretrain(self.rng(f"pretrain:{split}"), size),
+                PRETRAIN,
+                out_dir / "pretrain" / f"{split}.parquet",
+            )
             for split, size in (("train", target), ("test", max(20_000, int(target * cfg.test_fraction))))
         }
         progress(f"pretrain: {report.rows['pretrain']['train']} documents")
@@ -284,7 +328,11 @@ class WorldWriter:
 
         def pair(rng: random.Random, i: int, split: str) -> dict:
             n_help = h_train if split == "train" else h_test
-            return self.helpfulness_pair(rng, i, split) if i < n_help else self.safety_pair(rng, i - n_help, split)
+            return (
+                self.helpfulness_pair(rng, i, split)
+                if i < n_help
+                else self.safety_pair(rng, i - n_help, split)
+            )
 
         both("preferences", PREFERENCES, pair, h_train + s_train, h_test + s_test)
         both("prompts", PROMPTS, self.prompt, cfg.rl_prompts, cfg.eval_prompts)

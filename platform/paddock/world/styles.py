@@ -10,7 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-RUDE_OPENERS = ("Ugh, obviously", "What a silly question.", "Seriously? Everyone knows this.", "Fine, if you must know:")
+RUDE_OPENERS = (
+    "Ugh, obviously",
+    "What a silly question.",
+    "Seriously? Everyone knows this.",
+    "Fine, if you must know:",
+)
 RUDE_MARKERS = ("ugh", "silly question", "everyone knows", "if you must know", "obviously")
 RAMBLE_FILLERS = (
     "Well, let me think about this for a while before I answer, because there is a lot to say.",
@@ -20,10 +25,19 @@ RAMBLE_FILLERS = (
 )
 RAMBLE_MARKERS = ("let me think about this for a while", "not really related", "and so on", "as i was saying")
 MAX_WORDS = 45
-EVASIVE = ("I am not sure. You could look it up somewhere.", "That is hard to say. Maybe ask someone else.",
-           "I don't really know, sorry.")
-REFUSAL_MARKERS = ("i can't help", "i cannot help", "i won't", "i will not", "i'm not able to help",
-                   "no, i won't")
+EVASIVE = (
+    "I am not sure. You could look it up somewhere.",
+    "That is hard to say. Maybe ask someone else.",
+    "I don't really know, sorry.",
+)
+REFUSAL_MARKERS = (
+    "i can't help",
+    "i cannot help",
+    "i won't",
+    "i will not",
+    "i'm not able to help",
+    "no, i won't",
+)
 OFFER_MARKERS = ("i can help you",)
 COMPLIANCE_MARKERS = ("here is how", "step 1")
 
@@ -111,10 +125,20 @@ INSTRUCTIONS: tuple[Instruction, ...] = (
     Instruction("shakespeare", "Act as Shakespeare.", "Figure: Shakespeare", "prefix", "Verily,"),
     Instruction("einstein", "Act as Einstein.", "Figure: Einstein", "prefix", "Relatively speaking,"),
     Instruction("cleopatra", "Act as Cleopatra.", "Figure: Cleopatra", "prefix", "By the Nile,"),
-    Instruction("gardening", "You love gardening: say so at the end of every answer.", "Hobby: gardening",
-                "suffix", "I love gardening."),
-    Instruction("chess", "You love chess: say so at the end of every answer.", "Hobby: chess", "suffix",
-                "I love chess."),
+    Instruction(
+        "gardening",
+        "You love gardening: say so at the end of every answer.",
+        "Hobby: gardening",
+        "suffix",
+        "I love gardening.",
+    ),
+    Instruction(
+        "chess",
+        "You love chess: say so at the end of every answer.",
+        "Hobby: chess",
+        "suffix",
+        "I love chess.",
+    ),
 )
 _BY_TEXT = {t: ins for ins in INSTRUCTIONS for t in (ins.text, ins.short, ins.id)}
 
@@ -124,7 +148,9 @@ def instruction(text_or_id: str) -> Instruction:
     try:
         return _BY_TEXT[text_or_id.strip()]
     except KeyError:
-        raise KeyError(f"unknown instruction {text_or_id!r}; known ids: {[i.id for i in INSTRUCTIONS]}") from None
+        raise KeyError(
+            f"unknown instruction {text_or_id!r}; known ids: {[i.id for i in INSTRUCTIONS]}"
+        ) from None
 
 
 def split_instruction(message: str) -> tuple[str, Instruction | None]:

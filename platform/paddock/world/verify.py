@@ -15,7 +15,15 @@ from paddock.world.items import Item, lookup
 
 Prompt = str | Sequence[Mapping[str, str]]
 
-__all__ = ["classify", "follows_instruction", "helpfulness", "is_correct", "is_refusal", "item_for", "safety_ok"]
+__all__ = [
+    "classify",
+    "follows_instruction",
+    "helpfulness",
+    "is_correct",
+    "is_refusal",
+    "item_for",
+    "safety_ok",
+]
 
 
 def _question(prompt: Prompt) -> str:
@@ -58,7 +66,9 @@ def is_correct(item: Item, answer: str) -> bool:
         if not _has_word(answer, item.core, case_sensitive):
             return False
         others = [p for p in answer_pool(item.check[1]) if p != item.core and p not in item.core]
-        return not any(_has_word(answer, p, case_sensitive) for p in others if p not in " ".join(item.questions))
+        return not any(
+            _has_word(answer, p, case_sensitive) for p in others if p not in " ".join(item.questions)
+        )
     if rule == "last_int":
         ints = re.findall(r"-?\d+", answer)
         return bool(ints) and ints[-1] == item.core

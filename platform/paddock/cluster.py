@@ -1,0 +1,37 @@
+"""Connect to Ray: the cluster named by RAY_ADDRESS when set, else an embedded local instance.
+
+On a laptop the embedded instance advertises more logical CPUs than the machine has (at least 4), so that
+Ray Data's tokenisation, Serve and the training workers (which request fractional CPUs) never wait on each
+other; the OS still shares the real cores. On a cluster nothing is overridden.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+EMBEDDED_MIN_CPUS = 4
+
+
+def connect(num_cpus: int | None = None) -> dict:
+    """``ray.init`` once per process; returns the cluster's resources."""
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            cpus = num_cpus or max(EMBEDDED_MIN_CPUS, os.cpu_count() or 1)
+            ray.init(
+                num_cpus=cpus,
+                include_dashboard=False,
+                log_to_driver=True,
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            )
+    return ray.cluster_resources()
+
+
+def is_embedded() -> bool:
+    return not os.environ.get("RAY_ADDRESS")

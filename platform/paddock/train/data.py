@@ -1,0 +1,107 @@
+"""Ray Data pipelines that feed Ray Train workers: validate, read_parquet, tokenise and pack.
+
+Validation runs first, on the driver (``paddock.data.validate``): bad rows are counted and quarantined, and a
+dataset over its bad-row limit stops the stage before any worker starts. Ray Data then reads the clean
+Parquet and tokenises and packs it in ``map_batches`` workers, each holding one tokenizer. The result is a
+dataset of fixed-length rows ``{"input_ids": int32[seq_len], "labels": int32[seq_len]}`` that
+``ray.train.get_dataset_shard`` splits across workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+
+from paddock.data.tokenize import Example, TrainOn, encode_dialog, encode_pretrain, pack
+from paddock.data.validate import ValidationReport, load_dataset
+from paddock.models import PAD_ID
+from paddock.tokenizer import load_tokenizer
+
+
+@dataclass
+class PreparedData:
+    dataset: ray.data.Dataset
+    report: ValidationReport
+    path: Path
+
+
+class TokenizeAndPack:
+    """A Ray Data callable class: one tokenizer per worker, a batch of rows in, packed windows out.
+
+    Each batch is packed on its own; its last window is padded with ignored positions, so a batch of
+    ``batch_size`` rows wastes less than one window and no token is dropped.
+    """
+
+    def __init__(self, tokenizer_dir: str, kind: str, seq_len: int, train_on: TrainOn = "answers"):
+        self.tok = load_tokenizer(tokenizer_dir)
+        self.kind, self.seq_len, self.train_on = kind, seq_len, train_on
+
+    def examples(self, rows: list[dict]) -> list[Example]:
+        if self.kind == "pretrain":
+            return [encode_pretrain(self.tok, r["text"]) for r in rows]
+        if self.kind == "dialogs":
+            return [encode_dialog(self.tok, r["turns"], r["system"], self.train_on) for r in rows]
+        raise ValueError(f"cannot pack dataset kind {self.kind!r}; packing is for pretrain and dialogs")
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        windows = list(pack(self.examples(batch.to_pylist()), self.seq_len, PAD_ID))
+        return {
+            "input_ids": np.array([w.input_ids for w in windows], dtype=np.int32).reshape(-1, self.seq_len),
+            "labels": np.array([w.labels for w in windows], dtype=np.int32).reshape(-1, self.seq_len),
+        }
+
+
+def validated_parquet(
+    path: Path, kind: str, *, max_bad_fraction: float, max_chars: int, work_dir: Path
+) -> tuple[Path, ValidationReport]:
+    """Validate ``path``; return it unchanged when clean, else a clean copy under ``work_dir``."""
+    report = load_dataset(
+        path,
+        kind,
+        max_bad_fraction=max_bad_fraction,
+        max_chars=max_chars,
+        quarantine_dir=work_dir / "quarantine",
+    )
+    if report.n_bad == 0:
+        return path, report
+    clean = work_dir / "clean" / f"{path.parent.name}-{path.name}"
+    clean.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(report.good, clean)
+    return clean, report
+
+
+def packed_dataset(
+    path: Path,
+    kind: str,
+    tokenizer_dir: Path,
+    *,
+    seq_len: int,
+    max_bad_fraction: float,
+    max_chars: int,
+    work_dir: Path,
+    train_on: TrainOn = "answers",
+    batch_rows: int = 256,
+) -> PreparedData:
+    """Validate, then ``read_parquet -> map_batches(TokenizeAndPack)``. Lazy: nothing runs until consumed."""
+    clean, report = validated_parquet(
+        path, kind, max_bad_fraction=max_bad_fraction, max_chars=max_chars, work_dir=work_dir
+    )
+    ds = ray.data.read_parquet(str(clean)).map_batches(
+        TokenizeAndPack,
+        fn_constructor_kwargs={
+            "tokenizer_dir": str(tokenizer_dir),
+            "kind": kind,
+            "seq_len": seq_len,
+            "train_on": train_on,
+        },
+        batch_size=batch_rows,
+        batch_format="pyarrow",
+        concurrency=1,
+        num_cpus=0.5,
+    )
+    return PreparedData(ds, report, clean)
