@@ -41,8 +41,9 @@ def run_stage(
     from paddock.data.validate import DatasetError
     from paddock.models import ModelLoadError
     from paddock.tokenizer import TokenizerError
+    from paddock.tracking import UpstreamModelError
 
-    user_errors: tuple[type[Exception], ...] = (*USER_ERRORS, DatasetError, ModelLoadError, TokenizerError)
+    user_errors: tuple[type[Exception], ...] = (*USER_ERRORS, DatasetError, ModelLoadError, TokenizerError, UpstreamModelError)
     args = parser(description).parse_args(argv)
     try:
         cfg = load_config(config_cls, args.config, args.overrides)

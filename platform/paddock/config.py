@@ -143,6 +143,72 @@ class DataConfig(Strict):
     seq_len: int = Field(256, ge=8, description="Packed sequence length in tokens.")
 
 
+class OptimConfig(Strict):
+    """AdamW with a warmup + cosine schedule; defaults are Llama 2 pretraining's (LLAMA2_SPEC.md)."""
+
+    lr: float = Field(3e-4, gt=0, le=1, description="Peak learning rate (3e-4 for 7B/13B pretraining).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW beta1, beta2.")
+    eps: float = Field(1e-5, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(2000, ge=0, description="Linear warmup steps (2000 in pretraining).")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Warmup as a share of all steps; overrides warmup_steps (3% for reward models)."
+    )
+    min_warmup_steps: int = Field(0, ge=0, description="Lower bound on warmup steps when warmup_ratio is used.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to this share of the peak (10%).")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimConfig:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: each must be in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class TrainConfig(Strict):
+    """How a supervised stage runs on Ray Train workers."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; else CPU, gloo and fp32.")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="Logical CPUs each worker requests (fractional on a laptop leaves room for Ray Data)."
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Sequences (or pairs) per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 (DDP-like) to 3 (params sharded).")
+    offload: bool = Field(False, description="ZeRO-Offload: keep optimiser states in CPU memory.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    checkpoint_every: int = Field(100, ge=1, description="Report a resumable checkpoint every N optimiser steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps (the newest ones).")
+    eval_every: int = Field(100, ge=1, description="Evaluate on the test split every N optimiser steps.")
+    eval_batches: int | None = Field(8, ge=1, description="Micro-batches per rank in each evaluation; null: the whole test split.")
+    log_every: int = Field(1, ge=1, description="Report metrics every N optimiser steps.")
+    peak_flops: float | None = Field(
+        None, gt=0, description="Per-device peak FLOP/s for MFU (312e12 for A100 bf16); CPU measures a matmul probe."
+    )
+    max_failures: int = Field(2, ge=0, description="Times Ray Train restarts failed workers from the last checkpoint.")
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="torch threads per CPU worker; defaults to max(1, cpus_per_worker)."
+    )
+
+
+class RewardConfig(Strict):
+    """Reward-model specifics (LLAMA2_SPEC.md, 'Reward models')."""
+
+    kind: Literal["helpfulness", "safety"] = Field("helpfulness", description="Which reward model to train.")
+    margin: Literal["none", "small", "large"] = Field(
+        "small", description="Margin m(rating) in -log sigmoid(r_chosen - r_rejected - m): the paper's two tables."
+    )
+    mix_ratio: float | None = Field(
+        None,
+        ge=0,
+        description="Other-kind pairs per own-kind pair: default 1.0 for helpfulness (equal amount), 1/9 for safety (90/10).",
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Job roots
 
@@ -168,9 +234,59 @@ class TokenizerJob(StageConfig):
         return self
 
 
+class SupervisedJob(StageConfig):
+    """Fields shared by pretrain, sft and reward_model."""
+
+    tokenizer: str = Field("tokenizer", description="Tokenizer directory (relative to PADDOCK_HOME).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Architecture or starting checkpoint.")
+    data: DataConfig = Field(..., description="Datasets and their checks.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Workers, batch, ZeRO, checkpoints.")
+    output_dir: str | None = Field(
+        None, description="Where the final Hugging Face checkpoint is copied; default runs/{registry_prefix}-{stage}."
+    )
+
+
+class PretrainJob(SupervisedJob):
+    """jobs/pretrain.py: packed causal LM on the pretraining corpus."""
+
+
+class SFTJob(SupervisedJob):
+    """jobs/sft.py: Llama 2 chat format, loss on answer tokens only, packed; 2 epochs by default."""
+
+    train_on: Literal["answers", "last_answer"] = Field(
+        "answers", description="Loss mask: every answer (SFT) or the last answer only (GAtt)."
+    )
+
+    @model_validator(mode="after")
+    def _needs_a_start(self) -> SFTJob:
+        if self.model.init_from is None:
+            raise ValueError("model.init_from: SFT starts from a pretrained model; name a checkpoint or models:/ URI")
+        return self
+
+
+class RewardJob(SupervisedJob):
+    """jobs/reward_model.py: a helpfulness or safety reward model from the SFT checkpoint."""
+
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Which RM, margin and data mix.")
+
+    @model_validator(mode="after")
+    def _needs_a_start(self) -> RewardJob:
+        if self.model.init_from is None:
+            raise ValueError("model.init_from: a reward model starts from the chat (SFT) model; name it")
+        return self
+
+
 # Job name (the stem of a YAML under jobs/configs/<size>/) -> root model. Every shipped config is
 # validated against its entry by tests/unit/test_config.py.
-JOBS: dict[str, type[StageConfig]] = {"world": WorldJob, "tokenizer": TokenizerJob}
+JOBS: dict[str, type[StageConfig]] = {
+    "world": WorldJob,
+    "tokenizer": TokenizerJob,
+    "pretrain": PretrainJob,
+    "sft": SFTJob,
+    "reward_helpfulness": RewardJob,
+    "reward_safety": RewardJob,
+}
 
 
 # --------------------------------------------------------------------------------------------------

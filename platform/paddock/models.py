@@ -83,10 +83,12 @@ def llama_config(
     )
 
 
-def count_parameters(shape: str | Shape, vocab_size: int | None = None) -> int:
-    """Parameter count of a causal LM of this shape, built on the meta device (no memory allocated)."""
+def count_parameters(shape: str | Shape | LlamaConfig, vocab_size: int | None = None, scalar: bool = False) -> int:
+    """Parameters of a causal LM (or, with ``scalar``, a reward/value model), built on the meta device."""
+    config = shape if isinstance(shape, LlamaConfig) else llama_config(shape, vocab_size)
+    cls = LlamaForSequenceClassification if scalar else LlamaForCausalLM
     with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(shape, vocab_size))
+        model = cls(config) if not scalar else cls(LlamaConfig(**{**config.to_dict(), "num_labels": 1}))
     return sum(p.numel() for p in model.parameters())
 
 

@@ -17,9 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
-from paddock.data.tokenize import Example, TrainOn, encode_dialog, encode_pretrain, pack
+from paddock.data.pairs import bin_index, encode_answer, rating_index
+from paddock.data.tokenize import Example, TrainOn, encode_dialog, pack
 from paddock.data.validate import ValidationReport, load_dataset
 from paddock.models import PAD_ID
+from paddock.rlhf.reward import rating_margin
 from paddock.tokenizer import load_tokenizer
 
 
@@ -43,7 +45,10 @@ class TokenizeAndPack:
 
     def examples(self, rows: list[dict]) -> list[Example]:
         if self.kind == "pretrain":
-            return [encode_pretrain(self.tok, r["text"]) for r in rows]
+            # One batched call into the Rust tokenizer: many times faster than a call per document.
+            encoded = self.tok([r["text"] for r in rows], add_special_tokens=False)["input_ids"]
+            bos, eos = self.tok.bos_token_id, self.tok.eos_token_id
+            return [Example([bos, *ids, eos], [bos, *ids, eos]) for ids in encoded]
         if self.kind == "dialogs":
             return [encode_dialog(self.tok, r["turns"], r["system"], self.train_on) for r in rows]
         raise ValueError(f"cannot pack dataset kind {self.kind!r}; packing is for pretrain and dialogs")
@@ -105,3 +110,38 @@ def packed_dataset(
         num_cpus=0.5,
     )
     return PreparedData(ds, report, clean)
+
+
+class TokenizePairs:
+    """A Ray Data callable class for preference pairs: right-padded chosen and rejected ids plus margins."""
+
+    def __init__(self, tokenizer_dir: str, seq_len: int, margin: str):
+        self.tok = load_tokenizer(tokenizer_dir)
+        self.seq_len, self.margin = seq_len, margin
+
+    def _padded(self, ids: list[int]) -> list[int]:
+        return ids + [PAD_ID] * (self.seq_len - len(ids))
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        rows = batch.to_pylist()
+        chosen = [self._padded(encode_answer(self.tok, r["prompt"], r["chosen"], self.seq_len)) for r in rows]
+        rejected = [self._padded(encode_answer(self.tok, r["prompt"], r["rejected"], self.seq_len)) for r in rows]
+        return {
+            "chosen_ids": np.array(chosen, dtype=np.int32).reshape(-1, self.seq_len),
+            "rejected_ids": np.array(rejected, dtype=np.int32).reshape(-1, self.seq_len),
+            "margin": np.array([rating_margin(r["rating"], self.margin) for r in rows], dtype=np.float32),
+            "rating": np.array([rating_index(r["rating"]) for r in rows], dtype=np.int8),
+            "safety_bin": np.array([bin_index(r["safety_bin"]) for r in rows], dtype=np.int8),
+        }
+
+
+def pairs_dataset(rows_path: Path, tokenizer_dir: Path, *, seq_len: int, margin: str, batch_rows: int = 256) -> ray.data.Dataset:
+    """``read_parquet -> map_batches(TokenizePairs)`` over an already validated preferences file."""
+    return ray.data.read_parquet(str(rows_path)).map_batches(
+        TokenizePairs,
+        fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": seq_len, "margin": margin},
+        batch_size=batch_rows,
+        batch_format="pyarrow",
+        concurrency=1,
+        num_cpus=0.5,
+    )

@@ -1,0 +1,234 @@
+"""MLflow, paddock's system of record. The only module that imports mlflow.
+
+Embedded default: ``sqlite:///$PADDOCK_HOME/mlflow.db`` with artifacts under ``$PADDOCK_HOME/mlartifacts``;
+``MLFLOW_TRACKING_URI`` points at a tracking server instead (always, on a cluster). SQLite takes one writer, so
+only the driver logs: workers report to Ray Train, and the driver forwards their metrics here.
+
+A stage is one run: its flattened config as params, metrics by step, system metrics, its input datasets with
+digests, a loss-curve PNG, and its final checkpoint logged as a model and registered as
+``{registry_prefix}-{name}``. A failing stage leaves its run FAILED with the error text, never RUNNING.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from paddock.config import paddock_home
+
+PIP_REQUIREMENTS = ["torch>=2.5", "transformers==5.24.0", "safetensors", "sentencepiece"]
+
+
+class UpstreamModelError(ValueError):
+    """A stage's upstream model (models:/ URI or path) does not exist."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paddock_home() / 'mlflow.db'}"
+
+
+def configure() -> MlflowClient:
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+def experiment_id(name: str) -> str:
+    client = configure()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:"):
+        location = (paddock_home() / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+def file_digest(path: Path, limit: int = 64 << 20) -> str:
+    """sha256 of the file's first ``limit`` bytes and its size: cheap and stable for Parquet inputs."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+    h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+class _CheckpointModel(mlflow.pyfunc.PythonModel):
+    """A logged paddock checkpoint. ``predict`` generates (causal LM) or scores (reward model) raw text."""
+
+    def load_context(self, context: Any) -> None:
+        import transformers
+
+        path = context.artifacts["checkpoint"]
+        self.tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        self.scalar = "ForSequenceClassification" in (config.architectures or [""])[0]
+        cls = transformers.LlamaForSequenceClassification if self.scalar else transformers.LlamaForCausalLM
+        self.model = cls.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list:
+        import torch
+
+        texts = list(model_input["text"]) if hasattr(model_input, "columns") else list(model_input)
+        out = []
+        with torch.no_grad():
+            for text in texts:
+                ids = torch.tensor([self.tok.encode(text)])
+                if self.scalar:
+                    out.append(float(self.model(input_ids=ids).logits[0, 0]))
+                else:
+                    gen = self.model.generate(ids, max_new_tokens=int((params or {}).get("max_new_tokens", 64)), do_sample=False)
+                    out.append(self.tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+        return out
+
+
+class StageRun:
+    """The MLflow run of one stage; every write goes through the driver."""
+
+    def __init__(self, run_id: str, client: MlflowClient):
+        self.run_id, self.client = run_id, client
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if k != "step" and v == v}  # drop NaN
+        if clean:
+            mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()}, run_id=self.run_id)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def log_dataset(self, path: Path, name: str, context: str, rows: int, bad_rows: int = 0) -> None:
+        dataset = MetaDataset(source=resolve_dataset_source(str(path)), name=name, digest=file_digest(path))
+        mlflow.log_input(dataset, context=context, tags={"rows": str(rows), "bad_rows": str(bad_rows)})
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        mlflow.log_figure(figure, artifact_file)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path)
+
+    def log_model(self, checkpoint_dir: Path, registered_name: str, tags: Mapping[str, str] | None = None) -> str:
+        """Log the checkpoint as a model, register it, and return ``models:/{name}/{version}``."""
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=_CheckpointModel(),
+            artifacts={"checkpoint": str(checkpoint_dir)},
+            registered_model_name=registered_name,
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+        version = str(info.registered_model_version)
+        for k, v in (tags or {}).items():
+            self.client.set_model_version_tag(registered_name, version, k, v)
+        self.client.set_model_version_tag(registered_name, version, "paddock.run_id", self.run_id)
+        return f"models:/{registered_name}/{version}"
+
+
+@contextmanager
+def stage_run(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
+              nested: bool = False) -> Iterator[StageRun]:
+    """An MLflow run around a stage. On any exception the run ends FAILED with the error text attached."""
+    client = configure()
+    exp = experiment_id(experiment)
+    run = mlflow.start_run(experiment_id=exp, run_name=run_name, nested=nested, log_system_metrics=True,
+                           tags={"paddock.stage": run_name, **(tags or {})})
+    handle = StageRun(run.info.run_id, client)
+    try:
+        handle.log_params(flatten(params))
+        yield handle
+    except BaseException as exc:
+        mlflow.set_tag("paddock.error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+# --------------------------------------------------------------------------------------------------
+# Upstream models
+
+
+def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
+    body = uri.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, alias, None
+    if "/" in body:
+        name, version = body.rsplit("/", 1)
+        return name, None, version
+    return body, "latest", None
+
+
+def model_version(uri: str) -> tuple[str, str]:
+    """(name, version) that a ``models:/`` URI names; ``@latest`` or ``/latest`` is the newest version."""
+    client = configure()
+    name, alias, version = _parse_models_uri(uri)
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as exc:
+        raise UpstreamModelError(f"upstream model {uri}: {exc}") from exc
+    if not versions:
+        raise UpstreamModelError(
+            f"upstream model {uri} does not exist: no registered model named '{name}' in {tracking_uri()}; "
+            "run the stage that registers it first"
+        )
+    if alias in ("latest", None) and version in ("latest", None):
+        return name, str(max(int(v.version) for v in versions))
+    if alias is not None:
+        try:
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as exc:
+            raise UpstreamModelError(f"upstream model {uri}: '{name}' has no alias '{alias}'") from exc
+    if version not in {v.version for v in versions}:
+        raise UpstreamModelError(f"upstream model {uri}: '{name}' has no version {version}")
+    return name, str(version)
+
+
+def resolve_model(uri_or_path: str) -> Path:
+    """A local checkpoint directory for a ``models:/`` URI (downloaded once, cached) or a path."""
+    if not uri_or_path.startswith("models:/"):
+        path = Path(uri_or_path).expanduser()
+        if not path.is_absolute():
+            path = paddock_home() / path
+        if not path.is_dir():
+            raise UpstreamModelError(f"upstream model {uri_or_path}: no such directory {path}")
+        return path
+    name, version = model_version(uri_or_path)
+    cache = paddock_home() / "models" / name / f"v{version}"
+    checkpoint = cache / "artifacts" / "checkpoint"
+    if not checkpoint.is_dir():
+        shutil.rmtree(cache, ignore_errors=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(cache))
+    if not checkpoint.is_dir():
+        raise UpstreamModelError(f"upstream model {uri_or_path}: version {version} carries no checkpoint artifact")
+    return checkpoint

@@ -1,0 +1,268 @@
+"""The supervised loop that every Ray Train worker runs: pretraining, SFT and reward models.
+
+Plain PyTorch plus DeepSpeed. Ray touches it at four named points only: ``get_context`` (rank and world
+size), ``get_dataset_shard``, ``get_checkpoint`` (resume) and ``report`` (metrics, checkpoints).
+
+Data order is deterministic: every worker reads the same materialised stream of packed rows and keeps its
+own slice of each global micro-batch (rank r takes rows ``[r*mb, (r+1)*mb)``). A resumed run skips the
+micro-batches already consumed, so a run stopped and resumed ends on the same loss curve as one that was not.
+Llama has no dropout, so nothing else is random once the weights are initialised from the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+from paddock.config import ModelConfig, OptimConfig, TrainConfig
+from paddock.data.schemas import RATINGS, SAFETY_BINS
+from paddock.data.tokenize import IGNORE
+from paddock.models import PAD_ID, build_causal_lm, load_causal_lm, load_scalar_model
+from paddock.rlhf.reward import margin_ranking_loss
+from paddock.train.optim import adamw, deepspeed_config, scheduler
+
+Objective = Literal["lm", "reward"]
+
+
+class LoopSpec(BaseModel):
+    """Everything a worker needs, validated again on the worker side (typed across the process boundary)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: Objective
+    model: ModelConfig
+    init_from: str | None  # resolved local directory
+    tokenizer_dir: str
+    vocab_size: int
+    seq_len: int
+    optim: OptimConfig
+    train: TrainConfig
+    total_steps: int
+    n_params: int
+    seed: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Small pieces, each usable on its own
+
+
+def build_model(spec: LoopSpec) -> torch.nn.Module:
+    if spec.objective == "reward":
+        if spec.init_from is None:
+            raise ValueError("a reward model needs model.init_from")
+        return load_scalar_model(spec.init_from)
+    if spec.init_from is not None:
+        return load_causal_lm(spec.init_from)
+    return build_causal_lm(spec.model.shape, spec.vocab_size, spec.seq_len, seed=spec.seed)
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not IGNORE. Shapes: (batch, seq)."""
+    return model(input_ids=batch["input_ids"].long(), labels=batch["labels"].long()).loss
+
+
+def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalar rewards of chosen and rejected answers in one forward pass. Returns two (batch,) tensors."""
+    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]]).long()
+    scores = model(input_ids=ids, attention_mask=(ids != PAD_ID).long()).logits.squeeze(-1).float()
+    n = batch["chosen_ids"].shape[0]
+    return scores[:n], scores[n:]
+
+
+def reward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    r_chosen, r_rejected = pair_scores(model, batch)
+    return margin_ranking_loss(r_chosen, r_rejected, batch["margin"].float())
+
+
+def loss_fn(objective: Objective, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return lm_loss(model, batch) if objective == "lm" else reward_loss(model, batch)
+
+
+def matmul_flops(n: int = 512, reps: int = 8) -> float:
+    """Measured fp32 matmul FLOP/s of this process: the CPU 'peak' that MFU is taken against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def micro_batches(shard: Any, keys: tuple[str, ...], mb: int, rank: int, world: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's slice of every global micro-batch, epoch after epoch, skipping the first ``skip``."""
+    seen = 0
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=mb * world, drop_last=True):
+            empty = False
+            seen += 1
+            if seen <= skip:
+                continue
+            yield {k: batch[k][rank * mb : (rank + 1) * mb] for k in keys}
+        if empty:
+            raise ValueError(f"the training data has fewer than {mb * world} rows: one global micro-batch")
+
+
+def all_mean(value: float, world: int) -> float:
+    if world == 1 or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / world
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(objective: Objective, model: torch.nn.Module, shard: Any, keys: tuple[str, ...], mb: int, rank: int,
+             world: int, max_batches: int | None) -> dict[str, float]:
+    """Eval metrics over the test split, each rank scoring its slice, sums all-reduced (works under ZeRO-3)."""
+    model.eval()
+    n_stats = 2 if objective == "lm" else 2 * (1 + len(RATINGS) + len(SAFETY_BINS))
+    stats = torch.zeros(n_stats, dtype=torch.float64)
+    for i, batch in enumerate(shard.iter_torch_batches(batch_size=mb * world, drop_last=False)):
+        if max_batches is not None and i >= max_batches:
+            break
+        part = {k: batch[k][rank * mb : (rank + 1) * mb] for k in keys}
+        if part[keys[0]].shape[0] == 0:
+            part = {k: batch[k][:1] for k in keys}  # stay in lockstep with the other ranks; not counted
+            _forward_stats(objective, model, part)
+            continue
+        stats += _forward_stats(objective, model, part)
+    model.train()
+    stats = all_sum(stats)
+    if objective == "lm":
+        loss = (stats[0] / stats[1].clamp(min=1)).item()
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    out = {"eval/accuracy": (stats[0] / stats[1].clamp(min=1)).item(), "eval/pairs": stats[1].item()}
+    for j, name in enumerate([*RATINGS, *SAFETY_BINS]):
+        correct, n = stats[2 + 2 * j], stats[3 + 2 * j]
+        if n > 0:
+            out[f"eval/accuracy/{name}"] = (correct / n).item()
+    return out
+
+
+def _forward_stats(objective: Objective, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if objective == "lm":
+        ids, labels = batch["input_ids"].long(), batch["labels"].long()
+        logits = model(input_ids=ids).logits.float()
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        return torch.tensor([loss.item(), (target != IGNORE).sum().item()], dtype=torch.float64)
+    r_chosen, r_rejected = pair_scores(model, batch)
+    correct = (r_chosen > r_rejected).double()
+    stats = [correct.sum().item(), float(correct.numel())]
+    for j in range(len(RATINGS)):
+        m = batch["rating"] == j
+        stats += [correct[m].sum().item(), float(m.sum().item())]
+    for j in range(len(SAFETY_BINS)):
+        m = batch["safety_bin"] == j
+        stats += [correct[m].sum().item(), float(m.sum().item())]
+    return torch.tensor(stats, dtype=torch.float64)
+
+
+def export_hf(engine: Any, spec: LoopSpec, out_dir: Path, rank: int) -> None:
+    """Save the full model as a Hugging Face safetensors checkpoint with its tokenizer (rank 0 writes)."""
+    from paddock.tokenizer import load_tokenizer
+
+    model = engine.module
+    if spec.train.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if rank == 0 else None
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None
+    if rank == 0:
+        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+        load_tokenizer(spec.tokenizer_dir).save_pretrained(str(out_dir))
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker (``TorchTrainer(train_worker, train_loop_config=...)``)."""
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    spec = LoopSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tc = spec.train
+    if not tc.use_gpu:
+        torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
+
+    model = build_model(spec)
+    optimizer = adamw(model, spec.optim)
+    engine, _, _, lr_sched = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler(optimizer, spec.optim, spec.total_steps),
+        config=deepspeed_config(tc, spec.optim, world),
+    )
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(str(Path(d) / "ds"))
+            start = int(client["step"])
+
+    keys = ("input_ids", "labels") if spec.objective == "lm" else ("chosen_ids", "rejected_ids", "margin", "rating", "safety_bin")
+    batches = micro_batches(ray.train.get_dataset_shard("train"), keys, tc.micro_batch_size, rank, world, skip=start * tc.grad_accum)
+    eval_shard = ray.train.get_dataset_shard("eval")
+    peak = tc.peak_flops if tc.peak_flops else matmul_flops()
+    seqs_per_step = tc.micro_batch_size * tc.grad_accum * world * (1 if spec.objective == "lm" else 2)
+    tokens_per_step = seqs_per_step * spec.seq_len
+
+    for step in range(start, spec.total_steps):
+        t0 = time.perf_counter()
+        lr = lr_sched.get_last_lr()[0]
+        losses = []
+        for _ in range(tc.grad_accum):
+            loss = loss_fn(spec.objective, engine, next(batches))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        step_time = time.perf_counter() - t0
+        done = step + 1
+        grad_norm = engine.get_global_grad_norm()
+        tokens_per_s = tokens_per_step / step_time
+        metrics: dict[str, float] = {
+            "step": done,
+            "train/loss": all_mean(sum(losses) / len(losses), world),
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/tokens_per_s": tokens_per_s,
+            "train/mfu": 6 * spec.n_params * tokens_per_s / (peak * world),
+            "train/step_time_s": step_time,
+        }
+        last = done == spec.total_steps
+        if done % tc.eval_every == 0 or last:
+            metrics |= evaluate(spec.objective, engine, eval_shard, keys, tc.micro_batch_size, rank, world, tc.eval_batches)
+        if last:
+            with tempfile.TemporaryDirectory() as tmp:
+                export_hf(engine, spec, Path(tmp) / "hf", rank)
+                if rank == 0:
+                    (Path(tmp) / "state.json").write_text(json.dumps({"step": done, "final": True}))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+        elif done % tc.checkpoint_every == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(str(Path(tmp) / "ds"), tag=f"step{done}", client_state={"step": done})
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        elif done % tc.log_every == 0:
+            ray.train.report(metrics)
