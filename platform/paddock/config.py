@@ -185,7 +185,9 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps (the newest ones).")
     eval_every: int = Field(100, ge=1, description="Evaluate on the test split every N optimiser steps.")
     eval_batches: int | None = Field(8, ge=1, description="Micro-batches per rank in each evaluation; null: the whole test split.")
-    log_every: int = Field(1, ge=1, description="Report metrics every N optimiser steps.")
+    log_every: int = Field(
+        10, ge=1, description="Send metrics to the driver every N steps (every step is still recorded and logged)."
+    )
     peak_flops: float | None = Field(
         None, gt=0, description="Per-device peak FLOP/s for MFU (312e12 for A100 bf16); CPU measures a matmul probe."
     )

@@ -196,6 +196,20 @@ def export_hf(engine: Any, spec: LoopSpec, out_dir: Path, rank: int) -> None:
 # The loop
 
 
+def quiet_worker() -> None:
+    """paddock reports progress itself: turn off Ray Data's bars and Ray Train's per-report INFO line here."""
+    import logging
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    for name in list(logging.root.manager.loggerDict):
+        if "train/v2/_internal/execution/context" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker (``TorchTrainer(train_worker, train_loop_config=...)``)."""
     import deepspeed
@@ -203,6 +217,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     spec = LoopSpec.model_validate(config["spec"])
+    quiet_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tc = spec.train
@@ -229,6 +244,9 @@ def train_worker(config: dict[str, Any]) -> None:
     seqs_per_step = tc.micro_batch_size * tc.grad_accum * world * (1 if spec.objective == "lm" else 2)
     tokens_per_step = seqs_per_step * spec.seq_len
 
+    # Every step is recorded; records travel to the driver in batches, because a Ray Train report blocks
+    # until the controller polls (every 2 s by default) once one is pending.
+    pending: list[dict[str, float]] = []
     for step in range(start, spec.total_steps):
         t0 = time.perf_counter()
         lr = lr_sched.get_last_lr()[0]
@@ -242,7 +260,7 @@ def train_worker(config: dict[str, Any]) -> None:
         done = step + 1
         grad_norm = engine.get_global_grad_norm()
         tokens_per_s = tokens_per_step / step_time
-        metrics: dict[str, float] = {
+        record: dict[str, float] = {
             "step": done,
             "train/loss": all_mean(sum(losses) / len(losses), world),
             "train/lr": lr,
@@ -253,7 +271,9 @@ def train_worker(config: dict[str, Any]) -> None:
         }
         last = done == spec.total_steps
         if done % tc.eval_every == 0 or last:
-            metrics |= evaluate(spec.objective, engine, eval_shard, keys, tc.micro_batch_size, rank, world, tc.eval_batches)
+            record |= evaluate(spec.objective, engine, eval_shard, keys, tc.micro_batch_size, rank, world, tc.eval_batches)
+        pending.append(record)
+        metrics: dict[str, Any] = {**record, "records": pending}
         if last:
             with tempfile.TemporaryDirectory() as tmp:
                 export_hf(engine, spec, Path(tmp) / "hf", rank)
@@ -266,3 +286,6 @@ def train_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         elif done % tc.log_every == 0:
             ray.train.report(metrics)
+        else:
+            continue
+        pending = []

@@ -163,10 +163,11 @@ def _follow(trainer: TorchTrainer, queue: Queue, run: tracking.StageRun, progres
         alive = thread.is_alive()
         try:
             while True:
-                m = queue.get(timeout=0.5)
-                history.append(m)
-                run.log_metrics(m, step=int(m["step"]))
-                progress.update(m)
+                report = queue.get(timeout=0.5)
+                for m in report.get("records", [report]):
+                    history.append(m)
+                    run.log_metrics(m, step=int(m["step"]))
+                    progress.update(m)
         except Empty:
             pass
         if not alive:
