@@ -24,7 +24,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def plain_loop(shape: str, windows: torch.Tensor, vocab: int, seq_len: int, mb: int, steps: int, warmup: int, threads: int) -> dict:
+def plain_loop(
+    shape: str,
+    windows: torch.Tensor,
+    vocab: int,
+    seq_len: int,
+    mb: int,
+    steps: int,
+    warmup: int,
+    threads: int,
+) -> dict:
     """Single process, no Ray, no DeepSpeed: the baseline."""
     from paddock.config import OptimConfig
     from paddock.models import build_causal_lm
@@ -50,25 +59,54 @@ def plain_loop(shape: str, windows: torch.Tensor, vocab: int, seq_len: int, mb: 
         times.append(time.perf_counter() - t0)
     step_time = statistics.median(times[warmup:])
     tokens_per_s = mb * seq_len / step_time
-    peak = matmul_flops() 
+    peak = matmul_flops()
     return {"tokens_per_s": tokens_per_s, "mfu": 6 * n_params * tokens_per_s / peak, "step_time_s": step_time}
 
 
-def paddock_run(config: Path, home: Path, tokenizer: Path, workers: int, zero: int, mb: int, seq_len: int, steps: int, warmup: int, shape: str) -> dict:
+def paddock_run(
+    config: Path,
+    home: Path,
+    tokenizer: Path,
+    workers: int,
+    zero: int,
+    mb: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    shape: str,
+) -> dict:
     from paddock.config import PretrainJob, load_config
     from paddock.train.stage import run_supervised
 
-    job = load_config(PretrainJob, config, [
-        f"tokenizer={tokenizer}", f"model.shape={shape}", f"data.seq_len={seq_len}", f"train.num_workers={workers}",
-        f"train.zero_stage={zero}", f"train.micro_batch_size={mb}", f"train.max_steps={steps}",
-        f"train.checkpoint_every={steps * 10}", f"train.eval_every={steps * 10}", "train.eval_batches=1",
-        f"registry_prefix=bench-w{workers}-z{zero}", "train.cpus_per_worker=1",
-    ])
+    job = load_config(
+        PretrainJob,
+        config,
+        [
+            f"tokenizer={tokenizer}",
+            f"model.shape={shape}",
+            f"data.seq_len={seq_len}",
+            f"train.num_workers={workers}",
+            f"train.zero_stage={zero}",
+            f"train.micro_batch_size={mb}",
+            f"train.max_steps={steps}",
+            f"train.checkpoint_every={steps * 10}",
+            f"train.eval_every={steps * 10}",
+            "train.eval_batches=1",
+            f"registry_prefix=bench-w{workers}-z{zero}",
+            "train.cpus_per_worker=1",
+        ],
+    )
     result = run_supervised(job, "pretrain")
-    hist = [h for h in result.history if h["step"] > warmup and h["step"] < steps]  # the last step also evaluates
+    hist = [
+        h for h in result.history if h["step"] > warmup and h["step"] < steps
+    ]  # the last step also evaluates
     per_worker = statistics.median(h["train/tokens_per_s"] for h in hist) / workers
-    return {"tokens_per_s": per_worker * workers, "tokens_per_s_per_worker": per_worker,
-            "mfu": statistics.median(h["train/mfu"] for h in hist), "step_time_s": statistics.median(h["train/step_time_s"] for h in hist)}
+    return {
+        "tokens_per_s": per_worker * workers,
+        "tokens_per_s_per_worker": per_worker,
+        "mfu": statistics.median(h["train/mfu"] for h in hist),
+        "step_time_s": statistics.median(h["train/step_time_s"] for h in hist),
+    }
 
 
 def main() -> None:
@@ -85,7 +123,6 @@ def main() -> None:
     os.environ["PADDOCK_HOME"] = str(home)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import pyarrow.parquet as pq
-
     from paddock.cluster import connect
     from paddock.config import WorldConfig
     from paddock.data.tokenize import pack
@@ -94,33 +131,77 @@ def main() -> None:
     from paddock.train.data import TokenizeAndPack
     from paddock.world.generate import write_world
 
-    write_world(WorldConfig(out_dir=str(home / "world"), pretrain_mb=1.0, sft_dialogs=100, helpfulness_pairs=100,
-                            safety_pairs=100, rl_prompts=20, eval_prompts=20, gatt_dialogs=20))
+    write_world(
+        WorldConfig(
+            out_dir=str(home / "world"),
+            pretrain_mb=1.0,
+            sft_dialogs=100,
+            helpfulness_pairs=100,
+            safety_pairs=100,
+            rl_prompts=20,
+            eval_prompts=20,
+            gatt_dialogs=20,
+        )
+    )
     texts = pq.read_table(home / "world" / "pretrain" / "train.parquet")["text"].to_pylist()
     tok_dir = train_tokenizer(texts, home / "tokenizer", vocab_size=4000)
     tok = load_tokenizer(tok_dir)
     packer = TokenizeAndPack(str(tok_dir), "pretrain", args.seq_len)
-    windows = torch.tensor([w.input_ids for w in pack(packer.examples([{"text": t} for t in texts[:2000]]), args.seq_len, PAD_ID)])
+    windows = torch.tensor(
+        [
+            w.input_ids
+            for w in pack(packer.examples([{"text": t} for t in texts[:2000]]), args.seq_len, PAD_ID)
+        ]
+    )
 
     rows = []
     for threads in (1, 2):
-        r = plain_loop(args.shape, windows, len(tok), args.seq_len, args.micro_batch, args.steps, args.warmup, threads)
+        r = plain_loop(
+            args.shape, windows, len(tok), args.seq_len, args.micro_batch, args.steps, args.warmup, threads
+        )
         rows.append({"name": f"plain loop, {threads} thread(s)", "workers": threads, "zero": None, **r})
     connect()
     for workers in (1, 2):
         for zero in (0, 2):
-            r = paddock_run(REPO / "jobs/configs/tiny/pretrain.yaml", home, tok_dir, workers, zero, args.micro_batch, args.seq_len, args.steps, args.warmup, args.shape)
-            rows.append({"name": f"paddock Ray Train, {workers} worker(s), ZeRO-{zero}", "workers": workers, "zero": zero, **r})
+            r = paddock_run(
+                REPO / "jobs/configs/tiny/pretrain.yaml",
+                home,
+                tok_dir,
+                workers,
+                zero,
+                args.micro_batch,
+                args.seq_len,
+                args.steps,
+                args.warmup,
+                args.shape,
+            )
+            rows.append(
+                {
+                    "name": f"paddock Ray Train, {workers} worker(s), ZeRO-{zero}",
+                    "workers": workers,
+                    "zero": zero,
+                    **r,
+                }
+            )
     plain = {r["workers"]: r for r in rows if r["zero"] is None}
     for r in rows:
         r["ratio_to_plain"] = r["tokens_per_s"] / plain[r["workers"]]["tokens_per_s"]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "shape": args.shape,
-            "seq_len": args.seq_len, "micro_batch": args.micro_batch, "steps": args.steps}
+    meta = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "shape": args.shape,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "steps": args.steps,
+    }
     (out / "train_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\ntrain throughput ({args.shape}, seq {args.seq_len}, micro-batch {args.micro_batch}, {os.cpu_count()} CPUs)")
+    print(
+        f"\ntrain throughput ({args.shape}, seq {args.seq_len}, micro-batch {args.micro_batch}, {os.cpu_count()} CPUs)"
+    )
     print(f"{'configuration':<44} {'tokens/s':>10} {'MFU':>7} {'vs plain':>9}")
     for r in rows:
         print(f"{r['name']:<44} {r['tokens_per_s']:>10.0f} {r['mfu']:>7.1%} {r['ratio_to_plain']:>9.2f}")

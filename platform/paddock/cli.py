@@ -43,7 +43,13 @@ def run_stage(
     from paddock.tokenizer import TokenizerError
     from paddock.tracking import UpstreamModelError
 
-    user_errors: tuple[type[Exception], ...] = (*USER_ERRORS, DatasetError, ModelLoadError, TokenizerError, UpstreamModelError)
+    user_errors: tuple[type[Exception], ...] = (
+        *USER_ERRORS,
+        DatasetError,
+        ModelLoadError,
+        TokenizerError,
+        UpstreamModelError,
+    )
     args = parser(description).parse_args(argv)
     try:
         cfg = load_config(config_cls, args.config, args.overrides)

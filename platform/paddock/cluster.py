@@ -7,6 +7,7 @@ other; the OS still shares the real cores. On a cluster nothing is overridden.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -28,9 +29,31 @@ def connect(num_cpus: int | None = None) -> dict:
                 num_cpus=cpus,
                 include_dashboard=False,
                 log_to_driver=True,
-                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                runtime_env={"env_vars": WORKER_ENV},
             )
+    quiet_data()
     return ray.cluster_resources()
+
+
+# paddock reports progress itself; Ray Data's per-operator bars from every worker would drown it.
+# RAY_DATA_DISABLE_PROGRESS_BARS=0 brings them back.
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1"),
+}
+
+
+def quiet_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    if WORKER_ENV["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1":
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
+        # Without bars Ray Data logs progress at INFO every 10 s instead: keep its warnings only.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
 
 
 def is_embedded() -> bool:

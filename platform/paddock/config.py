@@ -154,9 +154,14 @@ class OptimConfig(Strict):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_steps: int = Field(2000, ge=0, description="Linear warmup steps (2000 in pretraining).")
     warmup_ratio: float | None = Field(
-        None, ge=0, lt=1, description="Warmup as a share of all steps; overrides warmup_steps (3% for reward models)."
+        None,
+        ge=0,
+        lt=1,
+        description="Warmup as a share of all steps; overrides warmup_steps (3% for reward models).",
     )
-    min_warmup_steps: int = Field(0, ge=0, description="Lower bound on warmup steps when warmup_ratio is used.")
+    min_warmup_steps: int = Field(
+        0, ge=0, description="Lower bound on warmup steps when warmup_ratio is used."
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to this share of the peak (10%).")
 
     @model_validator(mode="after")
@@ -172,26 +177,42 @@ class TrainConfig(Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; else CPU, gloo and fp32.")
     cpus_per_worker: float = Field(
-        0.5, gt=0, description="Logical CPUs each worker requests (fractional on a laptop leaves room for Ray Data)."
+        0.5,
+        gt=0,
+        description="Logical CPUs each worker requests (fractional on a laptop leaves room for Ray Data).",
     )
     micro_batch_size: int = Field(8, ge=1, description="Sequences (or pairs) per worker per forward pass.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training data (ignored when max_steps is set)."
+    )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 (DDP-like) to 3 (params sharded).")
+    zero_stage: int = Field(
+        2, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 (DDP-like) to 3 (params sharded)."
+    )
     offload: bool = Field(False, description="ZeRO-Offload: keep optimiser states in CPU memory.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
-    checkpoint_every: int = Field(100, ge=1, description="Report a resumable checkpoint every N optimiser steps.")
+    checkpoint_every: int = Field(
+        100, ge=1, description="Report a resumable checkpoint every N optimiser steps."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray keeps (the newest ones).")
     eval_every: int = Field(100, ge=1, description="Evaluate on the test split every N optimiser steps.")
-    eval_batches: int | None = Field(8, ge=1, description="Micro-batches per rank in each evaluation; null: the whole test split.")
+    eval_batches: int | None = Field(
+        8, ge=1, description="Micro-batches per rank in each evaluation; null: the whole test split."
+    )
     log_every: int = Field(
-        10, ge=1, description="Send metrics to the driver every N steps (every step is still recorded and logged)."
+        10,
+        ge=1,
+        description="Send metrics to the driver every N steps (every step is still recorded and logged).",
     )
     peak_flops: float | None = Field(
-        None, gt=0, description="Per-device peak FLOP/s for MFU (312e12 for A100 bf16); CPU measures a matmul probe."
+        None,
+        gt=0,
+        description="Per-device peak FLOP/s for MFU (312e12 for A100 bf16); CPU measures a matmul probe.",
     )
-    max_failures: int = Field(2, ge=0, description="Times Ray Train restarts failed workers from the last checkpoint.")
+    max_failures: int = Field(
+        2, ge=0, description="Times Ray Train restarts failed workers from the last checkpoint."
+    )
     threads_per_worker: int | None = Field(
         None, ge=1, description="torch threads per CPU worker; defaults to max(1, cpus_per_worker)."
     )
@@ -202,7 +223,8 @@ class RewardConfig(Strict):
 
     kind: Literal["helpfulness", "safety"] = Field("helpfulness", description="Which reward model to train.")
     margin: Literal["none", "small", "large"] = Field(
-        "small", description="Margin m(rating) in -log sigmoid(r_chosen - r_rejected - m): the paper's two tables."
+        "small",
+        description="Margin m(rating) in -log sigmoid(r_chosen - r_rejected - m): the paper's two tables.",
     )
     mix_ratio: float | None = Field(
         None,
@@ -240,12 +262,15 @@ class SupervisedJob(StageConfig):
     """Fields shared by pretrain, sft and reward_model."""
 
     tokenizer: str = Field("tokenizer", description="Tokenizer directory (relative to PADDOCK_HOME).")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Architecture or starting checkpoint.")
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="Architecture or starting checkpoint."
+    )
     data: DataConfig = Field(..., description="Datasets and their checks.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Workers, batch, ZeRO, checkpoints.")
     output_dir: str | None = Field(
-        None, description="Where the final Hugging Face checkpoint is copied; default runs/{registry_prefix}-{stage}."
+        None,
+        description="Where the final Hugging Face checkpoint is copied; default runs/{registry_prefix}-{stage}.",
     )
 
 
@@ -263,7 +288,9 @@ class SFTJob(SupervisedJob):
     @model_validator(mode="after")
     def _needs_a_start(self) -> SFTJob:
         if self.model.init_from is None:
-            raise ValueError("model.init_from: SFT starts from a pretrained model; name a checkpoint or models:/ URI")
+            raise ValueError(
+                "model.init_from: SFT starts from a pretrained model; name a checkpoint or models:/ URI"
+            )
         return self
 
 
@@ -279,6 +306,49 @@ class RewardJob(SupervisedJob):
         return self
 
 
+class SweepConfig(Strict):
+    """An ASHA search over a stage's learning rate and one more knob (Ray Tune)."""
+
+    stage: Literal["pretrain", "sft", "reward_model"] = Field(
+        "sft", description="Which supervised stage to tune."
+    )
+    base_config: str = Field(..., description="The stage's YAML (path relative to the working directory).")
+    overrides: list[str] = Field(
+        default_factory=list, description="--set style overrides applied to base_config."
+    )
+    lr_min: float = Field(1e-4, gt=0, description="Lower end of the log-uniform learning-rate range.")
+    lr_max: float = Field(3e-3, gt=0, description="Upper end of the log-uniform learning-rate range.")
+    knob: str = Field("optim.warmup_steps", description="Dotted path of the second knob in the stage config.")
+    knob_values: list[float | int | str] = Field(
+        default_factory=lambda: [0, 20],  # type: ignore[arg-type]
+        description="Choices for the knob.",
+    )
+    num_samples: int = Field(4, ge=1, description="Trials to sample.")
+    max_steps: int = Field(40, ge=1, description="Optimiser steps of a trial that is never stopped early.")
+    report_every: int = Field(10, ge=1, description="Steps between evaluations, which are ASHA's rungs.")
+    metric: str = Field("eval/loss", description="Metric ASHA compares (eval/accuracy for reward models).")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher metric is better.")
+    grace_period: int = Field(1, ge=1, description="Reports before ASHA may stop a trial.")
+    reduction_factor: float = Field(
+        2, gt=1, description="ASHA keeps 1/reduction_factor of trials at each rung."
+    )
+    max_concurrent: int = Field(
+        1, ge=1, description="Trials at once (1 on a laptop: each trial runs its own workers)."
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> SweepConfig:
+        if self.lr_min >= self.lr_max:
+            raise ValueError(f"lr_min must be below lr_max, got {self.lr_min} >= {self.lr_max}")
+        return self
+
+
+class SweepJob(StageConfig):
+    """jobs/sweep.py: hyperparameter search for a supervised stage."""
+
+    sweep: SweepConfig = Field(..., description="Search space and scheduler.")
+
+
 # Job name (the stem of a YAML under jobs/configs/<size>/) -> root model. Every shipped config is
 # validated against its entry by tests/unit/test_config.py.
 JOBS: dict[str, type[StageConfig]] = {
@@ -288,6 +358,7 @@ JOBS: dict[str, type[StageConfig]] = {
     "sft": SFTJob,
     "reward_helpfulness": RewardJob,
     "reward_safety": RewardJob,
+    "sweep_sft": SweepJob,
 }
 
 
@@ -295,7 +366,7 @@ JOBS: dict[str, type[StageConfig]] = {
 # Loading
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -369,7 +440,7 @@ def load_config(
             raise ConfigError(f"{source}: the top level must be a mapping, got {type(loaded).__name__}")
         tree = loaded or {}
     for key, value in parse_overrides(overrides):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return model.model_validate(tree)
     except ValidationError as err:

@@ -22,15 +22,33 @@ class Generation:
 
 
 @torch.no_grad()
-def chat(model, tok, turns: Sequence[Mapping[str, str]], system: str | None = None, max_new_tokens: int = 64,
-         temperature: float = 0.0, top_p: float = 0.9, seed: int | None = None) -> Generation:  # type: ignore[no-untyped-def]
+def chat(
+    model,
+    tok,
+    turns: Sequence[Mapping[str, str]],
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    seed: int | None = None,
+) -> Generation:  # type: ignore[no-untyped-def]
     """Answer the last user turn. ``temperature == 0`` is greedy decoding."""
     ids = torch.tensor([encode_prompt(tok, turns, system)])
     if seed is not None:
         torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **sampling)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+        **sampling,
+    )
     new = out[0, ids.shape[1] :].tolist()
     finished = tok.eos_token_id in new
     if finished:

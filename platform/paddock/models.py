@@ -83,7 +83,9 @@ def llama_config(
     )
 
 
-def count_parameters(shape: str | Shape | LlamaConfig, vocab_size: int | None = None, scalar: bool = False) -> int:
+def count_parameters(
+    shape: str | Shape | LlamaConfig, vocab_size: int | None = None, scalar: bool = False
+) -> int:
     """Parameters of a causal LM (or, with ``scalar``, a reward/value model), built on the meta device."""
     config = shape if isinstance(shape, LlamaConfig) else llama_config(shape, vocab_size)
     cls = LlamaForSequenceClassification if scalar else LlamaForCausalLM

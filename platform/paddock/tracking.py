@@ -25,6 +25,7 @@ import mlflow.pyfunc
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 
 from paddock.config import paddock_home
@@ -80,7 +81,7 @@ def file_digest(path: Path, limit: int = 64 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-class _CheckpointModel(mlflow.pyfunc.PythonModel):
+class _CheckpointModel(PythonModel):
     """A logged paddock checkpoint. ``predict`` generates (causal LM) or scores (reward model) raw text."""
 
     def load_context(self, context: Any) -> None:
@@ -97,14 +98,16 @@ class _CheckpointModel(mlflow.pyfunc.PythonModel):
         import torch
 
         texts = list(model_input["text"]) if hasattr(model_input, "columns") else list(model_input)
-        out = []
+        out: list[Any] = []
         with torch.no_grad():
             for text in texts:
                 ids = torch.tensor([self.tok.encode(text)])
                 if self.scalar:
                     out.append(float(self.model(input_ids=ids).logits[0, 0]))
                 else:
-                    gen = self.model.generate(ids, max_new_tokens=int((params or {}).get("max_new_tokens", 64)), do_sample=False)
+                    gen = self.model.generate(
+                        ids, max_new_tokens=int((params or {}).get("max_new_tokens", 64)), do_sample=False
+                    )
                     out.append(self.tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
         return out
 
@@ -128,7 +131,8 @@ class StageRun:
             self.client.set_tag(self.run_id, k, v)
 
     def log_dataset(self, path: Path, name: str, context: str, rows: int, bad_rows: int = 0) -> None:
-        dataset = MetaDataset(source=resolve_dataset_source(str(path)), name=name, digest=file_digest(path))
+        source = resolve_dataset_source(str(path))
+        dataset = MetaDataset(source=source, name=name, digest=file_digest(path))  # type: ignore[abstract]
         mlflow.log_input(dataset, context=context, tags={"rows": str(rows), "bad_rows": str(bad_rows)})
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
@@ -137,7 +141,9 @@ class StageRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 
-    def log_model(self, checkpoint_dir: Path, registered_name: str, tags: Mapping[str, str] | None = None) -> str:
+    def log_model(
+        self, checkpoint_dir: Path, registered_name: str, tags: Mapping[str, str] | None = None
+    ) -> str:
         """Log the checkpoint as a model, register it, and return ``models:/{name}/{version}``."""
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -154,13 +160,23 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
-              nested: bool = False) -> Iterator[StageRun]:
+def stage_run(
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+    nested: bool = False,
+) -> Iterator[StageRun]:
     """An MLflow run around a stage. On any exception the run ends FAILED with the error text attached."""
     client = configure()
     exp = experiment_id(experiment)
-    run = mlflow.start_run(experiment_id=exp, run_name=run_name, nested=nested, log_system_metrics=True,
-                           tags={"paddock.stage": run_name, **(tags or {})})
+    run = mlflow.start_run(
+        experiment_id=exp,
+        run_name=run_name,
+        nested=nested,
+        log_system_metrics=True,
+        tags={"paddock.stage": run_name, **(tags or {})},
+    )
     handle = StageRun(run.info.run_id, client)
     try:
         handle.log_params(flatten(params))
@@ -225,10 +241,32 @@ def resolve_model(uri_or_path: str) -> Path:
         return path
     name, version = model_version(uri_or_path)
     cache = paddock_home() / "models" / name / f"v{version}"
-    checkpoint = cache / "artifacts" / "checkpoint"
-    if not checkpoint.is_dir():
+    checkpoint = _logged_checkpoint(cache)
+    if checkpoint is None:
         shutil.rmtree(cache, ignore_errors=True)
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(cache))
-    if not checkpoint.is_dir():
-        raise UpstreamModelError(f"upstream model {uri_or_path}: version {version} carries no checkpoint artifact")
+        checkpoint = _logged_checkpoint(cache)
+    if checkpoint is None:
+        raise UpstreamModelError(
+            f"upstream model {uri_or_path}: version {version} carries no checkpoint artifact"
+        )
     return checkpoint
+
+
+def _logged_checkpoint(model_dir: Path) -> Path | None:
+    """The checkpoint directory inside a downloaded paddock model, as its MLmodel file records it."""
+    import yaml
+
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    meta = yaml.safe_load(mlmodel.read_text())
+    rel = (
+        meta.get("flavors", {})
+        .get("python_function", {})
+        .get("artifacts", {})
+        .get("checkpoint", {})
+        .get("path")
+    )
+    path = model_dir / rel if rel else None
+    return path if path is not None and (path / "config.json").is_file() else None

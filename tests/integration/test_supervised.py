@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from paddock.config import PretrainJob, RewardJob, SFTJob, load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -24,14 +23,36 @@ GOLDEN_FIRST_LOSSES = None
 
 
 def overrides(world: Path, tokenizer: Path) -> dict[str, list[str]]:
-    common = [f"tokenizer={tokenizer}", "train.cpus_per_worker=0.5", "train.num_workers=2", "train.zero_stage=2"]
+    common = [
+        f"tokenizer={tokenizer}",
+        "train.cpus_per_worker=0.5",
+        "train.num_workers=2",
+        "train.zero_stage=2",
+    ]
     return {
-        "pretrain": [*common, f"data.train={world}/pretrain/train.parquet", f"data.test={world}/pretrain/test.parquet",
-                     "data.seq_len=128", "train.max_steps=40", "train.checkpoint_every=10", "train.eval_every=20",
-                     "optim.warmup_steps=10"],
-        "sft": [*common, f"data.train={world}/sft/train.parquet", f"data.test={world}/sft/test.parquet",
-                "data.seq_len=128", "train.max_steps=60", "train.eval_every=30"],
-        "rm": [*common, f"data.train={world}/preferences/train.parquet", f"data.test={world}/preferences/test.parquet"],
+        "pretrain": [
+            *common,
+            f"data.train={world}/pretrain/train.parquet",
+            f"data.test={world}/pretrain/test.parquet",
+            "data.seq_len=128",
+            "train.max_steps=40",
+            "train.checkpoint_every=10",
+            "train.eval_every=20",
+            "optim.warmup_steps=10",
+        ],
+        "sft": [
+            *common,
+            f"data.train={world}/sft/train.parquet",
+            f"data.test={world}/sft/test.parquet",
+            "data.seq_len=128",
+            "train.max_steps=60",
+            "train.eval_every=30",
+        ],
+        "rm": [
+            *common,
+            f"data.train={world}/preferences/train.parquet",
+            f"data.test={world}/preferences/test.parquet",
+        ],
     }
 
 
@@ -52,9 +73,14 @@ def chain(home: Path, world_dir: Path, tokenizer_dir: Path, ray_cluster):
     from paddock.train.stage import run_supervised
 
     o = overrides(world_dir, tokenizer_dir)
-    pre = run_supervised(load_config(PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", o["pretrain"]), "pretrain")
+    pre = run_supervised(
+        load_config(PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", o["pretrain"]), "pretrain"
+    )
     sft = run_supervised(load_config(SFTJob, REPO / "jobs/configs/tiny/sft.yaml", o["sft"]), "sft")
-    rm = run_supervised(load_config(RewardJob, REPO / "jobs/configs/tiny/reward_helpfulness.yaml", o["rm"]), "reward_helpfulness")
+    rm = run_supervised(
+        load_config(RewardJob, REPO / "jobs/configs/tiny/reward_helpfulness.yaml", o["rm"]),
+        "reward_helpfulness",
+    )
     return {"pretrain": pre, "sft": sft, "rm": rm}
 
 
@@ -71,21 +97,28 @@ def test_pretraining_loss_falls_and_matches_golden_values(chain):
 
 def test_stages_leave_mlflow_runs_and_registered_models(chain):
     import mlflow
-
     from paddock import tracking
 
     client = tracking.configure()
-    for name, result in (("tiny-base", chain["pretrain"]), ("tiny-sft", chain["sft"]), ("tiny-rm-helpfulness", chain["rm"])):
+    for name, result in (
+        ("tiny-base", chain["pretrain"]),
+        ("tiny-sft", chain["sft"]),
+        ("tiny-rm-helpfulness", chain["rm"]),
+    ):
         assert result.model_uri == f"models:/{name}/1"
         run = client.get_run(result.run_id)
         assert run.info.status == "FINISHED"
         assert run.data.params["train.zero_stage"] == "2" and "optim.lr" in run.data.params
-        assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu"} <= set(run.data.metrics)
+        assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu"} <= set(
+            run.data.metrics
+        )
         assert len(client.get_metric_history(result.run_id, "train/loss")) == len(result.history)
         artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
         assert "plots/loss.png" in artifacts
         assert run.inputs.dataset_inputs, "datasets are logged as run inputs"
-        assert (result.checkpoint_dir / "model.safetensors").is_file() and (result.checkpoint_dir / "tokenizer.json").is_file()
+        assert (result.checkpoint_dir / "model.safetensors").is_file() and (
+            result.checkpoint_dir / "tokenizer.json"
+        ).is_file()
     # The SFT stage resolved its upstream through the registry.
     assert client.get_run(chain["sft"].run_id).data.tags["paddock.upstream"] == "models:/tiny-base@latest"
     assert mlflow.get_tracking_uri().startswith("sqlite:///")
@@ -96,7 +129,10 @@ def test_sft_model_answers_in_the_chat_format_and_stops(chain, world_dir: Path):
     from paddock.models import load_causal_lm
     from paddock.tokenizer import load_tokenizer
 
-    model, tok = load_causal_lm(chain["sft"].checkpoint_dir).eval(), load_tokenizer(chain["sft"].checkpoint_dir)
+    model, tok = (
+        load_causal_lm(chain["sft"].checkpoint_dir).eval(),
+        load_tokenizer(chain["sft"].checkpoint_dir),
+    )
     prompts = pq.read_table(world_dir / "prompts" / "test.parquet").to_pylist()[:20]
     outs = [chat(model, tok, p["turns"], max_new_tokens=48) for p in prompts]
     finished = sum(o.finished for o in outs)
@@ -121,19 +157,25 @@ def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Pa
     the same loss as the uninterrupted pretraining run of the chain (same seed, data order and steps)."""
     import signal
 
+    from paddock.train.stage import run_supervised
     from ray.util.state import list_actors
 
-    from paddock.train.stage import run_supervised
-
     o = overrides(world_dir, tokenizer_dir)
-    job = load_config(PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*o["pretrain"], "registry_prefix=resume"])
+    job = load_config(
+        PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*o["pretrain"], "registry_prefix=resume"]
+    )
     killed: list[int] = []
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not killed:
             if list((home / "ray_results").glob("resume-base-*/checkpoint_*")):
-                workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+                workers = [
+                    a
+                    for a in list_actors(
+                        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+                    )
+                ]
                 if workers:
                     os.kill(workers[0].pid, signal.SIGKILL)
                     killed.append(workers[0].pid)
@@ -150,3 +192,36 @@ def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Pa
     first = chain["pretrain"].history
     assert resumed.history[-1]["train/loss"] == pytest.approx(first[-1]["train/loss"], abs=1e-4)
     assert resumed.history[-1]["eval/loss"] == pytest.approx(first[-1]["eval/loss"], abs=1e-4)
+
+
+def test_asha_sweep_over_sft_logs_nested_trials(chain, world_dir: Path, tokenizer_dir: Path):
+    from paddock import tracking
+    from paddock.config import SweepJob
+    from paddock.train.sweep import run_sweep
+
+    o = overrides(world_dir, tokenizer_dir)["sft"]
+    job = load_config(
+        SweepJob,
+        REPO / "jobs/configs/tiny/sweep_sft.yaml",
+        [
+            "sweep.num_samples=2",
+            "sweep.max_steps=10",
+            "sweep.report_every=5",
+            f"sweep.overrides={o!r}".replace("'", '"'),
+        ],
+    )
+    result = run_sweep(job)
+    assert len(result.trials) == 2 and all(not t["error"] for t in result.trials)
+    assert result.best_metric == min(t["eval/loss"] for t in result.trials)
+    assert 1e-4 <= result.best_config["optim.lr"] <= 3e-3 and result.best_config["optim.warmup_steps"] in (
+        0,
+        20,
+    )
+    client = tracking.configure()
+    children = client.search_runs(
+        [client.get_run(result.parent_run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
+    )
+    assert len(children) == 2 and all(
+        len(client.get_metric_history(c.info.run_id, "train/loss")) >= 5 for c in children
+    )

@@ -1,7 +1,6 @@
 """SFT's loss mask, proven on gradients: prompt positions get none, answer positions do."""
 
 import torch
-
 from paddock.data.tokenize import IGNORE, encode_dialog
 from paddock.models import build_causal_lm
 from paddock.train.loop import lm_loss

@@ -17,7 +17,9 @@ from paddock.data.tokenize import TextEncoder, encode_dialog
 DEFAULT_MIX = {"helpfulness": 1.0, "safety": 1 / 9}
 
 
-def reward_mix(rows: Sequence[Mapping[str, Any]], kind: str, mix_ratio: float | None, seed: int) -> list[dict[str, Any]]:
+def reward_mix(
+    rows: Sequence[Mapping[str, Any]], kind: str, mix_ratio: float | None, seed: int
+) -> list[dict[str, Any]]:
     """All pairs of ``kind`` plus a seeded sample of the other kind, shuffled together."""
     ratio = DEFAULT_MIX[kind] if mix_ratio is None else mix_ratio
     own = [dict(r) for r in rows if r["kind"] == kind]
@@ -29,7 +31,9 @@ def reward_mix(rows: Sequence[Mapping[str, Any]], kind: str, mix_ratio: float | 
     return mixed
 
 
-def encode_answer(tok: TextEncoder, prompt: Sequence[Mapping[str, str]], answer: str, seq_len: int) -> list[int]:
+def encode_answer(
+    tok: TextEncoder, prompt: Sequence[Mapping[str, str]], answer: str, seq_len: int
+) -> list[int]:
     """Ids of the prompt followed by the finished answer, keeping the last ``seq_len`` tokens.
 
     The reward is read at the last token, so a too-long dialog is cut from the left, never at the answer's end.

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 
 RATING_MARGINS: dict[str, dict[str, float]] = {
     "none": {"significantly_better": 0.0, "better": 0.0, "slightly_better": 0.0, "negligibly_better": 0.0},
-    "small": {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0},
+    "small": {
+        "significantly_better": 1.0,
+        "better": 2 / 3,
+        "slightly_better": 1 / 3,
+        "negligibly_better": 0.0,
+    },
     "large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligibly_better": 0.0},
 }
 
@@ -24,7 +29,9 @@ def rating_margin(rating: str, margin: str) -> float:
         raise ValueError(f"unknown margin {margin!r} or rating {rating!r}") from None
 
 
-def margin_ranking_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+def margin_ranking_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor
+) -> torch.Tensor:
     """Mean of ``-log sigmoid(r_chosen - r_rejected - margin)``.
 
     Shapes: all (batch,). Returns a scalar. ``logsigmoid`` keeps it finite for large gaps.

@@ -125,7 +125,9 @@ class TokenizePairs:
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         rows = batch.to_pylist()
         chosen = [self._padded(encode_answer(self.tok, r["prompt"], r["chosen"], self.seq_len)) for r in rows]
-        rejected = [self._padded(encode_answer(self.tok, r["prompt"], r["rejected"], self.seq_len)) for r in rows]
+        rejected = [
+            self._padded(encode_answer(self.tok, r["prompt"], r["rejected"], self.seq_len)) for r in rows
+        ]
         return {
             "chosen_ids": np.array(chosen, dtype=np.int32).reshape(-1, self.seq_len),
             "rejected_ids": np.array(rejected, dtype=np.int32).reshape(-1, self.seq_len),
@@ -135,7 +137,9 @@ class TokenizePairs:
         }
 
 
-def pairs_dataset(rows_path: Path, tokenizer_dir: Path, *, seq_len: int, margin: str, batch_rows: int = 256) -> ray.data.Dataset:
+def pairs_dataset(
+    rows_path: Path, tokenizer_dir: Path, *, seq_len: int, margin: str, batch_rows: int = 256
+) -> ray.data.Dataset:
     """``read_parquet -> map_batches(TokenizePairs)`` over an already validated preferences file."""
     return ray.data.read_parquet(str(rows_path)).map_batches(
         TokenizePairs,

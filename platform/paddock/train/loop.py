@@ -98,7 +98,9 @@ def matmul_flops(n: int = 512, reps: int = 8) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def micro_batches(shard: Any, keys: tuple[str, ...], mb: int, rank: int, world: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+def micro_batches(
+    shard: Any, keys: tuple[str, ...], mb: int, rank: int, world: int, skip: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's slice of every global micro-batch, epoch after epoch, skipping the first ``skip``."""
     seen = 0
     while True:
@@ -128,8 +130,16 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(objective: Objective, model: torch.nn.Module, shard: Any, keys: tuple[str, ...], mb: int, rank: int,
-             world: int, max_batches: int | None) -> dict[str, float]:
+def evaluate(
+    objective: Objective,
+    model: torch.nn.Module,
+    shard: Any,
+    keys: tuple[str, ...],
+    mb: int,
+    rank: int,
+    world: int,
+    max_batches: int | None,
+) -> dict[str, float]:
     """Eval metrics over the test split, each rank scoring its slice, sums all-reduced (works under ZeRO-3)."""
     model.eval()
     n_stats = 2 if objective == "lm" else 2 * (1 + len(RATINGS) + len(SAFETY_BINS))
@@ -156,12 +166,19 @@ def evaluate(objective: Objective, model: torch.nn.Module, shard: Any, keys: tup
     return out
 
 
-def _forward_stats(objective: Objective, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _forward_stats(
+    objective: Objective, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
     if objective == "lm":
         ids, labels = batch["input_ids"].long(), batch["labels"].long()
         logits = model(input_ids=ids).logits.float()
         target = labels[:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
         return torch.tensor([loss.item(), (target != IGNORE).sum().item()], dtype=torch.float64)
     r_chosen, r_rejected = pair_scores(model, batch)
     correct = (r_chosen > r_rejected).double()
@@ -184,7 +201,9 @@ def export_hf(engine: Any, spec: LoopSpec, out_dir: Path, rank: int) -> None:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if rank == 0 else None
+            state = (
+                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if rank == 0 else None
+            )
     else:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None
     if rank == 0:
@@ -205,6 +224,7 @@ def quiet_worker() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     for name in list(logging.root.manager.loggerDict):
         if "train/v2/_internal/execution/context" in name:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -227,7 +247,9 @@ def train_worker(config: dict[str, Any]) -> None:
     model = build_model(spec)
     optimizer = adamw(model, spec.optim)
     engine, _, _, lr_sched = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler(optimizer, spec.optim, spec.total_steps),
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler(optimizer, spec.optim, spec.total_steps),
         config=deepspeed_config(tc, spec.optim, world),
     )
     start = 0
@@ -237,8 +259,19 @@ def train_worker(config: dict[str, Any]) -> None:
             _, client = engine.load_checkpoint(str(Path(d) / "ds"))
             start = int(client["step"])
 
-    keys = ("input_ids", "labels") if spec.objective == "lm" else ("chosen_ids", "rejected_ids", "margin", "rating", "safety_bin")
-    batches = micro_batches(ray.train.get_dataset_shard("train"), keys, tc.micro_batch_size, rank, world, skip=start * tc.grad_accum)
+    keys = (
+        ("input_ids", "labels")
+        if spec.objective == "lm"
+        else ("chosen_ids", "rejected_ids", "margin", "rating", "safety_bin")
+    )
+    batches = micro_batches(
+        ray.train.get_dataset_shard("train"),
+        keys,
+        tc.micro_batch_size,
+        rank,
+        world,
+        skip=start * tc.grad_accum,
+    )
     eval_shard = ray.train.get_dataset_shard("eval")
     peak = tc.peak_flops if tc.peak_flops else matmul_flops()
     seqs_per_step = tc.micro_batch_size * tc.grad_accum * world * (1 if spec.objective == "lm" else 2)
@@ -271,7 +304,9 @@ def train_worker(config: dict[str, Any]) -> None:
         }
         last = done == spec.total_steps
         if done % tc.eval_every == 0 or last:
-            record |= evaluate(spec.objective, engine, eval_shard, keys, tc.micro_batch_size, rank, world, tc.eval_batches)
+            record |= evaluate(
+                spec.objective, engine, eval_shard, keys, tc.micro_batch_size, rank, world, tc.eval_batches
+            )
         pending.append(record)
         metrics: dict[str, Any] = {**record, "records": pending}
         if last:

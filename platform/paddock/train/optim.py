@@ -40,7 +40,9 @@ def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
 
 
@@ -54,7 +56,11 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, world_size: int) ->
     The optimiser and schedule are paddock's own (passed to ``deepspeed.initialize``), so they behave the
     same at every ZeRO stage and on CPU, where DeepSpeed's fused optimisers are not built.
     """
-    zero: dict[str, Any] = {"stage": train.zero_stage, "contiguous_gradients": True, "overlap_comm": train.use_gpu}
+    zero: dict[str, Any] = {
+        "stage": train.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": train.use_gpu,
+    }
     if train.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     if train.zero_stage == 3:

@@ -33,6 +33,7 @@ from paddock.models import count_parameters, llama_config
 from paddock.tokenizer import load_tokenizer
 from paddock.train.data import packed_dataset, pairs_dataset
 from paddock.train.loop import LoopSpec, train_worker
+from paddock.train.reporting import ForwardReports
 
 
 @dataclass
@@ -43,17 +44,6 @@ class StageResult:
     model_uri: str
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-class ForwardReports(UserCallback):
-    """Runs on the Train controller: puts rank 0's metrics of every report on a queue the driver reads."""
-
-    def __init__(self, queue: Queue):
-        self.queue = queue
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics and metrics[0]:
-            self.queue.put(dict(metrics[0]))
 
 
 class Progress:
@@ -115,39 +105,71 @@ def loss_curve(history: list[dict[str, float]], title: str) -> Any:
     return fig
 
 
-def _prepare(job: SupervisedJob, tokenizer_dir: Path, work_dir: Path, seed: int) -> tuple[ray.data.Dataset, ray.data.Dataset, list[tuple[Path, str, str, int, int]]]:
+def _prepare(
+    job: SupervisedJob, tokenizer_dir: Path, work_dir: Path, seed: int
+) -> tuple[ray.data.Dataset, ray.data.Dataset, list[tuple[Path, str, str, int, int]]]:
     """(train dataset, eval dataset, dataset inputs to log). Validation and quarantine happen here."""
     d = job.data
     train_path = resolve_path(d.train)
     test_path = resolve_path(d.test) if d.test else None
     if test_path is None:
         raise ValueError("data.test: every supervised stage evaluates on a test split; give its path")
-    common = {"max_bad_fraction": d.max_bad_fraction, "max_chars": d.max_chars, "work_dir": work_dir}
     inputs = []
     if isinstance(job, RewardJob):
         out = []
         for split, path in (("train", train_path), ("eval", test_path)):
-            report = load_dataset(path, "preferences", quarantine_dir=work_dir / "quarantine", max_bad_fraction=d.max_bad_fraction, max_chars=d.max_chars)
-            rows = reward_mix(report.good.to_pylist(), job.reward.kind, job.reward.mix_ratio, seed) if split == "train" else [
-                r for r in report.good.to_pylist() if r["kind"] == job.reward.kind
-            ]
+            report = load_dataset(
+                path,
+                "preferences",
+                quarantine_dir=work_dir / "quarantine",
+                max_bad_fraction=d.max_bad_fraction,
+                max_chars=d.max_chars,
+            )
+            rows = (
+                reward_mix(report.good.to_pylist(), job.reward.kind, job.reward.mix_ratio, seed)
+                if split == "train"
+                else [r for r in report.good.to_pylist() if r["kind"] == job.reward.kind]
+            )
             mixed = work_dir / "data" / f"{split}-{job.reward.kind}.parquet"
             mixed.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pylist(rows, schema=report.good.schema), mixed)
-            inputs.append((path, f"preferences-{path.stem}", "training" if split == "train" else "eval", report.total, report.n_bad))
+            inputs.append(
+                (
+                    path,
+                    f"preferences-{path.stem}",
+                    "training" if split == "train" else "eval",
+                    report.total,
+                    report.n_bad,
+                )
+            )
             out.append(pairs_dataset(mixed, tokenizer_dir, seq_len=d.seq_len, margin=job.reward.margin))
         return out[0], out[1], inputs
     kind = "pretrain" if isinstance(job, PretrainJob) else "dialogs"
     train_on = job.train_on if isinstance(job, SFTJob) else "answers"
     prepared = []
     for split, path in (("training", train_path), ("eval", test_path)):
-        p = packed_dataset(path, kind, tokenizer_dir, seq_len=d.seq_len, train_on=train_on, **common)
+        p = packed_dataset(
+            path,
+            kind,
+            tokenizer_dir,
+            seq_len=d.seq_len,
+            train_on=train_on,
+            max_bad_fraction=d.max_bad_fraction,
+            max_chars=d.max_chars,
+            work_dir=work_dir,
+        )
         inputs.append((path, f"{kind}-{path.parent.name}-{path.stem}", split, p.report.total, p.report.n_bad))
         prepared.append(p.dataset)
     return prepared[0], prepared[1], inputs
 
 
-def _follow(trainer: TorchTrainer, queue: Queue, run: tracking.StageRun, progress: Progress, history: list[dict[str, float]]) -> Any:
+def _follow(
+    trainer: TorchTrainer,
+    queue: Queue,
+    run: tracking.StageRun,
+    progress: Progress,
+    history: list[dict[str, float]],
+) -> Any:
     """Run ``trainer.fit()`` in a thread while this thread logs every forwarded report."""
     box: dict[str, Any] = {}
 
@@ -179,14 +201,29 @@ def _follow(trainer: TorchTrainer, queue: Queue, run: tracking.StageRun, progres
     return box["result"]
 
 
-def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
-    """Train one supervised stage end to end and register its model as ``{prefix}-{suffix}``."""
+@dataclass
+class Prepared:
+    """A stage with its inputs checked and its data materialised: ready to hand to Ray Train."""
+
+    job: SupervisedJob
+    stage: str
+    name: str  # registered model name, {prefix}-{suffix}
+    spec: LoopSpec
+    train_ds: ray.data.Dataset
+    eval_ds: ray.data.Dataset
+    rows: int
+    inputs: list[tuple[Path, str, str, int, int]]
+
+
+def prepare(job: SupervisedJob, stage: str) -> Prepared:
+    """Check the tokenizer, the upstream model and the datasets, then tokenise and materialise the data.
+
+    Everything that can be wrong with the inputs fails here, before any Ray Train worker starts.
+    """
     tokenizer_dir = resolve_path(job.tokenizer)
     tok = load_tokenizer(tokenizer_dir)
     init_from = tracking.resolve_model(job.model.init_from) if job.model.init_from else None
-    suffix = registry_suffix(job)
-    name = f"{job.registry_prefix}-{suffix}"
-    work_dir = paddock_home() / "runs" / name
+    name = f"{job.registry_prefix}-{registry_suffix(job)}"
     if init_from is None:
         model_config = llama_config(job.model.shape, len(tok), job.data.seq_len)
     else:
@@ -197,53 +234,91 @@ def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
 
     connect()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train_ds, eval_ds, inputs = _prepare(job, tokenizer_dir, work_dir, job.seed)
+    train_ds, eval_ds, inputs = _prepare(job, tokenizer_dir, paddock_home() / "runs" / name, job.seed)
     train_ds, eval_ds = train_ds.materialize(), eval_ds.materialize()
     rows = train_ds.count()
     tc = job.train
     per_step = tc.micro_batch_size * tc.num_workers * tc.grad_accum
     steps_per_epoch = rows // per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"{rows} training rows make no full step of {per_step} (micro_batch_size x num_workers x grad_accum)")
-    total = tc.max_steps or max(1, math.floor(job.train.epochs * steps_per_epoch))
-    spec = LoopSpec(objective="reward" if isinstance(job, RewardJob) else "lm", model=job.model,
-                    init_from=str(init_from) if init_from else None, tokenizer_dir=str(tokenizer_dir),
-                    vocab_size=len(tok), seq_len=job.data.seq_len, optim=job.optim, train=tc, total_steps=total,
-                    n_params=n_params, seed=job.seed)
-
-    tags = {"paddock.registered_name": name, "paddock.upstream": job.model.init_from or ""}
-    with tracking.stage_run(job.experiment, stage, job.model_dump(mode="json"), tags=tags) as run:
-        for path, ds_name, context, n, bad in inputs:
-            run.log_dataset(path, ds_name, context, n, bad)
-        run.log_params({"derived.total_steps": total, "derived.train_rows": rows, "derived.n_params": n_params})
-        print(f"[{stage}] {rows} training rows, {total} steps of {per_step} sequences, {tc.num_workers} workers, "
-              f"ZeRO-{tc.zero_stage}, {n_params / 1e6:.1f}M parameters", flush=True)
-        queue = Queue(actor_options={"num_cpus": 0})
-        resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"spec": spec.model_dump(mode="json")},
-            scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(
-                name=f"{name}-{run.run_id[:8]}",
-                storage_path=str(paddock_home() / "ray_results"),
-                failure_config=FailureConfig(max_failures=tc.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-                callbacks=[ForwardReports(queue)],
-            ),
-            datasets={"train": train_ds, "eval": eval_ds},
-            dataset_config=DataConfig(datasets_to_split=[]),
+        raise ValueError(
+            f"{rows} training rows make no full step of {per_step} (micro_batch_size x num_workers x grad_accum)"
         )
+    total = tc.max_steps or max(1, math.floor(tc.epochs * steps_per_epoch))
+    spec = LoopSpec(
+        objective="reward" if isinstance(job, RewardJob) else "lm",
+        model=job.model,
+        init_from=str(init_from) if init_from else None,
+        tokenizer_dir=str(tokenizer_dir),
+        vocab_size=len(tok),
+        seq_len=job.data.seq_len,
+        optim=job.optim,
+        train=tc,
+        total_steps=total,
+        n_params=n_params,
+        seed=job.seed,
+    )
+    return Prepared(job, stage, name, spec, train_ds, eval_ds, rows, inputs)
+
+
+def make_trainer(
+    p: Prepared, run_name: str, callbacks: list[UserCallback], spec: LoopSpec | None = None
+) -> TorchTrainer:
+    """The TorchTrainer of a prepared stage; ``spec`` replaces the prepared one (a sweep trial's)."""
+    spec = spec or p.spec
+    tc = spec.train
+    resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json")},
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(paddock_home() / "ray_results"),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=list(callbacks),  # type: ignore[arg-type]  # Train V2 takes UserCallbacks
+        ),
+        datasets={"train": p.train_ds, "eval": p.eval_ds},
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+
+
+def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
+    """Train one supervised stage end to end and register its model as ``{prefix}-{suffix}``."""
+    p = prepare(job, stage)
+    tc, total = job.train, p.spec.total_steps
+    tags = {"paddock.registered_name": p.name, "paddock.upstream": job.model.init_from or ""}
+    with tracking.stage_run(job.experiment, stage, job.model_dump(mode="json"), tags=tags) as run:
+        for path, ds_name, context, n, bad in p.inputs:
+            run.log_dataset(path, ds_name, context, n, bad)
+        run.log_params(
+            {"derived.total_steps": total, "derived.train_rows": p.rows, "derived.n_params": p.spec.n_params}
+        )
+        per_step = tc.micro_batch_size * tc.num_workers * tc.grad_accum
+        print(
+            f"[{stage}] {p.rows} training rows, {total} steps of {per_step} sequences, {tc.num_workers} workers, "
+            f"ZeRO-{tc.zero_stage}, {p.spec.n_params / 1e6:.1f}M parameters",
+            flush=True,
+        )
+        queue = Queue(actor_options={"num_cpus": 0})
+        trainer = make_trainer(p, f"{p.name}-{run.run_id[:8]}", [ForwardReports(queue)])
         history: list[dict[str, float]] = []
         start = time.monotonic()
         result = _follow(trainer, queue, run, Progress(stage, total), history)
-        out_dir = resolve_path(job.output_dir) if job.output_dir else work_dir / "final"
+        out_dir = (
+            resolve_path(job.output_dir) if job.output_dir else paddock_home() / "runs" / p.name / "final"
+        )
         with result.checkpoint.as_directory() as ckpt:
             shutil.rmtree(out_dir, ignore_errors=True)
             shutil.copytree(Path(ckpt) / "hf", out_dir)
-        run.log_figure(loss_curve(history, f"{name}: loss"), "plots/loss.png")
+        run.log_figure(loss_curve(history, f"{p.name}: loss"), "plots/loss.png")
         run.log_metrics({"time/stage_s": time.monotonic() - start}, step=total)
-        model_uri = run.log_model(out_dir, name, {"paddock.stage": stage, "paddock.upstream": job.model.init_from or ""})
+        model_uri = run.log_model(
+            out_dir, p.name, {"paddock.stage": stage, "paddock.upstream": job.model.init_from or ""}
+        )
         final = history[-1] if history else {}
         print(f"[{stage}] done: {model_uri}, checkpoint {out_dir}", flush=True)
         return StageResult(stage, run.run_id, out_dir, model_uri, final, history)
