@@ -1,0 +1,115 @@
+"""The RLHF maths against numbers worked out by hand."""
+
+import math
+
+import pytest
+import torch
+from paddock.rlhf.ppo import (
+    RunningMoments,
+    best_of_k,
+    best_of_n_curve,
+    combine_rewards,
+    entropy,
+    explained_variance,
+    gae,
+    kl_per_token,
+    llama2_reward,
+    logit,
+    masked_whiten,
+    ppo_policy_loss,
+    token_rewards,
+    value_loss,
+)
+
+T = torch.tensor
+
+
+def test_kl_estimators():
+    logp, ref = T([[math.log(0.5)]]), T([[math.log(0.25)]])  # log r = log(ref / p) = log 0.5
+    assert kl_per_token(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_per_token(logp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_per_token(logp, ref, "k3").item() == pytest.approx(-0.5 + math.log(2))
+    same = kl_per_token(logp, logp, "k3")
+    assert same.item() == 0.0
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_per_token(logp, ref, "k4")
+
+
+def test_safety_gate_and_logit_whitening():
+    r_h, r_s = T([0.9, 0.9, 0.9]), T([0.8, 0.1, 0.8])
+    is_safety = T([False, False, True])
+    # helpfulness, gate (0.1 < 0.15), safety prompt
+    assert combine_rewards(r_h, r_s, is_safety).tolist() == pytest.approx([0.9, 0.1, 0.8])
+    assert logit(T([0.5, 1 / (1 + math.exp(-2))])).tolist() == pytest.approx([0.0, 2.0], abs=1e-6)
+    # logit -> [0, 2]; whitened with mean 1 and unbiased std sqrt(2)
+    got = llama2_reward(T([0.5, 1 / (1 + math.exp(-2))]), T([0.9, 0.9]), T([False, False]))
+    assert got.tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2)], abs=1e-5)
+
+
+def test_running_moments_match_the_whole_batch():
+    rm = RunningMoments()
+    rm.update(T([1.0, 2.0, 3.0]))
+    rm.update(T([4.0, 5.0]))
+    assert rm.mean == pytest.approx(3.0) and rm.std == pytest.approx(math.sqrt(2.5))
+
+
+def test_token_rewards_put_the_score_on_the_last_token():
+    got = token_rewards(T([1.0]), kl=T([[0.1, 0.2, 0.3, 0.9]]), mask=T([[1.0, 1.0, 1.0, 0.0]]), beta=0.5)
+    assert got.tolist()[0] == pytest.approx([-0.05, -0.1, 0.85, 0.0])
+
+
+def test_gae_by_hand():
+    rewards, values, mask = T([[0.0, 0.0, 1.0]]), T([[0.5, 0.5, 0.5]]), T([[1.0, 1.0, 1.0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert adv.tolist()[0] == pytest.approx([0.5, 0.5, 0.5]) and ret.tolist()[0] == pytest.approx(
+        [1.0, 1.0, 1.0]
+    )
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert adv.tolist()[0] == pytest.approx([0.125, 0.25, 0.5]) and ret.tolist()[0] == pytest.approx(
+        [0.625, 0.75, 1.0]
+    )
+    # Padding neither receives nor passes on advantage.
+    adv, ret = gae(T([[0.0, 1.0, 0.0]]), T([[0.5, 0.5, 9.0]]), T([[1.0, 1.0, 0.0]]), gamma=1.0, lam=0.95)
+    assert adv.tolist()[0] == pytest.approx([0.475, 0.5, 0.0]) and ret.tolist()[0] == pytest.approx(
+        [0.975, 1.0, 0.0]
+    )
+
+
+def test_policy_loss_clips_ratio_e_to_1_2():
+    mask = T([[1.0]])
+    loss, stats = ppo_policy_loss(T([[1.0]]), T([[0.0]]), advantages=T([[1.0]]), mask=mask)  # ratio e
+    assert loss.item() == pytest.approx(-1.2) and stats["clipfrac"] == 1.0
+    loss, stats = ppo_policy_loss(T([[1.0]]), T([[0.0]]), advantages=T([[-1.0]]), mask=mask)
+    assert (
+        loss.item() == pytest.approx(math.e) and stats["clipfrac"] == 0.0
+    )  # pessimistic side is not clipped
+    loss, stats = ppo_policy_loss(T([[0.3]]), T([[0.3]]), advantages=T([[2.0]]), mask=mask)
+    assert loss.item() == pytest.approx(-2.0) and stats["approx_kl"] == pytest.approx(0.0)
+    # Masked tokens do not count.
+    loss, _ = ppo_policy_loss(
+        T([[0.0, 5.0]]), T([[0.0, 0.0]]), advantages=T([[1.0, 1.0]]), mask=T([[1.0, 0.0]])
+    )
+    assert loss.item() == pytest.approx(-1.0)
+
+
+def test_value_loss_is_clipped_pessimistically():
+    loss, _ = value_loss(T([[2.0]]), old_values=T([[1.0]]), returns=T([[0.0]]), mask=T([[1.0]]))
+    assert loss.item() == pytest.approx(2.0)  # 0.5 * max(4, 1.44)
+    loss, stats = value_loss(T([[0.5]]), old_values=T([[1.0]]), returns=T([[2.0]]), mask=T([[1.0]]))
+    assert loss.item() == pytest.approx(1.125) and stats["value_clipfrac"] == 0.0  # 0.5 * max(2.25, 1.44)
+
+
+def test_entropy_whitening_and_explained_variance():
+    assert entropy(torch.zeros(1, 2, 4), T([[1.0, 1.0]])).item() == pytest.approx(math.log(4))
+    w = masked_whiten(T([[1.0, 2.0, 3.0, 100.0]]), T([[1.0, 1.0, 1.0, 0.0]]))
+    assert w.tolist()[0] == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-4)
+    mask = T([[1.0, 1.0, 1.0]])
+    assert explained_variance(T([[1.0, 2.0, 3.0]]), T([[1.0, 2.0, 3.0]]), mask) == pytest.approx(1.0)
+    assert explained_variance(T([[2.0, 2.0, 2.0]]), T([[1.0, 2.0, 3.0]]), mask) == pytest.approx(0.0)
+
+
+def test_best_of_k_and_the_best_of_n_curve():
+    index, best = best_of_k(T([[1.0, 3.0, 2.0], [5.0, 4.0, 0.0]]))
+    assert index.tolist() == [1, 0] and best.tolist() == [3.0, 5.0]
+    maxima, medians = best_of_n_curve(T([[1.0, 3.0, 2.0]]))
+    assert maxima == [1.0, 3.0, 3.0] and medians == [1.0, 1.0, 2.0]  # torch's median is the lower middle
