@@ -1,0 +1,143 @@
+"""The shared rollout buffer: a Ray actor that holds PPO experience by reference, bounded and version-aware.
+
+Producers (rollout workers) ``ray.put`` an Arrow record batch and hand the buffer only its ObjectRef, wrapped
+in a list so that Ray does not resolve it: the rows themselves never pass through the actor. Consumers
+(learners) get refs back and read the rows straight from the object store.
+
+- Bounded: ``put`` waits while the buffer holds ``capacity_rows`` or more (producers block, nothing is lost).
+- Versioned: every batch carries the policy version that produced it; when the learners publish version v,
+  batches older than ``v - max_staleness`` are dropped and counted (``max_staleness=0`` is on-policy PPO).
+- Accounted: rows_in == rows_out + rows_dropped + rows_held, always; ``stats()`` reports it.
+- Auditable: with ``spill_dir`` set, every batch is also written to Parquet as it arrives (then the actor does
+  read the rows, once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+EXPERIENCE_FIELDS = (
+    "prompt_id",
+    "prompt_ids",
+    "response_ids",
+    "behaviour_logprobs",
+    "ref_logprobs",
+    "values",
+    "reward_helpfulness",
+    "reward_safety",
+    "reward_combined",
+    "advantages",
+    "returns",
+    "policy_version",
+    "is_safety",
+)
+
+
+@dataclass
+class _Entry:
+    ref: ray.ObjectRef
+    rows: int
+    version: int
+
+
+@ray.remote(num_cpus=0)
+class RolloutBuffer:
+    def __init__(self, capacity_rows: int, max_staleness: int = 0, spill_dir: str | None = None):
+        if capacity_rows < 1:
+            raise ValueError(f"capacity_rows must be >= 1, got {capacity_rows}")
+        self.capacity, self.max_staleness = capacity_rows, max_staleness
+        self.spill_dir = Path(spill_dir) if spill_dir else None
+        self.entries: deque[_Entry] = deque()
+        self.version = 0
+        self.rows_in = self.rows_out = self.rows_dropped = 0
+        self.staleness_sum = 0  # over rows taken
+        self.batches_in = 0
+        self.changed = asyncio.Condition()
+
+    @property
+    def held(self) -> int:
+        return sum(e.rows for e in self.entries)
+
+    async def put(self, wrapped_ref: list[ray.ObjectRef], rows: int, policy_version: int) -> int:
+        """Add one batch (its ref wrapped in a list). Waits while the buffer is full. Returns rows held."""
+        if rows <= 0:
+            raise ValueError(f"a batch must hold rows, got {rows}")
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.held < self.capacity)
+            ref = wrapped_ref[0]
+            if self.spill_dir is not None:
+                import pyarrow.parquet as pq
+
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                pq.write_table(
+                    await ref, self.spill_dir / f"batch-{self.batches_in:06d}-v{policy_version}.parquet"
+                )
+            self.entries.append(_Entry(ref, rows, policy_version))
+            self.rows_in += rows
+            self.batches_in += 1
+            self._drop_stale()
+            self.changed.notify_all()
+            return self.held
+
+    async def take(
+        self, min_rows: int, timeout_s: float | None = None
+    ) -> list[tuple[list[ray.ObjectRef], int, int]]:
+        """Remove whole batches, oldest first, until at least ``min_rows`` rows (or timeout: what is there).
+
+        Returns ``[([ref], rows, policy_version), ...]``.
+        """
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.held >= min_rows), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            out, got = [], 0
+            while self.entries and got < min_rows:
+                e = self.entries.popleft()
+                out.append(([e.ref], e.rows, e.version))
+                got += e.rows
+                self.rows_out += e.rows
+                self.staleness_sum += (self.version - e.version) * e.rows
+            self.changed.notify_all()
+            return out
+
+    async def publish_version(self, version: int) -> int:
+        """The learners published ``version``: drop batches now too stale. Returns rows dropped now."""
+        async with self.changed:
+            if version < self.version:
+                raise ValueError(f"policy version went backwards: {version} after {self.version}")
+            self.version = version
+            dropped = self._drop_stale()
+            self.changed.notify_all()
+            return dropped
+
+    def _drop_stale(self) -> int:
+        keep, dropped = deque(), 0
+        for e in self.entries:
+            if self.version - e.version > self.max_staleness:
+                dropped += e.rows
+            else:
+                keep.append(e)
+        self.entries = keep
+        self.rows_dropped += dropped
+        return dropped
+
+    def stats(self) -> dict[str, Any]:
+        held = self.held
+        return {
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "rows_dropped": self.rows_dropped,
+            "rows_held": held,
+            "occupancy": held / self.capacity,
+            "staleness_mean": self.staleness_sum / self.rows_out if self.rows_out else 0.0,
+            "policy_version": self.version,
+            "batches_in": self.batches_in,
+            "reconciles": self.rows_in == self.rows_out + self.rows_dropped + held,
+        }

@@ -1,0 +1,75 @@
+"""The shared rollout buffer: by-reference batches, blocking producers, staleness, reconciling counters."""
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def batch(n: int, version: int, start: int = 0) -> pa.Table:
+    return pa.table({"prompt_id": [f"p{start + i}" for i in range(n)], "policy_version": [version] * n})
+
+
+def test_batches_pass_by_reference_and_counters_reconcile(ray_cluster):
+    import ray
+    from paddock.ppo.buffer import RolloutBuffer
+
+    buf = RolloutBuffer.remote(capacity_rows=100, max_staleness=0)
+    tables = [batch(4, 0, start=4 * i) for i in range(3)]
+    for t in tables:
+        ray.get(buf.put.remote([ray.put(t)], t.num_rows, 0))
+    taken = ray.get(buf.take.remote(6))
+    assert [rows for _, rows, _ in taken] == [4, 4]
+    got = pa.concat_tables([ray.get(wrapped[0]) for wrapped, _, _ in taken])
+    assert got.equals(pa.concat_tables(tables[:2]))
+    stats = ray.get(buf.stats.remote())
+    assert (stats["rows_in"], stats["rows_out"], stats["rows_dropped"], stats["rows_held"]) == (12, 8, 0, 4)
+    assert stats["reconciles"] and stats["occupancy"] == pytest.approx(0.04)
+
+
+def test_producers_block_while_full(ray_cluster):
+    import ray
+    from paddock.ppo.buffer import RolloutBuffer
+
+    buf = RolloutBuffer.remote(capacity_rows=8)
+    for i in range(2):
+        ray.get(buf.put.remote([ray.put(batch(4, 0, 4 * i))], 4, 0))
+    blocked = buf.put.remote([ray.put(batch(4, 0, 8))], 4, 0)
+    ready, _ = ray.wait([blocked], timeout=1.0)
+    assert not ready, "a put into a full buffer must wait"
+    ray.get(buf.take.remote(4))
+    assert ray.get(blocked, timeout=10) == 8
+    assert ray.get(buf.stats.remote())["reconciles"]
+
+
+def test_stale_batches_are_dropped_and_counted(ray_cluster):
+    import ray
+    from paddock.ppo.buffer import RolloutBuffer
+
+    buf = RolloutBuffer.remote(capacity_rows=100, max_staleness=1)
+    ray.get(buf.put.remote([ray.put(batch(3, 0))], 3, 0))
+    ray.get(buf.put.remote([ray.put(batch(5, 1))], 5, 1))
+    assert ray.get(buf.publish_version.remote(2)) == 3  # version 0 is two behind
+    taken = ray.get(buf.take.remote(5))
+    assert [(rows, v) for _, rows, v in taken] == [(5, 1)]
+    stats = ray.get(buf.stats.remote())
+    assert (
+        stats["rows_dropped"] == 3 and stats["staleness_mean"] == pytest.approx(1.0) and stats["reconciles"]
+    )
+    with pytest.raises(ray.exceptions.RayTaskError, match="went backwards"):
+        ray.get(buf.publish_version.remote(1))
+
+
+def test_take_times_out_with_what_there_is_and_spills(ray_cluster, tmp_path: Path):
+    import ray
+    from paddock.ppo.buffer import RolloutBuffer
+
+    buf = RolloutBuffer.remote(capacity_rows=10, spill_dir=str(tmp_path))
+    ray.get(buf.put.remote([ray.put(batch(2, 0))], 2, 0))
+    taken = ray.get(buf.take.remote(5, timeout_s=0.5))
+    assert sum(rows for _, rows, _ in taken) == 2
+    spilled = sorted(tmp_path.glob("*.parquet"))
+    assert len(spilled) == 1 and pq.read_table(spilled[0]).equals(batch(2, 0))
