@@ -15,6 +15,7 @@ in a list so that Ray does not resolve it: the rows themselves never pass throug
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,10 +94,8 @@ class RolloutBuffer:
         Returns ``[([ref], rows, policy_version), ...]``.
         """
         async with self.changed:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):  # on timeout, hand out what there is
                 await asyncio.wait_for(self.changed.wait_for(lambda: self.held >= min_rows), timeout_s)
-            except asyncio.TimeoutError:
-                pass
             out, got = [], 0
             while self.entries and got < min_rows:
                 e = self.entries.popleft()
@@ -118,7 +117,8 @@ class RolloutBuffer:
             return dropped
 
     def _drop_stale(self) -> int:
-        keep, dropped = deque(), 0
+        keep: deque[_Entry] = deque()
+        dropped = 0
         for e in self.entries:
             if self.version - e.version > self.max_staleness:
                 dropped += e.rows

@@ -79,7 +79,7 @@ def sample(
         if temperature > 0
         else {"do_sample": False}
     )
-    out = model.generate(
+    out = model.generate(  # type: ignore[operator]
         ids,
         attention_mask=mask,
         max_new_tokens=max_new_tokens,
