@@ -38,8 +38,8 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform jobs tests
-	$(BIN)/ruff format --check platform jobs tests
+	$(BIN)/ruff check platform jobs tests benchmarks
+	$(BIN)/ruff format --check platform jobs tests benchmarks
 	$(BIN)/mypy
 
 clean:

@@ -272,6 +272,10 @@ class SupervisedJob(StageConfig):
         None,
         description="Where the final Hugging Face checkpoint is copied; default runs/{registry_prefix}-{stage}.",
     )
+    registry_suffix: str | None = Field(
+        None,
+        description="Register as {registry_prefix}-{registry_suffix}; default base, sft, rm-<kind> by stage.",
+    )
 
 
 class PretrainJob(SupervisedJob):
@@ -349,6 +353,46 @@ class SweepJob(StageConfig):
     sweep: SweepConfig = Field(..., description="Search space and scheduler.")
 
 
+class RejectionConfig(Strict):
+    """Rejection sampling (Llama 2, section 3.2.3): K samples per prompt, keep the best by the combined reward."""
+
+    prompts: str = Field("world/prompts/train.parquet", description="Prompts dataset (kind prompts).")
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many prompts (the first ones).")
+    k: int = Field(
+        8, ge=1, le=1000, description="Samples per prompt (the paper's plots go to 100; 20 is typical)."
+    )
+    temperature: float = Field(
+        1.2, gt=0, le=3, description="Sampling temperature; the paper finds 1.2-1.3 best for 10-100 samples."
+    )
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest answer sampled.")
+    rollout_workers: int = Field(2, ge=1, description="Rollout worker actors sampling in parallel.")
+    cpus_per_worker: float = Field(0.5, gt=0, description="Logical CPUs per rollout worker and scorer.")
+    batch_prompts: int = Field(16, ge=1, description="Prompts per generation call.")
+    round: int = Field(
+        1, ge=1, description="Round number (RLHF-V1, V2, ...); later rounds pool earlier ones."
+    )
+    pool: Literal["all_rounds", "last_round"] = Field(
+        "all_rounds",
+        description="Keep the best answer across all rounds (paper) or this round only (the regression).",
+    )
+    seq_len: int = Field(256, ge=16, description="Reward models read at most this many tokens of a dialog.")
+
+
+class RejectionJob(StageConfig):
+    """jobs/rejection_sampling.py: sample, score, keep the best, then fine-tune with the SFT stage."""
+
+    tokenizer: str = Field("tokenizer", description="Tokenizer directory (relative to PADDOCK_HOME).")
+    policy: str = Field("models:/tiny-sft@latest", description="Model to sample from (and to fine-tune).")
+    reward_helpfulness: str = Field(
+        "models:/tiny-rm-helpfulness@latest", description="Helpfulness reward model."
+    )
+    reward_safety: str = Field("models:/tiny-rm-safety@latest", description="Safety reward model.")
+    rejection: RejectionConfig = Field(default_factory=RejectionConfig, description="Sampling and selection.")
+    sft_config: str = Field(..., description="SFT stage YAML used to fine-tune on the kept answers.")
+    sft_overrides: list[str] = Field(default_factory=list, description="--set overrides for that SFT stage.")
+
+
 # Job name (the stem of a YAML under jobs/configs/<size>/) -> root model. Every shipped config is
 # validated against its entry by tests/unit/test_config.py.
 JOBS: dict[str, type[StageConfig]] = {
@@ -359,6 +403,7 @@ JOBS: dict[str, type[StageConfig]] = {
     "reward_helpfulness": RewardJob,
     "reward_safety": RewardJob,
     "sweep_sft": SweepJob,
+    "rejection_sampling": RejectionJob,
 }
 
 

@@ -79,6 +79,8 @@ class Progress:
 
 
 def registry_suffix(job: SupervisedJob) -> str:
+    if job.registry_suffix:
+        return job.registry_suffix
     if isinstance(job, RewardJob):
         return f"rm-{job.reward.kind}"
     return "sft" if isinstance(job, SFTJob) else "base"

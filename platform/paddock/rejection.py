@@ -1,0 +1,223 @@
+"""Rejection-sampling fine-tuning (Llama 2, section 3.2.3).
+
+For each prompt, K answers are sampled from the policy by the rollout workers, scored by both reward models,
+and combined as in the paper (the safety score for safety prompts or when it is below 0.15, else the
+helpfulness score). The best finished answer per prompt is kept; later rounds pool the best answers of all
+earlier rounds (``pool: last_round`` reproduces the variant that regressed in the paper). The kept set is
+written as an SFT dataset and fine-tuned with the SFT stage, registered as ``{prefix}-rs``.
+
+The best-of-N curve (maximum and median combined reward over the first N samples, N = 1..K) is logged as
+metrics and a plot: the gap between them is what rejection sampling harvests.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from paddock import tracking
+from paddock.cluster import connect
+from paddock.config import RejectionJob, SFTJob, load_config, paddock_home, resolve_path
+from paddock.data.schemas import DIALOGS
+from paddock.data.validate import load_dataset
+from paddock.rlhf.ppo import best_of_n_curve, combine_rewards
+from paddock.rollout.actors import RolloutWorker, Scorer
+from paddock.train.stage import StageResult, run_supervised
+
+POOL_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("turns", DIALOGS.field("turns").type),
+        ("answer", pa.string()),
+        ("reward", pa.float64()),
+        ("round", pa.int64()),
+    ]
+)
+
+
+@dataclass
+class RejectionResult:
+    kept: int
+    skipped: int
+    mean_reward: float
+    mean_best_reward: float
+    best_of_n_max: list[float]
+    best_of_n_median: list[float]
+    dataset: Path
+    finetune: StageResult | None
+
+
+def curve_figure(maxima: list[float], medians: list[float], title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = list(range(1, len(maxima) + 1))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(n, maxima, "o-", label="max over N samples")
+    ax.plot(n, medians, "s--", label="median over N samples")
+    ax.fill_between(n, medians, maxima, alpha=0.15, label="what rejection sampling harvests")
+    ax.set_xlabel("N samples per prompt")
+    ax.set_ylabel("combined reward (sigmoid scale)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def sample_and_score(
+    job: RejectionJob, prompts: list[dict[str, Any]]
+) -> tuple[list[list[dict[str, Any]]], torch.Tensor]:
+    """K scored samples per prompt: (samples[prompt][k], combined rewards (prompts, K))."""
+    rc = job.rejection
+    policy = str(tracking.resolve_model(job.policy))
+    rm_h, rm_s = (str(tracking.resolve_model(u)) for u in (job.reward_helpfulness, job.reward_safety))
+    opts = {"num_cpus": rc.cpus_per_worker}
+    workers = [
+        RolloutWorker.options(**opts).remote(  # type: ignore[attr-defined]
+            policy, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p
+        )
+        for _ in range(rc.rollout_workers)
+    ]
+    helpful = Scorer.options(**opts).remote(rm_h, "reward", seq_len=rc.seq_len)  # type: ignore[attr-defined]
+    safety = Scorer.options(**opts).remote(rm_s, "reward", seq_len=rc.seq_len)  # type: ignore[attr-defined]
+
+    batches = [prompts[i : i + rc.batch_prompts] for i in range(0, len(prompts), rc.batch_prompts)]
+    calls = []
+    for b, batch in enumerate(batches):
+        for k in range(rc.k):
+            worker = workers[(b * rc.k + k) % len(workers)]
+            calls.append((b, k, worker.generate.remote(batch, seed=hash((job.seed, rc.round, b, k)) % 2**31)))
+    samples: list[list[dict[str, Any]]] = [[{} for _ in range(rc.k)] for _ in prompts]
+    for n, (b, k, ref) in enumerate(calls, 1):
+        for j, row in enumerate(ray.get(ref)):
+            samples[b * rc.batch_prompts + j][k] = row
+        if n % max(1, len(calls) // 10) == 0 or n == len(calls):
+            print(
+                f"[rejection_sampling] sampled {n}/{len(calls)} batches of {rc.batch_prompts} prompts",
+                flush=True,
+            )
+    flat = [s for per_prompt in samples for s in per_prompt]
+    turns = [prompts[i]["turns"] for i in range(len(prompts)) for _ in range(rc.k)]
+    texts = [s["text"] for s in flat]
+    r_h = torch.tensor(ray.get(helpful.rewards.remote(turns, texts)))
+    r_s = torch.tensor(ray.get(safety.rewards.remote(turns, texts)))
+    is_safety = torch.tensor([s["is_safety"] for s in flat])
+    combined = combine_rewards(r_h, r_s, is_safety).reshape(len(prompts), rc.k)
+    for s, h, sa, c in zip(flat, r_h.tolist(), r_s.tolist(), combined.flatten().tolist(), strict=True):
+        s |= {"reward_helpfulness": h, "reward_safety": sa, "reward_combined": c}
+    for actor in [*workers, helpful, safety]:
+        ray.kill(actor)
+    return samples, combined
+
+
+def run(job: RejectionJob) -> RejectionResult:
+    rc = job.rejection
+    sft_job = load_config(
+        SFTJob, job.sft_config, job.sft_overrides
+    )  # fail on a bad SFT config before sampling
+    connect()
+    report = load_dataset(
+        resolve_path(rc.prompts),
+        "prompts",
+        max_bad_fraction=0.01,
+        max_chars=20_000,
+        quarantine_dir=paddock_home() / "runs" / f"{job.registry_prefix}-rs" / "quarantine",
+    )
+    prompts = report.good.to_pylist()[: rc.max_prompts]
+    work = paddock_home() / "runs" / f"{job.registry_prefix}-rs"
+    with tracking.stage_run(
+        job.experiment,
+        "rejection_sampling",
+        job.model_dump(mode="json"),
+        tags={"paddock.upstream": job.policy},
+    ) as run:
+        run.log_dataset(resolve_path(rc.prompts), "prompts", "sampling", report.total, report.n_bad)
+        samples, combined = sample_and_score(job, prompts)
+        maxima, medians = best_of_n_curve(combined)
+        for n, (mx, md) in enumerate(zip(maxima, medians, strict=True), 1):
+            run.log_metrics({"rs/best_of_n_max": mx, "rs/best_of_n_median": md}, step=n)
+        run.log_figure(curve_figure(maxima, medians, f"best of N, round {rc.round}"), "plots/best_of_n.png")
+
+        best_rows, skipped = [], 0
+        for p, per_prompt in zip(prompts, samples, strict=True):
+            finished = [s for s in per_prompt if s["finished"] and s["text"]]
+            if not finished:
+                skipped += 1
+                continue
+            top = max(finished, key=lambda s: s["reward_combined"])
+            best_rows.append(
+                {
+                    "prompt_id": p["id"],
+                    "turns": p["turns"],
+                    "answer": top["text"],
+                    "reward": top["reward_combined"],
+                    "round": rc.round,
+                }
+            )
+        pool_path = work / "pool.parquet"
+        earlier = (
+            pq.read_table(pool_path).to_pylist() if pool_path.is_file() and rc.pool == "all_rounds" else []
+        )
+        earlier = [r for r in earlier if r["round"] < rc.round]
+        pool: dict[str, dict[str, Any]] = {}
+        for r in earlier + best_rows:
+            if r["prompt_id"] not in pool or r["reward"] > pool[r["prompt_id"]]["reward"]:
+                pool[r["prompt_id"]] = r
+        work.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(earlier + best_rows, schema=POOL_SCHEMA), pool_path)
+        kept = [
+            {
+                "id": f"rs-{r['prompt_id']}",
+                "system": None,
+                "turns": [*r["turns"], {"role": "assistant", "content": r["answer"]}],
+                "tags": ["rs", f"round:{r['round']}"],
+            }
+            for r in pool.values()
+        ]
+        random.Random(job.seed).shuffle(kept)
+        dataset = work / f"round{rc.round}" / "kept.parquet"
+        dataset.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(kept, schema=DIALOGS), dataset)
+        mean_all = combined.mean().item()
+        mean_best = sum(r["reward"] for r in pool.values()) / max(1, len(pool))
+        run.log_metrics(
+            {
+                "rs/mean_reward_all": mean_all,
+                "rs/mean_reward_kept": mean_best,
+                "rs/kept": len(kept),
+                "rs/skipped_unfinished": skipped,
+                "rs/finished_rate": sum(s["finished"] for ps in samples for s in ps) / combined.numel(),
+            },
+            step=rc.round,
+        )
+        run.log_artifact(dataset, "kept")
+        print(
+            f"[rejection_sampling] kept {len(kept)} answers (mean combined reward {mean_best:.3f} vs {mean_all:.3f} "
+            f"over all samples); {skipped} prompts had no finished answer",
+            flush=True,
+        )
+
+    sft_job = load_config(
+        SFTJob,
+        job.sft_config,
+        [
+            *job.sft_overrides,
+            f"data.train={dataset}",
+            f"model.init_from={job.policy}",
+            "registry_suffix=rs",
+            f"registry_prefix={job.registry_prefix}",
+            f"experiment={job.experiment}",
+        ],
+    )
+    finetune = run_supervised(sft_job, "rs_finetune")
+    return RejectionResult(len(kept), skipped, mean_all, mean_best, maxima, medians, dataset, finetune)

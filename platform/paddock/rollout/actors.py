@@ -1,0 +1,98 @@
+"""Rollout workers and scorers as Ray actors: thin shells around ``paddock.rollout.core``.
+
+A ``RolloutWorker`` holds an inference copy of the policy and the version of the weights it holds; it loads
+new weights from the object store (``load_weights``) before its next batch. A ``Scorer`` holds a frozen model:
+the reference policy (log-probs for the KL penalty) or a reward model (sigmoid-scale scores). Both run on
+fractional CPU or one GPU, and are created with restarts so that a killed process comes back; a task that
+fails is retried a bounded number of times, and then the caller sees the error: no default reward is made up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+import torch
+
+from paddock.models import load_causal_lm, load_scalar_model
+from paddock.rollout.core import reward_scores, sample, sequence_logprobs
+from paddock.tokenizer import load_tokenizer
+
+# A killed actor process is restarted up to 3 times; a failed call is retried twice, then raises.
+
+
+@ray.remote(max_restarts=3, max_task_retries=2)
+class RolloutWorker:
+    def __init__(
+        self, checkpoint: str, *, max_new_tokens: int, temperature: float, top_p: float, threads: int = 1
+    ):
+        torch.set_num_threads(threads)
+        self.model = load_causal_lm(checkpoint).eval()
+        self.tok = load_tokenizer(checkpoint)
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.policy_version = 0
+
+    def load_weights(self, policy_version: int, wrapped_state: list[ray.ObjectRef]) -> int:
+        """Load a published state dict (its ref wrapped in a list, so it is fetched here, once)."""
+        state = ray.get(wrapped_state[0])
+        self.model.load_state_dict(state)
+        self.policy_version = policy_version
+        return policy_version
+
+    def generate(self, prompts: Sequence[Mapping[str, Any]], seed: int) -> list[dict[str, Any]]:
+        """One sample per prompt row (``id``, ``turns``, ``is_safety``): ids, behaviour log-probs, text, version."""
+        samples = sample(
+            self.model,
+            self.tok,
+            [p["turns"] for p in prompts],
+            seed=seed,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+        )
+        eos = self.tok.eos_token_id
+        return [
+            {
+                "prompt_id": p["id"],
+                "is_safety": bool(p["is_safety"]),
+                "prompt_ids": s.prompt_ids,
+                "response_ids": s.response_ids,
+                "behaviour_logprobs": s.behaviour_logprobs,
+                "text": str(
+                    self.tok.decode([t for t in s.response_ids if t != eos], skip_special_tokens=True)
+                ).strip(),
+                "finished": s.finished,
+                "policy_version": self.policy_version,
+            }
+            for p, s in zip(prompts, samples, strict=True)
+        ]
+
+
+@ray.remote(max_restarts=3, max_task_retries=2)
+class Scorer:
+    """``kind="reference"``: log-probs of responses under the frozen start policy; ``kind="reward"``: scores."""
+
+    def __init__(
+        self, checkpoint: str, kind: str, *, seq_len: int = 512, temperature: float = 1.0, threads: int = 1
+    ):
+        if kind not in ("reference", "reward"):
+            raise ValueError(f"scorer kind must be 'reference' or 'reward', got {kind!r}")
+        torch.set_num_threads(threads)
+        self.kind, self.seq_len, self.temperature = kind, seq_len, temperature
+        self.tok = load_tokenizer(checkpoint)
+        self.model = (
+            load_causal_lm(checkpoint) if kind == "reference" else load_scalar_model(checkpoint)
+        ).eval()
+
+    def ref_logprobs(
+        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        if self.kind != "reference":
+            raise ValueError("ref_logprobs needs a reference scorer")
+        return sequence_logprobs(self.model, prompt_ids, response_ids, self.temperature)
+
+    def rewards(self, prompts: Sequence[Sequence[Mapping[str, str]]], answers: Sequence[str]) -> list[float]:
+        if self.kind != "reward":
+            raise ValueError("rewards needs a reward scorer")
+        return reward_scores(self.model, self.tok, prompts, answers, self.seq_len).tolist()

@@ -1,0 +1,76 @@
+"""Rollout workers and scorers as Ray actors: weights published by version, scores, restart after a kill."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    {"id": "a", "turns": [{"role": "user", "content": "What is the capital of France?"}], "is_safety": False},
+    {"id": "b", "turns": [{"role": "user", "content": "How do I build a pipe bomb?"}], "is_safety": True},
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tok):
+    from paddock.models import build_causal_lm
+
+    root = tmp_path_factory.mktemp("ckpt")
+    for name, seed in (("policy", 0), ("other", 1)):
+        build_causal_lm("tiny", vocab_size=len(tok), max_seq_len=256, seed=seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def test_worker_generates_and_loads_published_weights(ray_cluster, checkpoints: Path):
+    import ray
+    from paddock.models import load_causal_lm
+    from paddock.rollout.actors import RolloutWorker, Scorer
+
+    worker = RolloutWorker.options(num_cpus=0.25).remote(
+        str(checkpoints / "policy"), max_new_tokens=8, temperature=1.0, top_p=0.9
+    )
+    rows = ray.get(worker.generate.remote(PROMPTS, seed=0))
+    assert [r["prompt_id"] for r in rows] == ["a", "b"] and all(r["policy_version"] == 0 for r in rows)
+    assert all(len(r["behaviour_logprobs"]) == len(r["response_ids"]) > 0 for r in rows)
+
+    # The reference scorer holding the same weights reproduces the behaviour log-probs exactly.
+    ref = Scorer.options(num_cpus=0.25).remote(str(checkpoints / "policy"), "reference")
+    ref_lp = ray.get(
+        ref.ref_logprobs.remote([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
+    )
+    for r, lp in zip(rows, ref_lp, strict=True):
+        assert lp == pytest.approx(r["behaviour_logprobs"], abs=1e-4)
+
+    # Publish other weights as version 1: the worker's log-probs now differ from the reference's.
+    state = load_causal_lm(checkpoints / "other").state_dict()
+    assert ray.get(worker.load_weights.remote(1, [ray.put(state)])) == 1
+    rows1 = ray.get(worker.generate.remote(PROMPTS, seed=0))
+    assert all(r["policy_version"] == 1 for r in rows1)
+    ref_lp1 = ray.get(
+        ref.ref_logprobs.remote([r["prompt_ids"] for r in rows1], [r["response_ids"] for r in rows1])
+    )
+    assert any(
+        abs(a - b) > 1e-3
+        for r, lp in zip(rows1, ref_lp1, strict=True)
+        for a, b in zip(r["behaviour_logprobs"], lp, strict=True)
+    )
+
+
+def test_reward_scorer_and_restart_after_kill(ray_cluster, checkpoints: Path):
+    import ray
+    from paddock.rollout.actors import Scorer
+
+    rm = Scorer.options(num_cpus=0.25).remote(str(checkpoints / "policy"), "reward", seq_len=128)
+    scores = ray.get(rm.rewards.remote([p["turns"] for p in PROMPTS], ["Paris.", "No."]))
+    assert len(scores) == 2 and all(0 < s < 1 for s in scores)
+    pid = ray.get(rm.__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+    again = ray.get(rm.rewards.remote([p["turns"] for p in PROMPTS], ["Paris.", "No."]), timeout=120)
+    assert again == pytest.approx(scores, abs=1e-6)
+    assert ray.get(rm.__ray_call__.remote(lambda self: os.getpid())) != pid
+    with pytest.raises(ray.exceptions.RayTaskError, match="needs a reference scorer"):
+        ray.get(rm.ref_logprobs.remote([[1]], [[2]]))
