@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # First pretraining losses of the seeded tiny run below (2 workers, ZeRO-2, CPU fp32). A change that moves
 # them changed the model, data order or optimiser: check it was meant, then update these numbers.
-GOLDEN_FIRST_LOSSES = None
+GOLDEN_FIRST_LOSSES = [6.9035, 6.7642, 6.6286, 6.4585, 6.2994]
 
 
 def overrides(world: Path, tokenizer: Path) -> dict[str, list[str]]:
@@ -35,9 +35,9 @@ def overrides(world: Path, tokenizer: Path) -> dict[str, list[str]]:
             f"data.train={world}/pretrain/train.parquet",
             f"data.test={world}/pretrain/test.parquet",
             "data.seq_len=128",
-            "train.max_steps=60",
-            "train.checkpoint_every=20",
-            "train.eval_every=30",
+            "train.max_steps=150",
+            "train.checkpoint_every=50",
+            "train.eval_every=75",
             "optim.warmup_steps=10",
         ],
         "sft": [
@@ -45,8 +45,8 @@ def overrides(world: Path, tokenizer: Path) -> dict[str, list[str]]:
             f"data.train={world}/sft/train.parquet",
             f"data.test={world}/sft/test.parquet",
             "data.seq_len=128",
-            "train.max_steps=120",
-            "train.eval_every=60",
+            "train.max_steps=200",
+            "train.eval_every=100",
             "optim.lr=2.0e-3",
         ],
         "rm": [
@@ -88,7 +88,7 @@ def chain(home: Path, world_dir: Path, tokenizer_dir: Path, ray_cluster):
 def test_pretraining_loss_falls_and_matches_golden_values(chain):
     history = chain["pretrain"].history
     losses = [h["train/loss"] for h in history]
-    assert [h["step"] for h in history] == list(range(1, 61))
+    assert [h["step"] for h in history] == list(range(1, 151))
     assert losses[-1] < 0.6 * losses[0]
     assert history[-1]["eval/loss"] < 0.6 * losses[0]
     assert all(h["train/tokens_per_s"] > 0 and 0 < h["train/mfu"] < 5 for h in history)
@@ -136,7 +136,8 @@ def test_sft_model_answers_in_the_chat_format_and_stops(chain, world_dir: Path):
         load_tokenizer(chain["sft"].checkpoint_dir),
     )
     prompts = pq.read_table(world_dir / "prompts" / "test.parquet").to_pylist()[:30]
-    outs = [chat(model, tok, p["turns"], max_new_tokens=48) for p in prompts]
+    # A refusal is ~60 tokens with the tests' 1000-token vocabulary: leave room for it.
+    outs = [chat(model, tok, p["turns"], max_new_tokens=96) for p in prompts]
     finished = sum(o.finished for o in outs)
     print(f"{finished}/{len(outs)} answers end with EOS:", [o.text for o in outs][:6])
     assert finished >= 0.75 * len(outs), [o.text for o in outs]
@@ -191,7 +192,7 @@ def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Pa
     watcher.join(timeout=1)
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     steps = [h["step"] for h in resumed.history]
-    assert steps[-1] == 60 and len(steps) > 60, "some steps ran twice: the run restarted from a checkpoint"
+    assert steps[-1] == 150 and len(steps) > 150, "some steps ran twice: the run restarted from a checkpoint"
     first = chain["pretrain"].history
     assert resumed.history[-1]["train/loss"] == pytest.approx(first[-1]["train/loss"], abs=1e-4)
     assert resumed.history[-1]["eval/loss"] == pytest.approx(first[-1]["eval/loss"], abs=1e-4)
