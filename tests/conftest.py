@@ -21,14 +21,16 @@ def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from paddock.world.generate import WorldWriter
 
     out = tmp_path_factory.mktemp("world")
+    # A quarter of the pairs held out: ~125 per rating, enough to compare accuracy between ratings.
     cfg = WorldConfig(
         pretrain_mb=0.4,
-        sft_dialogs=400,
-        helpfulness_pairs=400,
+        sft_dialogs=1000,
+        helpfulness_pairs=2000,
         safety_pairs=400,
         rl_prompts=100,
         eval_prompts=100,
         gatt_dialogs=40,
+        test_fraction=0.25,
     )
     WorldWriter(cfg).write(out)
     return out
