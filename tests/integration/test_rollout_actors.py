@@ -16,12 +16,15 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tok):
-    from paddock.models import build_causal_lm
+    from paddock.models import build_causal_lm, load_scalar_model
 
     root = tmp_path_factory.mktemp("ckpt")
     for name, seed in (("policy", 0), ("other", 1)):
         build_causal_lm("tiny", vocab_size=len(tok), max_seq_len=256, seed=seed).save_pretrained(root / name)
         tok.save_pretrained(root / name)
+    # A saved reward model: its scalar head is part of the checkpoint, so a restarted scorer scores the same.
+    load_scalar_model(root / "policy").save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
     return root
 
 
@@ -64,7 +67,7 @@ def test_reward_scorer_and_restart_after_kill(ray_cluster, checkpoints: Path):
     import ray
     from paddock.rollout.actors import Scorer
 
-    rm = Scorer.options(num_cpus=0.25).remote(str(checkpoints / "policy"), "reward", seq_len=128)
+    rm = Scorer.options(num_cpus=0.25).remote(str(checkpoints / "rm"), "reward", seq_len=128)
     scores = ray.get(rm.rewards.remote([p["turns"] for p in PROMPTS], ["Paris.", "No."]))
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)
     pid = ray.get(rm.__ray_call__.remote(lambda self: os.getpid()))

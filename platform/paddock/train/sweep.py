@@ -63,7 +63,7 @@ def run_sweep(job: SweepJob) -> SweepResult:
             tune.with_parameters(
                 _trial, prepared=prepared, max_steps=sw.max_steps, report_every=sw.report_every
             ),
-            {"CPU": 0},
+            {"CPU": 0.01},
         ),
         param_space=space,
         tune_config=tune.TuneConfig(
