@@ -54,7 +54,3 @@ def quiet_data() -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-
-
-def is_embedded() -> bool:
-    return not os.environ.get("RAY_ADDRESS")

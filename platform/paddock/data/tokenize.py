@@ -44,8 +44,16 @@ def _ids(tok: TextEncoder, text: str) -> list[int]:
 
 
 def encode_pretrain(tok: TextEncoder, text: str) -> Example:
-    ids = [tok.bos_token_id, *_ids(tok, text), tok.eos_token_id]
-    return Example(ids, list(ids))
+    return encode_pretrain_batch(tok, [text])[0]
+
+
+def encode_pretrain_batch(tok: TextEncoder, texts: list[str]) -> list[Example]:
+    """BOS + text + EOS per document, every token trained; one batched call into a fast tokenizer."""
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    encoded = (
+        tok(texts, add_special_tokens=False)["input_ids"] if callable(tok) else [_ids(tok, t) for t in texts]
+    )
+    return [Example([bos, *ids, eos], [bos, *ids, eos]) for ids in encoded]
 
 
 def encode_segment(tok: TextEncoder, seg: Segment) -> tuple[list[int], list[int]]:

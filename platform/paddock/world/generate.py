@@ -47,7 +47,6 @@ SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
 class WorldReport:
     out_dir: Path
     rows: dict[str, dict[str, int]] = field(default_factory=dict)
-    bytes: dict[str, int] = field(default_factory=dict)
 
     def table(self) -> str:
         lines = [f"{'dataset':<12} {'train':>8} {'test':>8}  path"]

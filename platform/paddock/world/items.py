@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from paddock.world.facts import ELEMENTS, UNITS, Fact, all_facts, answer_pool
+from paddock.world.facts import Fact, all_facts, answer_pool
 
 KINDS = ("fact", "task", "unsafe", "borderline")
 
@@ -554,13 +554,3 @@ def lookup(question: str) -> Item | None:
     """The item a question asks about (exact phrasing), or None when the world does not know it."""
     q = question.strip()
     return _index().get(q) or parse_task(q)
-
-
-def counts() -> dict[str, int]:
-    return {
-        "facts": len(all_facts()),
-        "elements": len(ELEMENTS),
-        "units": len(UNITS),
-        "unsafe": len(unsafe_items()),
-        "borderline": len(borderline_items()),
-    }
