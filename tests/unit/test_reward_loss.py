@@ -52,3 +52,14 @@ def test_reward_mixes():
     )  # 90/10
     assert reward_mix(rows, "safety", None, seed=0) == safety
     assert len(reward_mix(rows, "helpfulness", 0.5, seed=0)) == 450
+
+
+def test_an_empty_answer_is_scored_as_the_prompt_then_eos(tok):
+    from paddock.data.pairs import encode_answer
+    from paddock.data.tokenize import encode_prompt
+
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = encode_answer(tok, prompt, "  ", seq_len=512)
+    assert ids == [*encode_prompt(tok, prompt), tok.eos_token_id]
+    full = encode_answer(tok, prompt, "Paris.", seq_len=512)
+    assert full[: len(ids) - 1] == ids[:-1] and full[-1] == tok.eos_token_id and len(full) > len(ids)

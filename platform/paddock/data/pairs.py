@@ -37,7 +37,11 @@ def encode_answer(
     """Ids of the prompt followed by the finished answer, keeping the last ``seq_len`` tokens.
 
     The reward is read at the last token, so a too-long dialog is cut from the left, never at the answer's end.
+    An empty answer (a policy that stopped at once) is the prompt followed by EOS: what the policy produced.
     """
+    if not answer.strip():
+        ids = [*encode_dialog(tok, prompt).input_ids, tok.eos_token_id]
+        return ids[-seq_len:]
     ids = encode_dialog(tok, [*prompt, {"role": "assistant", "content": answer}]).input_ids
     return ids[-seq_len:]
 

@@ -59,6 +59,8 @@ class RolloutBuffer:
         self.rows_in = self.rows_out = self.rows_dropped = 0
         self.staleness_sum = 0  # over rows taken
         self.batches_in = 0
+        self.rows_refused = 0  # offered after close(): never committed, reported to the producer
+        self.closed = False
         self.changed = asyncio.Condition()
 
     @property
@@ -66,11 +68,17 @@ class RolloutBuffer:
         return sum(e.rows for e in self.entries)
 
     async def put(self, wrapped_ref: list[ray.ObjectRef], rows: int, policy_version: int) -> int:
-        """Add one batch (its ref wrapped in a list). Waits while the buffer is full. Returns rows held."""
+        """Add one batch (its ref wrapped in a list). Waits while the buffer is full. Returns rows held.
+
+        After ``close()`` nothing more is committed: the call returns -1 and the rows are counted as refused.
+        """
         if rows <= 0:
             raise ValueError(f"a batch must hold rows, got {rows}")
         async with self.changed:
-            await self.changed.wait_for(lambda: self.held < self.capacity)
+            await self.changed.wait_for(lambda: self.closed or self.held < self.capacity)
+            if self.closed:
+                self.rows_refused += rows
+                return -1
             ref = wrapped_ref[0]
             if self.spill_dir is not None:
                 import pyarrow.parquet as pq
@@ -89,13 +97,15 @@ class RolloutBuffer:
     async def take(
         self, min_rows: int, timeout_s: float | None = None
     ) -> list[tuple[list[ray.ObjectRef], int, int]]:
-        """Remove whole batches, oldest first, until at least ``min_rows`` rows (or timeout: what is there).
+        """Remove whole batches, oldest first, until at least ``min_rows`` rows (on timeout or close: what is there).
 
         Returns ``[([ref], rows, policy_version), ...]``.
         """
         async with self.changed:
             with contextlib.suppress(asyncio.TimeoutError):  # on timeout, hand out what there is
-                await asyncio.wait_for(self.changed.wait_for(lambda: self.held >= min_rows), timeout_s)
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: self.closed or self.held >= min_rows), timeout_s
+                )
             out, got = [], 0
             while self.entries and got < min_rows:
                 e = self.entries.popleft()
@@ -115,6 +125,12 @@ class RolloutBuffer:
             dropped = self._drop_stale()
             self.changed.notify_all()
             return dropped
+
+    async def close(self) -> None:
+        """The learners are done: wake blocked producers, commit nothing more."""
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
 
     def _drop_stale(self) -> int:
         keep: deque[_Entry] = deque()
@@ -139,5 +155,6 @@ class RolloutBuffer:
             "staleness_mean": self.staleness_sum / self.rows_out if self.rows_out else 0.0,
             "policy_version": self.version,
             "batches_in": self.batches_in,
+            "rows_refused": self.rows_refused,
             "reconciles": self.rows_in == self.rows_out + self.rows_dropped + held,
         }

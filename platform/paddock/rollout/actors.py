@@ -16,7 +16,7 @@ import ray
 import torch
 
 from paddock.models import load_causal_lm, load_scalar_model
-from paddock.rollout.core import reward_scores, sample, sequence_logprobs
+from paddock.rollout.core import TokenValues, pack, reward_scores, sample, sequence_logprobs, unalign
 from paddock.tokenizer import load_tokenizer
 
 # A killed actor process is restarted up to 3 times; a failed call is retried twice, then raises.
@@ -40,15 +40,20 @@ class RolloutWorker:
         self.policy_version = policy_version
         return policy_version
 
-    def generate(self, prompts: Sequence[Mapping[str, Any]], seed: int) -> list[dict[str, Any]]:
-        """One sample per prompt row (``id``, ``turns``, ``is_safety``): ids, behaviour log-probs, text, version."""
+    def generate(
+        self, prompts: Sequence[Mapping[str, Any]], seed: int, temperature: float | None = None
+    ) -> list[dict[str, Any]]:
+        """One sample per prompt row (``id``, ``turns``, ``is_safety``): ids, behaviour log-probs, text, version.
+
+        ``temperature`` overrides the worker's for this call (0: greedy, as evaluation uses).
+        """
         samples = sample(
             self.model,
             self.tok,
             [p["turns"] for p in prompts],
             seed=seed,
             max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
+            temperature=self.temperature if temperature is None else temperature,
             top_p=self.top_p,
         )
         eos = self.tok.eos_token_id
@@ -71,19 +76,46 @@ class RolloutWorker:
 
 @ray.remote(max_restarts=3, max_task_retries=2)
 class Scorer:
-    """``kind="reference"``: log-probs of responses under the frozen start policy; ``kind="reward"``: scores."""
+    """One frozen model that scores samples.
+
+    ``kind="reference"``: log-probs of responses under the start policy (the KL anchor); ``"reward"``:
+    sigmoid-scale scores; ``"value"``: per-token values of the PPO value model, whose weights the learners
+    publish by version like the policy's (``load_weights``).
+    """
 
     def __init__(
         self, checkpoint: str, kind: str, *, seq_len: int = 512, temperature: float = 1.0, threads: int = 1
     ):
-        if kind not in ("reference", "reward"):
-            raise ValueError(f"scorer kind must be 'reference' or 'reward', got {kind!r}")
+        if kind not in ("reference", "reward", "value"):
+            raise ValueError(f"scorer kind must be 'reference', 'reward' or 'value', got {kind!r}")
         torch.set_num_threads(threads)
         self.kind, self.seq_len, self.temperature = kind, seq_len, temperature
         self.tok = load_tokenizer(checkpoint)
-        self.model = (
-            load_causal_lm(checkpoint) if kind == "reference" else load_scalar_model(checkpoint)
-        ).eval()
+        if kind == "reference":
+            self.model: torch.nn.Module = load_causal_lm(checkpoint)
+        elif kind == "reward":
+            self.model = load_scalar_model(checkpoint)
+        else:
+            self.model = TokenValues(load_scalar_model(checkpoint))
+        self.model.eval()
+        self.version = 0
+
+    def load_weights(self, version: int, wrapped_state: list[ray.ObjectRef]) -> int:
+        if self.kind != "value":
+            raise ValueError("only the value scorer takes published weights; the others are frozen")
+        self.model.load_state_dict(ray.get(wrapped_state[0]))
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def values(
+        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
+    ) -> tuple[int, list[list[float]]]:
+        """(value weights version, per-token values of each response)."""
+        if self.kind != "value":
+            raise ValueError("values needs a value scorer")
+        packed = pack(prompt_ids, response_ids)
+        return self.version, unalign(self.model(packed), packed.response_mask)
 
     def ref_logprobs(
         self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]

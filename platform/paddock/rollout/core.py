@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,6 +40,67 @@ def left_pad(seqs: Sequence[Sequence[int]], pad: int = PAD_ID) -> tuple[torch.Te
     return ids, mask
 
 
+@dataclass
+class Packed:
+    """Prompt + response sequences left-padded to one width, responses right-aligned.
+
+    ``ids``, ``attention_mask``, ``position_ids``: (batch, width). ``response_mask``: (batch, R) with R the
+    longest response; row i's response occupies its last ``len(response_i)`` columns. Every per-token tensor
+    of PPO (log-probs, values, rewards, advantages) uses this (batch, R) layout.
+    """
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> Packed:
+    full = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
+    ids, mask = left_pad(full)
+    width = max(1, max(len(r) for r in responses))
+    rmask = torch.zeros((len(responses), width))
+    for i, r in enumerate(responses):
+        if r:
+            rmask[i, width - len(r) :] = 1.0
+    return Packed(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), rmask)
+
+
+def right_align(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+    """Per-token lists to a (batch, width) tensor in the ``Packed`` response layout (zeros in front)."""
+    out = torch.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.float32)
+    return out
+
+
+def unalign(x: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    """The inverse of ``right_align``: each row's valid tail as a list."""
+    lengths = mask.sum(-1).long().tolist()
+    return [x[i, x.shape[1] - n :].tolist() if n else [] for i, n in enumerate(lengths)]
+
+
+def response_logits(model: torch.nn.Module, packed: Packed, temperature: float = 1.0) -> torch.Tensor:
+    """Logits that predict each response token, at ``temperature``: (batch, R, vocab). Keeps the graph."""
+    r = packed.response_len
+    logits = model(
+        input_ids=packed.ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids
+    ).logits
+    return logits[:, -r - 1 : -1].float() / temperature
+
+
+def token_logprobs(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """Log-prob of each response token under ``logits`` (batch, R, vocab): (batch, R), 0 on padding."""
+    targets = packed.ids[:, -packed.response_len :]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp * packed.response_mask
+
+
 @torch.no_grad()
 def sequence_logprobs(
     model: torch.nn.Module,
@@ -47,16 +109,30 @@ def sequence_logprobs(
     temperature: float = 1.0,
 ) -> list[list[float]]:
     """Log-prob of each response token given its prompt and the response so far, at ``temperature``."""
-    full = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
-    ids, mask = left_pad(full)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float() / temperature
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    out = []
-    for i, r in enumerate(responses):
-        n = len(r)
-        out.append(logp[i, logp.shape[1] - n :].tolist() if n else [])
-    return out
+    packed = pack(prompts, responses)
+    logp = token_logprobs(response_logits(model, packed, temperature), packed)
+    return unalign(logp, packed.response_mask)
+
+
+class TokenValues(torch.nn.Module):
+    """A value model: a reward model's backbone and scalar head read at every position.
+
+    ``forward`` returns V(s_t) for each response token in the ``Packed`` layout, (batch, R): the head applied
+    to the hidden state that predicts the token, as the reward model reads the final one. Initialised from the
+    helpfulness reward model, its last value starts as that model's score of the whole answer.
+    """
+
+    def __init__(self, scalar_model: torch.nn.Module):
+        super().__init__()
+        self.rm: Any = scalar_model
+
+    def forward(self, packed: Packed) -> torch.Tensor:
+        r = packed.response_len
+        hidden = self.rm.model(
+            input_ids=packed.ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids
+        ).last_hidden_state
+        values = self.rm.score(hidden[:, -r - 1 : -1]).squeeze(-1).float()
+        return values * packed.response_mask
 
 
 @torch.no_grad()

@@ -1,0 +1,560 @@
+"""The PPO driver: rollout workers, scorers, the rollout buffer and the learners, run as one MLflow stage.
+
+Roles (ARCHITECTURE.md, "Distributed PPO"):
+
+- the learners (``paddock.ppo.learner``, Ray Train + DeepSpeed) publish weights on the hub by version;
+- this driver loads each publication into the rollout workers and the value scorer (timed: the weight sync),
+  samples the iteration's prompts, scores them with the reference and both reward models, builds the experience
+  (``paddock.ppo.experience``) and puts it in the buffer;
+- every ``eval_every`` iterations it scores held-out prompts, keeps the best policy on disk and stops early
+  after ``patience`` evaluations without improvement (or when the KL passes ``kl_limit``).
+
+Synchronous mode generates iteration k's batch with the weights of iteration k; asynchronous mode may run up to
+``max_staleness`` iterations ahead, so that generation overlaps training. A rollout worker that comes back from
+a crash holds its start weights: the version stamped on its rows shows it, and it is reloaded and asked again.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from paddock import tracking
+from paddock.cluster import connect
+from paddock.config import PPOJob, paddock_home, resolve_path
+from paddock.data.validate import load_dataset
+from paddock.evaluate import evaluate_policy
+from paddock.ppo.buffer import RolloutBuffer
+from paddock.ppo.experience import build_experience, to_table
+from paddock.ppo.hub import PolicyHub, Publication
+from paddock.ppo.learner import LearnerSpec, learner_worker
+from paddock.rlhf.ppo import RunningMoments
+from paddock.rollout.actors import RolloutWorker, Scorer
+from paddock.tokenizer import load_tokenizer
+
+
+@dataclass
+class PPOResult:
+    run_id: str
+    model_uri: str
+    checkpoint_dir: Path
+    iterations: int
+    best_iteration: int | None
+    stop_reason: str
+    history: list[dict[str, float]] = field(default_factory=list)  # per iteration, rollout + learner
+    evals: list[dict[str, float]] = field(default_factory=list)
+    buffer: dict[str, Any] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0  # from the first publication to the end, evaluations excluded
+
+
+def _load_prompts(path: str, work: Path, name: str) -> tuple[list[dict[str, Any]], Any]:
+    report = load_dataset(
+        resolve_path(path),
+        "prompts",
+        max_bad_fraction=0.01,
+        max_chars=20_000,
+        quarantine_dir=work / "quarantine",
+    )
+    rows = report.good.to_pylist()
+    if not rows:
+        raise ValueError(f"{name}: {path} holds no valid prompts")
+    return rows, report
+
+
+class Actors:
+    """The rollout workers and scorers of one PPO run."""
+
+    def __init__(self, job: PPOJob, policy: str, rm_h: str, rm_s: str, value: str):
+        p = job.ppo
+        opts: dict[str, Any] = {"num_cpus": p.cpus_per_actor}
+        if p.gpus_per_actor:
+            opts["num_gpus"] = p.gpus_per_actor
+        self.workers = [
+            RolloutWorker.options(**opts).remote(  # type: ignore[attr-defined]
+                policy, max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p
+            )
+            for _ in range(p.rollout_workers)
+        ]
+        self.reference = Scorer.options(**opts).remote(policy, "reference", temperature=p.temperature)  # type: ignore[attr-defined]
+        self.rm_h = Scorer.options(**opts).remote(rm_h, "reward", seq_len=p.seq_len)  # type: ignore[attr-defined]
+        self.rm_s = Scorer.options(**opts).remote(rm_s, "reward", seq_len=p.seq_len)  # type: ignore[attr-defined]
+        self.value = Scorer.options(**opts).remote(value, "value")  # type: ignore[attr-defined]
+        self.reloads = 0
+
+    def all(self) -> list[Any]:
+        return [*self.workers, self.reference, self.rm_h, self.rm_s, self.value]
+
+    def load(self, pub: Publication) -> None:
+        calls = [w.load_weights.remote(pub.version, pub.policy) for w in self.workers]
+        calls.append(self.value.load_weights.remote(pub.version, pub.value))
+        ray.get(calls)
+
+    def generate(
+        self, pub: Publication, prompts: list[dict[str, Any]], seed: int, temperature: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Sample the prompts split over the workers; a worker stamping another version is reloaded and asked again."""
+        n = len(self.workers)
+        size = -(-len(prompts) // n)
+        chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+        rows: list[list[dict[str, Any]]] = [[] for _ in chunks]
+        pending = list(range(len(chunks)))
+        for _attempt in range(3):
+            calls = {
+                i: self.workers[i % n].generate.remote(chunks[i], seed=seed + i, temperature=temperature)
+                for i in pending
+            }
+            pending = []
+            for i, ref in calls.items():
+                got = ray.get(ref)
+                if any(r["policy_version"] != pub.version for r in got):
+                    self.reloads += 1
+                    ray.get(self.workers[i % n].load_weights.remote(pub.version, pub.policy))
+                    pending.append(i)
+                else:
+                    rows[i] = got
+            if not pending:
+                return [r for chunk in rows for r in chunk]
+        raise RuntimeError(
+            f"rollout workers kept answering with the wrong policy version (want {pub.version})"
+        )
+
+    def values(self, pub: Publication, rows: list[dict[str, Any]]) -> list[list[float]]:
+        for _attempt in range(3):
+            version, values = ray.get(
+                self.value.values.remote([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
+            )
+            if version == pub.version:
+                return values
+            self.reloads += 1
+            ray.get(self.value.load_weights.remote(pub.version, pub.value))
+        raise RuntimeError(f"the value scorer kept answering with the wrong version (want {pub.version})")
+
+    def kill(self) -> None:
+        for a in self.all():
+            ray.kill(a)
+
+
+def reward_kl_figure(history: list[dict[str, float]], evals: list[dict[str, float]], title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rollouts = [h for h in history if "ppo/reward_combined" in h]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    it = [h["iteration"] for h in rollouts]
+    ax1.plot(it, [h["ppo/reward_combined"] for h in rollouts], label="train reward (combined)")
+    if evals:
+        ax1.plot(
+            [e["iteration"] for e in evals],
+            [e["eval/reward_combined"] for e in evals],
+            "o-",
+            label="held-out reward",
+        )
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("reward (sigmoid scale)")
+    ax1.grid(alpha=0.3)
+    ax1.legend()
+    ax2.plot(it, [h["ppo/kl"] for h in rollouts], color="tab:red", label="KL to reference (nats/answer)")
+    ax2.set_xlabel("iteration")
+    ax2.grid(alpha=0.3)
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+class Driver:
+    def __init__(
+        self,
+        job: PPOJob,
+        run: tracking.StageRun,
+        work: Path,
+        prompts: list[dict[str, Any]],
+        eval_prompts: list[dict[str, Any]],
+        actors: Actors,
+        hub: Any,
+        buffer: Any,
+        policy_dir: Path,
+    ):
+        self.job, self.run, self.work = job, run, work
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.actors, self.hub, self.buffer = actors, hub, buffer
+        self.policy_dir = policy_dir
+        self.running = RunningMoments()
+        self.history: dict[int, dict[str, float]] = {}
+        self.evals: list[dict[str, float]] = []
+        self.best: tuple[float, int] | None = None
+        self.since_best = 0
+        self.order = list(range(len(prompts)))
+        self.learner_restarts = 0
+        self.model_for_saving: Any = None
+        self.first_publication: float | None = None
+        self.loaded: Publication | None = None  # what the rollout workers hold
+        self.next_batch = 0  # the iteration the next sampled batch feeds
+        self.last_eval = -1
+        self.eval_s = 0.0
+
+    def prompt_batch(self, b: int) -> list[dict[str, Any]]:
+        """The prompts of batch ``b``: epochs over the training prompts, each shuffled with the seed."""
+        size, n = self.job.ppo.batch_prompts, len(self.prompts)
+        out = []
+        for k in range(b * size, (b + 1) * size):
+            epoch, i = divmod(k, n)
+            order = list(range(n))
+            random.Random(self.job.seed * 7919 + epoch).shuffle(order)
+            out.append(self.prompts[order[i]])
+        return out
+
+    def record(self, iteration: int, metrics: dict[str, float]) -> None:
+        self.history.setdefault(iteration, {"iteration": float(iteration)}).update(metrics)
+        self.run.log_metrics(metrics, step=iteration)
+
+    def rollout(self, pub: Publication, b: int) -> None:
+        """Sample, score and commit batch ``b`` with the weights of ``pub``."""
+        p = self.job.ppo
+        prompts = self.prompt_batch(b)
+        t0 = time.perf_counter()
+        samples = self.actors.generate(pub, prompts, seed=self.job.seed * 1_000_003 + b * 1009)
+        gen_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        prompt_ids, response_ids = [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples]
+        turns, texts = [q["turns"] for q in prompts], [s["text"] for s in samples]
+        ref_call = self.actors.reference.ref_logprobs.remote(prompt_ids, response_ids)
+        h_call, s_call = (
+            self.actors.rm_h.rewards.remote(turns, texts),
+            self.actors.rm_s.rewards.remote(turns, texts),
+        )
+        values = self.actors.values(pub, samples)
+        ref_lp, r_h, r_s = ray.get([ref_call, h_call, s_call])
+        score_s = time.perf_counter() - t1
+        exp = build_experience(samples, ref_lp, values, r_h, r_s, p, self.running)
+        if p.whiten == "running":
+            ray.get(self.hub.set_driver_state.remote({"running": self.running.state_dict()}))
+        chunk = p.batch_prompts // p.rollout_workers
+        gen_tokens = sum(len(r) for r in response_ids)
+        committed = 0
+        for i in range(0, len(exp.rows), chunk):
+            table = to_table(exp.rows[i : i + chunk])
+            held = ray.get(self.buffer.put.remote([ray.put(table)], table.num_rows, pub.version))
+            if held < 0:
+                break  # the learners are done
+            committed += table.num_rows
+        stats = ray.get(self.buffer.stats.remote())
+        self.record(
+            b,
+            exp.metrics
+            | {
+                "ppo/gen_tokens_per_s": gen_tokens / gen_s,
+                "ppo/generate_s": gen_s,
+                "ppo/score_s": score_s,
+                "ppo/policy_version": float(pub.version),
+                "buffer/occupancy": stats["occupancy"],
+                "buffer/staleness_mean": stats["staleness_mean"],
+                "buffer/dropped": float(stats["rows_dropped"]),
+                "buffer/rows_in": float(stats["rows_in"]),
+            },
+        )
+        if p.kl_limit is not None and exp.metrics["ppo/kl"] > p.kl_limit:
+            self.stop(f"KL {exp.metrics['ppo/kl']:.3f} passed kl_limit {p.kl_limit} at iteration {b}")
+
+    def evaluate(self, pub: Publication) -> None:
+        p = self.job.ppo
+        t0 = time.perf_counter()
+        prompts = self.eval_prompts[: p.eval_max_prompts]
+        metrics = evaluate_policy(
+            self.actors.workers,
+            self.actors.rm_h,
+            self.actors.rm_s,
+            prompts,
+            seed=self.job.seed + 12345,
+            temperature=p.temperature,
+        )
+        metrics["eval/time_s"] = time.perf_counter() - t0
+        self.eval_s += metrics["eval/time_s"]
+        self.record(pub.iteration, metrics)
+        self.evals.append({"iteration": float(pub.iteration), **metrics})
+        score = metrics["eval/reward_combined"]
+        line = " | ".join(
+            f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k != "eval/time_s"
+        )
+        print(f"[ppo] eval at iteration {pub.iteration}: {line}", flush=True)
+        if self.best is None or score > self.best[0]:
+            self.best = (score, pub.iteration)
+            self.since_best = 0
+            self.save_policy(pub, self.work / "best")
+        else:
+            self.since_best += 1
+            if p.patience is not None and self.since_best >= p.patience:
+                self.stop(
+                    f"no better held-out reward in {p.patience} evaluations "
+                    f"(best {self.best[0]:.4f} at iteration {self.best[1]})"
+                )
+
+    def stop(self, reason: str) -> None:
+        """Early stop: learners finish the iteration they hold; one waiting for experience is woken."""
+        print(f"[ppo] stopping: {reason}", flush=True)
+        ray.get([self.hub.request_stop.remote(reason), self.buffer.close.remote()])
+
+    def save_policy(self, pub: Publication, out: Path) -> None:
+        from paddock.models import load_causal_lm
+
+        if self.model_for_saving is None:
+            self.model_for_saving = load_causal_lm(self.policy_dir)
+        self.model_for_saving.load_state_dict(ray.get(pub.policy[0]))
+        shutil.rmtree(out, ignore_errors=True)
+        self.model_for_saving.save_pretrained(str(out), safe_serialization=True)
+        load_tokenizer(self.policy_dir).save_pretrained(str(out))
+        (out / "ITERATION").write_text(str(pub.iteration))
+
+    def take(self, pub: Publication) -> None:
+        """A new publication: load it everywhere (timed), log the learners' iteration, evaluate, acknowledge."""
+        p = self.job.ppo
+        t0 = time.perf_counter()
+        if self.first_publication is None:
+            self.first_publication = t0
+        self.actors.load(pub)
+        sync = time.perf_counter() - t0
+        if self.loaded is not None and pub.iteration <= self.loaded.iteration:
+            self.learner_restarts += 1
+            print(
+                f"[ppo] learners restarted from iteration {pub.iteration}; batches from there are sampled "
+                f"again with version {pub.version}",
+                flush=True,
+            )
+            self.next_batch = pub.iteration
+        self.loaded = pub
+        self.next_batch = max(self.next_batch, pub.iteration)
+        if pub.iteration > 0 and pub.stats:
+            self.record(pub.iteration - 1, pub.stats)
+        self.record(
+            pub.iteration,
+            {
+                "ppo/weight_sync_s": pub.publish_s + sync,
+                "ppo/weight_sync_load_s": sync,
+                "ppo/weight_sync_bytes": float(pub.nbytes),
+            },
+        )
+        self.progress(pub)
+        due = pub.iteration % p.eval_every == 0 or pub.iteration >= p.iterations
+        if due and pub.iteration != self.last_eval:
+            self.evaluate(pub)
+            self.last_eval = pub.iteration
+        ray.get(self.hub.ack.remote(pub.version))
+
+    def loop(self, fit: threading.Thread) -> None:
+        """Until the learners are done: take each new publication, and sample the batches it may feed.
+
+        Batch b is sampled with weights of iteration >= b - max_staleness: in sync mode exactly b's.
+        """
+        p = self.job.ppo
+        lost = (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
+        while True:
+            loaded = self.loaded
+            can_generate = (
+                loaded is not None
+                and self.next_batch < p.iterations
+                and self.next_batch <= loaded.iteration + p.staleness
+                and ray.get(self.hub.stop_requested.remote()) is None
+            )
+            version = loaded.version if loaded else 0
+            pub = ray.get(self.hub.wait_newer.remote(version, 0.01 if can_generate else 2.0))
+            if pub is not None:
+                try:
+                    self.take(pub)
+                except lost:
+                    print(
+                        f"[ppo] version {pub.version} was lost with its learner; waiting for the next",
+                        flush=True,
+                    )
+            elif can_generate and loaded is not None:
+                try:
+                    self.rollout(loaded, self.next_batch)
+                    self.next_batch += 1
+                except lost:
+                    print(f"[ppo] version {loaded.version} was lost with its learner mid-batch", flush=True)
+            elif not fit.is_alive():
+                return
+
+    def progress(self, pub: Publication) -> None:
+        p = self.job.ppo
+        h = self.history.get(pub.iteration - 1, {})
+        if pub.iteration == 0 or not h:
+            print(
+                f"[ppo] version {pub.version}: learners at iteration {pub.iteration}/{p.iterations}",
+                flush=True,
+            )
+            return
+        print(
+            f"[ppo] iteration {pub.iteration}/{p.iterations} | reward {h.get('ppo/reward_combined', float('nan')):.4f} "
+            f"| kl {h.get('ppo/kl', float('nan')):.4f} | clipfrac {h.get('ppo/clipfrac', float('nan')):.3f} "
+            f"| value loss {h.get('ppo/value_loss', float('nan')):.4f} | sync {pub.publish_s:.2f}s",
+            flush=True,
+        )
+
+
+def run(job: PPOJob) -> PPOResult:
+    p = job.ppo
+    name = f"{job.registry_prefix}-ppo"
+    work = paddock_home() / "runs" / name
+    tokenizer_dir = resolve_path(job.tokenizer)
+    load_tokenizer(tokenizer_dir)
+    policy = tracking.resolve_model(job.policy)
+    rm_h = tracking.resolve_model(job.reward_helpfulness)
+    rm_s = tracking.resolve_model(job.reward_safety)
+    value = tracking.resolve_model(job.value_from) if job.value_from else rm_h
+    prompts, report = _load_prompts(p.prompts, work, "ppo.prompts")
+    eval_prompts, eval_report = _load_prompts(p.eval_prompts, work, "ppo.eval_prompts")
+    connect()
+
+    namespace = f"paddock-ppo-{uuid.uuid4().hex[:8]}"
+    tags = {"paddock.registered_name": name, "paddock.upstream": job.policy}
+    with tracking.stage_run(job.experiment, "ppo", job.model_dump(mode="json"), tags=tags) as run:
+        run.log_dataset(resolve_path(p.prompts), "prompts-train", "training", report.total, report.n_bad)
+        run.log_dataset(
+            resolve_path(p.eval_prompts), "prompts-test", "eval", eval_report.total, eval_report.n_bad
+        )
+        buffer = RolloutBuffer.options(  # type: ignore[attr-defined]
+            name="buffer", namespace=namespace
+        ).remote(
+            p.batch_prompts * (p.staleness + 1),
+            p.staleness,
+            str(work / "spill" / run.run_id[:8]) if p.spill else None,
+        )
+        hub = PolicyHub.options(name="hub", namespace=namespace).remote()  # type: ignore[attr-defined]
+        actors = Actors(job, str(policy), str(rm_h), str(rm_s), str(value))
+        tc = job.train
+        value_optim = job.optim.model_copy(update={"lr": p.value_lr or job.optim.lr * 10})
+        spec = LearnerSpec(
+            ppo=p,
+            optim=job.optim,
+            value_optim=value_optim,
+            train=tc,
+            policy_dir=str(policy),
+            value_dir=str(value),
+            tokenizer_dir=str(tokenizer_dir),
+            hub="hub",
+            buffer="buffer",
+            namespace=namespace,
+            seed=job.seed,
+        )
+        resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
+        trainer = TorchTrainer(
+            learner_worker,
+            train_loop_config={"spec": spec.model_dump(mode="json")},
+            scaling_config=ScalingConfig(
+                num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=f"{name}-{run.run_id[:8]}",
+                storage_path=str(paddock_home() / "ray_results"),
+                failure_config=FailureConfig(max_failures=tc.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            ),
+        )
+        print(
+            f"[ppo] {p.mode} mode, {p.iterations} iterations of {p.batch_prompts} prompts, mini-batch {p.mini_batch}, "
+            f"{p.rollout_workers} rollout workers, {tc.num_workers} learners (ZeRO-{tc.zero_stage}), beta {p.beta}",
+            flush=True,
+        )
+        box: dict[str, Any] = {}
+
+        def fit() -> None:
+            try:
+                box["result"] = trainer.fit()
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                ray.get([buffer.close.remote(), hub.finish.remote()])
+
+        driver = Driver(job, run, work, prompts, eval_prompts, actors, hub, buffer, policy)
+        thread = threading.Thread(target=fit, name="paddock-ppo-fit", daemon=True)
+        start = time.monotonic()
+        thread.start()
+        try:
+            driver.loop(thread)
+        except BaseException as exc:
+            # Wake the learners (they may be waiting for experience or an acknowledgement) and let them end.
+            print(f"[ppo] the driver failed ({type(exc).__name__}: {exc}); stopping the learners", flush=True)
+            ray.get(hub.abandon.remote(f"driver failed: {type(exc).__name__}: {exc}"))
+            ray.get(buffer.close.remote())
+            thread.join()
+            raise
+        thread.join()
+        wall = time.perf_counter() - (driver.first_publication or time.perf_counter()) - driver.eval_s
+        if "error" in box:
+            raise box["error"]
+        result = box["result"]
+        buffer_stats = ray.get(buffer.stats.remote())
+        stop_reason = ray.get(hub.stop_requested.remote()) or "completed"
+        actors.kill()
+
+        final_dir = work / "last"
+        with result.checkpoint.as_directory() as ckpt:
+            shutil.rmtree(final_dir, ignore_errors=True)
+            shutil.copytree(Path(ckpt) / "hf", final_dir)
+            import json
+
+            iterations = json.loads((Path(ckpt) / "state.json").read_text())["iteration"]
+        best_dir = work / "best"
+        chosen = best_dir if driver.best is not None and best_dir.is_dir() else final_dir
+        out_dir = resolve_path(job.output_dir) if job.output_dir else work / "final"
+        if out_dir != chosen:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.copytree(chosen, out_dir)
+
+        history = [driver.history[i] for i in sorted(driver.history)]
+        if history:
+            run.log_figure(
+                reward_kl_figure(history, driver.evals, f"{name}: reward and KL"), "plots/reward_kl.png"
+            )
+        summary = {
+            "ppo/iterations_done": float(iterations),
+            "ppo/learner_restarts": float(driver.learner_restarts),
+            "ppo/rollout_reloads": float(actors.reloads),
+            "time/stage_s": time.monotonic() - start,
+            "buffer/rows_in_total": float(buffer_stats["rows_in"]),
+            "buffer/rows_out_total": float(buffer_stats["rows_out"]),
+            "buffer/rows_dropped_total": float(buffer_stats["rows_dropped"]),
+            "buffer/rows_held_end": float(buffer_stats["rows_held"]),
+        }
+        if driver.best is not None:
+            summary |= {"ppo/best_iteration": float(driver.best[1]), "ppo/best_eval_reward": driver.best[0]}
+        run.log_metrics(summary, step=iterations)
+        if driver.best is not None and chosen == best_dir:
+            # The registered policy is the best evaluation's: its eval/* become the run's latest values (one
+            # step past the end), which is what promotion gates read.
+            best_eval = next(e for e in driver.evals if int(e["iteration"]) == driver.best[1])
+            registered = {k: v for k, v in best_eval.items() if k.startswith("eval/")}
+            run.log_metrics(registered, step=max(iterations, int(best_eval["iteration"])) + 1)
+        run.set_tags({"paddock.stop_reason": stop_reason})
+        model_uri = run.log_model(out_dir, name, {"paddock.stage": "ppo", "paddock.upstream": job.policy})
+        print(
+            f"[ppo] done after {iterations} iterations ({stop_reason}); registered {model_uri} "
+            f"(best held-out iteration {driver.best[1] if driver.best else 'n/a'}), checkpoint {out_dir}",
+            flush=True,
+        )
+        return PPOResult(
+            run.run_id,
+            model_uri,
+            out_dir,
+            iterations,
+            driver.best[1] if driver.best else None,
+            stop_reason,
+            history,
+            driver.evals,
+            buffer_stats,
+            {"learners": driver.learner_restarts, "rollout_reloads": actors.reloads},
+            wall,
+        )
