@@ -29,7 +29,10 @@ def connect(num_cpus: int | None = None) -> dict:
                 num_cpus=cpus,
                 include_dashboard=False,
                 log_to_driver=True,
-                runtime_env={"env_vars": WORKER_ENV},
+                runtime_env={
+                    "env_vars": WORKER_ENV,
+                    "worker_process_setup_hook": "paddock.cluster.quiet_worker_logs",
+                },
             )
     quiet_data()
     return ray.cluster_resources()
@@ -41,6 +44,17 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1"),
 }
+
+
+# Without the dashboard (embedded runs skip it) the State API is absent, and Ray Train's placement-group cleaner
+# warns about it every few seconds while a run lasts; nothing is wrong, so embedded workers keep it quiet.
+NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every worker process of an embedded instance (``worker_process_setup_hook``)."""
+    for name in NOISY_WORKER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def quiet_data() -> None:

@@ -393,6 +393,176 @@ class RejectionJob(StageConfig):
     sft_overrides: list[str] = Field(default_factory=list, description="--set overrides for that SFT stage.")
 
 
+class PPOConfig(Strict):
+    """PPO as Llama 2 ran it (section 3.2.3, LLAMA2_SPEC.md), with Stiennon et al. (2020) for the unstated parts."""
+
+    prompts: str = Field("world/prompts/train.parquet", description="Training prompts (kind prompts).")
+    eval_prompts: str = Field(
+        "world/prompts/test.parquet", description="Held-out prompts for early stopping (kind prompts)."
+    )
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: on-policy, generate then train (the paper); async: generation of iteration k+1 "
+        "overlaps training on k, bounded by max_staleness.",
+    )
+    iterations: int = Field(200, ge=1, description="PPO iterations (200-400 in the paper, early-stopped).")
+    batch_prompts: int = Field(512, ge=1, description="Prompts sampled per iteration (512).")
+    mini_batch: int = Field(64, ge=1, description="Samples per optimiser step; one step per mini-batch (64).")
+    epochs: int = Field(
+        1, ge=1, description="Passes over each iteration's batch (1: one step per mini-batch)."
+    )
+    beta: float = Field(0.01, ge=0, description="KL penalty (0.01 for 7B/13B, 0.005 for 34B/70B).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator in the reward.")
+    clip: float = Field(0.2, gt=0, description="PPO clip range of the probability ratio (0.2).")
+    value_clip: float = Field(0.2, gt=0, description="Clip range of the value update.")
+    gamma: float = Field(1.0, gt=0, le=1, description="GAE discount (1.0: no discount within an answer).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten: Literal["batch", "running"] = Field(
+        "batch", description="Whiten logit(R_c) with this batch's statistics or running ones."
+    )
+    safety_gate: float = Field(0.15, gt=0, lt=1, description="Use the safety score below this (0.15).")
+    value_lr: float | None = Field(None, gt=0, description="Value model LR; default optim.lr x 10.")
+    unfinished_penalty: float = Field(
+        1.0,
+        ge=0,
+        description="Subtracted from the whitened score of an answer cut off at max_new_tokens (no EOS): "
+        "without it a small policy learns to ramble into the length limit.",
+    )
+    temperature: float = Field(1.0, gt=0, le=3, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold of the rollouts.")
+    max_new_tokens: int = Field(128, ge=1, description="Longest answer sampled.")
+    rollout_workers: int = Field(2, ge=1, description="Rollout worker actors (each holds the policy).")
+    cpus_per_actor: float = Field(0.25, gt=0, description="Logical CPUs per rollout worker and scorer.")
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs per rollout worker and scorer (fractions share)."
+    )
+    max_staleness: int | None = Field(
+        None, ge=0, description="Oldest policy version kept, behind the newest; default 0 sync, 1 async."
+    )
+    eval_every: int = Field(10, ge=1, description="Score the held-out prompts every N iterations.")
+    eval_max_prompts: int = Field(128, ge=1, description="Held-out prompts scored per evaluation.")
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better held-out reward."
+    )
+    kl_limit: float | None = Field(
+        None, gt=0, description="Stop when an iteration's mean KL (nats per answer) exceeds this."
+    )
+    checkpoint_every: int = Field(10, ge=1, description="Learners checkpoint every N iterations.")
+    spill: bool = Field(
+        False, description="Write every experience batch to Parquet under the run's directory."
+    )
+    seq_len: int = Field(256, ge=16, description="Reward models read at most this many tokens of a dialog.")
+    take_timeout_s: float = Field(
+        900.0, gt=0, description="Learners fail when an iteration's experience does not arrive in this time."
+    )
+
+    @property
+    def staleness(self) -> int:
+        if self.max_staleness is not None:
+            return self.max_staleness
+        return 0 if self.mode == "sync" else 1
+
+
+class PPOJob(StageConfig):
+    """jobs/ppo.py: distributed PPO from the rejection-sampled (or SFT) policy."""
+
+    tokenizer: str = Field("tokenizer", description="Tokenizer directory (relative to PADDOCK_HOME).")
+    policy: str = Field("models:/tiny-rs@latest", description="Start policy, also the frozen reference.")
+    reward_helpfulness: str = Field(
+        "models:/tiny-rm-helpfulness@latest", description="Helpfulness reward model."
+    )
+    reward_safety: str = Field("models:/tiny-rm-safety@latest", description="Safety reward model.")
+    value_from: str | None = Field(
+        None, description="Value model start; default the helpfulness reward model."
+    )
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Rollouts, rewards, losses, stopping.")
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(lr=1e-6, schedule="constant", warmup_steps=0),
+        description="Policy optimiser (constant LR 1e-6 in the paper).",
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Learner workers: count, ZeRO stage, micro-batch, GPU."
+    )
+    output_dir: str | None = Field(
+        None, description="Where the final policy is copied; default runs/{registry_prefix}-ppo/final."
+    )
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> PPOJob:
+        p, t = self.ppo, self.train
+        if p.batch_prompts % p.mini_batch:
+            raise ValueError(
+                f"ppo.mini_batch: must divide ppo.batch_prompts ({p.batch_prompts}), got {p.mini_batch}"
+            )
+        per_pass = t.num_workers * t.micro_batch_size
+        if p.mini_batch % per_pass:
+            raise ValueError(
+                f"ppo.mini_batch: must be a multiple of train.num_workers x train.micro_batch_size "
+                f"({t.num_workers} x {t.micro_batch_size} = {per_pass}), got {p.mini_batch}"
+            )
+        if p.batch_prompts % p.rollout_workers:
+            raise ValueError(
+                f"ppo.rollout_workers: must divide ppo.batch_prompts ({p.batch_prompts}), got {p.rollout_workers}"
+            )
+        return self
+
+
+class ServeConfig(Strict):
+    """The Ray Serve application (paddock.serving): where it listens, batching, replicas, auth."""
+
+    host: str = Field("127.0.0.1", description="Bind address of Serve's HTTP proxy (loopback by default).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    api_key: str | None = Field(
+        None, description="Require 'Authorization: Bearer <key>' on /v1 routes; PADDOCK_API_KEY also sets it."
+    )
+    app_name: str = Field("paddock", description="Serve application name.")
+    max_batch_size: int = Field(8, ge=1, description="Concurrent completions decoded together.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound of chat model replicas.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound of chat model replicas.")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Autoscaling target per replica.")
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests a chat replica takes at once.")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs per chat model replica.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per chat model replica (0: CPU).")
+    threads: int = Field(1, ge=1, description="torch threads per replica on CPU.")
+    reward_seq_len: int = Field(512, ge=16, description="Reward models read at most this many tokens.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"serve.min_replicas ({self.min_replicas}) is above serve.max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class Gate(Strict):
+    """One evaluation gate on a model version's MLflow metric."""
+
+    min: float | None = Field(None, description="The metric must be at least this.")
+    max: float | None = Field(None, description="The metric must be at most this.")
+
+
+class PromoteJob(StageConfig):
+    """jobs/promote.py and jobs/serve.py: evaluation gates, the reward models /v1/reward uses, Serve settings."""
+
+    gates: dict[str, Gate] = Field(
+        default_factory=dict,
+        description="MLflow metric name -> bounds a version must meet to become champion.",
+    )
+    reward_helpfulness: str | None = Field(
+        "models:/tiny-rm-helpfulness@latest", description="Helpfulness RM behind /v1/reward (null: none)."
+    )
+    reward_safety: str | None = Field(
+        "models:/tiny-rm-safety@latest", description="Safety RM behind /v1/reward (null: none)."
+    )
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The Serve application.")
+    serve_config_out: str = Field(
+        "serve/paddock-serve.yaml", description="Where promotion writes the config for 'serve deploy'."
+    )
+
+
 # Job name (the stem of a YAML under jobs/configs/<size>/) -> root model. Every shipped config is
 # validated against its entry by tests/unit/test_config.py.
 JOBS: dict[str, type[StageConfig]] = {
@@ -404,6 +574,8 @@ JOBS: dict[str, type[StageConfig]] = {
     "reward_safety": RewardJob,
     "sweep_sft": SweepJob,
     "rejection_sampling": RejectionJob,
+    "ppo": PPOJob,
+    "promote": PromoteJob,
 }
 
 
