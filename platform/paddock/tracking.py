@@ -225,7 +225,7 @@ def model_version(uri: str) -> tuple[str, str]:
             return name, str(client.get_model_version_by_alias(name, alias).version)
         except MlflowException as exc:
             raise UpstreamModelError(f"upstream model {uri}: '{name}' has no alias '{alias}'") from exc
-    if version not in {v.version for v in versions}:
+    if str(version) not in {str(v.version) for v in versions}:
         raise UpstreamModelError(f"upstream model {uri}: '{name}' has no version {version}")
     return name, str(version)
 
@@ -270,3 +270,66 @@ def _logged_checkpoint(model_dir: Path) -> Path | None:
     )
     path = model_dir / rel if rel else None
     return path if path is not None and (path / "config.json").is_file() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Promotion: champion aliases, version metrics, the promotion record
+
+CHAMPION, PREVIOUS = "champion", "previous-champion"
+PROMOTIONS_EXPERIMENT = "paddock-promotions"
+
+
+def version_metrics(name: str, version: str) -> dict[str, float]:
+    """The metrics of the run that logged ``name`` version ``version`` (its evaluations included)."""
+    client = configure()
+    mv = client.get_model_version(name, version)
+    if not mv.run_id:
+        return {}
+    return dict(client.get_run(mv.run_id).data.metrics)
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    try:
+        return str(configure().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    configure().set_registered_model_alias(name, alias, version)
+
+
+def record_promotion(
+    name: str, version: str, previous: str | None, action: str, forced: bool, checks: Mapping[str, Any]
+) -> str:
+    """A run in the ``paddock-promotions`` experiment, and tags on the promoted version. Returns the run id."""
+    client = configure()
+    exp = experiment_id(PROMOTIONS_EXPERIMENT)
+    run = client.create_run(
+        exp,
+        run_name=f"{action} {name} v{version}",
+        tags={
+            "paddock.model": name,
+            "paddock.version": version,
+            "paddock.previous_champion": previous or "",
+            "paddock.action": action,
+            "paddock.forced": str(forced).lower(),
+        },
+    )
+    for key, value in checks.items():
+        client.log_param(run.info.run_id, key[:250], str(value)[:6000])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_model_version_tag(name, version, "paddock.promoted_by_run", run.info.run_id)
+    if forced:
+        client.set_model_version_tag(name, version, "paddock.forced_promotion", "true")
+    return run.info.run_id
+
+
+def last_promoted_model() -> str | None:
+    """The registered name of the most recent promotion (or rollback), if any."""
+    client = configure()
+    exp = client.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].data.tags.get("paddock.model") if runs else None

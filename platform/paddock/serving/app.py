@@ -1,0 +1,491 @@
+"""The Ray Serve application: a FastAPI ingress in front of a chat model deployment and a reward deployment.
+
+Routes (OpenAI shapes where OpenAI has them):
+
+- ``POST /v1/chat/completions``: Llama 2 chat format, ``n``, ``seed``, ``stop``, ``usage``, ``finish_reason``,
+  server-sent events when ``stream`` is true;
+- ``POST /v1/completions``: a raw prompt;
+- ``GET /v1/models``: the served registered model and version;
+- ``POST /v1/reward``: helpfulness and safety scores of a dialog's last answer, and the Llama 2 combination;
+- ``GET /healthz``.
+
+Concurrent non-streaming requests are batched by ``serve.batch`` into one decode loop. With an API key configured
+(``serve.api_key`` or ``PADDOCK_API_KEY``) every ``/v1`` route wants ``Authorization: Bearer <key>``. Bad requests
+get a 4xx with an OpenAI-style error body and the replica keeps serving. Requests, errors by code, tokens, time to
+first token and latency are exported as Ray metrics (``paddock_serve_*``).
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the route signatures' types at runtime.
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+
+from paddock.serving.engine import Row, SamplingParams, TextTracker, complete, decode
+from paddock.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestError,
+    RewardRequest,
+    error_body,
+)
+
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+
+@dataclass
+class ServedModel:
+    name: str  # registered name, e.g. tiny-ppo
+    version: str
+    path: str  # local checkpoint directory
+
+
+def _threads(n: int) -> None:
+    torch.set_num_threads(max(1, n))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model deployments
+
+
+@serve.deployment(name="ChatModel")
+class ChatModel:
+    """Holds the policy; batches concurrent completions into one decode loop, streams one request at a time."""
+
+    def __init__(
+        self, path: str, threads: int = 1, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02
+    ):
+        from paddock.models import load_causal_lm
+        from paddock.tokenizer import load_tokenizer
+
+        _threads(threads)
+        self.model = load_causal_lm(path).eval()
+        self.tok = load_tokenizer(path)
+        self.lock = threading.Lock()  # one decode loop at a time on this replica's threads
+        self.complete_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.complete_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    def _run(self, rows: list[Row]) -> list[Row]:
+        with self.lock:
+            return complete(self.model, self.tok, rows)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def complete_batch(self, requests: list[list[Row]]) -> list[list[Row]]:
+        flat = [row for rows in requests for row in rows]
+        done = await asyncio.to_thread(self._run, flat)
+        out, i = [], 0
+        for rows in requests:
+            out.append(done[i : i + len(rows)])
+            i += len(rows)
+        return out
+
+    async def complete(self, rows: list[Row]) -> list[Row]:
+        return await self.complete_batch(rows)
+
+    async def stream(self, row: Row) -> AsyncIterator[dict[str, Any]]:
+        """Yields ``{"delta": text}`` as tokens arrive, then ``{"finish_reason": ..., "tokens": n}``."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def work() -> None:
+            try:
+                with self.lock:
+                    tracker = TextTracker(self.tok, row, self.tok.eos_token_id)
+                    for step in decode(self.model, [row], self.tok.eos_token_id):
+                        if step[0] is None:
+                            continue
+                        delta = tracker.update()
+                        if delta:
+                            loop.call_soon_threadsafe(queue.put_nowait, {"delta": delta})
+                loop.call_soon_threadsafe(
+                    queue.put_nowait, {"finish_reason": row.finish_reason, "tokens": len(row.tokens)}
+                )
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (item := await queue.get()) is not None:
+            yield item
+
+    def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError("model not loaded")
+
+
+@serve.deployment(name="RewardModels")
+class RewardModels:
+    """The helpfulness and safety reward models, and the Llama 2 combination of their scores."""
+
+    def __init__(self, helpfulness: str, safety: str, seq_len: int = 512, threads: int = 1):
+        from paddock.models import load_scalar_model
+        from paddock.tokenizer import load_tokenizer
+
+        _threads(threads)
+        self.rm_h = load_scalar_model(helpfulness).eval()
+        self.rm_s = load_scalar_model(safety).eval()
+        self.tok = load_tokenizer(helpfulness)
+        self.seq_len = seq_len
+
+    def score(self, turns: list[dict[str, str]], answer: str, is_safety: bool) -> dict[str, float]:
+        from paddock.rlhf.ppo import SAFETY_GATE, combine_rewards
+        from paddock.rollout.core import reward_scores
+
+        h = reward_scores(self.rm_h, self.tok, [turns], [answer], self.seq_len)
+        s = reward_scores(self.rm_s, self.tok, [turns], [answer], self.seq_len)
+        c = combine_rewards(h, s, torch.tensor([is_safety]), SAFETY_GATE)
+        gate = bool(is_safety or s.item() < SAFETY_GATE)
+        return {"helpfulness": h.item(), "safety": s.item(), "combined": c.item(), "used_safety": gate}
+
+
+# --------------------------------------------------------------------------------------------------
+# The ingress
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "paddock_serve_requests",
+            "HTTP requests by route and status code.",
+            tag_keys=("route", "code"),  # type: ignore[arg-type]  # Ray's hint says tuple[str]
+        )
+        self.errors = Counter("paddock_serve_errors", "Error responses by status code.", tag_keys=("code",))
+        self.tokens = Counter("paddock_serve_tokens_generated", "Completion tokens generated.")
+        self.ttft = Histogram(
+            "paddock_serve_time_to_first_token_s", "Seconds to the first streamed token.", LATENCY_BUCKETS
+        )
+        self.latency = Histogram(
+            "paddock_serve_latency_s", "Request latency in seconds.", LATENCY_BUCKETS, tag_keys=("route",)
+        )
+
+    def observe(self, route: str, code: int, seconds: float) -> None:
+        self.requests.inc(tags={"route": route, "code": str(code)})
+        if code >= 400:
+            self.errors.inc(tags={"code": str(code)})
+        self.latency.observe(seconds, tags={"route": route})
+
+
+app = FastAPI(title="paddock", description="OpenAI-compatible chat and reward endpoints for paddock models.")
+
+
+def _error(exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(
+        self,
+        chat: Any,
+        rewards: Any | None,
+        model: dict[str, str],
+        api_key: str | None = None,
+        default_max_tokens: int = 256,
+    ):
+        from transformers import AutoConfig
+
+        from paddock.tokenizer import load_tokenizer
+
+        self.chat, self.rewards = chat, rewards
+        self.model = ServedModel(**model)
+        self.tok = load_tokenizer(self.model.path)
+        config = AutoConfig.from_pretrained(self.model.path, local_files_only=True)
+        self.context = int(config.max_position_embeddings)
+        self.api_key = api_key or os.environ.get("PADDOCK_API_KEY") or None
+        self.default_max_tokens = default_max_tokens
+        self.metrics = Metrics()
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {self.api_key}":
+            raise RequestError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                type_="authentication_error",
+            )
+
+    async def _body(self, request: Request, model: type[Any]) -> Any:
+        from pydantic import ValidationError
+
+        raw = await request.body()
+        try:
+            data = json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(
+                400, f"the request body is not valid JSON: {exc}", code="invalid_json"
+            ) from None
+        if not isinstance(data, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"])
+            given = f", got {first['input']!r}" if first["type"] != "missing" else ""
+            message = f"{param}: {first['msg'].removeprefix('Value error, ')}{given}"
+            raise RequestError(400, message, param=param) from None
+
+    def _check_model(self, requested: str | None) -> None:
+        if requested and requested not in (self.model.name, f"{self.model.name}/{self.model.version}"):
+            raise RequestError(
+                404,
+                f"model {requested!r} is not served here; this endpoint serves {self.model.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _rows(self, prompt_ids: list[int], req: Any) -> list[Row]:
+        max_tokens = req.max_tokens or min(self.default_max_tokens, self.context - len(prompt_ids))
+        if len(prompt_ids) >= self.context:
+            raise RequestError(
+                400,
+                f"the prompt is {len(prompt_ids)} tokens; this model's context is {self.context}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if len(prompt_ids) + max_tokens > self.context:
+            raise RequestError(
+                400,
+                f"max_tokens {max_tokens} + prompt {len(prompt_ids)} tokens exceeds the context of {self.context}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if req.n > 1 and req.stream:
+            raise RequestError(400, "n > 1 is not supported with stream", param="n")
+        rows = []
+        for i in range(req.n):
+            seed = None if req.seed is None else req.seed + i
+            params = SamplingParams(max_tokens, req.temperature, req.top_p, seed, req.stop_tuple())
+            rows.append(Row(list(prompt_ids), params))
+        return rows
+
+    async def _handle(self, route: str, request: Request, work: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            self._authorize(request)
+            response = await work()
+            code = getattr(response, "status_code", 200)
+        except RequestError as exc:
+            response, code = _error(exc), exc.status
+        except Exception as exc:  # a bug or a dead model replica: say so, keep serving
+            response = JSONResponse(
+                error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500
+            )
+            code = 500
+        self.metrics.observe(route, code, time.perf_counter() - start)
+        return response
+
+    def _usage(self, prompt: int, completion: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # -- routes ------------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model.name, "version": self.model.version}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Any:
+        async def work() -> Any:
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model.name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "paddock",
+                        "version": self.model.version,
+                    }
+                ],
+            }
+
+        return await self._handle("/v1/models", request, work)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        from paddock.data.tokenize import encode_prompt
+
+        async def work() -> Any:
+            req = await self._body(request, ChatCompletionRequest)
+            self._check_model(req.model)
+            system, turns = req.dialog()
+            prompt_ids = encode_prompt(self.tok, turns, system)
+            rows = self._rows(prompt_ids, req)
+            rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            if req.stream:
+                return self._stream(rid, "chat.completion.chunk", rows[0], len(prompt_ids))
+            done = await self.chat.complete.remote(rows)
+            completion = sum(len(r.tokens) for r in done)
+            self.metrics.tokens.inc(completion)
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.model.name,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": r.text},
+                        "finish_reason": r.finish_reason,
+                    }
+                    for i, r in enumerate(done)
+                ],
+                "usage": self._usage(len(prompt_ids), completion),
+            }
+
+        return await self._handle("/v1/chat/completions", request, work)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        async def work() -> Any:
+            req = await self._body(request, CompletionRequest)
+            self._check_model(req.model)
+            from paddock.data.chat import TAGS
+
+            if any(tag in req.prompt for tag in TAGS):
+                raise RequestError(
+                    400, "prompt: contains a chat tag; use /v1/chat/completions", param="prompt"
+                )
+            prompt_ids = [self.tok.bos_token_id, *self.tok.encode(req.prompt, add_special_tokens=False)]
+            rows = self._rows(prompt_ids, req)
+            rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+            if req.stream:
+                return self._stream(rid, "text_completion", rows[0], len(prompt_ids))
+            done = await self.chat.complete.remote(rows)
+            completion = sum(len(r.tokens) for r in done)
+            self.metrics.tokens.inc(completion)
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.model.name,
+                "choices": [
+                    {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                    for i, r in enumerate(done)
+                ],
+                "usage": self._usage(len(prompt_ids), completion),
+            }
+
+        return await self._handle("/v1/completions", request, work)
+
+    def _stream(self, rid: str, kind: str, row: Row, prompt_tokens: int) -> StreamingResponse:
+        created = int(time.time())
+        chat = kind == "chat.completion.chunk"
+        handle = self.chat.options(stream=True)
+        metrics = self.metrics
+
+        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                d: dict[str, Any] = {"role": "assistant", "content": delta or ""} if first else {}
+                if delta and not first:
+                    d = {"content": delta}
+                choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            body = {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": self.model.name,
+                "choices": [choice],
+            }
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            start = time.perf_counter()
+            if chat:
+                yield chunk(None, None, first=True)
+            got_first = False
+            async for item in handle.stream.remote(row):
+                if "delta" in item:
+                    if not got_first:
+                        metrics.ttft.observe(time.perf_counter() - start)
+                        got_first = True
+                    yield chunk(item["delta"], None)
+                else:
+                    metrics.tokens.inc(item["tokens"])
+                    yield chunk(None, item["finish_reason"])
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/reward")
+    async def reward(self, request: Request) -> Any:
+        async def work() -> Any:
+            if self.rewards is None:
+                raise RequestError(404, "no reward models are served by this endpoint", code="not_served")
+            req = await self._body(request, RewardRequest)
+            prompt, answer = req.prompt_and_answer()
+            is_safety = bool((await request.json()).get("is_safety", False))
+            scores = await self.rewards.score.remote(prompt, answer, is_safety)
+            return {"object": "reward", "model": self.model.name, **scores}
+
+        return await self._handle("/v1/reward", request, work)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the application
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve application from plain arguments (what ``serve deploy`` passes to ``app_builder``).
+
+    ``args``: ``model`` {name, version, path}; optional ``reward_helpfulness`` and ``reward_safety`` paths;
+    ``serve``: a ``paddock.config.ServeConfig`` as a dict.
+    """
+    from paddock.config import ServeConfig
+
+    cfg = ServeConfig.model_validate(args.get("serve", {}))
+    model = dict(args["model"])
+    if not Path(model.get("path") or "").is_dir():
+        if not model.get("uri"):
+            raise FileNotFoundError(f"served model directory {model.get('path')!r} does not exist")
+        from paddock import tracking
+
+        model["path"] = str(tracking.resolve_model(model["uri"]))
+    actor = {"num_cpus": cfg.cpus_per_replica} | (
+        {"num_gpus": cfg.gpus_per_replica} if cfg.gpus_per_replica else {}
+    )
+    autoscaling = {
+        "min_replicas": cfg.min_replicas,
+        "max_replicas": cfg.max_replicas,
+        "target_ongoing_requests": cfg.target_ongoing_requests,
+    }
+    chat = ChatModel.options(  # type: ignore[attr-defined]
+        ray_actor_options=actor, autoscaling_config=autoscaling, max_ongoing_requests=cfg.max_ongoing_requests
+    ).bind(model["path"], cfg.threads, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    rewards = None
+    if args.get("reward_helpfulness") and args.get("reward_safety"):
+        rewards = RewardModels.options(  # type: ignore[attr-defined]
+            ray_actor_options={"num_cpus": cfg.cpus_per_replica / 2}
+        ).bind(args["reward_helpfulness"], args["reward_safety"], cfg.reward_seq_len, cfg.threads)
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(  # type: ignore[attr-defined]
+        chat,
+        rewards,
+        {"name": model["name"], "version": str(model["version"]), "path": model["path"]},
+        cfg.api_key,
+        cfg.default_max_tokens,
+    )
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """``import_path: paddock.serving.app:app_builder`` in a Serve config file."""
+    return build_app(args)

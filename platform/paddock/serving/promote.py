@@ -1,0 +1,219 @@
+"""Promotion: a registered model version becomes ``champion`` when it passes the evaluation gates, and Serve follows.
+
+Gates compare a version's MLflow metrics (those of the run that logged it: its evaluations) with bounds from the
+config. A failing gate stops promotion and names the gate and the value; a version without a metric that a gate
+needs is refused unless forced, and a forced promotion is recorded as such. The previous champion is kept as
+``previous-champion``, which ``rollback`` restores. Every promotion writes the Serve config file for
+``serve deploy`` and, when asked, updates the running Serve application in place: Serve starts the new replicas,
+then drains the old ones, so requests in flight during the swap complete.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from paddock import tracking
+from paddock.config import PromoteJob, resolve_path
+
+
+class PromotionError(ValueError):
+    """Promotion refused: a gate failed, a metric is missing, or there is nothing to roll back to."""
+
+
+@dataclass
+class GateCheck:
+    metric: str
+    value: float | None
+    min: float | None
+    max: float | None
+
+    @property
+    def missing(self) -> bool:
+        return self.value is None or math.isnan(self.value)
+
+    @property
+    def passed(self) -> bool:
+        if self.missing:
+            return False
+        assert self.value is not None
+        return (self.min is None or self.value >= self.min) and (self.max is None or self.value <= self.max)
+
+    def describe(self) -> str:
+        bounds = " and ".join(
+            b
+            for b in (
+                f">= {self.min}" if self.min is not None else "",
+                f"<= {self.max}" if self.max is not None else "",
+            )
+            if b
+        )
+        if self.missing:
+            return f"{self.metric}: missing (gate wants {bounds})"
+        return f"{self.metric} = {self.value:.4f} (gate wants {bounds}): {'pass' if self.passed else 'FAIL'}"
+
+
+@dataclass
+class Promotion:
+    name: str
+    version: str
+    previous: str | None
+    action: str  # "promote" or "rollback"
+    forced: bool
+    checks: list[GateCheck] = field(default_factory=list)
+    serve_config: Path | None = None
+    record_run_id: str = ""
+
+
+def check_gates(job: PromoteJob, metrics: dict[str, float]) -> list[GateCheck]:
+    return [GateCheck(m, metrics.get(m), g.min, g.max) for m, g in sorted(job.gates.items())]
+
+
+def serve_args(job: PromoteJob, name: str, version: str) -> dict[str, Any]:
+    """What ``paddock.serving.app.build_app`` needs: local paths and the URIs they came from."""
+    uri = f"models:/{name}/{version}"
+    args: dict[str, Any] = {
+        "model": {"name": name, "version": version, "uri": uri, "path": str(tracking.resolve_model(uri))},
+        "serve": job.serve.model_dump(mode="json"),
+    }
+    if job.reward_helpfulness and job.reward_safety:
+        args["reward_helpfulness"] = str(tracking.resolve_model(job.reward_helpfulness))
+        args["reward_safety"] = str(tracking.resolve_model(job.reward_safety))
+    args["serve"]["api_key"] = None  # never written to a file; replicas read PADDOCK_API_KEY
+    return args
+
+
+def write_serve_config(job: PromoteJob, args: dict[str, Any]) -> Path:
+    """The config file for ``serve deploy``: the same app, built by ``paddock.serving.app:app_builder``."""
+    out = resolve_path(job.serve_config_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": job.serve.host, "port": job.serve.port},
+        "applications": [
+            {
+                "name": job.serve.app_name,
+                "route_prefix": "/",
+                "import_path": "paddock.serving.app:app_builder",
+                "args": args,
+            }
+        ],
+    }
+    header = (
+        "# Written by paddock's promotion. Deploy with: serve deploy " + str(out) + "\n"
+        "# Paths are local to the machine that promoted; on a cluster put checkpoints on shared storage or let\n"
+        "# replicas resolve model.uri through MLFLOW_TRACKING_URI.\n"
+    )
+    out.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def deploy(job: PromoteJob, args: dict[str, Any]) -> None:
+    """Start or update the Serve application on the connected Ray cluster (a rolling update when it runs)."""
+    from ray import serve
+
+    from paddock.serving.app import build_app
+
+    serve.start(http_options={"host": job.serve.host, "port": job.serve.port})
+    serve.run(build_app(args), name=job.serve.app_name, route_prefix="/", blocking=False)
+
+
+def promote(
+    job: PromoteJob,
+    name: str,
+    version: str | None = None,
+    alias: str | None = None,
+    *,
+    force: bool = False,
+    rollback: bool = False,
+    deploy_app: bool = False,
+) -> Promotion:
+    """Move ``champion`` to a version that passes the gates (or back, with ``rollback``); see the module docstring."""
+    current = tracking.alias_version(name, tracking.CHAMPION)
+    if rollback:
+        previous = tracking.alias_version(name, tracking.PREVIOUS)
+        if previous is None:
+            raise PromotionError(f"{name} has no previous champion to roll back to")
+        tracking.set_alias(name, tracking.CHAMPION, previous)
+        if current is not None:
+            tracking.set_alias(name, tracking.PREVIOUS, current)
+        result = Promotion(name, previous, current, "rollback", False)
+    else:
+        if version is not None and alias is not None:
+            raise PromotionError("give --version or --alias, not both")
+        uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version or 'latest'}"
+        _, chosen = tracking.model_version(uri)
+        checks = check_gates(job, tracking.version_metrics(name, chosen))
+        failed = [c for c in checks if not c.missing and not c.passed]
+        if failed:
+            raise PromotionError(
+                f"{name} v{chosen} fails {len(failed)} gate(s):\n  "
+                + "\n  ".join(c.describe() for c in failed)
+            )
+        missing = [c for c in checks if c.missing]
+        if missing and not force:
+            raise PromotionError(
+                f"{name} v{chosen} lacks metrics that gates need (evaluate it first, or pass --force):\n  "
+                + "\n  ".join(c.describe() for c in missing)
+            )
+        previous = current
+        if current is not None and current != chosen:
+            tracking.set_alias(name, tracking.PREVIOUS, current)
+        elif current == chosen:
+            previous = tracking.alias_version(name, tracking.PREVIOUS)  # re-promoting the champion
+        tracking.set_alias(name, tracking.CHAMPION, chosen)
+        result = Promotion(name, chosen, previous, "promote", bool(missing), checks)
+    checks_record = {f"gate.{c.metric}": c.describe() for c in result.checks}
+    result.record_run_id = tracking.record_promotion(
+        name, result.version, result.previous, result.action, result.forced, checks_record
+    )
+    args = serve_args(job, name, result.version)
+    result.serve_config = write_serve_config(job, args)
+    if deploy_app:
+        deploy(job, args)
+    return result
+
+
+def serve_forever(job: PromoteJob, name: str | None, alias: str) -> None:
+    """``jobs/serve.py``: run the app for ``name@alias`` until Ctrl-C or SIGTERM, then shut Serve down."""
+    from ray import serve
+
+    from paddock.cluster import connect
+
+    name = name or tracking.last_promoted_model()
+    if name is None:
+        raise PromotionError(
+            "nothing has been promoted yet: pass --model NAME (and --alias or promote one first)"
+        )
+    _, version = tracking.model_version(f"models:/{name}@{alias}")
+    args = serve_args(job, name, version)
+    if job.serve.api_key:
+        args["serve"]["api_key"] = job.serve.api_key
+    connect()
+    deploy(job, args)
+    url = f"http://{job.serve.host}:{job.serve.port}"
+    print(
+        f"[serve] {name} v{version} ({alias}) at {url}/v1/chat/completions"
+        + (", /v1/reward" if "reward_safety" in args else "")
+        + (" (API key required)" if job.serve.api_key or _env_key() else "")
+        + "; Ctrl-C to stop",
+        flush=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("[serve] shutting down", flush=True)
+    serve.shutdown()
+
+
+def _env_key() -> bool:
+    import os
+
+    return bool(os.environ.get("PADDOCK_API_KEY"))
