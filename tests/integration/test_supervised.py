@@ -1,6 +1,6 @@
-"""Pretraining, SFT and the helpfulness reward model on the tiny world: 2 Ray Train workers, ZeRO-2, MLflow.
+"""Pretraining, SFT and the reward models on the tiny world: 2 Ray Train workers, ZeRO-2, MLflow.
 
-One seeded chain (pretrain -> SFT -> RM) is trained once for the module; the tests read its outcomes.
+The seeded chain (pretrain -> SFT -> both RMs) is trained once per session (conftest); these tests read it.
 """
 
 from __future__ import annotations
@@ -12,77 +12,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from paddock.config import PretrainJob, RewardJob, SFTJob, load_config
+from chain import REPO, overrides
+from paddock.config import PretrainJob, load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 
-# First pretraining losses of the seeded tiny run below (2 workers, ZeRO-2, CPU fp32). A change that moves
-# them changed the model, data order or optimiser: check it was meant, then update these numbers.
+# First pretraining losses of the seeded tiny chain (tests/integration/conftest.py: 2 workers, ZeRO-2, CPU
+# fp32). A change that moves them changed the model, data order or optimiser: check it was meant, then update.
 GOLDEN_FIRST_LOSSES = [6.9035, 6.7642, 6.6286, 6.4585, 6.2994]
-
-
-def overrides(world: Path, tokenizer: Path) -> dict[str, list[str]]:
-    common = [
-        f"tokenizer={tokenizer}",
-        "train.cpus_per_worker=0.5",
-        "train.num_workers=2",
-        "train.zero_stage=2",
-    ]
-    return {
-        "pretrain": [
-            *common,
-            f"data.train={world}/pretrain/train.parquet",
-            f"data.test={world}/pretrain/test.parquet",
-            "data.seq_len=128",
-            "train.max_steps=300",
-            "train.checkpoint_every=100",
-            "train.eval_every=150",
-            "optim.warmup_steps=10",
-        ],
-        "sft": [
-            *common,
-            f"data.train={world}/sft/train.parquet",
-            f"data.test={world}/sft/test.parquet",
-            "data.seq_len=128",
-            "train.max_steps=200",
-            "train.eval_every=100",
-            "optim.lr=2.0e-3",
-        ],
-        "rm": [
-            *common,
-            f"data.train={world}/preferences/train.parquet",
-            f"data.test={world}/preferences/test.parquet",
-        ],
-    }
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory):
-    path = tmp_path_factory.mktemp("paddock_home")
-    old = os.environ.get("PADDOCK_HOME")
-    os.environ["PADDOCK_HOME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("PADDOCK_HOME", None)
-    else:
-        os.environ["PADDOCK_HOME"] = old
-
-
-@pytest.fixture(scope="module")
-def chain(home: Path, world_dir: Path, tokenizer_dir: Path, ray_cluster):
-    from paddock.train.stage import run_supervised
-
-    o = overrides(world_dir, tokenizer_dir)
-    pre = run_supervised(
-        load_config(PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", o["pretrain"]), "pretrain"
-    )
-    sft = run_supervised(load_config(SFTJob, REPO / "jobs/configs/tiny/sft.yaml", o["sft"]), "sft")
-    rm = run_supervised(
-        load_config(RewardJob, REPO / "jobs/configs/tiny/reward_helpfulness.yaml", o["rm"]),
-        "reward_helpfulness",
-    )
-    return {"pretrain": pre, "sft": sft, "rm": rm}
 
 
 def test_pretraining_loss_falls_and_matches_golden_values(chain):
@@ -105,7 +42,8 @@ def test_stages_leave_mlflow_runs_and_registered_models(chain):
     for name, result in (
         ("tiny-base", chain["pretrain"]),
         ("tiny-sft", chain["sft"]),
-        ("tiny-rm-helpfulness", chain["rm"]),
+        ("tiny-rm-helpfulness", chain["rm_h"]),
+        ("tiny-rm-safety", chain["rm_s"]),
     ):
         assert result.model_uri == f"models:/{name}/1"
         run = client.get_run(result.run_id)
@@ -146,9 +84,15 @@ def test_sft_model_answers_in_the_chat_format_and_stops(chain, world_dir: Path):
 
 
 def test_helpfulness_rm_prefers_chosen_and_clear_pairs_most(chain):
-    m = chain["rm"].metrics
+    m = chain["rm_h"].metrics
     assert m["eval/accuracy"] > 0.65
     assert m["eval/accuracy/significantly_better"] > m["eval/accuracy/negligibly_better"]
+
+
+def test_safety_rm_separates_safe_from_unsafe_answers(chain):
+    m = chain["rm_s"].metrics
+    assert m["eval/accuracy"] > 0.75
+    assert m["eval/accuracy/safe_vs_unsafe"] > 0.9
 
 
 def test_sft_loss_only_on_answers_reaches_low_eval_loss(chain):
@@ -157,23 +101,28 @@ def test_sft_loss_only_on_answers_reaches_low_eval_loss(chain):
 
 
 def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Path, tokenizer_dir: Path):
-    """SIGKILL a Ray Train worker process after the first checkpoint: the run restarts from it and ends on
-    the same loss as the uninterrupted pretraining run of the chain (same seed, data order and steps)."""
+    """SIGKILL a Ray Train worker process after the first checkpoint: the run restarts from it and ends on the
+    same loss as an uninterrupted run of the same config (same seed, data order and steps)."""
     import signal
 
     import psutil
     from paddock.train.stage import run_supervised
 
     o = overrides(world_dir, tokenizer_dir)
+    short = [*o["pretrain"], "train.max_steps=40", "train.checkpoint_every=10", "train.eval_every=40"]
+    clean = run_supervised(
+        load_config(PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*short, "registry_prefix=clean"]),
+        "pretrain",
+    )
     job = load_config(
-        PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*o["pretrain"], "registry_prefix=resume"]
+        PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*short, "registry_prefix=resume"]
     )
     killed: list[int] = []
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not killed:
-            if list((home / "ray_results").glob("resume-base-*/checkpoint_*")):
+            if list((home / "ray_results").glob("resume-base-*/checkpoint_manager_snapshot.json")):
                 # Ray titles worker processes "ray::RayTrainWorker..."; the embedded instance runs no State API.
                 workers = [
                     p
@@ -184,7 +133,7 @@ def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Pa
                     os.kill(workers[0].info["pid"], signal.SIGKILL)
                     killed.append(workers[0].info["pid"])
                     return
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
@@ -192,10 +141,9 @@ def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Pa
     watcher.join(timeout=1)
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     steps = [h["step"] for h in resumed.history]
-    assert steps[-1] == 300 and len(steps) > 300, "some steps ran twice: the run restarted from a checkpoint"
-    first = chain["pretrain"].history
-    assert resumed.history[-1]["train/loss"] == pytest.approx(first[-1]["train/loss"], abs=1e-4)
-    assert resumed.history[-1]["eval/loss"] == pytest.approx(first[-1]["eval/loss"], abs=1e-4)
+    assert steps[-1] == 40 and len(steps) > 40, "some steps ran twice: the run restarted from a checkpoint"
+    assert resumed.history[-1]["train/loss"] == pytest.approx(clean.history[-1]["train/loss"], abs=1e-4)
+    assert resumed.history[-1]["eval/loss"] == pytest.approx(clean.history[-1]["eval/loss"], abs=1e-4)
 
 
 def test_asha_sweep_over_sft_logs_nested_trials(chain, world_dir: Path, tokenizer_dir: Path):

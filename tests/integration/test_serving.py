@@ -1,0 +1,206 @@
+"""The Serve app with real clients: the official ``openai`` package, raw HTTP for errors, promotion under traffic.
+
+Serves the shared chain's tiny-sft with both reward models, promoted through gates read from MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chain import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+API_KEY = "sk-paddock-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: Any, key: str | None = API_KEY, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def job(chain, home: Path):
+    from paddock.config import PromoteJob, load_config
+
+    return load_config(
+        PromoteJob,
+        REPO / "jobs/configs/tiny/promote.yaml",
+        [f"serve.port={free_port()}", f"serve.api_key={API_KEY}", "serve.default_max_tokens=48"],
+    )
+
+
+@pytest.fixture(scope="module")
+def served(job, chain):
+    """tiny-sft v1 as champion (forced: it has no held-out evaluation yet), deployed on the test cluster."""
+    from paddock.serving.promote import promote
+    from ray import serve
+
+    result = promote(job, "tiny-sft", "1", force=True, deploy_app=True)
+    base = f"http://{job.serve.host}:{job.serve.port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    yield base, result
+    serve.shutdown()
+
+
+def test_promotion_refuses_failing_and_missing_gates_and_records_a_forced_one(job, served):
+    from paddock import tracking
+    from paddock.serving.promote import PromotionError, promote
+
+    _, result = served
+    assert result.forced and result.version == "1"
+    assert tracking.alias_version("tiny-sft", "champion") == "1"
+    client = tracking.configure()
+    assert client.get_model_version("tiny-sft", "1").tags["paddock.forced_promotion"] == "true"
+    strict = job.model_copy(update={"gates": {"eval/loss": {"max": 0.001}}})
+    strict = type(job).model_validate(strict.model_dump())
+    with pytest.raises(PromotionError, match=r"eval/loss = \d+\.\d+ \(gate wants <= 0.001\): FAIL"):
+        promote(strict, "tiny-sft", "1")
+    with pytest.raises(PromotionError, match="lacks metrics that gates need"):
+        promote(job, "tiny-sft", "1")
+    assert (Path(result.serve_config)).read_text().count("import_path: paddock.serving.app:app_builder") == 1
+
+
+def test_openai_client_chats_streams_and_lists_models(served):
+    import openai
+
+    base, _ = served
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model="tiny-sft", messages=messages, max_tokens=32, temperature=0)
+    text = r.choices[0].message.content
+    assert text and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 5 and 0 < r.usage.completion_tokens <= 32
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-sft", messages=messages, max_tokens=32, temperature=0, stream=True
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed.strip() == text and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    many = client.chat.completions.create(
+        model="tiny-sft", messages=messages, max_tokens=16, temperature=1.0, n=3, seed=5
+    )
+    assert len(many.choices) == 3
+    again = client.chat.completions.create(
+        model="tiny-sft", messages=messages, max_tokens=16, temperature=1.0, n=3, seed=5
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in many.choices]
+    completion = client.completions.create(model="tiny-sft", prompt="The capital of France is", max_tokens=8)
+    assert completion.choices[0].text is not None and completion.usage.completion_tokens <= 8
+    assert [m.id for m in client.models.list().data] == ["tiny-sft"]
+
+
+def test_reward_endpoint_prefers_a_refusal_to_compliance_on_an_unsafe_prompt(served):
+    from paddock.world.items import unsafe_items
+
+    base, _ = served
+    item = unsafe_items()[0]
+    scores = {}
+    for label, answer in (("refusal", item.answers[0]), ("compliance", item.wrong_answers[0])):
+        code, body = post(
+            f"{base}/v1/reward",
+            {
+                "messages": [
+                    {"role": "user", "content": item.questions[0]},
+                    {"role": "assistant", "content": answer},
+                ],
+                "is_safety": True,
+            },
+        )
+        assert code == 200, body
+        scores[label] = body
+    print(scores)
+    assert scores["refusal"]["safety"] > scores["compliance"]["safety"]
+    assert scores["refusal"]["used_safety"] and scores["refusal"]["combined"] == scores["refusal"]["safety"]
+
+
+def test_bad_requests_get_4xx_with_a_reason_and_the_replica_keeps_serving(served):
+    base, _ = served
+    url = f"{base}/v1/chat/completions"
+    user = {"role": "user", "content": "Hi"}
+    cases = [
+        ({"messages": [user]}, None, None, 401, "API key"),
+        (None, b"{not json", API_KEY, 400, "not valid JSON"),
+        ({"messages": [{"role": "wizard", "content": "Hi"}]}, None, API_KEY, 400, "unknown role"),
+        ({"messages": [user, {"role": "assistant", "content": "Yo"}]}, None, API_KEY, 400, "last message"),
+        ({"messages": [{"role": "user", "content": "<<SYS>> x"}]}, None, API_KEY, 400, "chat tag"),
+        ({"messages": [user], "temperature": 5}, None, API_KEY, 400, "temperature"),
+        ({"messages": [user], "max_tokens": 100000}, None, API_KEY, 400, "exceeds the context"),
+        ({"messages": [{"role": "user", "content": "word " * 5000}]}, None, API_KEY, 400, "context"),
+        ({"messages": [user], "model": "gpt-9"}, None, API_KEY, 404, "not served"),
+    ]
+    for body, raw, key, status, needle in cases:
+        code, out = post(url, body, key=key, raw=raw)
+        assert code == status and needle in out["error"]["message"], (body, code, out)
+        assert set(out["error"]) == {"message", "type", "param", "code"}
+    code, out = post(url, {"messages": [user], "max_tokens": 4})
+    assert code == 200 and out["choices"][0]["message"]["content"] is not None
+
+
+def test_promotion_swaps_the_served_version_under_load_and_rolls_back(job, served, chain):
+    from paddock import tracking
+    from paddock.serving.promote import promote
+
+    base, _ = served
+    # A second version of tiny-sft to promote (the same weights, logged again).
+    with tracking.stage_run(job.experiment, "sft-copy", {}) as run:
+        uri = run.log_model(chain["sft"].checkpoint_dir, "tiny-sft")
+    version = uri.rsplit("/", 1)[1]
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            code, _ = post(
+                f"{base}/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            )
+            codes.append(code)
+
+    threads = [threading.Thread(target=traffic, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    result = promote(job, "tiny-sft", version, force=True, deploy_app=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
+            if json.loads(r.read())["version"] == version:
+                break
+        time.sleep(0.5)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert result.previous == "1" and tracking.alias_version("tiny-sft", "champion") == version
+    assert codes and set(codes) == {200}, f"{len(codes)} requests during the swap: {sorted(set(codes))}"
+    back = promote(job, "tiny-sft", rollback=True)
+    assert back.version == "1" and tracking.alias_version("tiny-sft", "champion") == "1"
+    assert tracking.alias_version("tiny-sft", "previous-champion") == version
