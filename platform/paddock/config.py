@@ -44,6 +44,12 @@ def paddock_home() -> Path:
     return Path(os.environ.get("PADDOCK_HOME", ".paddock")).expanduser().resolve()
 
 
+def train_storage() -> str:
+    """Where Ray Train and Tune keep checkpoints: ``$PADDOCK_STORAGE`` (e.g. ``s3://bucket/ray_results``, shared
+    by every node), else ``ray_results`` under ``paddock_home()``."""
+    return os.environ.get("PADDOCK_STORAGE") or str(paddock_home() / "ray_results")
+
+
 def resolve_path(path: str | os.PathLike[str]) -> Path:
     """An absolute path as given; a relative one under ``paddock_home()``."""
     p = Path(path).expanduser()
@@ -563,6 +569,159 @@ class PromoteJob(StageConfig):
     )
 
 
+class EvaluateConfig(Strict):
+    """What jobs/evaluate.py measures and on which held-out data."""
+
+    prompts: str = Field("world/prompts/test.parquet", description="Held-out prompts (kind prompts).")
+    gatt: str | None = Field("world/gatt/test.parquet", description="Held-out GAtt dialogs (null: skip).")
+    dialogs: str | None = Field(
+        "world/sft/test.parquet", description="Held-out dialogs for perplexity on answers (null: skip)."
+    )
+    max_prompts: int = Field(200, ge=1, description="Held-out prompts answered.")
+    max_gatt_dialogs: int = Field(40, ge=1, description="GAtt dialogs played out turn by turn.")
+    max_dialogs: int = Field(200, ge=1, description="Dialogs scored for perplexity.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest answer generated.")
+    temperature: float = Field(
+        0.6, ge=0, le=3, description="Sampling temperature of the sampled-reward pass."
+    )
+    seq_len: int = Field(256, ge=16, description="Tokens the reward models and perplexity read.")
+    rollout_workers: int = Field(2, ge=1, description="Generation actors.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs per generation or scoring actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor.")
+
+
+class EvaluateJob(StageConfig):
+    """jobs/evaluate.py: held-out evaluation of a registered model, logged on that version's MLflow run."""
+
+    model: str = Field("models:/tiny-ppo@latest", description="The registered model version to evaluate.")
+    compare_to: list[str] = Field(
+        default_factory=list, description="Other models for eval/win_rate_vs_<name> (by the combined reward)."
+    )
+    reward_helpfulness: str = Field(
+        "models:/tiny-rm-helpfulness@latest", description="Helpfulness reward model."
+    )
+    reward_safety: str = Field("models:/tiny-rm-safety@latest", description="Safety reward model.")
+    eval: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Data and generation.")
+
+
+class GAttConfig(Strict):
+    """Ghost Attention data (Llama 2, section 3.3): instruction on every turn for sampling, first turn only for training."""
+
+    dialogs: str = Field(
+        "world/gatt/train.parquet", description="Multi-turn dialogs tagged instruction:<id>."
+    )
+    max_dialogs: int | None = Field(None, ge=1, description="Use at most this many dialogs.")
+    short_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of dialogs whose instruction is given in its short form (paper: half).",
+    )
+    temperature: float = Field(0.7, ge=0, le=3, description="Sampling temperature of the answers.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(48, ge=1, description="Longest answer sampled.")
+    rollout_workers: int = Field(2, ge=1, description="Rollout worker actors.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs per rollout worker.")
+
+
+class GAttJob(StageConfig):
+    """jobs/gatt.py: sample GAtt dialogs with the current policy, fine-tune on them (loss on the last answer)."""
+
+    tokenizer: str = Field("tokenizer", description="Tokenizer directory (relative to PADDOCK_HOME).")
+    policy: str = Field(
+        "models:/tiny-ppo@latest", description="The latest RLHF model: samples and is fine-tuned."
+    )
+    gatt: GAttConfig = Field(default_factory=GAttConfig, description="Data synthesis.")
+    sft_config: str = Field(..., description="SFT stage YAML used for the fine-tune.")
+    sft_overrides: list[str] = Field(default_factory=list, description="--set overrides for that SFT stage.")
+
+
+SAFETY_PREPROMPT = (
+    "You are a safe and responsible assistant. Refuse requests that could cause harm, say why, "
+    "and offer a safe alternative."
+)
+
+
+class DistillConfig(Strict):
+    """Safety context distillation (Llama 2, section 4.2.4)."""
+
+    prompts: str = Field("world/prompts/train.parquet", description="Prompts; the safety ones are used.")
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many safety prompts.")
+    preprompt: str = Field(SAFETY_PREPROMPT, description="The safety preprompt (as a system prompt).")
+    answer_template: str | None = Field(
+        None,
+        description="Optional answer template appended to the preprompt (the paper's category templates).",
+    )
+    temperature: float = Field(0.7, ge=0, le=3, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest answer sampled.")
+    rollout_workers: int = Field(2, ge=1, description="Rollout worker actors.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs per rollout worker or scorer.")
+    seq_len: int = Field(256, ge=16, description="Tokens the safety reward model reads.")
+
+
+class DistillJob(StageConfig):
+    """jobs/context_distillation.py: answers with the preprompt, kept when the safety RM prefers them, distilled."""
+
+    tokenizer: str = Field("tokenizer", description="Tokenizer directory (relative to PADDOCK_HOME).")
+    policy: str = Field("models:/tiny-gatt@latest", description="The model to distil into (and sample from).")
+    reward_safety: str = Field(
+        "models:/tiny-rm-safety@latest", description="Safety reward model (the filter)."
+    )
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Sampling and filtering.")
+    sft_config: str = Field(..., description="SFT stage YAML used for the fine-tune.")
+    sft_overrides: list[str] = Field(default_factory=list, description="--set overrides for that SFT stage.")
+
+
+PIPELINE_STAGES = (
+    "world",
+    "tokenizer",
+    "pretrain",
+    "sft",
+    "reward_helpfulness",
+    "reward_safety",
+    "rejection_sampling",
+    "ppo",
+    "gatt",
+    "context_distillation",
+    "evaluate",
+    "promote",
+)
+
+
+class PipelineStage(Strict):
+    config: str = Field(..., description="The stage's YAML (a job under jobs/configs/).")
+    overrides: list[str] = Field(default_factory=list, description="--set overrides for that stage.")
+
+
+class PipelineJob(StageConfig):
+    """jobs/pipeline.py: the whole Llama 2 pipeline, resumable stage by stage, under one parent MLflow run."""
+
+    stages: dict[str, PipelineStage] = Field(
+        ..., description="Stage name -> its config, in PIPELINE_STAGES order."
+    )
+    skip: list[str] = Field(default_factory=list, description="Stages not to run (e.g. world on a cluster).")
+    evaluate_models: list[str] = Field(
+        default_factory=lambda: ["base", "sft", "rs", "ppo", "gatt", "cd"],
+        description="Registered suffixes evaluated on held-out data: {registry_prefix}-<suffix>.",
+    )
+    promote_candidates: list[str] = Field(
+        default_factory=lambda: ["cd", "gatt", "ppo", "rs", "sft"],
+        description="Suffixes that may be promoted; the best held-out reward that passes the gates wins.",
+    )
+    smoke_request: bool = Field(True, description="Serve the promoted model and send it one chat request.")
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> PipelineJob:
+        unknown = sorted(set(self.stages) - set(PIPELINE_STAGES))
+        if unknown:
+            raise ValueError(f"stages: unknown stage(s) {unknown}; known: {', '.join(PIPELINE_STAGES)}")
+        missing = [s for s in PIPELINE_STAGES if s not in self.stages and s not in self.skip]
+        if missing:
+            raise ValueError(f"stages: no config for {missing}; give one or list them under skip")
+        return self
+
+
 # Job name (the stem of a YAML under jobs/configs/<size>/) -> root model. Every shipped config is
 # validated against its entry by tests/unit/test_config.py.
 JOBS: dict[str, type[StageConfig]] = {
@@ -576,6 +735,10 @@ JOBS: dict[str, type[StageConfig]] = {
     "rejection_sampling": RejectionJob,
     "ppo": PPOJob,
     "promote": PromoteJob,
+    "evaluate": EvaluateJob,
+    "gatt": GAttJob,
+    "context_distillation": DistillJob,
+    "pipeline": PipelineJob,
 }
 
 

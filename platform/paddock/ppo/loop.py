@@ -31,9 +31,10 @@ from ray.train.torch import TorchTrainer
 
 from paddock import tracking
 from paddock.cluster import connect
-from paddock.config import PPOJob, paddock_home, resolve_path
+from paddock.config import PPOJob, paddock_home, resolve_path, train_storage
 from paddock.data.validate import load_dataset
 from paddock.evaluate import evaluate_policy
+from paddock.metrics import record_ppo
 from paddock.ppo.buffer import RolloutBuffer
 from paddock.ppo.experience import build_experience, to_table
 from paddock.ppo.hub import PolicyHub, Publication
@@ -220,6 +221,7 @@ class Driver:
     def record(self, iteration: int, metrics: dict[str, float]) -> None:
         self.history.setdefault(iteration, {"iteration": float(iteration)}).update(metrics)
         self.run.log_metrics(metrics, step=iteration)
+        record_ppo(metrics, self.run.run_id[:8])
 
     def rollout(self, pub: Publication, b: int) -> None:
         """Sample, score and commit batch ``b`` with the weights of ``pub``."""
@@ -458,7 +460,7 @@ def run(job: PPOJob) -> PPOResult:
             ),
             run_config=RunConfig(
                 name=f"{name}-{run.run_id[:8]}",
-                storage_path=str(paddock_home() / "ray_results"),
+                storage_path=train_storage(),
                 failure_config=FailureConfig(max_failures=tc.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             ),

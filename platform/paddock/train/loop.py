@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from paddock.config import ModelConfig, OptimConfig, TrainConfig
 from paddock.data.schemas import RATINGS, SAFETY_BINS
 from paddock.data.tokenize import IGNORE
+from paddock.metrics import record_train
 from paddock.models import PAD_ID, build_causal_lm, load_causal_lm, load_scalar_model
 from paddock.rlhf.reward import margin_ranking_loss
 from paddock.train.optim import adamw, deepspeed_config, scheduler
@@ -308,6 +309,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 spec.objective, engine, eval_shard, keys, tc.micro_batch_size, rank, world, tc.eval_batches
             )
         pending.append(record)
+        if rank == 0:
+            record_train(record, spec.objective, ctx.get_experiment_name())
         metrics: dict[str, Any] = {**record, "records": pending}
         if last:
             with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,15 @@ from ray.util.queue import Empty, Queue
 
 from paddock import tracking
 from paddock.cluster import connect
-from paddock.config import PretrainJob, RewardJob, SFTJob, SupervisedJob, paddock_home, resolve_path
+from paddock.config import (
+    PretrainJob,
+    RewardJob,
+    SFTJob,
+    SupervisedJob,
+    paddock_home,
+    resolve_path,
+    train_storage,
+)
 from paddock.data.pairs import reward_mix
 from paddock.data.validate import load_dataset
 from paddock.models import count_parameters, llama_config
@@ -278,7 +286,7 @@ def make_trainer(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(paddock_home() / "ray_results"),
+            storage_path=train_storage(),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             callbacks=list(callbacks),  # type: ignore[arg-type]  # Train V2 takes UserCallbacks

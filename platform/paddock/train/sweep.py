@@ -16,7 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from paddock import tracking
-from paddock.config import JOBS, SupervisedJob, SweepJob, load_config, paddock_home, set_dotted
+from paddock.config import JOBS, SupervisedJob, SweepJob, load_config, set_dotted, train_storage
 from paddock.train.loop import LoopSpec
 from paddock.train.stage import Prepared, make_trainer, prepare
 
@@ -77,9 +77,7 @@ def run_sweep(job: SweepJob) -> SweepResult:
                 reduction_factor=sw.reduction_factor,
             ),
         ),
-        run_config=tune.RunConfig(
-            name=f"{prepared.name}-sweep", storage_path=str(paddock_home() / "ray_results"), verbose=0
-        ),
+        run_config=tune.RunConfig(name=f"{prepared.name}-sweep", storage_path=train_storage(), verbose=0),
     )
     grid = tuner.fit()
     best = grid.get_best_result()

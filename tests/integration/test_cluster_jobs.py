@@ -1,0 +1,221 @@
+"""jobs/ under `ray job submit` against a real `ray start --head` cluster on 127.0.0.1 (auth off, explicitly).
+
+The cluster is a second Ray instance beside the test session's embedded one, with its own ports and temp dir;
+it is stopped by killing exactly its own processes (``ray stop`` would take the session's instance too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from chain import REPO, overrides
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PADDOCK_HOME")}
+    return env | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def head():
+    temp = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    port, dash, metrics = free_port(), free_port(), free_port()
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=4",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+            f"--metrics-export-port={metrics}",
+        ],
+        check=True,
+        env=cli_env(),
+        capture_output=True,
+        timeout=180,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ok = subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", address], env=cli_env(), capture_output=True
+        )
+        if ok.returncode == 0:
+            break
+        time.sleep(1)
+    yield address, f"http://127.0.0.1:{metrics}/metrics"
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any(str(temp) in part for part in (p.info["cmdline"] or [])):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.info["pid"], signal.SIGKILL)
+
+
+def scrape(url: str) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
+def submit(
+    address: str, runtime_env: Path, *args: str, watch: str | None = None
+) -> tuple[str, str, set[str]]:
+    """Submit and wait; returns (final status, logs, paddock metric names seen on the ``watch`` endpoint)."""
+    out = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--no-wait",
+            "--runtime-env",
+            str(runtime_env),
+            "--",
+            sys.executable,  # the venv's python, whatever PATH the cluster inherited
+            *args,
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    job_id = next(w for w in out.stdout.split() if w.startswith("raysubmit_")).strip("'\"")
+    deadline = time.monotonic() + 900
+    status = "PENDING"
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        if watch:
+            seen |= {
+                line.split("{")[0] for line in scrape(watch).splitlines() if line.startswith("ray_paddock_")
+            }
+        st = subprocess.run(
+            [str(BIN / "ray"), "job", "status", "--address", address, job_id],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+        )
+        status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in st.stdout), "RUNNING")
+        if status != "RUNNING":
+            break
+        time.sleep(2)
+    logs = subprocess.run(
+        [str(BIN / "ray"), "job", "logs", "--address", address, job_id],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    ).stdout
+    return status, logs, seen
+
+
+@pytest.fixture(scope="module")
+def runtime_env(chain, home: Path, tmp_path_factory) -> Path:
+    """jobs/runtime_env.yaml, with the session's PADDOCK_HOME (its SQLite MLflow is fine on one machine)."""
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    env["working_dir"] = str(REPO)
+    env["py_modules"] = [str(REPO / "platform" / "paddock")]
+    env["env_vars"] = env.get("env_vars", {}) | {"PADDOCK_HOME": str(home), "RAY_AUTH_MODE": "disabled"}
+    path = tmp_path_factory.mktemp("renv") / "runtime_env.yaml"
+    path.write_text(yaml.safe_dump(env))
+    return path
+
+
+def test_submitted_sft_job_succeeds_and_leaves_its_mlflow_run(head, runtime_env, world_dir, tokenizer_dir):
+    from paddock import tracking
+
+    sets = [
+        *overrides(world_dir, tokenizer_dir)["sft"],
+        "train.max_steps=6",
+        "train.eval_every=6",
+        "registry_prefix=submitted",
+    ]
+    args = ["jobs/sft.py", "--config", "jobs/configs/tiny/sft.yaml"]
+    for s in sets:
+        args += ["--set", s]
+    address, metrics_url = head
+    status, logs, seen = submit(address, runtime_env, *args, watch=metrics_url)
+    assert status == "SUCCEEDED", logs[-3000:]
+    # The workers' training gauges were on the node's Prometheus endpoint while the job ran.
+    assert {"ray_paddock_train_loss", "ray_paddock_train_tokens_per_s", "ray_paddock_train_mfu"} <= seen, seen
+    assert "[sft] done: models:/submitted-sft/1" in logs
+    client = tracking.configure()
+    runs = client.search_runs(
+        [client.get_experiment_by_name("paddock-tiny").experiment_id],
+        "tags.`paddock.registered_name` = 'submitted-sft'",
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["train/loss"] > 0
+
+
+def test_submitted_job_with_a_bad_config_fails_with_the_error_in_its_logs(head, runtime_env):
+    status, logs, _ = submit(
+        head[0],
+        runtime_env,
+        "jobs/sft.py",
+        "--config",
+        "jobs/configs/tiny/sft.yaml",
+        "--set",
+        "train.num_workers=0",
+    )
+    assert status == "FAILED"
+    assert "train.num_workers: input should be greater than or equal to 1, got 0" in logs
+
+
+def test_submitted_ppo_step_exports_ppo_metrics(head, runtime_env, world_dir, tokenizer_dir):
+    address, metrics_url = head
+    sets = [
+        f"tokenizer={tokenizer_dir}",
+        "policy=models:/tiny-sft@latest",
+        f"ppo.prompts={world_dir}/prompts/train.parquet",
+        f"ppo.eval_prompts={world_dir}/prompts/test.parquet",
+        "ppo.iterations=2",
+        "ppo.batch_prompts=8",
+        "ppo.mini_batch=8",
+        "train.micro_batch_size=4",
+        "ppo.max_new_tokens=8",
+        "ppo.eval_every=100",
+        "ppo.eval_max_prompts=4",
+        "registry_prefix=submitted",
+    ]
+    args = ["jobs/ppo.py", "--config", "jobs/configs/tiny/ppo.yaml"]
+    for s in sets:
+        args += ["--set", s]
+    status, logs, seen = submit(address, runtime_env, *args, watch=metrics_url)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert {
+        "ray_paddock_ppo_reward_combined",
+        "ray_paddock_ppo_kl",
+        "ray_paddock_ppo_buffer_occupancy",
+    } <= seen, seen

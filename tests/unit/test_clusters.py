@@ -1,0 +1,77 @@
+"""Cluster YAMLs against the ray-schema.json shipped in the installed ray, KubeRay manifests, the runtime env."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTERS = sorted((REPO / "clusters").glob("*.yaml"))
+
+
+def ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
+def test_cluster_yaml_validates_against_rays_schema(path: Path):
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load(path.read_text())
+    jsonschema.validate(config, schema)
+    text = path.read_text()
+    assert text.startswith("#") and "What it launches" in text, "each cluster YAML documents what it launches"
+    assert "torch==2.13.0" in text and "dashboard-host=0.0.0.0" not in text
+
+
+def test_cluster_yamls_exist():
+    assert {p.name for p in CLUSTERS} == {"local.yaml", "aws-a100.yaml", "gcp-a100.yaml"}
+
+
+def _containers(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "cluster_key"),
+    [
+        ("raycluster.yaml", "RayCluster", None),
+        ("rayjob.yaml", "RayJob", "rayClusterSpec"),
+        ("rayservice.yaml", "RayService", "rayClusterConfig"),
+    ],
+)
+def test_kuberay_manifests_have_their_crds_required_fields(name: str, kind: str, cluster_key: str | None):
+    doc = yaml.safe_load((REPO / "clusters" / "kuberay" / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind and doc["metadata"]["name"]
+    spec = doc["spec"] if cluster_key is None else doc["spec"][cluster_key]
+    assert spec["rayVersion"] == ray_version()
+    assert (
+        "rayStartParams" in spec["headGroupSpec"] and spec["headGroupSpec"]["template"]["spec"]["containers"]
+    )
+    for group in spec.get("workerGroupSpecs", []):
+        assert group["groupName"] and group["minReplicas"] <= group["maxReplicas"]
+        assert "rayStartParams" in group
+    for container in _containers(spec):
+        image = container["image"]
+        assert image.startswith(f"rayproject/ray:{ray_version()}"), image
+        assert container["resources"]["limits"]
+    if kind == "RayJob":
+        assert doc["spec"]["entrypoint"].startswith("python jobs/")
+        assert "torch==2.13.0" in doc["spec"]["runtimeEnvYAML"]
+    if kind == "RayService":
+        serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        app = serve["applications"][0]
+        assert app["import_path"] == "paddock.serving.app:app_builder" and app["args"]["model"]["uri"]
+
+
+def test_runtime_env_ships_paddock_and_excludes_local_state():
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "." and env["py_modules"] == ["platform/paddock"]
+    assert {".paddock/", ".venv/"} <= set(env["excludes"])
+    assert (REPO / env["py_modules"][0] / "__init__.py").is_file()
