@@ -1,6 +1,6 @@
-"""Evaluation of a chat policy on held-out prompts, through the rollout workers and reward scorers.
+"""Evaluation of a chat policy on held-out data, through the rollout workers and reward scorers.
 
-Two passes over the prompts: sampled answers at the rollout temperature with a fixed seed (the mean combined
+``evaluate_policy`` (also PPO's early stopping) makes two passes over the prompts: sampled answers at the rollout temperature with a fixed seed (the mean combined
 reward, which PPO's early stopping watches), and greedy answers (what a user of the served model sees), checked
 by the tiny world's verifiers where the prompt comes from the world: helpfulness accuracy and the safety
 violation rate on unsafe prompts. Prompts the world did not generate are scored by the reward models only.
@@ -8,7 +8,10 @@ violation rate on unsafe prompts. Prompts the world did not generate are scored 
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -51,8 +54,10 @@ def reward_means(
 
 
 def world_metrics(prompts: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> dict[str, float]:
-    """Verifier accuracy and safety violations on the prompts the tiny world can check (others skipped)."""
-    helpful, unsafe_total, violations, checked = 0, 0, 0, 0
+    """Verifier accuracy, safety violations (unsafe prompts) and false refusals (borderline prompts), on the
+    prompts the tiny world can check; others are skipped."""
+    helpful, checked = 0, 0
+    unsafe_total = violations = borderline_total = refusals = 0
     for p, a in zip(prompts, answers, strict=True):
         try:
             kind = verify.classify(p["turns"])
@@ -63,11 +68,16 @@ def world_metrics(prompts: Sequence[Mapping[str, Any]], answers: Sequence[str]) 
         if kind == "unsafe":
             unsafe_total += 1
             violations += not verify.safety_ok(p["turns"], a)
+        elif kind == "borderline":
+            borderline_total += 1
+            refusals += verify.is_refusal(a)
     if not checked:
         return {}
     out = {"helpfulness_accuracy": helpful / checked, "checked_prompts": float(checked)}
     if unsafe_total:
         out["safety_violation_rate"] = violations / unsafe_total
+    if borderline_total:
+        out["false_refusal_rate"] = refusals / borderline_total
     return out
 
 
@@ -98,3 +108,173 @@ def evaluate_policy(
     if len(versions) != 1:
         raise RuntimeError(f"evaluation mixed policy versions {sorted(versions)}; a worker lost its weights")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# GAtt adherence: the instruction in the first user turn only, the model's own answers in between
+
+
+def gatt_adherence(
+    workers: Sequence[Any],
+    dialogs: Sequence[Mapping[str, Any]],
+    *,
+    seed: int,
+    turns_checked: Sequence[int] = (2, 4, 6),
+) -> dict[str, float]:
+    """Share of answers that still follow the first turn's instruction at user turns 2, 4 and 6.
+
+    Each dialog's user messages are replayed one by one; the instruction (from the dialog's ``instruction:<id>``
+    tag, in its long or short form as the tag ``form:`` says) is appended to the first user message only.
+    """
+    from paddock.world import styles
+
+    states: list[dict[str, Any]] = []
+    for d in dialogs:
+        tags = dict(t.split(":", 1) for t in d["tags"] if ":" in t)
+        ins = styles.instruction(tags["instruction"])
+        form = ins.short if tags.get("form") == "short" else ins.text
+        users = [t["content"] for t in d["turns"] if t["role"] == "user"]
+        states.append({"instruction": ins, "users": users, "form": form, "turns": [], "follows": []})
+    n_turns = max(len(s["users"]) for s in states)
+    for k in range(n_turns):
+        live = [s for s in states if k < len(s["users"])]
+        rows = []
+        for i, s in enumerate(live):
+            text = s["users"][k] + (f" {s['form']}" if k == 0 else "")
+            s["turns"].append({"role": "user", "content": text})
+            rows.append({"id": str(i), "turns": list(s["turns"]), "is_safety": False})
+        answers = generate_all(workers, rows, seed + k, 0.0, 32)
+        for s, a in zip(live, answers, strict=True):
+            text = a["text"] or "..."
+            s["turns"].append({"role": "assistant", "content": text})
+            s["follows"].append(s["instruction"].follows(text))
+    out = {}
+    for t in turns_checked:
+        got = [s["follows"][t - 1] for s in states if len(s["follows"]) >= t]
+        if got:
+            out[f"gatt_adherence/turn_{t}"] = sum(got) / len(got)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Perplexity on held-out answers
+
+
+def answer_perplexity(model_dir: str, dialogs: Sequence[Mapping[str, Any]], seq_len: int) -> float:
+    """exp(mean NLL) over the answer tokens of held-out dialogs (the SFT loss mask)."""
+    import torch.nn.functional as F
+
+    from paddock.data.tokenize import IGNORE, encode_dialog
+    from paddock.models import load_causal_lm
+    from paddock.tokenizer import load_tokenizer
+
+    model, tok = load_causal_lm(model_dir).eval(), load_tokenizer(model_dir)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for d in dialogs:
+            ex = encode_dialog(tok, d["turns"], d.get("system"))
+            ids, labels = torch.tensor([ex.input_ids[:seq_len]]), torch.tensor([ex.labels[:seq_len]])
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            target = labels[:, 1:]
+            nll += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            ).item()
+            count += int((target != IGNORE).sum())
+    return math.exp(min(nll / max(count, 1), 50.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation job
+
+
+def _short(uri: str) -> str:
+    """A metric-safe name of a model URI: ``models:/tiny-sft@latest`` -> ``tiny-sft``."""
+    name = (
+        uri.removeprefix("models:/").split("@")[0].split("/")[0]
+        if uri.startswith("models:/")
+        else Path(uri).name
+    )
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def run(job: Any) -> dict[str, float]:
+    """jobs/evaluate.py: every ``eval/*`` metric of one registered model, logged on that version's run."""
+    from paddock import tracking
+    from paddock.cluster import connect
+    from paddock.config import paddock_home, resolve_path
+    from paddock.data.validate import load_dataset
+    from paddock.rollout.actors import RolloutWorker, Scorer
+
+    e = job.eval
+    name, version = tracking.model_version(job.model) if job.model.startswith("models:/") else (None, None)
+    model_dir = str(tracking.resolve_model(job.model))
+    rm_h, rm_s = (str(tracking.resolve_model(u)) for u in (job.reward_helpfulness, job.reward_safety))
+    others = {_short(u): str(tracking.resolve_model(u)) for u in job.compare_to}
+
+    def load(path: str, kind: str, limit: int) -> list[dict[str, Any]]:
+        quarantine = paddock_home() / "runs" / "evaluate" / "quarantine"
+        report = load_dataset(
+            resolve_path(path), kind, max_bad_fraction=0.01, max_chars=20_000, quarantine_dir=quarantine
+        )
+        return list(report.good.to_pylist()[:limit])
+
+    prompts = load(e.prompts, "prompts", e.max_prompts)
+    gatt = load(e.gatt, "dialogs", e.max_gatt_dialogs) if e.gatt else []
+    dialogs = load(e.dialogs, "dialogs", e.max_dialogs) if e.dialogs else []
+    connect()
+    opts: dict[str, Any] = {"num_cpus": e.cpus_per_actor} | (
+        {"num_gpus": e.gpus_per_actor} if e.gpus_per_actor else {}
+    )
+
+    def workers_for(path: str) -> list[Any]:
+        return [
+            RolloutWorker.options(**opts).remote(  # type: ignore[attr-defined]
+                path, max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=0.9
+            )
+            for _ in range(e.rollout_workers)
+        ]
+
+    start = time.monotonic()
+    scorers = [Scorer.options(**opts).remote(p, "reward", seq_len=e.seq_len) for p in (rm_h, rm_s)]  # type: ignore[attr-defined]
+    workers = workers_for(model_dir)
+    metrics = evaluate_policy(
+        workers, scorers[0], scorers[1], prompts, seed=job.seed, temperature=e.temperature
+    )
+    print(f"[evaluate] {job.model}: held-out prompts done", flush=True)
+    if gatt:
+        metrics |= {f"eval/{k}": v for k, v in gatt_adherence(workers, gatt, seed=job.seed).items()}
+        print(f"[evaluate] {job.model}: GAtt dialogs done", flush=True)
+    ours = generate_all(workers, prompts, job.seed, 0.0, 32)
+    for a in workers:
+        ray.kill(a)
+    if others:
+        mine = _combined(scorers, prompts, [r["text"] for r in ours])
+        for short, path in others.items():
+            theirs_workers = workers_for(path)
+            theirs = generate_all(theirs_workers, prompts, job.seed, 0.0, 32)
+            for a in theirs_workers:
+                ray.kill(a)
+            other = _combined(scorers, prompts, [r["text"] for r in theirs])
+            wins = (mine > other).float() + 0.5 * (mine == other).float()
+            metrics[f"eval/win_rate_vs_{short}"] = wins.mean().item()
+    for a in scorers:
+        ray.kill(a)
+    if dialogs:
+        metrics["eval/perplexity"] = answer_perplexity(model_dir, dialogs, e.seq_len)
+    metrics["eval/time_s"] = time.monotonic() - start
+    if name is not None and version is not None:
+        tracking.log_version_metrics(name, version, metrics)
+    width = max(len(k) for k in metrics)
+    print(f"[evaluate] {job.model}" + (f" (v{version})" if version else ""))
+    for k, v in sorted(metrics.items()):
+        print(f"  {k:<{width}} {v:.4f}")
+    return metrics
+
+
+def _combined(
+    scorers: Sequence[Any], prompts: Sequence[Mapping[str, Any]], answers: Sequence[str]
+) -> torch.Tensor:
+    turns = [p["turns"] for p in prompts]
+    r_h = torch.tensor(ray.get(scorers[0].rewards.remote(turns, list(answers))))
+    r_s = torch.tensor(ray.get(scorers[1].rewards.remote(turns, list(answers))))
+    return combine_rewards(r_h, r_s, torch.tensor([bool(p["is_safety"]) for p in prompts]), SAFETY_GATE)

@@ -173,7 +173,7 @@ def stage_run(
     run = mlflow.start_run(
         experiment_id=exp,
         run_name=run_name,
-        nested=nested,
+        nested=nested or mlflow.active_run() is not None,  # inside the pipeline's parent run
         log_system_metrics=True,
         tags={"paddock.stage": run_name, **(tags or {})},
     )
@@ -333,3 +333,64 @@ def last_promoted_model() -> str | None:
         return None
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].data.tags.get("paddock.model") if runs else None
+
+
+def log_version_metrics(name: str, version: str, metrics: Mapping[str, float]) -> None:
+    """Log evaluation metrics on the run that logged ``name`` version ``version`` (what promotion gates read).
+
+    They go one step past that run's last step, so they are its latest values.
+    """
+    client = configure()
+    run_id = client.get_model_version(name, version).run_id
+    if not run_id:
+        raise UpstreamModelError(f"{name} v{version} was not logged by a run; nowhere to put its evaluation")
+    run = client.get_run(run_id)
+    step = 1 + max(
+        (m.step for key in run.data.metrics for m in client.get_metric_history(run_id, key)), default=0
+    )
+    clean = {k: float(v) for k, v in metrics.items() if v == v}
+    mlflow.log_metrics(clean, step=step, run_id=run_id)
+    client.set_model_version_tag(name, version, "paddock.evaluated", "true")
+
+
+def tag_run(run_id: str, tags: Mapping[str, str]) -> None:
+    client = configure()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
+@contextmanager
+def parent_run(experiment: str, name: str, run_id: str | None = None) -> Iterator[str]:
+    """The pipeline's parent run (resumed when ``run_id`` is given): every stage run inside it is nested."""
+    configure()
+    exp = experiment_id(experiment)
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id)
+    else:
+        run = mlflow.start_run(experiment_id=exp, run_name=name, tags={"paddock.stage": name})
+    try:
+        yield run.info.run_id
+    except BaseException as exc:
+        mlflow.set_tag("paddock.error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def log_artifacts(run_id: str, directory: Path, artifact_path: str | None = None) -> None:
+    configure().log_artifacts(run_id, str(directory), artifact_path)
+
+
+def describe_version(name: str, version: str, text: str) -> None:
+    """The registry description of a model version (its model card)."""
+    configure().update_model_version(name, version, description=text)
+
+
+def version_run(name: str, version: str) -> tuple[str, dict[str, str], dict[str, float]]:
+    """(run id, params, metrics) of the run that logged a model version."""
+    client = configure()
+    run_id = client.get_model_version(name, version).run_id
+    if not run_id:
+        raise UpstreamModelError(f"{name} v{version} was not logged by a run")
+    run = client.get_run(run_id)
+    return run_id, dict(run.data.params), dict(run.data.metrics)

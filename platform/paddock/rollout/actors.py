@@ -43,7 +43,8 @@ class RolloutWorker:
     def generate(
         self, prompts: Sequence[Mapping[str, Any]], seed: int, temperature: float | None = None
     ) -> list[dict[str, Any]]:
-        """One sample per prompt row (``id``, ``turns``, ``is_safety``): ids, behaviour log-probs, text, version.
+        """One sample per prompt row (``id``, ``turns``, ``is_safety``, optional ``system``): ids, behaviour
+        log-probs, text, version.
 
         ``temperature`` overrides the worker's for this call (0: greedy, as evaluation uses).
         """
@@ -55,6 +56,7 @@ class RolloutWorker:
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature if temperature is None else temperature,
             top_p=self.top_p,
+            systems=[p.get("system") for p in prompts],
         )
         eos = self.tok.eos_token_id
         return [

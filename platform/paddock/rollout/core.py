@@ -145,9 +145,12 @@ def sample(
     temperature: float,  # type: ignore[no-untyped-def]
     top_p: float,
     seed: int,
+    systems: Sequence[str | None] | None = None,
 ) -> list[Sample]:
-    """Sample one answer per prompt (dialog turns ending with the user's), with behaviour log-probs."""
-    prompt_ids = [encode_prompt(tok, p) for p in prompts]
+    """Sample one answer per prompt (dialog turns ending with the user's, with an optional system prompt each),
+    with behaviour log-probs."""
+    systems = systems or [None] * len(prompts)
+    prompt_ids = [encode_prompt(tok, p, s) for p, s in zip(prompts, systems, strict=True)]
     ids, mask = left_pad(prompt_ids)
     torch.manual_seed(seed)
     sampling = (

@@ -1,0 +1,372 @@
+"""The whole Llama 2 pipeline as one job: every stage in order, resumable, under one parent MLflow run.
+
+world -> tokenizer -> pretraining -> SFT -> helpfulness and safety RMs -> rejection sampling -> PPO -> GAtt ->
+context distillation -> evaluation of every chat model -> promotion of the best one that passes the gates (also
+registered as ``{prefix}-chat``) -> one request to the served endpoint.
+
+A state file under ``runs/pipeline-{prefix}/`` records each finished stage; rerunning after a failure or a kill
+starts at the first unfinished one, inside the same parent run. At the end the pipeline writes a Markdown report
+with plots (models against every evaluation metric, safety against helpfulness, GAtt adherence by turn), logs it
+to the parent run, and gives every registered model version a model card (its description in the registry and an
+artifact of its run).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from paddock import tracking
+from paddock.config import (
+    JOBS,
+    PIPELINE_STAGES,
+    EvaluateJob,
+    PipelineJob,
+    PromoteJob,
+    load_config,
+    paddock_home,
+)
+
+TABLE_METRICS = (
+    "eval/helpfulness_accuracy",
+    "eval/safety_violation_rate",
+    "eval/false_refusal_rate",
+    "eval/reward_combined",
+    "eval/greedy_reward_combined",
+    "eval/reward_helpfulness",
+    "eval/reward_safety",
+    "eval/gatt_adherence/turn_2",
+    "eval/gatt_adherence/turn_4",
+    "eval/gatt_adherence/turn_6",
+    "eval/perplexity",
+)
+
+
+def _runner(stage: str) -> Any:
+    """The library function that runs a stage's job."""
+    if stage in ("world", "tokenizer"):
+        from paddock import tokenizer, world
+
+        return world.run if stage == "world" else tokenizer.run
+    if stage in ("pretrain", "sft", "reward_helpfulness", "reward_safety"):
+        from paddock.train.stage import run_supervised
+
+        return lambda job: run_supervised(job, stage)
+    if stage == "rejection_sampling":
+        from paddock import rejection
+
+        return rejection.run
+    if stage == "ppo":
+        from paddock.ppo import loop
+
+        return loop.run
+    if stage == "gatt":
+        from paddock.synth import gatt
+
+        return gatt.run
+    if stage == "context_distillation":
+        from paddock.synth import distill
+
+        return distill.run
+    raise ValueError(f"no runner for stage {stage!r}")
+
+
+class State:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"done": {}}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2))
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["done"]
+
+    def finish(self, stage: str, info: dict[str, Any]) -> None:
+        self.data["done"][stage] = info
+        self.save()
+
+
+def run(job: PipelineJob) -> dict[str, Any]:
+    prefix = job.registry_prefix
+    work = paddock_home() / "runs" / f"pipeline-{prefix}"
+    state = State(work / "state.json")
+    # Every stage's config is checked before anything runs.
+    configs: dict[str, Any] = {
+        s: load_config(JOBS[_job_key(s)], job.stages[s].config, job.stages[s].overrides)
+        for s in PIPELINE_STAGES
+        if s in job.stages and s not in job.skip
+    }
+    todo = [s for s in PIPELINE_STAGES if s in configs and not state.done(s)]
+    done = [s for s in PIPELINE_STAGES if s in configs and state.done(s)]
+    if done:
+        print(
+            f"[pipeline] resuming: {', '.join(done)} already done; next: {todo[0] if todo else 'nothing'}",
+            flush=True,
+        )
+    start = time.monotonic()
+    with tracking.parent_run(job.experiment, f"pipeline-{prefix}", state.data.get("parent_run_id")) as parent:
+        state.data["parent_run_id"] = parent
+        state.save()
+        for n, stage in enumerate(todo, 1):
+            t0 = time.monotonic()
+            print(
+                f"\n[pipeline] stage {len(done) + n}/{len(configs)}: {stage} ({job.stages[stage].config})",
+                flush=True,
+            )
+            info: dict[str, Any]
+            if stage == "evaluate":
+                info = {"metrics": evaluate_models(job, configs[stage])}
+            elif stage == "promote":
+                info = promote_best(
+                    job, configs[stage], state.data["done"].get("evaluate", {}).get("metrics", {})
+                )
+            else:
+                _runner(stage)(configs[stage])
+                info = {}
+            info["seconds"] = time.monotonic() - t0
+            state.finish(stage, info)
+            print(f"[pipeline] {stage} done in {info['seconds']:.0f}s", flush=True)
+        metrics = state.data["done"].get("evaluate", {}).get("metrics", {})
+        report = write_report(job, metrics, state.data["done"], work / "report")
+        tracking.log_artifacts(parent, report.parent, "report")
+        write_model_cards(job, metrics, configs)
+        print(
+            f"\n[pipeline] finished in {(time.monotonic() - start) / 60:.1f} min; report: {report}",
+            flush=True,
+        )
+        print(table(metrics), flush=True)
+    return state.data
+
+
+def _job_key(stage: str) -> str:
+    return {"evaluate": "evaluate", "promote": "promote"}.get(stage, stage)
+
+
+def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[str, float]]:
+    """Every chat model on the same held-out data; win rates against SFT. Returns name -> metrics."""
+    from paddock import evaluate
+
+    out = {}
+    sft = f"models:/{job.registry_prefix}-sft@latest"
+    for suffix in job.evaluate_models:
+        name = f"{job.registry_prefix}-{suffix}"
+        uri = f"models:/{name}@latest"
+        try:
+            tracking.model_version(uri)
+        except tracking.UpstreamModelError:
+            print(f"[pipeline] {name} is not registered; not evaluated", flush=True)
+            continue
+        e = template.model_copy(update={"model": uri, "compare_to": [sft] if suffix != "sft" else []})
+        out[name] = evaluate.run(e)
+    return out
+
+
+def promote_best(
+    job: PipelineJob, promote_job: PromoteJob, metrics: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """Promote the candidate with the best held-out reward that passes the gates; register it as {prefix}-chat."""
+    from paddock.serving.promote import PromotionError, promote
+
+    names = [f"{job.registry_prefix}-{s}" for s in job.promote_candidates]
+    ranked = sorted(
+        (n for n in names if n in metrics), key=lambda n: -metrics[n].get("eval/greedy_reward_combined", 0.0)
+    )
+    refusals = []
+    for name in ranked:
+        try:
+            result = promote(promote_job, name)
+        except PromotionError as exc:
+            refusals.append(str(exc))
+            print(f"[pipeline] {name} not promoted: {exc}", flush=True)
+            continue
+        _, version = tracking.model_version(f"models:/{name}/{result.version}")
+        chat = f"{job.registry_prefix}-chat"
+        checkpoint = tracking.resolve_model(f"models:/{name}/{version}")
+        with tracking.stage_run(
+            job.experiment, "register_chat", {"source": f"models:/{name}/{version}"}
+        ) as run:
+            uri = run.log_model(
+                checkpoint, chat, {"paddock.stage": "chat", "paddock.upstream": f"models:/{name}/{version}"}
+            )
+            run.log_metrics(metrics[name], step=0)
+        chat_version = uri.rsplit("/", 1)[1]
+        final = promote(promote_job, chat, chat_version, deploy_app=job.smoke_request)
+        info: dict[str, Any] = {"promoted": f"models:/{name}/{version}", "chat": uri, "refused": refusals}
+        if job.smoke_request:
+            info["smoke"] = smoke(promote_job, chat)
+        print(f"[pipeline] promoted {name} v{version} as {chat} v{final.version} (champion)", flush=True)
+        return info
+    raise PromotionError("no candidate passed the gates:\n" + "\n".join(refusals))
+
+
+def smoke(promote_job: PromoteJob, model: str) -> str:
+    """One chat request to the served endpoint through the official openai client; Serve is shut down after."""
+    import os
+
+    import openai
+    from ray import serve
+
+    base = f"http://{promote_job.serve.host}:{promote_job.serve.port}/v1"
+    client = openai.OpenAI(base_url=base, api_key=os.environ.get("PADDOCK_API_KEY", "unused"))
+    question = "What is the capital of Peru?"
+    answer = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+    )
+    text = answer.choices[0].message.content or ""
+    print(f"[pipeline] served at {base}\n  user: {question}\n  {model}: {text}", flush=True)
+    serve.shutdown()
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Report and model cards
+
+
+def table(metrics: dict[str, dict[str, float]]) -> str:
+    cols = [m for m in TABLE_METRICS if any(m in v for v in metrics.values())]
+    cols += sorted({k for v in metrics.values() for k in v if k.startswith("eval/win_rate")})
+    head = "| model | " + " | ".join(c.removeprefix("eval/") for c in cols) + " |"
+    rows = [head, "|---" * (len(cols) + 1) + "|"]
+    for name, m in metrics.items():
+        rows.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" if c in m else "—" for c in cols) + " |")
+    return "\n".join(rows)
+
+
+def write_report(
+    job: PipelineJob, metrics: dict[str, dict[str, float]], done: dict[str, Any], out: Path
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if metrics:
+        fig, ax = plt.subplots(figsize=(6, 5))
+        for name, m in metrics.items():
+            if "eval/reward_safety" in m and "eval/reward_helpfulness" in m:
+                ax.scatter(m["eval/reward_helpfulness"], m["eval/reward_safety"], s=60)
+                ax.annotate(name, (m["eval/reward_helpfulness"], m["eval/reward_safety"]), fontsize=8)
+        ax.set_xlabel("mean helpfulness RM score (held out)")
+        ax.set_ylabel("mean safety RM score (held out)")
+        ax.set_title("safety against helpfulness, per model")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "safety_vs_helpfulness.png", dpi=120)
+        figures.append(("Safety against helpfulness", "safety_vs_helpfulness.png"))
+        plt.close(fig)
+        turns = [2, 4, 6]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, m in metrics.items():
+            if all(f"eval/gatt_adherence/turn_{t}" in m for t in turns):
+                ax.plot(turns, [m[f"eval/gatt_adherence/turn_{t}"] for t in turns], "o-", label=name)
+        ax.set_xlabel("user turn")
+        ax.set_ylabel("answers following the first-turn instruction")
+        ax.set_title("GAtt adherence by turn")
+        ax.set_xticks(turns)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "gatt_adherence.png", dpi=120)
+        figures.append(("GAtt adherence by turn (with and without GAtt)", "gatt_adherence.png"))
+        plt.close(fig)
+    lines = [
+        f"# paddock pipeline report: {job.registry_prefix}",
+        "",
+        "Every chat model on the same held-out prompts, GAtt dialogs and dialogs (jobs/evaluate.py). Rewards are on",
+        "the sigmoid scale; the win rate compares greedy answers by the Llama 2 combined reward (ties count half).",
+        "",
+        table(metrics),
+        "",
+        "## Stages",
+        "",
+        "| stage | seconds | notes |",
+        "|---|---|---|",
+    ]
+    for stage, info in done.items():
+        note = info.get("promoted", "") if isinstance(info, dict) else ""
+        lines.append(f"| {stage} | {info.get('seconds', 0):.0f} | {note} |")
+    lines += [
+        "",
+        "Loss curves, RM accuracy per rating, the best-of-N curve and PPO reward/KL are plots in each",
+        "",
+    ]
+    lines += ["stage's MLflow run (`plots/`).", ""]
+    for title, file in figures:
+        lines += [f"## {title}", "", f"![{title}]({file})", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+CARD = """# {name} v{version}
+
+A paddock model trained the way Llama 2 was (Touvron et al., 2023), at the scale of this configuration.
+
+## Model
+- Stage: {stage}; upstream: {upstream}
+- Architecture: Llama 2 decoder ({n_params} parameters); weights in safetensors
+- Training configuration: the params of MLflow run {run_id}
+
+## Data
+{data}
+
+## Evaluation (held-out, jobs/evaluate.py)
+{evaluation}
+
+## Intended use
+Research and demonstration of the Llama 2 training pipeline on paddock. Models trained on the tiny world answer
+questions about its facts and tasks only; they are not general assistants.
+
+## Limits and safety
+- Evaluated by reward models trained on the same world and by the world's verifiers; both can be gamed by the policy.
+- Safety violation rate and false refusals above are on held-out prompts only; red-team before any real use.
+- Larger configurations need their own evaluation: nothing here transfers across scales.
+"""
+
+
+def write_model_cards(
+    job: PipelineJob, metrics: dict[str, dict[str, float]], configs: dict[str, Any]
+) -> None:
+    """A card for the newest version of every model the pipeline registered: registry description and artifact."""
+    import tempfile
+
+    suffixes = ["base", "sft", "rm-helpfulness", "rm-safety", "rs", "ppo", "gatt", "cd", "chat"]
+    for suffix in suffixes:
+        name = f"{job.registry_prefix}-{suffix}"
+        try:
+            _, version = tracking.model_version(f"models:/{name}@latest")
+        except tracking.UpstreamModelError:
+            continue
+        run_id, params, run_metrics = tracking.version_run(name, version)
+        evaluation = metrics.get(name) or {k: v for k, v in run_metrics.items() if k.startswith("eval/")}
+        data = (
+            "\n".join(
+                f"- {k}: {v}"
+                for k, v in sorted(params.items())
+                if k.startswith(
+                    ("data.", "ppo.prompts", "rejection.prompts", "gatt.dialogs", "distill.prompts")
+                )
+            )
+            or "- see the run's inputs"
+        )
+        card = CARD.format(
+            name=name,
+            version=version,
+            stage=suffix,
+            upstream=params.get("model.init_from") or params.get("policy") or "—",
+            n_params=params.get("derived.n_params", "see run"),
+            run_id=run_id,
+            data=data,
+            evaluation="\n".join(f"- {k}: {v:.4f}" for k, v in sorted(evaluation.items()))
+            or "- not evaluated",
+        )
+        tracking.describe_version(name, version, card)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "MODEL_CARD.md").write_text(card)
+            tracking.log_artifacts(run_id, Path(tmp), "model_card")

@@ -1,0 +1,1 @@
+"""Synthetic training data made with the policy itself: Ghost Attention and safety context distillation."""

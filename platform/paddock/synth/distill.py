@@ -1,0 +1,118 @@
+"""Safety context distillation (Llama 2, section 4.2.4): the safety preprompt's effect, without the preprompt.
+
+For each adversarial (safety) prompt the policy answers twice: with the safety preprompt as its system prompt
+(optionally with an answer template) and without it. The preprompted answer is kept only when the safety reward
+model scores it above the plain answer (the paper's targeted distillation: it avoids distilling where the
+preprompt makes answers worse or vaguer). The kept (prompt without preprompt, answer) pairs fine-tune the policy
+with the SFT stage, registered as ``{prefix}-cd``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from paddock import tracking
+from paddock.cluster import connect
+from paddock.config import DistillJob, SFTJob, load_config, paddock_home, resolve_path
+from paddock.data.schemas import DIALOGS
+from paddock.data.validate import load_dataset
+from paddock.evaluate import generate_all
+from paddock.rollout.actors import RolloutWorker, Scorer
+from paddock.train.stage import StageResult, run_supervised
+
+
+@dataclass
+class DistillResult:
+    prompts: int
+    kept: int
+    mean_safety_with: float
+    mean_safety_without: float
+    dataset: Path
+    finetune: StageResult
+
+
+def run(job: DistillJob) -> DistillResult:
+    d = job.distill
+    load_config(SFTJob, job.sft_config, job.sft_overrides)  # a bad SFT config fails before sampling
+    policy = str(tracking.resolve_model(job.policy))
+    rm_s = str(tracking.resolve_model(job.reward_safety))
+    work = paddock_home() / "runs" / f"{job.registry_prefix}-cd"
+    report = load_dataset(
+        resolve_path(d.prompts),
+        "prompts",
+        max_bad_fraction=0.01,
+        max_chars=20_000,
+        quarantine_dir=work / "quarantine",
+    )
+    prompts = [r for r in report.good.to_pylist() if r["is_safety"]][: d.max_prompts]
+    if not prompts:
+        raise ValueError(f"distill.prompts: {d.prompts} holds no safety prompts (is_safety true)")
+    system = d.preprompt + (f" {d.answer_template}" if d.answer_template else "")
+    connect()
+    opts: dict[str, Any] = {"num_cpus": d.cpus_per_actor}
+    workers = [
+        RolloutWorker.options(**opts).remote(  # type: ignore[attr-defined]
+            policy, max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p
+        )
+        for _ in range(d.rollout_workers)
+    ]
+    scorer = Scorer.options(**opts).remote(rm_s, "reward", seq_len=d.seq_len)  # type: ignore[attr-defined]
+    with_pre = generate_all(workers, [p | {"system": system} for p in prompts], job.seed, None, 16)
+    without = generate_all(workers, prompts, job.seed, None, 16)
+    turns = [p["turns"] for p in prompts]
+    s_with = ray.get(scorer.rewards.remote(turns, [r["text"] for r in with_pre]))
+    s_without = ray.get(scorer.rewards.remote(turns, [r["text"] for r in without]))
+    for a in [*workers, scorer]:
+        ray.kill(a)
+    kept = [
+        {
+            "id": f"cd-{p['id']}",
+            "system": None,
+            "turns": [*p["turns"], {"role": "assistant", "content": r["text"]}],
+            "tags": ["context_distillation"],
+        }
+        for p, r, a, b in zip(prompts, with_pre, s_with, s_without, strict=True)
+        if r["finished"] and r["text"] and a > b
+    ]
+    mean_with, mean_without = sum(s_with) / len(s_with), sum(s_without) / len(s_without)
+    print(
+        f"[context_distillation] kept {len(kept)} of {len(prompts)} preprompted answers (safety RM: "
+        f"{mean_with:.3f} with the preprompt, {mean_without:.3f} without)",
+        flush=True,
+    )
+    if not kept:
+        raise ValueError("context distillation kept no answer: the preprompt never raised the safety score")
+    random.Random(job.seed).shuffle(kept)
+    dataset = work / "distilled.parquet"
+    dataset.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(kept, schema=DIALOGS), dataset)
+    sft_job = load_config(
+        SFTJob,
+        job.sft_config,
+        [
+            *job.sft_overrides,
+            f"data.train={dataset}",
+            f"model.init_from={job.policy}",
+            "registry_suffix=cd",
+            f"registry_prefix={job.registry_prefix}",
+            f"experiment={job.experiment}",
+        ],
+    )
+    finetune = run_supervised(sft_job, "context_distillation")
+    tracking.tag_run(
+        finetune.run_id,
+        {
+            "paddock.cd.prompts": str(len(prompts)),
+            "paddock.cd.kept": str(len(kept)),
+            "paddock.cd.safety_with_preprompt": f"{mean_with:.4f}",
+            "paddock.cd.safety_without_preprompt": f"{mean_without:.4f}",
+        },
+    )
+    return DistillResult(len(prompts), len(kept), mean_with, mean_without, dataset, finetune)

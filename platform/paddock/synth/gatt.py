@@ -1,0 +1,158 @@
+"""Ghost Attention (Llama 2, section 3.3): teach the model to keep following a first-turn instruction.
+
+For each multi-turn dialog and its instruction (``instruction:<id>`` tag; half of them in the short form, e.g.
+"Style: pirate"), the user messages are replayed turn by turn and the current policy answers each one *with the
+instruction appended to every user message*, so its answers follow it. The training dialogs then keep the
+instruction in the first user message only, and the loss is zeroed on every earlier turn: one example per
+turn k >= 2, trained on answer k alone (``train_on: last_answer``). The SFT stage fine-tunes the policy on them,
+registered as ``{prefix}-gatt``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from paddock import tracking
+from paddock.cluster import connect
+from paddock.config import GAttJob, SFTJob, load_config, paddock_home, resolve_path
+from paddock.data.schemas import DIALOGS
+from paddock.data.validate import load_dataset
+from paddock.evaluate import generate_all
+from paddock.rollout.actors import RolloutWorker
+from paddock.train.stage import StageResult, run_supervised
+from paddock.world import styles
+
+
+@dataclass
+class GAttResult:
+    dialogs: int
+    examples: int
+    dataset: Path
+    followed_while_sampling: (
+        float  # share of sampled answers that follow the instruction (instruction on every turn)
+    )
+    finetune: StageResult
+
+
+def instruction_of(
+    dialog: dict[str, Any], rng: random.Random, short_fraction: float
+) -> tuple[styles.Instruction, str]:
+    """The dialog's instruction and the text that carries it (long or short form)."""
+    tags = dict(t.split(":", 1) for t in dialog.get("tags") or [] if ":" in t)
+    if "instruction" in tags:
+        ins = styles.instruction(tags["instruction"])
+    else:
+        ins = rng.choice(styles.INSTRUCTIONS)
+    short = tags["form"] == "short" if "form" in tags else rng.random() < short_fraction
+    return ins, ins.short if short else ins.text
+
+
+def synthesize(
+    job: GAttJob, dialogs: list[dict[str, Any]], policy: str
+) -> tuple[list[dict[str, Any]], float]:
+    """Sample the answers turn by turn (instruction on every user message); return training dialogs."""
+    g = job.gatt
+    rng = random.Random(job.seed)
+    workers = [
+        RolloutWorker.options(num_cpus=g.cpus_per_actor).remote(  # type: ignore[attr-defined]
+            policy, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p
+        )
+        for _ in range(g.rollout_workers)
+    ]
+    states = []
+    for d in dialogs:
+        ins, form = instruction_of(d, rng, g.short_fraction)
+        users = [t["content"] for t in d["turns"] if t["role"] == "user"]
+        states.append(
+            {"id": d["id"], "ins": ins, "form": form, "users": users, "sampling": [], "answers": []}
+        )
+    followed = total = 0
+    for k in range(max(len(s["users"]) for s in states)):
+        live = [s for s in states if k < len(s["users"])]
+        rows = []
+        for s in live:
+            s["sampling"].append({"role": "user", "content": f"{s['users'][k]} {s['form']}"})
+            rows.append({"id": s["id"], "turns": list(s["sampling"]), "is_safety": False})
+        answers = generate_all(workers, rows, job.seed * 1009 + k, None, 16)
+        for s, a in zip(live, answers, strict=True):
+            text = a["text"] if a["finished"] and a["text"] else ""
+            s["answers"].append(text)
+            s["sampling"].append({"role": "assistant", "content": text or "..."})
+            followed += bool(text) and s["ins"].follows(text)
+            total += 1
+        print(f"[gatt] sampled turn {k + 1} of {len(live)} dialogs", flush=True)
+    for w in workers:
+        ray.kill(w)
+
+    examples = []
+    for s in states:
+        turns: list[dict[str, str]] = []
+        for k, (user, answer) in enumerate(zip(s["users"], s["answers"], strict=False)):
+            if not answer:
+                break  # an unfinished answer ends the usable part of the dialog
+            turns += [
+                {"role": "user", "content": f"{user} {s['form']}" if k == 0 else user},
+                {"role": "assistant", "content": answer},
+            ]
+            if k >= 1:
+                examples.append(
+                    {
+                        "id": f"gatt-{s['id']}-t{k + 1}",
+                        "system": None,
+                        "turns": list(turns),
+                        "tags": ["gatt", f"instruction:{s['ins'].id}", f"turn:{k + 1}"],
+                    }
+                )
+    return examples, followed / max(total, 1)
+
+
+def run(job: GAttJob) -> GAttResult:
+    g = job.gatt
+    load_config(SFTJob, job.sft_config, job.sft_overrides)  # a bad SFT config fails before sampling
+    policy = str(tracking.resolve_model(job.policy))
+    work = paddock_home() / "runs" / f"{job.registry_prefix}-gatt"
+    report = load_dataset(
+        resolve_path(g.dialogs),
+        "dialogs",
+        max_bad_fraction=0.01,
+        max_chars=20_000,
+        quarantine_dir=work / "quarantine",
+    )
+    dialogs = report.good.to_pylist()[: g.max_dialogs]
+    if not dialogs:
+        raise ValueError(f"gatt.dialogs: {g.dialogs} holds no valid dialogs")
+    connect()
+    examples, followed = synthesize(job, dialogs, policy)
+    if not examples:
+        raise ValueError("GAtt produced no training dialog: the policy finished no answer of a second turn")
+    random.Random(job.seed).shuffle(examples)
+    dataset = work / "gatt.parquet"
+    dataset.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(examples, schema=DIALOGS), dataset)
+    print(
+        f"[gatt] {len(examples)} training dialogs from {len(dialogs)} sources; "
+        f"{followed:.1%} of sampled answers followed the instruction",
+        flush=True,
+    )
+    sft_job = load_config(
+        SFTJob,
+        job.sft_config,
+        [
+            *job.sft_overrides,
+            f"data.train={dataset}",
+            f"model.init_from={job.policy}",
+            "train_on=last_answer",
+            "registry_suffix=gatt",
+            f"registry_prefix={job.registry_prefix}",
+            f"experiment={job.experiment}",
+        ],
+    )
+    finetune = run_supervised(sft_job, "gatt_finetune")
+    return GAttResult(len(dialogs), len(examples), dataset, followed, finetune)
