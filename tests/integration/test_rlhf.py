@@ -23,7 +23,7 @@ from chain import REPO
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KL_BOUND = 4.0  # nats per answer: the tiny PPO config's kl_limit
-ITERATIONS = 15
+ITERATIONS = 10
 
 
 def held_out_scores(model_dir: Path, chain: dict, world_dir: Path, n: int = 100) -> dict[str, float]:
