@@ -658,6 +658,11 @@ class DistillConfig(Strict):
     rollout_workers: int = Field(2, ge=1, description="Rollout worker actors.")
     cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs per rollout worker or scorer.")
     seq_len: int = Field(256, ge=16, description="Tokens the safety reward model reads.")
+    min_examples: int = Field(
+        32,
+        ge=1,
+        description="A smaller kept set is repeated up to this size, so the fine-tune has full steps.",
+    )
 
 
 class DistillJob(StageConfig):

@@ -89,6 +89,16 @@ def run(job: DistillJob) -> DistillResult:
     )
     if not kept:
         raise ValueError("context distillation kept no answer: the preprompt never raised the safety score")
+    if len(kept) < d.min_examples:
+        print(
+            f"[context_distillation] repeating the {len(kept)} kept answers up to distill.min_examples="
+            f"{d.min_examples} so that the fine-tune takes full steps",
+            flush=True,
+        )
+        kept = [
+            kept[i % len(kept)] | {"id": f"{kept[i % len(kept)]['id']}-r{i // len(kept)}"}
+            for i in range(d.min_examples)
+        ]
     random.Random(job.seed).shuffle(kept)
     dataset = work / "distilled.parquet"
     dataset.parent.mkdir(parents=True, exist_ok=True)
