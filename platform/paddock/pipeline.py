@@ -293,10 +293,10 @@ def write_report(
         lines.append(f"| {stage} | {info.get('seconds', 0):.0f} | {note} |")
     lines += [
         "",
-        "Loss curves, RM accuracy per rating, the best-of-N curve and PPO reward/KL are plots in each",
+        "Loss curves, RM accuracy per rating, the best-of-N curve and PPO reward and KL are plots in each stage's",
+        "MLflow run (`plots/`), nested under this pipeline's parent run.",
         "",
     ]
-    lines += ["stage's MLflow run (`plots/`).", ""]
     for title, file in figures:
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
     report = out / "report.md"
