@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -112,7 +113,9 @@ def submit(
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    job_id = next(w for w in out.stdout.split() if w.startswith("raysubmit_")).strip("'\"")
+    found = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout)  # the CLI colours its output
+    assert found, out.stdout
+    job_id = found.group(0)
     deadline = time.monotonic() + 900
     status = "PENDING"
     seen: set[str] = set()
@@ -127,6 +130,7 @@ def submit(
             capture_output=True,
             text=True,
         )
+        assert st.returncode == 0, st.stderr
         status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in st.stdout), "RUNNING")
         if status != "RUNNING":
             break
