@@ -116,32 +116,21 @@ def submit(
     found = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout)  # the CLI colours its output
     assert found, out.stdout
     job_id = found.group(0)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
     deadline = time.monotonic() + 900
-    status = "PENDING"
     seen: set[str] = set()
-    while time.monotonic() < deadline:
+    status = client.get_job_status(job_id)
+    while time.monotonic() < deadline and not status.is_terminal():
         if watch:
             seen |= {
                 line.split("{")[0] for line in scrape(watch).splitlines() if line.startswith("ray_paddock_")
             }
-        st = subprocess.run(
-            [str(BIN / "ray"), "job", "status", "--address", address, job_id],
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-        )
-        assert st.returncode == 0, st.stderr
-        status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in st.stdout), "RUNNING")
-        if status != "RUNNING":
-            break
         time.sleep(2)
-    logs = subprocess.run(
-        [str(BIN / "ray"), "job", "logs", "--address", address, job_id],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-    ).stdout
-    return status, logs, seen
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    return {JobStatus.SUCCEEDED: "SUCCEEDED", JobStatus.FAILED: "FAILED"}.get(status, str(status)), logs, seen
 
 
 @pytest.fixture(scope="module")
