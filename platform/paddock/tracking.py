@@ -45,8 +45,16 @@ def configure() -> MlflowClient:
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # mlflow.set_*_uri also export the URI to os.environ; undo that, or every later configure() in this process
+    # and every child process (Ray workers, subprocesses) would read it back and ignore a new PADDOCK_HOME.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return MlflowClient(uri, uri)
 
 
@@ -338,15 +346,16 @@ def last_promoted_model() -> str | None:
 def log_version_metrics(name: str, version: str, metrics: Mapping[str, float]) -> None:
     """Log evaluation metrics on the run that logged ``name`` version ``version`` (what promotion gates read).
 
-    They go one step past that run's last step, so they are its latest values.
+    Each goes one step past the last step of the same metric in that run, so it is the latest value.
     """
     client = configure()
     run_id = client.get_model_version(name, version).run_id
     if not run_id:
         raise UpstreamModelError(f"{name} v{version} was not logged by a run; nowhere to put its evaluation")
-    run = client.get_run(run_id)
+    logged = client.get_run(run_id).data.metrics
     step = 1 + max(
-        (m.step for key in run.data.metrics for m in client.get_metric_history(run_id, key)), default=0
+        (m.step for key in metrics if key in logged for m in client.get_metric_history(run_id, key)),
+        default=0,
     )
     clean = {k: float(v) for k, v in metrics.items() if v == v}
     mlflow.log_metrics(clean, step=step, run_id=run_id)

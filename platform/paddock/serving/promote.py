@@ -85,7 +85,6 @@ def serve_args(job: PromoteJob, name: str, version: str) -> dict[str, Any]:
     if job.reward_helpfulness and job.reward_safety:
         args["reward_helpfulness"] = str(tracking.resolve_model(job.reward_helpfulness))
         args["reward_safety"] = str(tracking.resolve_model(job.reward_safety))
-    args["serve"]["api_key"] = None  # never written to a file; replicas read PADDOCK_API_KEY
     return args
 
 
@@ -93,6 +92,8 @@ def write_serve_config(job: PromoteJob, args: dict[str, Any]) -> Path:
     """The config file for ``serve deploy``: the same app, built by ``paddock.serving.app:app_builder``."""
     out = resolve_path(job.serve_config_out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The API key never goes into a file: replicas deployed from it read PADDOCK_API_KEY.
+    args = args | {"serve": args["serve"] | {"api_key": None}}
     config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": job.serve.host, "port": job.serve.port},
@@ -193,8 +194,6 @@ def serve_forever(job: PromoteJob, name: str | None, alias: str) -> None:
         )
     _, version = tracking.model_version(f"models:/{name}@{alias}")
     args = serve_args(job, name, version)
-    if job.serve.api_key:
-        args["serve"]["api_key"] = job.serve.api_key
     connect()
     deploy(job, args)
     url = f"http://{job.serve.host}:{job.serve.port}"
