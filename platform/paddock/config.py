@@ -359,6 +359,28 @@ class SweepJob(StageConfig):
     sweep: SweepConfig = Field(..., description="Search space and scheduler.")
 
 
+class SamplingConfig(Strict):
+    """How a stage samples answers on rollout workers (GAtt, context distillation, evaluation)."""
+
+    temperature: float = Field(0.7, ge=0, le=3, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest answer generated.")
+    rollout_workers: int = Field(2, ge=1, description="Rollout worker actors.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs per rollout worker or scorer.")
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs per rollout worker or scorer (fractions share)."
+    )
+
+
+class FinetuneJob(StageConfig):
+    """Fields of the stages that sample data with a policy and fine-tune it with the SFT stage."""
+
+    tokenizer: str = Field("tokenizer", description="Tokenizer directory (relative to PADDOCK_HOME).")
+    policy: str = Field(..., description="The model that samples the data and is fine-tuned on it.")
+    sft_config: str = Field(..., description="SFT stage YAML used for the fine-tune.")
+    sft_overrides: list[str] = Field(default_factory=list, description="--set overrides for that SFT stage.")
+
+
 class RejectionConfig(Strict):
     """Rejection sampling (Llama 2, section 3.2.3): K samples per prompt, keep the best by the combined reward."""
 
@@ -385,18 +407,15 @@ class RejectionConfig(Strict):
     seq_len: int = Field(256, ge=16, description="Reward models read at most this many tokens of a dialog.")
 
 
-class RejectionJob(StageConfig):
+class RejectionJob(FinetuneJob):
     """jobs/rejection_sampling.py: sample, score, keep the best, then fine-tune with the SFT stage."""
 
-    tokenizer: str = Field("tokenizer", description="Tokenizer directory (relative to PADDOCK_HOME).")
     policy: str = Field("models:/tiny-sft@latest", description="Model to sample from (and to fine-tune).")
     reward_helpfulness: str = Field(
         "models:/tiny-rm-helpfulness@latest", description="Helpfulness reward model."
     )
     reward_safety: str = Field("models:/tiny-rm-safety@latest", description="Safety reward model.")
     rejection: RejectionConfig = Field(default_factory=RejectionConfig, description="Sampling and selection.")
-    sft_config: str = Field(..., description="SFT stage YAML used to fine-tune on the kept answers.")
-    sft_overrides: list[str] = Field(default_factory=list, description="--set overrides for that SFT stage.")
 
 
 class PPOConfig(Strict):
@@ -569,7 +588,7 @@ class PromoteJob(StageConfig):
     )
 
 
-class EvaluateConfig(Strict):
+class EvaluateConfig(SamplingConfig):
     """What jobs/evaluate.py measures and on which held-out data."""
 
     prompts: str = Field("world/prompts/test.parquet", description="Held-out prompts (kind prompts).")
@@ -580,14 +599,13 @@ class EvaluateConfig(Strict):
     max_prompts: int = Field(200, ge=1, description="Held-out prompts answered.")
     max_gatt_dialogs: int = Field(40, ge=1, description="GAtt dialogs played out turn by turn.")
     max_dialogs: int = Field(200, ge=1, description="Dialogs scored for perplexity.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest answer generated.")
     temperature: float = Field(
-        0.6, ge=0, le=3, description="Sampling temperature of the sampled-reward pass."
+        0.6,
+        ge=0,
+        le=3,
+        description="Temperature of the sampled pass (the greedy pass uses 0); Llama 2's 0.6.",
     )
     seq_len: int = Field(256, ge=16, description="Tokens the reward models and perplexity read.")
-    rollout_workers: int = Field(2, ge=1, description="Generation actors.")
-    cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs per generation or scoring actor.")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor.")
 
 
 class EvaluateJob(StageConfig):
@@ -604,7 +622,7 @@ class EvaluateJob(StageConfig):
     eval: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Data and generation.")
 
 
-class GAttConfig(Strict):
+class GAttConfig(SamplingConfig):
     """Ghost Attention data (Llama 2, section 3.3): instruction on every turn for sampling, first turn only for training."""
 
     dialogs: str = Field(
@@ -617,23 +635,15 @@ class GAttConfig(Strict):
         le=1,
         description="Share of dialogs whose instruction is given in its short form (paper: half).",
     )
-    temperature: float = Field(0.7, ge=0, le=3, description="Sampling temperature of the answers.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
-    max_new_tokens: int = Field(48, ge=1, description="Longest answer sampled.")
-    rollout_workers: int = Field(2, ge=1, description="Rollout worker actors.")
-    cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs per rollout worker.")
 
 
-class GAttJob(StageConfig):
+class GAttJob(FinetuneJob):
     """jobs/gatt.py: sample GAtt dialogs with the current policy, fine-tune on them (loss on the last answer)."""
 
-    tokenizer: str = Field("tokenizer", description="Tokenizer directory (relative to PADDOCK_HOME).")
     policy: str = Field(
         "models:/tiny-ppo@latest", description="The latest RLHF model: samples and is fine-tuned."
     )
     gatt: GAttConfig = Field(default_factory=GAttConfig, description="Data synthesis.")
-    sft_config: str = Field(..., description="SFT stage YAML used for the fine-tune.")
-    sft_overrides: list[str] = Field(default_factory=list, description="--set overrides for that SFT stage.")
 
 
 SAFETY_PREPROMPT = (
@@ -642,7 +652,7 @@ SAFETY_PREPROMPT = (
 )
 
 
-class DistillConfig(Strict):
+class DistillConfig(SamplingConfig):
     """Safety context distillation (Llama 2, section 4.2.4)."""
 
     prompts: str = Field("world/prompts/train.parquet", description="Prompts; the safety ones are used.")
@@ -652,11 +662,6 @@ class DistillConfig(Strict):
         None,
         description="Optional answer template appended to the preprompt (the paper's category templates).",
     )
-    temperature: float = Field(0.7, ge=0, le=3, description="Sampling temperature.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest answer sampled.")
-    rollout_workers: int = Field(2, ge=1, description="Rollout worker actors.")
-    cpus_per_actor: float = Field(0.5, gt=0, description="Logical CPUs per rollout worker or scorer.")
     seq_len: int = Field(256, ge=16, description="Tokens the safety reward model reads.")
     min_examples: int = Field(
         32,
@@ -665,17 +670,14 @@ class DistillConfig(Strict):
     )
 
 
-class DistillJob(StageConfig):
+class DistillJob(FinetuneJob):
     """jobs/context_distillation.py: answers with the preprompt, kept when the safety RM prefers them, distilled."""
 
-    tokenizer: str = Field("tokenizer", description="Tokenizer directory (relative to PADDOCK_HOME).")
     policy: str = Field("models:/tiny-gatt@latest", description="The model to distil into (and sample from).")
     reward_safety: str = Field(
         "models:/tiny-rm-safety@latest", description="Safety reward model (the filter)."
     )
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Sampling and filtering.")
-    sft_config: str = Field(..., description="SFT stage YAML used for the fine-tune.")
-    sft_overrides: list[str] = Field(default_factory=list, description="--set overrides for that SFT stage.")
 
 
 PIPELINE_STAGES = (

@@ -17,7 +17,6 @@ from typing import Any
 import ray
 import torch
 
-from paddock.rlhf.ppo import SAFETY_GATE, combine_rewards
 from paddock.world import verify
 
 
@@ -41,11 +40,7 @@ def generate_all(
 def reward_means(
     rm_helpfulness: Any, rm_safety: Any, prompts: Sequence[Mapping[str, Any]], answers: Sequence[str]
 ) -> dict[str, float]:
-    turns = [p["turns"] for p in prompts]
-    r_h = torch.tensor(ray.get(rm_helpfulness.rewards.remote(turns, list(answers))))
-    r_s = torch.tensor(ray.get(rm_safety.rewards.remote(turns, list(answers))))
-    is_safety = torch.tensor([bool(p["is_safety"]) for p in prompts])
-    combined = combine_rewards(r_h, r_s, is_safety, SAFETY_GATE)
+    r_h, r_s, combined = _scores(rm_helpfulness, rm_safety, prompts, answers)
     return {
         "reward_combined": combined.mean().item(),
         "reward_helpfulness": r_h.mean().item(),
@@ -203,7 +198,7 @@ def run(job: Any) -> dict[str, float]:
     from paddock.cluster import connect
     from paddock.config import paddock_home, resolve_path
     from paddock.data.validate import load_dataset
-    from paddock.rollout.actors import RolloutWorker, Scorer
+    from paddock.rollout.actors import Scorer, actor_options, workers_from
 
     e = job.eval
     name, version = tracking.model_version(job.model) if job.model.startswith("models:/") else (None, None)
@@ -213,30 +208,17 @@ def run(job: Any) -> dict[str, float]:
 
     def load(path: str, kind: str, limit: int) -> list[dict[str, Any]]:
         quarantine = paddock_home() / "runs" / "evaluate" / "quarantine"
-        report = load_dataset(
-            resolve_path(path), kind, max_bad_fraction=0.01, max_chars=20_000, quarantine_dir=quarantine
-        )
+        report = load_dataset(resolve_path(path), kind, quarantine_dir=quarantine)
         return list(report.good.to_pylist()[:limit])
 
     prompts = load(e.prompts, "prompts", e.max_prompts)
     gatt = load(e.gatt, "dialogs", e.max_gatt_dialogs) if e.gatt else []
     dialogs = load(e.dialogs, "dialogs", e.max_dialogs) if e.dialogs else []
     connect()
-    opts: dict[str, Any] = {"num_cpus": e.cpus_per_actor} | (
-        {"num_gpus": e.gpus_per_actor} if e.gpus_per_actor else {}
-    )
-
-    def workers_for(path: str) -> list[Any]:
-        return [
-            RolloutWorker.options(**opts).remote(  # type: ignore[attr-defined]
-                path, max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=0.9
-            )
-            for _ in range(e.rollout_workers)
-        ]
-
     start = time.monotonic()
+    opts = actor_options(e.cpus_per_actor, e.gpus_per_actor)
     scorers = [Scorer.options(**opts).remote(p, "reward", seq_len=e.seq_len) for p in (rm_h, rm_s)]  # type: ignore[attr-defined]
-    workers = workers_for(model_dir)
+    workers = workers_from(model_dir, e)
     metrics = evaluate_policy(
         workers, scorers[0], scorers[1], prompts, seed=job.seed, temperature=e.temperature
     )
@@ -248,13 +230,13 @@ def run(job: Any) -> dict[str, float]:
     for a in workers:
         ray.kill(a)
     if others:
-        mine = _combined(scorers, prompts, [r["text"] for r in ours])
+        _, _, mine = _scores(scorers[0], scorers[1], prompts, [r["text"] for r in ours])
         for short, path in others.items():
-            theirs_workers = workers_for(path)
+            theirs_workers = workers_from(path, e)
             theirs = generate_all(theirs_workers, prompts, job.seed, 0.0, 32)
             for a in theirs_workers:
                 ray.kill(a)
-            other = _combined(scorers, prompts, [r["text"] for r in theirs])
+            _, _, other = _scores(scorers[0], scorers[1], prompts, [r["text"] for r in theirs])
             wins = (mine > other).float() + 0.5 * (mine == other).float()
             metrics[f"eval/win_rate_vs_{short}"] = wins.mean().item()
     for a in scorers:
@@ -271,10 +253,10 @@ def run(job: Any) -> dict[str, float]:
     return metrics
 
 
-def _combined(
-    scorers: Sequence[Any], prompts: Sequence[Mapping[str, Any]], answers: Sequence[str]
-) -> torch.Tensor:
+def _scores(
+    rm_helpfulness: Any, rm_safety: Any, prompts: Sequence[Mapping[str, Any]], answers: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from paddock.rollout.actors import combined_scores
+
     turns = [p["turns"] for p in prompts]
-    r_h = torch.tensor(ray.get(scorers[0].rewards.remote(turns, list(answers))))
-    r_s = torch.tensor(ray.get(scorers[1].rewards.remote(turns, list(answers))))
-    return combine_rewards(r_h, r_s, torch.tensor([bool(p["is_safety"]) for p in prompts]), SAFETY_GATE)
+    return combined_scores(rm_helpfulness, rm_safety, turns, answers, [p["is_safety"] for p in prompts])

@@ -24,12 +24,12 @@ import torch
 
 from paddock import tracking
 from paddock.cluster import connect
-from paddock.config import RejectionJob, SFTJob, load_config, paddock_home, resolve_path
+from paddock.config import RejectionJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
-from paddock.rlhf.ppo import best_of_n_curve, combine_rewards
-from paddock.rollout.actors import RolloutWorker, Scorer
-from paddock.train.stage import StageResult, run_supervised
+from paddock.rlhf.ppo import best_of_n_curve
+from paddock.rollout.actors import Scorer, actor_options, combined_scores, start_workers
+from paddock.train.stage import StageResult, finetune_sft_job, run_supervised
 
 POOL_SCHEMA = pa.schema(
     [
@@ -81,13 +81,15 @@ def sample_and_score(
     rc = job.rejection
     policy = str(tracking.resolve_model(job.policy))
     rm_h, rm_s = (str(tracking.resolve_model(u)) for u in (job.reward_helpfulness, job.reward_safety))
-    opts = {"num_cpus": rc.cpus_per_worker}
-    workers = [
-        RolloutWorker.options(**opts).remote(  # type: ignore[attr-defined]
-            policy, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p
-        )
-        for _ in range(rc.rollout_workers)
-    ]
+    opts = actor_options(rc.cpus_per_worker)
+    workers = start_workers(
+        policy,
+        rc.rollout_workers,
+        max_new_tokens=rc.max_new_tokens,
+        temperature=rc.temperature,
+        top_p=rc.top_p,
+        num_cpus=rc.cpus_per_worker,
+    )
     helpful = Scorer.options(**opts).remote(rm_h, "reward", seq_len=rc.seq_len)  # type: ignore[attr-defined]
     safety = Scorer.options(**opts).remote(rm_s, "reward", seq_len=rc.seq_len)  # type: ignore[attr-defined]
 
@@ -109,10 +111,8 @@ def sample_and_score(
     flat = [s for per_prompt in samples for s in per_prompt]
     turns = [prompts[i]["turns"] for i in range(len(prompts)) for _ in range(rc.k)]
     texts = [s["text"] for s in flat]
-    r_h = torch.tensor(ray.get(helpful.rewards.remote(turns, texts)))
-    r_s = torch.tensor(ray.get(safety.rewards.remote(turns, texts)))
-    is_safety = torch.tensor([s["is_safety"] for s in flat])
-    combined = combine_rewards(r_h, r_s, is_safety).reshape(len(prompts), rc.k)
+    r_h, r_s, combined = combined_scores(helpful, safety, turns, texts, [s["is_safety"] for s in flat])
+    combined = combined.reshape(len(prompts), rc.k)
     for s, h, sa, c in zip(flat, r_h.tolist(), r_s.tolist(), combined.flatten().tolist(), strict=True):
         s |= {"reward_helpfulness": h, "reward_safety": sa, "reward_combined": c}
     for actor in [*workers, helpful, safety]:
@@ -122,15 +122,11 @@ def sample_and_score(
 
 def run(job: RejectionJob) -> RejectionResult:
     rc = job.rejection
-    sft_job = load_config(
-        SFTJob, job.sft_config, job.sft_overrides
-    )  # fail on a bad SFT config before sampling
+    finetune_sft_job(job, None, "rs")  # a bad SFT config fails before sampling
     connect()
     report = load_dataset(
         resolve_path(rc.prompts),
         "prompts",
-        max_bad_fraction=0.01,
-        max_chars=20_000,
         quarantine_dir=paddock_home() / "runs" / f"{job.registry_prefix}-rs" / "quarantine",
     )
     prompts = report.good.to_pylist()[: rc.max_prompts]
@@ -207,17 +203,5 @@ def run(job: RejectionJob) -> RejectionResult:
             flush=True,
         )
 
-    sft_job = load_config(
-        SFTJob,
-        job.sft_config,
-        [
-            *job.sft_overrides,
-            f"data.train={dataset}",
-            f"model.init_from={job.policy}",
-            "registry_suffix=rs",
-            f"registry_prefix={job.registry_prefix}",
-            f"experiment={job.experiment}",
-        ],
-    )
-    finetune = run_supervised(sft_job, "rs_finetune")
+    finetune = run_supervised(finetune_sft_job(job, dataset, "rs"), "rs_finetune")
     return RejectionResult(len(kept), skipped, mean_all, mean_best, maxima, medians, dataset, finetune)

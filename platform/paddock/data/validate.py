@@ -200,11 +200,14 @@ def load_dataset(
     path: str | Path,
     kind: str,
     *,
-    max_bad_fraction: float,
-    max_chars: int,
     quarantine_dir: str | Path,
+    max_bad_fraction: float = 0.01,
+    max_chars: int = 20_000,
 ) -> ValidationReport:
-    """Read, validate and quarantine one Parquet file. Raises DatasetError past ``max_bad_fraction``."""
+    """Read, validate and quarantine one Parquet file. Raises DatasetError past ``max_bad_fraction``.
+
+    The defaults are ``DataConfig``'s; stages without a data section (RL, synthesis, evaluation) use them.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(

@@ -210,7 +210,11 @@ def value_loss(
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy of the policy. Shapes: logits (batch, response_len, vocab), mask (batch, response_len)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    return entropy_from_logprobs(torch.log_softmax(logits.float(), dim=-1), mask)
+
+
+def entropy_from_logprobs(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``entropy`` from log-probs already normalised over the vocabulary (the learner has them). Same shapes."""
     return masked_mean(-(logp.exp() * logp).sum(-1), mask)
 
 

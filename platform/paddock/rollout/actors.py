@@ -16,6 +16,7 @@ import ray
 import torch
 
 from paddock.models import load_causal_lm, load_scalar_model
+from paddock.rlhf.ppo import combine_rewards
 from paddock.rollout.core import TokenValues, pack, reward_scores, sample, sequence_logprobs, unalign
 from paddock.tokenizer import load_tokenizer
 
@@ -130,3 +131,55 @@ class Scorer:
         if self.kind != "reward":
             raise ValueError("rewards needs a reward scorer")
         return reward_scores(self.model, self.tok, prompts, answers, self.seq_len).tolist()
+
+
+def actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict[str, float]:
+    """Ray resources of a rollout worker or scorer: fractional CPU, and GPU only when asked for."""
+    return {"num_cpus": num_cpus} | ({"num_gpus": num_gpus} if num_gpus else {})
+
+
+def start_workers(
+    checkpoint: str,
+    count: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    num_cpus: float,
+    num_gpus: float = 0.0,
+) -> list[Any]:
+    """``count`` rollout workers holding ``checkpoint``, with one sampling setup."""
+    return [
+        RolloutWorker.options(**actor_options(num_cpus, num_gpus)).remote(  # type: ignore[attr-defined]
+            checkpoint, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+        )
+        for _ in range(count)
+    ]
+
+
+def workers_from(checkpoint: str, cfg: Any) -> list[Any]:
+    """Rollout workers as a sampling section says (``SamplingConfig`` or ``PPOConfig``)."""
+    return start_workers(
+        checkpoint,
+        cfg.rollout_workers,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor,
+    )
+
+
+def combined_scores(
+    rm_helpfulness: Any,
+    rm_safety: Any,
+    turns: Sequence[Sequence[Mapping[str, str]]],
+    answers: Sequence[str],
+    is_safety: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both reward scorers on the same answers (in parallel) and the Llama 2 combination. Three (batch,) tensors."""
+    h, s = ray.get(
+        [rm_helpfulness.rewards.remote(turns, list(answers)), rm_safety.rewards.remote(turns, list(answers))]
+    )
+    r_h, r_s = torch.tensor(h), torch.tensor(s)
+    return r_h, r_s, combine_rewards(r_h, r_s, torch.tensor([bool(x) for x in is_safety]))

@@ -96,9 +96,13 @@ def response_logits(model: torch.nn.Module, packed: Packed, temperature: float =
 
 def token_logprobs(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
     """Log-prob of each response token under ``logits`` (batch, R, vocab): (batch, R), 0 on padding."""
+    return pick_logprobs(torch.log_softmax(logits, dim=-1), packed)
+
+
+def pick_logprobs(logp_all: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """The response tokens' entries of log-probs over the vocabulary (batch, R, vocab): (batch, R)."""
     targets = packed.ids[:, -packed.response_len :]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp * packed.response_mask
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * packed.response_mask
 
 
 @torch.no_grad()

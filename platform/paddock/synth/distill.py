@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,12 +19,12 @@ import ray
 
 from paddock import tracking
 from paddock.cluster import connect
-from paddock.config import DistillJob, SFTJob, load_config, paddock_home, resolve_path
+from paddock.config import DistillJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
 from paddock.evaluate import generate_all
-from paddock.rollout.actors import RolloutWorker, Scorer
-from paddock.train.stage import StageResult, run_supervised
+from paddock.rollout.actors import Scorer, actor_options, workers_from
+from paddock.train.stage import StageResult, finetune_sft_job, run_supervised
 
 
 @dataclass
@@ -40,15 +39,13 @@ class DistillResult:
 
 def run(job: DistillJob) -> DistillResult:
     d = job.distill
-    load_config(SFTJob, job.sft_config, job.sft_overrides)  # a bad SFT config fails before sampling
+    finetune_sft_job(job, None, "cd")  # a bad SFT config fails before sampling
     policy = str(tracking.resolve_model(job.policy))
     rm_s = str(tracking.resolve_model(job.reward_safety))
     work = paddock_home() / "runs" / f"{job.registry_prefix}-cd"
     report = load_dataset(
         resolve_path(d.prompts),
         "prompts",
-        max_bad_fraction=0.01,
-        max_chars=20_000,
         quarantine_dir=work / "quarantine",
     )
     prompts = [r for r in report.good.to_pylist() if r["is_safety"]][: d.max_prompts]
@@ -56,13 +53,8 @@ def run(job: DistillJob) -> DistillResult:
         raise ValueError(f"distill.prompts: {d.prompts} holds no safety prompts (is_safety true)")
     system = d.preprompt + (f" {d.answer_template}" if d.answer_template else "")
     connect()
-    opts: dict[str, Any] = {"num_cpus": d.cpus_per_actor}
-    workers = [
-        RolloutWorker.options(**opts).remote(  # type: ignore[attr-defined]
-            policy, max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p
-        )
-        for _ in range(d.rollout_workers)
-    ]
+    workers = workers_from(policy, d)
+    opts = actor_options(d.cpus_per_actor, d.gpus_per_actor)
     scorer = Scorer.options(**opts).remote(rm_s, "reward", seq_len=d.seq_len)  # type: ignore[attr-defined]
     with_pre = generate_all(workers, [p | {"system": system} for p in prompts], job.seed, None, 16)
     without = generate_all(workers, prompts, job.seed, None, 16)
@@ -103,19 +95,7 @@ def run(job: DistillJob) -> DistillResult:
     dataset = work / "distilled.parquet"
     dataset.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(kept, schema=DIALOGS), dataset)
-    sft_job = load_config(
-        SFTJob,
-        job.sft_config,
-        [
-            *job.sft_overrides,
-            f"data.train={dataset}",
-            f"model.init_from={job.policy}",
-            "registry_suffix=cd",
-            f"registry_prefix={job.registry_prefix}",
-            f"experiment={job.experiment}",
-        ],
-    )
-    finetune = run_supervised(sft_job, "context_distillation")
+    finetune = run_supervised(finetune_sft_job(job, dataset, "cd"), "context_distillation")
     tracking.tag_run(
         finetune.run_id,
         {

@@ -21,12 +21,12 @@ import ray
 
 from paddock import tracking
 from paddock.cluster import connect
-from paddock.config import GAttJob, SFTJob, load_config, paddock_home, resolve_path
+from paddock.config import GAttJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
 from paddock.evaluate import generate_all
-from paddock.rollout.actors import RolloutWorker
-from paddock.train.stage import StageResult, run_supervised
+from paddock.rollout.actors import workers_from
+from paddock.train.stage import StageResult, finetune_sft_job, run_supervised
 from paddock.world import styles
 
 
@@ -60,12 +60,7 @@ def synthesize(
     """Sample the answers turn by turn (instruction on every user message); return training dialogs."""
     g = job.gatt
     rng = random.Random(job.seed)
-    workers = [
-        RolloutWorker.options(num_cpus=g.cpus_per_actor).remote(  # type: ignore[attr-defined]
-            policy, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p
-        )
-        for _ in range(g.rollout_workers)
-    ]
+    workers = workers_from(policy, g)
     states = []
     for d in dialogs:
         ins, form = instruction_of(d, rng, g.short_fraction)
@@ -115,14 +110,12 @@ def synthesize(
 
 def run(job: GAttJob) -> GAttResult:
     g = job.gatt
-    load_config(SFTJob, job.sft_config, job.sft_overrides)  # a bad SFT config fails before sampling
+    finetune_sft_job(job, None, "gatt")  # a bad SFT config fails before sampling
     policy = str(tracking.resolve_model(job.policy))
     work = paddock_home() / "runs" / f"{job.registry_prefix}-gatt"
     report = load_dataset(
         resolve_path(g.dialogs),
         "dialogs",
-        max_bad_fraction=0.01,
-        max_chars=20_000,
         quarantine_dir=work / "quarantine",
     )
     dialogs = report.good.to_pylist()[: g.max_dialogs]
@@ -141,18 +134,6 @@ def run(job: GAttJob) -> GAttResult:
         f"{followed:.1%} of sampled answers followed the instruction",
         flush=True,
     )
-    sft_job = load_config(
-        SFTJob,
-        job.sft_config,
-        [
-            *job.sft_overrides,
-            f"data.train={dataset}",
-            f"model.init_from={job.policy}",
-            "train_on=last_answer",
-            "registry_suffix=gatt",
-            f"registry_prefix={job.registry_prefix}",
-            f"experiment={job.experiment}",
-        ],
-    )
+    sft_job = finetune_sft_job(job, dataset, "gatt", "train_on=last_answer")
     finetune = run_supervised(sft_job, "gatt_finetune")
     return GAttResult(len(dialogs), len(examples), dataset, followed, finetune)

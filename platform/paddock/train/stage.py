@@ -27,10 +27,12 @@ from ray.util.queue import Empty, Queue
 from paddock import tracking
 from paddock.cluster import connect
 from paddock.config import (
+    FinetuneJob,
     PretrainJob,
     RewardJob,
     SFTJob,
     SupervisedJob,
+    load_config,
     paddock_home,
     resolve_path,
     train_storage,
@@ -173,6 +175,24 @@ def _prepare(
     return prepared[0], prepared[1], inputs
 
 
+def fit_in_thread(trainer: TorchTrainer, then: Any = None) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start ``trainer.fit()`` in a daemon thread; ``box`` gets its ``result`` or ``error``, then ``then()`` runs."""
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            if then is not None:
+                then()
+
+    thread = threading.Thread(target=fit, name="paddock-fit", daemon=True)
+    thread.start()
+    return thread, box
+
+
 def _follow(
     trainer: TorchTrainer,
     queue: Queue,
@@ -181,16 +201,7 @@ def _follow(
     history: list[dict[str, float]],
 ) -> Any:
     """Run ``trainer.fit()`` in a thread while this thread logs every forwarded report."""
-    box: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            box["result"] = trainer.fit()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=fit, name="paddock-fit", daemon=True)
-    thread.start()
+    thread, box = fit_in_thread(trainer)
     while True:
         alive = thread.is_alive()
         try:
@@ -332,3 +343,20 @@ def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
         final = history[-1] if history else {}
         print(f"[{stage}] done: {model_uri}, checkpoint {out_dir}", flush=True)
         return StageResult(stage, run.run_id, out_dir, model_uri, final, history)
+
+
+def finetune_sft_job(job: FinetuneJob, dataset: Path | None, suffix: str, *extra: str) -> SFTJob:
+    """The SFT stage a sampling stage fine-tunes with: its ``sft_config`` + overrides, on ``dataset``, from its
+    policy, registered as ``{prefix}-{suffix}``. With ``dataset=None`` it only checks the config (call it before
+    sampling, so that a bad SFT config fails first)."""
+    overrides = list(job.sft_overrides)
+    if dataset is not None:
+        overrides += [
+            f"data.train={dataset}",
+            f"model.init_from={job.policy}",
+            *extra,
+            f"registry_suffix={suffix}",
+            f"registry_prefix={job.registry_prefix}",
+            f"experiment={job.experiment}",
+        ]
+    return load_config(SFTJob, job.sft_config, overrides)
