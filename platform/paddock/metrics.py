@@ -60,19 +60,14 @@ def _gauge(name: str, description: str) -> Any:
 def _record(
     gauges: Mapping[str, tuple[str, str]], values: Mapping[str, Any], tags: Mapping[str, str]
 ) -> None:
-    if not enabled():
-        return
-    try:
-        import ray
+    import ray
 
-        if not ray.is_initialized():
-            return
-        for name, (key, description) in gauges.items():
-            value = values.get(key)
-            if isinstance(value, int | float):
-                _gauge(name, description).set(float(value), tags=dict(tags))
-    except Exception:  # metrics are best effort: a missing agent must never stop training
+    if not enabled() or not ray.is_initialized():
         return
+    for name, (key, description) in gauges.items():
+        value = values.get(key)
+        if isinstance(value, int | float):
+            _gauge(name, description).set(float(value), tags=dict(tags))
 
 
 def record_train(values: Mapping[str, Any], stage: str, run: str) -> None:

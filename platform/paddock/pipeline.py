@@ -96,7 +96,7 @@ def run(job: PipelineJob) -> dict[str, Any]:
     state = State(work / "state.json")
     # Every stage's config is checked before anything runs.
     configs: dict[str, Any] = {
-        s: load_config(JOBS[_job_key(s)], job.stages[s].config, job.stages[s].overrides)
+        s: load_config(JOBS[s], job.stages[s].config, job.stages[s].overrides)
         for s in PIPELINE_STAGES
         if s in job.stages and s not in job.skip
     }
@@ -139,11 +139,10 @@ def run(job: PipelineJob) -> dict[str, Any]:
             flush=True,
         )
         print(table(metrics), flush=True)
+        home = paddock_home()
+        print(f"follow the runs: mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db", flush=True)
+        print(f"serve the champion: python jobs/serve.py --model {prefix}-chat", flush=True)
     return state.data
-
-
-def _job_key(stage: str) -> str:
-    return {"evaluate": "evaluate", "promote": "promote"}.get(stage, stage)
 
 
 def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[str, float]]:

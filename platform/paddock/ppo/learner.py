@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict
 from paddock.config import OptimConfig, PPOConfig, TrainConfig
 from paddock.models import load_causal_lm, load_scalar_model
 from paddock.ppo.experience import learner_batch
-from paddock.rlhf.ppo import entropy, ppo_policy_loss, value_loss
-from paddock.rollout.core import TokenValues, response_logits, token_logprobs
-from paddock.train.loop import all_mean, quiet_worker
+from paddock.rlhf.ppo import entropy_from_logprobs, ppo_policy_loss, value_loss
+from paddock.rollout.core import TokenValues, pick_logprobs, response_logits
+from paddock.train.loop import all_sum, quiet_worker
 from paddock.train.optim import adamw, deepspeed_config, scheduler
 
 
@@ -125,20 +125,25 @@ class Learner:
                     steps += 1
                     tokens += batch.tokens
         elapsed = time.perf_counter() - start
-        out = {key: all_mean(value / max(1, steps), self.world) for key, value in sums.items()}
-        out["ppo/train_tokens_per_s"] = all_mean(tokens / elapsed, self.world) * self.world
-        out["ppo/train_s"] = all_mean(elapsed, self.world)
+        # Every rank's means in one all-reduce: per-token stats, tokens/s (summed over ranks below), seconds.
+        keys = sorted(sums)
+        local = [sums[k] / max(1, steps) for k in keys] + [tokens / elapsed, elapsed]
+        mean = (all_sum(torch.tensor(local, dtype=torch.float64)) / self.world).tolist()
+        out = dict(zip(keys, mean, strict=False))
+        out["ppo/train_tokens_per_s"] = mean[-2] * self.world
+        out["ppo/train_s"] = mean[-1]
         out["ppo/optimizer_steps"] = float(ppo.epochs * (len(rows) // ppo.mini_batch))
         return out
 
     def _micro_step(self, b: Any) -> dict[str, float]:
         ppo = self.spec.ppo
         mask = b.packed.response_mask
-        logits = response_logits(self.policy, b.packed, ppo.temperature)
-        logp = token_logprobs(logits, b.packed)
+        # One log-softmax over the vocabulary serves the loss and the entropy.
+        logp_all = torch.log_softmax(response_logits(self.policy, b.packed, ppo.temperature), dim=-1)
+        logp = pick_logprobs(logp_all, b.packed)
         loss, stats = ppo_policy_loss(logp, b.old_logprobs, b.advantages, mask, ppo.clip)
         with torch.no_grad():
-            ent = entropy(logits.detach(), mask).item()
+            ent = entropy_from_logprobs(logp_all.detach(), mask).item()
         self.policy.backward(loss)
         self.policy.step()
         values = self.value(b.packed)

@@ -16,6 +16,7 @@ a crash holds its start weights: the version stamped on its rows shows it, and i
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import threading
@@ -40,8 +41,9 @@ from paddock.ppo.experience import build_experience, to_table
 from paddock.ppo.hub import PolicyHub, Publication
 from paddock.ppo.learner import LearnerSpec, learner_worker
 from paddock.rlhf.ppo import RunningMoments
-from paddock.rollout.actors import RolloutWorker, Scorer
+from paddock.rollout.actors import Scorer, actor_options, workers_from
 from paddock.tokenizer import load_tokenizer
+from paddock.train.stage import fit_in_thread
 
 
 @dataclass
@@ -63,8 +65,6 @@ def _load_prompts(path: str, work: Path, name: str) -> tuple[list[dict[str, Any]
     report = load_dataset(
         resolve_path(path),
         "prompts",
-        max_bad_fraction=0.01,
-        max_chars=20_000,
         quarantine_dir=work / "quarantine",
     )
     rows = report.good.to_pylist()
@@ -78,15 +78,8 @@ class Actors:
 
     def __init__(self, job: PPOJob, policy: str, rm_h: str, rm_s: str, value: str):
         p = job.ppo
-        opts: dict[str, Any] = {"num_cpus": p.cpus_per_actor}
-        if p.gpus_per_actor:
-            opts["num_gpus"] = p.gpus_per_actor
-        self.workers = [
-            RolloutWorker.options(**opts).remote(  # type: ignore[attr-defined]
-                policy, max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p
-            )
-            for _ in range(p.rollout_workers)
-        ]
+        opts = actor_options(p.cpus_per_actor, p.gpus_per_actor)
+        self.workers = workers_from(policy, p)
         self.reference = Scorer.options(**opts).remote(policy, "reference", temperature=p.temperature)  # type: ignore[attr-defined]
         self.rm_h = Scorer.options(**opts).remote(rm_h, "reward", seq_len=p.seq_len)  # type: ignore[attr-defined]
         self.rm_s = Scorer.options(**opts).remote(rm_s, "reward", seq_len=p.seq_len)  # type: ignore[attr-defined]
@@ -101,9 +94,7 @@ class Actors:
         calls.append(self.value.load_weights.remote(pub.version, pub.value))
         ray.get(calls)
 
-    def generate(
-        self, pub: Publication, prompts: list[dict[str, Any]], seed: int, temperature: float | None = None
-    ) -> list[dict[str, Any]]:
+    def generate(self, pub: Publication, prompts: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
         """Sample the prompts split over the workers; a worker stamping another version is reloaded and asked again."""
         n = len(self.workers)
         size = -(-len(prompts) // n)
@@ -111,10 +102,7 @@ class Actors:
         rows: list[list[dict[str, Any]]] = [[] for _ in chunks]
         pending = list(range(len(chunks)))
         for _attempt in range(3):
-            calls = {
-                i: self.workers[i % n].generate.remote(chunks[i], seed=seed + i, temperature=temperature)
-                for i in pending
-            }
+            calls = {i: self.workers[i % n].generate.remote(chunks[i], seed=seed + i) for i in pending}
             pending = []
             for i, ref in calls.items():
                 got = ray.get(ref)
@@ -198,8 +186,8 @@ class Driver:
         self.evals: list[dict[str, float]] = []
         self.best: tuple[float, int] | None = None
         self.since_best = 0
-        self.order = list(range(len(prompts)))
         self.learner_restarts = 0
+        self.orders: dict[int, list[int]] = {}
         self.model_for_saving: Any = None
         self.first_publication: float | None = None
         self.loaded: Publication | None = None  # what the rollout workers hold
@@ -213,10 +201,16 @@ class Driver:
         out = []
         for k in range(b * size, (b + 1) * size):
             epoch, i = divmod(k, n)
-            order = list(range(n))
-            random.Random(self.job.seed * 7919 + epoch).shuffle(order)
-            out.append(self.prompts[order[i]])
+            out.append(self.prompts[self.epoch_order(epoch)[i]])
         return out
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The seeded permutation of one epoch over the prompts (shuffled once, not once per prompt)."""
+        if epoch not in self.orders:
+            order = list(range(len(self.prompts)))
+            random.Random(self.job.seed * 7919 + epoch).shuffle(order)
+            self.orders = {epoch: order} | {e: o for e, o in self.orders.items() if e == epoch - 1}
+        return self.orders[epoch]
 
     def record(self, iteration: int, metrics: dict[str, float]) -> None:
         self.history.setdefault(iteration, {"iteration": float(iteration)}).update(metrics)
@@ -246,13 +240,11 @@ class Driver:
             ray.get(self.hub.set_driver_state.remote({"running": self.running.state_dict()}))
         chunk = p.batch_prompts // p.rollout_workers
         gen_tokens = sum(len(r) for r in response_ids)
-        committed = 0
         for i in range(0, len(exp.rows), chunk):
             table = to_table(exp.rows[i : i + chunk])
             held = ray.get(self.buffer.put.remote([ray.put(table)], table.num_rows, pub.version))
             if held < 0:
                 break  # the learners are done
-            committed += table.num_rows
         stats = ray.get(self.buffer.stats.remote())
         self.record(
             b,
@@ -470,20 +462,10 @@ def run(job: PPOJob) -> PPOResult:
             f"{p.rollout_workers} rollout workers, {tc.num_workers} learners (ZeRO-{tc.zero_stage}), beta {p.beta}",
             flush=True,
         )
-        box: dict[str, Any] = {}
-
-        def fit() -> None:
-            try:
-                box["result"] = trainer.fit()
-            except BaseException as exc:
-                box["error"] = exc
-            finally:
-                ray.get([buffer.close.remote(), hub.finish.remote()])
-
         driver = Driver(job, run, work, prompts, eval_prompts, actors, hub, buffer, policy)
-        thread = threading.Thread(target=fit, name="paddock-ppo-fit", daemon=True)
         start = time.monotonic()
-        thread.start()
+        # When the learners end, for good or not, wake whatever waits on the buffer or the hub.
+        thread, box = fit_in_thread(trainer, lambda: ray.get([buffer.close.remote(), hub.finish.remote()]))
         try:
             driver.loop(thread)
         except BaseException as exc:
@@ -506,8 +488,6 @@ def run(job: PPOJob) -> PPOResult:
         with result.checkpoint.as_directory() as ckpt:
             shutil.rmtree(final_dir, ignore_errors=True)
             shutil.copytree(Path(ckpt) / "hf", final_dir)
-            import json
-
             iterations = json.loads((Path(ckpt) / "state.json").read_text())["iteration"]
         best_dir = work / "best"
         chosen = best_dir if driver.best is not None and best_dir.is_dir() else final_dir
@@ -534,14 +514,14 @@ def run(job: PPOJob) -> PPOResult:
         if driver.best is not None:
             summary |= {"ppo/best_iteration": float(driver.best[1]), "ppo/best_eval_reward": driver.best[0]}
         run.log_metrics(summary, step=iterations)
-        if driver.best is not None and chosen == best_dir:
-            # The registered policy is the best evaluation's: its eval/* become the run's latest values (one
-            # step past the end), which is what promotion gates read.
-            best_eval = next(e for e in driver.evals if int(e["iteration"]) == driver.best[1])
-            registered = {k: v for k, v in best_eval.items() if k.startswith("eval/")}
-            run.log_metrics(registered, step=max(iterations, int(best_eval["iteration"])) + 1)
         run.set_tags({"paddock.stop_reason": stop_reason})
         model_uri = run.log_model(out_dir, name, {"paddock.stage": "ppo", "paddock.upstream": job.policy})
+        if driver.best is not None and chosen == best_dir:
+            # The registered policy is the best evaluation's: its eval/* become the version's latest values,
+            # which is what promotion gates read.
+            best_eval = next(e for e in driver.evals if int(e["iteration"]) == driver.best[1])
+            registered = {k: v for k, v in best_eval.items() if k.startswith("eval/")}
+            tracking.log_version_metrics(name, model_uri.rsplit("/", 1)[1], registered)
         print(
             f"[ppo] done after {iterations} iterations ({stop_reason}); registered {model_uri} "
             f"(best held-out iteration {driver.best[1] if driver.best else 'n/a'}), checkpoint {out_dir}",
