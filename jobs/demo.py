@@ -9,18 +9,14 @@ import sys
 
 from paddock import pipeline
 from paddock.cli import run_stage
-from paddock.config import PipelineJob, paddock_home
-
-
-def demo(job: PipelineJob) -> None:
-    home = paddock_home()
-    print(f"paddock demo: the tiny pipeline (PADDOCK_HOME={home})\n", flush=True)
-    pipeline.run(job)
-    print(f"\nreport: {home}/runs/pipeline-{job.registry_prefix}/report/report.md")
-    print(f"follow the runs: mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db")
-    print(f"serve the champion: python jobs/serve.py --model {job.registry_prefix}-chat")
-
+from paddock.config import PipelineJob
 
 if __name__ == "__main__":
-    args = sys.argv[1:] or ["--config", "jobs/configs/tiny/pipeline.yaml"]
-    sys.exit(run_stage(PipelineJob, demo, __doc__, args))
+    sys.exit(
+        run_stage(
+            PipelineJob,
+            pipeline.run,
+            __doc__,
+            sys.argv[1:] or ["--config", "jobs/configs/tiny/pipeline.yaml"],
+        )
+    )

@@ -119,10 +119,6 @@ class ChatModel:
         while (item := await queue.get()) is not None:
             yield item
 
-    def check_health(self) -> None:
-        if self.model is None:
-            raise RuntimeError("model not loaded")
-
 
 @serve.deployment(name="RewardModels")
 class RewardModels:
@@ -327,29 +323,7 @@ class Ingress:
             req = await self._body(request, ChatCompletionRequest)
             self._check_model(req.model)
             system, turns = req.dialog()
-            prompt_ids = encode_prompt(self.tok, turns, system)
-            rows = self._rows(prompt_ids, req)
-            rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-            if req.stream:
-                return self._stream(rid, "chat.completion.chunk", rows[0], len(prompt_ids))
-            done = await self.chat.complete.remote(rows)
-            completion = sum(len(r.tokens) for r in done)
-            self.metrics.tokens.inc(completion)
-            return {
-                "id": rid,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": self.model.name,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": r.text},
-                        "finish_reason": r.finish_reason,
-                    }
-                    for i, r in enumerate(done)
-                ],
-                "usage": self._usage(len(prompt_ids), completion),
-            }
+            return await self._answer(req, encode_prompt(self.tok, turns, system), chat=True)
 
         return await self._handle("/v1/chat/completions", request, work)
 
@@ -365,28 +339,38 @@ class Ingress:
                     400, "prompt: contains a chat tag; use /v1/chat/completions", param="prompt"
                 )
             prompt_ids = [self.tok.bos_token_id, *self.tok.encode(req.prompt, add_special_tokens=False)]
-            rows = self._rows(prompt_ids, req)
-            rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-            if req.stream:
-                return self._stream(rid, "text_completion", rows[0], len(prompt_ids))
-            done = await self.chat.complete.remote(rows)
-            completion = sum(len(r.tokens) for r in done)
-            self.metrics.tokens.inc(completion)
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": self.model.name,
-                "choices": [
-                    {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                    for i, r in enumerate(done)
-                ],
-                "usage": self._usage(len(prompt_ids), completion),
-            }
+            return await self._answer(req, prompt_ids, chat=False)
 
         return await self._handle("/v1/completions", request, work)
 
-    def _stream(self, rid: str, kind: str, row: Row, prompt_tokens: int) -> StreamingResponse:
+    async def _answer(self, req: Any, prompt_ids: list[int], chat: bool) -> Any:
+        """A chat or text completion: streamed, or all ``n`` choices decoded in one batch."""
+        rows = self._rows(prompt_ids, req)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            return self._stream(rid, "chat.completion.chunk" if chat else "text_completion", rows[0])
+        done = await self.chat.complete.remote(rows)
+        completion = sum(len(r.tokens) for r in done)
+        self.metrics.tokens.inc(completion)
+        choices = [
+            {"index": i, "finish_reason": r.finish_reason}
+            | (
+                {"message": {"role": "assistant", "content": r.text}}
+                if chat
+                else {"text": r.text, "logprobs": None}
+            )
+            for i, r in enumerate(done)
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model.name,
+            "choices": choices,
+            "usage": self._usage(len(prompt_ids), completion),
+        }
+
+    def _stream(self, rid: str, kind: str, row: Row) -> StreamingResponse:
         created = int(time.time())
         chat = kind == "chat.completion.chunk"
         handle = self.chat.options(stream=True)
@@ -434,8 +418,7 @@ class Ingress:
                 raise RequestError(404, "no reward models are served by this endpoint", code="not_served")
             req = await self._body(request, RewardRequest)
             prompt, answer = req.prompt_and_answer()
-            is_safety = bool((await request.json()).get("is_safety", False))
-            scores = await self.rewards.score.remote(prompt, answer, is_safety)
+            scores = await self.rewards.score.remote(prompt, answer, req.is_safety)
             return {"object": "reward", "model": self.model.name, **scores}
 
         return await self._handle("/v1/reward", request, work)

@@ -114,6 +114,7 @@ class RewardRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     messages: list[Message] = Field(..., min_length=2)
+    is_safety: bool = Field(False, description="A safety prompt: the combination takes the safety score.")
 
     def prompt_and_answer(self) -> tuple[list[dict[str, str]], str]:
         turns = [{"role": m.role, "content": m.content} for m in self.messages if m.role != "system"]
