@@ -16,10 +16,10 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
+from _world import bench_world
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,30 +93,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="paddock-bench-ppo-"))
-    os.environ["PADDOCK_HOME"] = str(home)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import pyarrow.parquet as pq
-    from paddock.cluster import connect
-    from paddock.config import WorldConfig
-    from paddock.tokenizer import load_tokenizer, train_tokenizer
-    from paddock.world.generate import write_world
-
-    world = home / "world"
-    write_world(
-        WorldConfig(
-            out_dir=str(world),
-            pretrain_mb=0.3,
-            sft_dialogs=50,
-            helpfulness_pairs=50,
-            safety_pairs=50,
-            rl_prompts=200,
-            eval_prompts=20,
-            gatt_dialogs=10,
-        )
+    home, world, tok_dir, _ = bench_world(
+        "paddock-bench-ppo-", pretrain_mb=0.3, rl_prompts=200, vocab_size=1000
     )
-    texts = pq.read_table(world / "pretrain" / "train.parquet")["text"].to_pylist()
-    tok_dir = train_tokenizer(texts, home / "tokenizer", vocab_size=1000)
+    from paddock.cluster import connect
+    from paddock.tokenizer import load_tokenizer
+
     models = build_models(home, len(load_tokenizer(tok_dir)), tok_dir)
     connect()
     rows = [run_mode(mode, models, tok_dir, world, args) for mode in ("sync", "async")]

@@ -15,11 +15,11 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _world import bench_world
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,32 +119,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="paddock-bench-"))
-    os.environ["PADDOCK_HOME"] = str(home)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import pyarrow.parquet as pq
+    home, _, tok_dir, texts = bench_world(
+        "paddock-bench-", pretrain_mb=1.0, rl_prompts=20, vocab_size=4000, dialogs=100
+    )
     from paddock.cluster import connect
-    from paddock.config import WorldConfig
     from paddock.data.tokenize import pack
     from paddock.models import PAD_ID
-    from paddock.tokenizer import load_tokenizer, train_tokenizer
+    from paddock.tokenizer import load_tokenizer
     from paddock.train.data import TokenizeAndPack
-    from paddock.world.generate import write_world
 
-    write_world(
-        WorldConfig(
-            out_dir=str(home / "world"),
-            pretrain_mb=1.0,
-            sft_dialogs=100,
-            helpfulness_pairs=100,
-            safety_pairs=100,
-            rl_prompts=20,
-            eval_prompts=20,
-            gatt_dialogs=20,
-        )
-    )
-    texts = pq.read_table(home / "world" / "pretrain" / "train.parquet")["text"].to_pylist()
-    tok_dir = train_tokenizer(texts, home / "tokenizer", vocab_size=4000)
     tok = load_tokenizer(tok_dir)
     packer = TokenizeAndPack(str(tok_dir), "pretrain", args.seq_len)
     windows = torch.tensor(

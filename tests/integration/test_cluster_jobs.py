@@ -78,6 +78,16 @@ def head():
                 os.kill(p.info["pid"], signal.SIGKILL)
 
 
+def stage_args(stage: str, sets: list[str]) -> list[str]:
+    """``jobs/<stage>.py --config jobs/configs/tiny/<stage>.yaml --set ...``."""
+    return [
+        f"jobs/{stage}.py",
+        "--config",
+        f"jobs/configs/tiny/{stage}.yaml",
+        *(x for s in sets for x in ("--set", s)),
+    ]
+
+
 def scrape(url: str) -> str:
     import urllib.request
 
@@ -154,9 +164,7 @@ def test_submitted_sft_job_succeeds_and_leaves_its_mlflow_run(head, runtime_env,
         "train.eval_every=6",
         "registry_prefix=submitted",
     ]
-    args = ["jobs/sft.py", "--config", "jobs/configs/tiny/sft.yaml"]
-    for s in sets:
-        args += ["--set", s]
+    args = stage_args("sft", sets)
     address, metrics_url = head
     status, logs, seen = submit(address, runtime_env, *args, watch=metrics_url)
     assert status == "SUCCEEDED", logs[-3000:]
@@ -202,9 +210,7 @@ def test_submitted_ppo_step_exports_ppo_metrics(head, runtime_env, world_dir, to
         "ppo.eval_max_prompts=4",
         "registry_prefix=submitted",
     ]
-    args = ["jobs/ppo.py", "--config", "jobs/configs/tiny/ppo.yaml"]
-    for s in sets:
-        args += ["--set", s]
+    args = stage_args("ppo", sets)
     status, logs, seen = submit(address, runtime_env, *args, watch=metrics_url)
     assert status == "SUCCEEDED", logs[-3000:]
     assert {

@@ -1,0 +1,36 @@
+"""Set-up shared by the benchmarks: a throwaway PADDOCK_HOME, a small tiny world and a tokenizer trained on it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def bench_world(
+    prefix: str, *, pretrain_mb: float, rl_prompts: int, vocab_size: int, dialogs: int = 50
+) -> tuple[Path, Path, Path, list[str]]:
+    """(home, world dir, tokenizer dir, pretraining texts). Sets PADDOCK_HOME and embedded-Ray auth for the process."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["PADDOCK_HOME"] = str(home)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import pyarrow.parquet as pq
+    from paddock.config import WorldConfig
+    from paddock.tokenizer import train_tokenizer
+    from paddock.world.generate import write_world
+
+    world = home / "world"
+    write_world(
+        WorldConfig(
+            out_dir=str(world),
+            pretrain_mb=pretrain_mb,
+            sft_dialogs=dialogs,
+            helpfulness_pairs=dialogs,
+            safety_pairs=dialogs,
+            rl_prompts=rl_prompts,
+            eval_prompts=20,
+            gatt_dialogs=max(10, dialogs // 5),
+        )
+    )
+    texts = pq.read_table(world / "pretrain" / "train.parquet")["text"].to_pylist()
+    return home, world, train_tokenizer(texts, home / "tokenizer", vocab_size=vocab_size), texts
