@@ -40,6 +40,9 @@ def cli_env() -> dict[str, str]:
 def head():
     temp = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's socket paths have a length limit
     port, dash, metrics = free_port(), free_port(), free_port()
+    # Every port the head binds is chosen here: the defaults (the agent's 52365 above all) may already be held by
+    # the session's embedded instance or a neighbour, and an agent that cannot bind leaves no one to take jobs.
+    agent_http, agent_grpc, runtime_env_agent = free_port(), free_port(), free_port()
     subprocess.run(
         [
             str(BIN / "ray"),
@@ -54,6 +57,9 @@ def head():
             f"--temp-dir={temp}",
             "--disable-usage-stats",
             f"--metrics-export-port={metrics}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env_agent}",
         ],
         check=True,
         env=cli_env(),
@@ -102,26 +108,26 @@ def submit(
     address: str, runtime_env: Path, *args: str, watch: str | None = None
 ) -> tuple[str, str, set[str]]:
     """Submit and wait; returns (final status, logs, paddock metric names seen on the ``watch`` endpoint)."""
-    out = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--no-wait",
-            "--runtime-env",
-            str(runtime_env),
-            "--",
-            sys.executable,  # the venv's python, whatever PATH the cluster inherited
-            *args,
-        ],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--no-wait",
+        "--runtime-env",
+        str(runtime_env),
+        "--",
+        sys.executable,  # the venv's python, whatever PATH the cluster inherited
+        *args,
+    ]
+    # A head under load may take a while to register its job agent; the job head answers 500 until then.
+    deadline = time.monotonic() + 180
+    while True:
+        out = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+        if out.returncode == 0 or "No available agent" not in out.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(5)
     assert out.returncode == 0, out.stderr
     found = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout)  # the CLI colours its output
     assert found, out.stdout

@@ -30,7 +30,7 @@ from paddock.ppo.experience import learner_batch
 from paddock.rlhf.ppo import entropy_from_logprobs, ppo_policy_loss, value_loss
 from paddock.rollout.core import TokenValues, pick_logprobs, response_logits
 from paddock.train.loop import all_sum, quiet_worker
-from paddock.train.optim import adamw, deepspeed_config, scheduler
+from paddock.train.optim import adamw, deepspeed_config, scheduler, skip_cpu_shm_comm_op
 
 
 class LearnerSpec(BaseModel):
@@ -190,6 +190,7 @@ def learner_worker(config: dict[str, Any]) -> None:
     tc, ppo = spec.train, spec.ppo
     if not tc.use_gpu:
         torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
+        skip_cpu_shm_comm_op()
     hub = ray.get_actor(spec.hub, namespace=spec.namespace)
     buffer = ray.get_actor(spec.buffer, namespace=spec.namespace)
     learner = Learner(spec, rank, world)

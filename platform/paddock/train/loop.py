@@ -30,7 +30,7 @@ from paddock.data.tokenize import IGNORE
 from paddock.metrics import record_train
 from paddock.models import PAD_ID, build_causal_lm, load_causal_lm, load_scalar_model
 from paddock.rlhf.reward import margin_ranking_loss
-from paddock.train.optim import adamw, deepspeed_config, scheduler
+from paddock.train.optim import adamw, deepspeed_config, scheduler, skip_cpu_shm_comm_op
 
 Objective = Literal["lm", "reward"]
 
@@ -244,6 +244,7 @@ def train_worker(config: dict[str, Any]) -> None:
     tc = spec.train
     if not tc.use_gpu:
         torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
+        skip_cpu_shm_comm_op()
 
     model = build_model(spec)
     optimizer = adamw(model, spec.optim)

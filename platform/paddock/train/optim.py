@@ -77,3 +77,13 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, world_size: int) ->
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def skip_cpu_shm_comm_op() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op the first time a process group starts
+    (2-3 minutes on a 2-core machine, once per fresh install). Only its inference all-reduce uses that op;
+    training collectives go through torch.distributed (gloo), so paddock marks the op unavailable and skips
+    the build. Call before ``deepspeed.initialize`` in CPU workers."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
