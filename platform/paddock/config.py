@@ -379,6 +379,14 @@ class FinetuneJob(StageConfig):
     policy: str = Field(..., description="The model that samples the data and is fine-tuned on it.")
     sft_config: str = Field(..., description="SFT stage YAML used for the fine-tune.")
     sft_overrides: list[str] = Field(default_factory=list, description="--set overrides for that SFT stage.")
+    replay: str | None = Field(
+        None,
+        description="Dialogs (kind dialogs, e.g. the SFT set) mixed into the fine-tune data, so a fine-tune on "
+        "narrow synthetic data keeps what earlier stages taught (refusals above all). Relative to PADDOCK_HOME.",
+    )
+    replay_ratio: float = Field(
+        1.0, ge=0, description="Replay dialogs added per dialog of the stage's own data (seeded draw)."
+    )
 
 
 class RejectionConfig(Strict):

@@ -8,6 +8,7 @@ forwards them through a Ray queue to this driver, which draws the progress bar a
 from __future__ import annotations
 
 import math
+import random
 import shutil
 import sys
 import threading
@@ -38,6 +39,7 @@ from paddock.config import (
     train_storage,
 )
 from paddock.data.pairs import reward_mix
+from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
 from paddock.models import count_parameters, llama_config
 from paddock.tokenizer import load_tokenizer
@@ -346,11 +348,16 @@ def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
 
 
 def finetune_sft_job(job: FinetuneJob, dataset: Path | None, suffix: str, *extra: str) -> SFTJob:
-    """The SFT stage a sampling stage fine-tunes with: its ``sft_config`` + overrides, on ``dataset``, from its
-    policy, registered as ``{prefix}-{suffix}``. With ``dataset=None`` it only checks the config (call it before
-    sampling, so that a bad SFT config fails first)."""
+    """The SFT stage a sampling stage fine-tunes with: its ``sft_config`` + overrides, on ``dataset`` (plus the
+    job's replay dialogs), from its policy, registered as ``{prefix}-{suffix}``. With ``dataset=None`` it only
+    checks the config and the replay set (call it before sampling, so that bad input fails first)."""
     overrides = list(job.sft_overrides)
-    if dataset is not None:
+    if dataset is None:
+        if job.replay:
+            load_dataset(resolve_path(job.replay), "dialogs", quarantine_dir=_replay_quarantine(job, suffix))
+    else:
+        if job.replay and job.replay_ratio > 0:
+            dataset = with_replay(job, dataset, suffix)
         overrides += [
             f"data.train={dataset}",
             f"model.init_from={job.policy}",
@@ -360,3 +367,37 @@ def finetune_sft_job(job: FinetuneJob, dataset: Path | None, suffix: str, *extra
             f"experiment={job.experiment}",
         ]
     return load_config(SFTJob, job.sft_config, overrides)
+
+
+def _replay_quarantine(job: FinetuneJob, suffix: str) -> Path:
+    return paddock_home() / "runs" / f"{job.registry_prefix}-{suffix}" / "quarantine"
+
+
+def with_replay(job: FinetuneJob, dataset: Path, suffix: str) -> Path:
+    """``dataset`` plus ``replay_ratio`` x its size of the job's replay dialogs (a seeded draw, without repeats
+    while they last), shuffled together into ``<dataset>.replay.parquet`` beside it."""
+    own = pq.read_table(dataset).to_pylist()
+    pool = load_dataset(resolve_path(job.replay), "dialogs", quarantine_dir=_replay_quarantine(job, suffix))
+    rows = pool.good.to_pylist()
+    rng = random.Random(job.seed)
+    want = round(job.replay_ratio * len(own))
+    drawn: list[dict[str, Any]] = []
+    while len(drawn) < want and rows:
+        drawn += rng.sample(rows, min(len(rows), want - len(drawn)))
+    mixed = own + [
+        {
+            "id": f"replay-{r['id']}",
+            "system": r["system"],
+            "turns": r["turns"],
+            "tags": [*r["tags"], "replay"],
+        }
+        for r in drawn
+    ]
+    rng.shuffle(mixed)
+    out = dataset.with_suffix(".replay.parquet")
+    pq.write_table(pa.Table.from_pylist(mixed, schema=DIALOGS), out)
+    print(
+        f"[{suffix}] fine-tune data: {len(own)} new dialogs + {len(drawn)} replayed from {job.replay}",
+        flush=True,
+    )
+    return out
