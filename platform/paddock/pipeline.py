@@ -94,9 +94,12 @@ def run(job: PipelineJob) -> dict[str, Any]:
     prefix = job.registry_prefix
     work = paddock_home() / "runs" / f"pipeline-{prefix}"
     state = State(work / "state.json")
-    # Every stage's config is checked before anything runs.
+    # Every stage's config is checked before anything runs. Stage runs go to the pipeline's experiment, so that
+    # MLflow shows them nested under its parent run (a stage's own overrides still win).
     configs: dict[str, Any] = {
-        s: load_config(JOBS[s], job.stages[s].config, job.stages[s].overrides)
+        s: load_config(
+            JOBS[s], job.stages[s].config, [f"experiment={job.experiment}", *job.stages[s].overrides]
+        )
         for s in PIPELINE_STAGES
         if s in job.stages and s not in job.skip
     }

@@ -375,6 +375,15 @@ def parent_run(experiment: str, name: str, run_id: str | None = None) -> Iterato
     exp = experiment_id(experiment)
     if run_id is not None:
         run = mlflow.start_run(run_id=run_id)
+        # A killed attempt leaves its stage run RUNNING for ever: close it as KILLED, with a tag saying why.
+        client = mlflow.MlflowClient()
+        for child in client.search_runs(
+            [run.info.experiment_id],
+            f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'",
+        ):
+            client.set_tag(child.info.run_id, "paddock.error", "the pipeline driver died during this stage")
+            client.set_terminated(child.info.run_id, status="KILLED")
+            print(f"[pipeline] marked the interrupted run {child.info.run_name} KILLED", flush=True)
     else:
         run = mlflow.start_run(experiment_id=exp, run_name=name, tags={"paddock.stage": name})
     try:

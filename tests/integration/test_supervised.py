@@ -146,7 +146,9 @@ def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Pa
     # A restart from that checkpoint runs them once; a restart from scratch would run them twice. Steps after
     # it that were reported before the kill may repeat.
     assert sorted(set(steps)) == list(range(1, 41)), "every step ran, up to the last"
-    assert steps[:5] == [1, 2, 3, 4, 5] and steps.count(1) == 1, "the run restarted from its checkpoint, not step 0"
+    assert steps[:5] == [1, 2, 3, 4, 5] and steps.count(1) == 1, (
+        "the run restarted from its checkpoint, not step 0"
+    )
     assert resumed.history[-1]["train/loss"] == pytest.approx(clean.history[-1]["train/loss"], abs=1e-4)
     assert resumed.history[-1]["eval/loss"] == pytest.approx(clean.history[-1]["eval/loss"], abs=1e-4)
 

@@ -1,8 +1,8 @@
-"""Ray Data pipelines that feed Ray Train workers: validate, read_parquet, tokenise and pack.
+"""Ray Data pipelines that feed Ray Train workers: validate, read, tokenise and pack.
 
 Validation runs first, on the driver (``paddock.data.validate``): bad rows are counted and quarantined, and a
 dataset over its bad-row limit stops the stage before any worker starts. Ray Data then reads the clean
-Parquet and tokenises and packs it in ``map_batches`` tasks; each worker process loads a tokenizer once and
+Parquet (``source``: small files from the driver's memory, large ones streamed) and tokenises and packs it in ``map_batches`` tasks; each worker process loads a tokenizer once and
 keeps it (tasks reuse Ray's warm worker processes, where an actor pool would start fresh ones for every
 dataset: on a 2-core laptop that start-up cost more than the tokenising). The result is a
 dataset of fixed-length rows ``{"input_ids": int32[seq_len], "labels": int32[seq_len]}`` that
@@ -96,6 +96,20 @@ def validated_parquet(
     return clean, report
 
 
+# Inputs up to this size (Parquet on disk) enter Ray Data from the driver's memory in blocks of a batch;
+# ``read_parquet``'s file listing and metadata tasks cost ~10 s a read on a 2-core machine whatever the size.
+SMALL_INPUT_BYTES = 64 * 2**20
+
+
+def source(path: Path, batch_rows: int) -> ray.data.Dataset:
+    """``path`` as a Ray Dataset: one block per ``batch_rows`` rows when small, streamed when large."""
+    if path.stat().st_size > SMALL_INPUT_BYTES:
+        return ray.data.read_parquet(str(path))
+    table = pq.read_table(path)
+    blocks = [table.slice(i, batch_rows) for i in range(0, table.num_rows, batch_rows)]
+    return ray.data.from_arrow(blocks or [table])
+
+
 def packed_dataset(
     path: Path,
     kind: str,
@@ -108,11 +122,11 @@ def packed_dataset(
     train_on: TrainOn = "answers",
     batch_rows: int = 256,
 ) -> PreparedData:
-    """Validate, then ``read_parquet -> map_batches(TokenizeAndPack)``. Lazy: nothing runs until consumed."""
+    """Validate, then ``source -> map_batches(TokenizeAndPack)``. Lazy: nothing runs until consumed."""
     clean, report = validated_parquet(
         path, kind, max_bad_fraction=max_bad_fraction, max_chars=max_chars, work_dir=work_dir
     )
-    ds = ray.data.read_parquet(str(clean)).map_batches(
+    ds = source(clean, batch_rows).map_batches(
         _pack_batch,  # type: ignore[arg-type]  # extra arguments arrive as fn_kwargs
         fn_kwargs={
             "tokenizer_dir": str(tokenizer_dir),
@@ -155,8 +169,8 @@ class TokenizePairs:
 def pairs_dataset(
     rows_path: Path, tokenizer_dir: Path, *, seq_len: int, margin: str, batch_rows: int = 256
 ) -> ray.data.Dataset:
-    """``read_parquet -> map_batches(TokenizePairs)`` over an already validated preferences file."""
-    return ray.data.read_parquet(str(rows_path)).map_batches(
+    """``source -> map_batches(TokenizePairs)`` over an already validated preferences file."""
+    return source(rows_path, batch_rows).map_batches(
         _pairs_batch,  # type: ignore[arg-type]  # extra arguments arrive as fn_kwargs
         fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": seq_len, "margin": margin},
         batch_size=batch_rows,

@@ -376,6 +376,8 @@ def _replay_quarantine(job: FinetuneJob, suffix: str) -> Path:
 def with_replay(job: FinetuneJob, dataset: Path, suffix: str) -> Path:
     """``dataset`` plus ``replay_ratio`` x its size of the job's replay dialogs (a seeded draw, without repeats
     while they last), shuffled together into ``<dataset>.replay.parquet`` beside it."""
+    if not job.replay:
+        raise ValueError("with_replay needs a job with a replay dataset")
     own = pq.read_table(dataset).to_pylist()
     pool = load_dataset(resolve_path(job.replay), "dialogs", quarantine_dir=_replay_quarantine(job, suffix))
     rows = pool.good.to_pylist()

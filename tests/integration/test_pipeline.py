@@ -1,0 +1,135 @@
+"""jobs/pipeline.py as a user runs it: SIGKILLed during a middle stage, then rerun.
+
+A small pipeline (world, tokenizer, pretraining, SFT; the other stages skipped) in its own PADDOCK_HOME, driven
+as a subprocess attached to the session's Ray instance the way `ray job submit` drivers are. The driver is
+killed once SFT is training; the rerun must start at SFT, leave the finished stages as they were, and finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from chain import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RUN = ["world", "tokenizer", "pretrain", "sft"]
+SKIP = [
+    "reward_helpfulness",
+    "reward_safety",
+    "rejection_sampling",
+    "ppo",
+    "gatt",
+    "context_distillation",
+    "evaluate",
+    "promote",
+]
+SMALL = ["train.cpus_per_worker=0.5", "train.num_workers=2", "data.seq_len=128"]
+
+
+def small_pipeline(path: Path) -> Path:
+    tiny = "jobs/configs/tiny"
+    config = {
+        "experiment": "paddock-pipeline-test",
+        "registry_prefix": "tiny",
+        "stages": {
+            "world": {
+                "config": f"{tiny}/world.yaml",
+                "overrides": [
+                    "world.pretrain_mb=0.2",
+                    "world.sft_dialogs=400",
+                    "world.helpfulness_pairs=100",
+                    "world.safety_pairs=50",
+                    "world.rl_prompts=20",
+                    "world.eval_prompts=20",
+                    "world.gatt_dialogs=10",
+                ],
+            },
+            "tokenizer": {"config": f"{tiny}/tokenizer.yaml", "overrides": ["tokenizer.vocab_size=600"]},
+            "pretrain": {
+                "config": f"{tiny}/pretrain.yaml",
+                "overrides": [*SMALL, "train.max_steps=8", "train.eval_every=8", "optim.warmup_steps=2"],
+            },
+            "sft": {
+                "config": f"{tiny}/sft.yaml",
+                "overrides": [*SMALL, "train.max_steps=40", "train.eval_every=40", "train.log_every=5"],
+            },
+            **{s: {"config": f"{tiny}/{s}.yaml"} for s in SKIP},
+        },
+        "skip": SKIP,
+        "smoke_request": False,
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_killed_pipeline_resumes_at_the_unfinished_stage(ray_cluster, tmp_path: Path):
+    import mlflow
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
+        "PADDOCK_HOME": str(home),
+        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+    }
+    command = [
+        sys.executable,
+        "jobs/pipeline.py",
+        "--config",
+        str(small_pipeline(tmp_path / "pipeline.yaml")),
+    ]
+
+    first = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert first.stdout is not None
+    lines = []
+    for line in first.stdout:
+        lines.append(line)
+        if line.startswith("[sft] step"):
+            first.send_signal(signal.SIGKILL)  # no cleanup, as when the node running the driver dies
+            break
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL, "".join(lines[-30:])
+
+    state_file = home / "runs" / "pipeline-tiny" / "state.json"
+    killed = json.loads(state_file.read_text())
+    assert list(killed["done"]) == ["world", "tokenizer", "pretrain"]
+    finished_files = [home / "world" / "sft" / "train.parquet", home / "tokenizer" / "tokenizer.json"]
+    mtimes = [p.stat().st_mtime_ns for p in finished_files]
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "resuming: world, tokenizer, pretrain already done; next: sft" in out
+    assert "stage 4/4: sft" in out and "[pretrain]" not in out and "[world]" not in out
+
+    state = json.loads(state_file.read_text())
+    print("stage seconds:", {s: round(info["seconds"]) for s, info in state["done"].items()})
+    assert list(state["done"]) == RUN
+    assert state["parent_run_id"] == killed["parent_run_id"]
+    assert {s: state["done"][s] for s in killed["done"]} == killed["done"], (
+        "finished stages were left as they were"
+    )
+    assert [p.stat().st_mtime_ns for p in finished_files] == mtimes
+
+    client = mlflow.MlflowClient(f"sqlite:///{home}/mlflow.db")
+    for name in ("tiny-base", "tiny-sft"):
+        assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"], name
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    status = sorted((c.data.tags.get("mlflow.runName", ""), c.info.status) for c in children)
+    assert (
+        ("sft", "KILLED") in status and ("sft", "FINISHED") in status and ("pretrain", "FINISHED") in status
+    )
+    assert not [s for s in status if s[1] == "RUNNING"], status
+    assert (home / "runs" / "pipeline-tiny" / "report" / "report.md").is_file()
