@@ -404,6 +404,9 @@ class RejectionConfig(Strict):
     max_new_tokens: int = Field(64, ge=1, description="Longest answer sampled.")
     rollout_workers: int = Field(2, ge=1, description="Rollout worker actors sampling in parallel.")
     cpus_per_worker: float = Field(0.5, gt=0, description="Logical CPUs per rollout worker and scorer.")
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs per rollout worker and scorer (fractions share a GPU)."
+    )
     batch_prompts: int = Field(16, ge=1, description="Prompts per generation call.")
     round: int = Field(
         1, ge=1, description="Round number (RLHF-V1, V2, ...); later rounds pool earlier ones."

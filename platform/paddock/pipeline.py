@@ -134,7 +134,7 @@ def run(job: PipelineJob) -> dict[str, Any]:
             state.finish(stage, info)
             print(f"[pipeline] {stage} done in {info['seconds']:.0f}s", flush=True)
         metrics = state.data["done"].get("evaluate", {}).get("metrics", {})
-        report = write_report(job, metrics, state.data["done"], work / "report")
+        report = write_report(job, metrics, state.data["done"], work / "report", parent)
         tracking.log_artifacts(parent, report.parent, "report")
         write_model_cards(job, metrics, configs)
         print(
@@ -238,8 +238,132 @@ def table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
+LOSS_STAGES = (
+    "pretrain",
+    "sft",
+    "reward_helpfulness",
+    "reward_safety",
+    "rs_finetune",
+    "gatt_finetune",
+    "context_distillation",
+)
+
+
+def stage_runs(parent_run_id: str) -> dict[str, Any]:
+    """The newest FINISHED nested run of each stage under the pipeline's parent run, by stage name."""
+    client = tracking.configure()
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+    )
+    return {c.data.tags.get("paddock.stage", c.info.run_name): c for c in children}
+
+
+def stage_figures(parent_run_id: str, out: Path) -> list[tuple[str, str]]:
+    """Plots of the stages' own metrics, read back from their MLflow runs: loss curves, reward-model accuracy per
+    rating, the best-of-N curve, PPO reward and KL. Returns (title, file) for each figure written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from paddock.data.schemas import RATINGS
+
+    client = tracking.configure()
+    runs = stage_runs(parent_run_id)
+
+    def history(run: Any, key: str) -> tuple[list[int], list[float]]:
+        points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        return [m.step for m in points], [m.value for m in points]
+
+    figures: list[tuple[str, str]] = []
+    losses = [s for s in LOSS_STAGES if s in runs]
+    if losses:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for stage in losses:
+            steps, values = history(runs[stage], "train/loss")
+            if steps:
+                ax.plot([x / steps[-1] for x in steps], values, label=stage, lw=1)
+        ax.set_xlabel("fraction of the stage's steps")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.set_title("loss curves")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "loss_curves.png", dpi=120)
+        plt.close(fig)
+        figures.append(("Loss curves", "loss_curves.png"))
+    rms = [s for s in ("reward_helpfulness", "reward_safety") if s in runs]
+    if rms:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / len(rms)
+        for i, stage in enumerate(rms):
+            m = runs[stage].data.metrics
+            ax.bar(
+                [r + i * width for r in range(len(RATINGS))],
+                [m.get(f"eval/accuracy/{r}", float("nan")) for r in RATINGS],
+                width,
+                label=stage.removeprefix("reward_"),
+            )
+        ax.set_xticks(
+            [r + 0.4 - width / 2 for r in range(len(RATINGS))], [r.replace("_", " ") for r in RATINGS]
+        )
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0, 1)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_title("reward-model accuracy per preference rating (Llama 2, table 8)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "rm_accuracy_per_rating.png", dpi=120)
+        plt.close(fig)
+        figures.append(("Reward-model accuracy per rating", "rm_accuracy_per_rating.png"))
+    if "rejection_sampling" in runs:
+        n, maxima = history(runs["rejection_sampling"], "rs/best_of_n_max")
+        _, medians = history(runs["rejection_sampling"], "rs/best_of_n_median")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(n, maxima, "o-", label="max of N")
+        ax.plot(n, medians, "o-", label="median of N")
+        ax.set_xlabel("N samples per prompt")
+        ax.set_ylabel("combined reward")
+        ax.set_title("best of N (Llama 2, figure 7)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "best_of_n.png", dpi=120)
+        plt.close(fig)
+        figures.append(("Rejection sampling: best of N", "best_of_n.png"))
+    if "ppo" in runs:
+        it, reward = history(runs["ppo"], "ppo/reward_combined")
+        kit, kl = history(runs["ppo"], "ppo/kl")
+        eit, held_out = history(runs["ppo"], "eval/reward_combined")
+        fig, ax1 = plt.subplots(figsize=(7, 4))
+        ax1.plot(it, reward, label="train reward (combined)")
+        if eit:
+            ax1.plot(eit, held_out, "o--", label="held-out reward")
+        ax1.set_xlabel("PPO iteration")
+        ax1.set_ylabel("combined reward")
+        ax2 = ax1.twinx()
+        ax2.plot(kit, kl, color="tab:red", label="KL to reference")
+        ax2.set_ylabel("KL (nats/answer)")
+        ax1.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="lower right", fontsize=8)
+        ax1.set_title("PPO reward and KL")
+        fig.tight_layout()
+        fig.savefig(out / "ppo_reward_kl.png", dpi=120)
+        plt.close(fig)
+        figures.append(("PPO reward and KL", "ppo_reward_kl.png"))
+    return figures
+
+
 def write_report(
-    job: PipelineJob, metrics: dict[str, dict[str, float]], done: dict[str, Any], out: Path
+    job: PipelineJob,
+    metrics: dict[str, dict[str, float]],
+    done: dict[str, Any],
+    out: Path,
+    parent_run_id: str | None = None,
 ) -> Path:
     import matplotlib
 
@@ -247,7 +371,7 @@ def write_report(
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    figures = []
+    figures = stage_figures(parent_run_id, out) if parent_run_id else []
     if metrics:
         fig, ax = plt.subplots(figsize=(6, 5))
         for name, m in metrics.items():
@@ -295,8 +419,7 @@ def write_report(
         lines.append(f"| {stage} | {info.get('seconds', 0):.0f} | {note} |")
     lines += [
         "",
-        "Loss curves, RM accuracy per rating, the best-of-N curve and PPO reward and KL are plots in each stage's",
-        "MLflow run (`plots/`), nested under this pipeline's parent run.",
+        "Every stage's run is nested under this pipeline's parent run in MLflow, with its own plots (`plots/`).",
         "",
     ]
     for title, file in figures:

@@ -81,7 +81,7 @@ def sample_and_score(
     rc = job.rejection
     policy = str(tracking.resolve_model(job.policy))
     rm_h, rm_s = (str(tracking.resolve_model(u)) for u in (job.reward_helpfulness, job.reward_safety))
-    opts = actor_options(rc.cpus_per_worker)
+    opts = actor_options(rc.cpus_per_worker, rc.gpus_per_actor)
     workers = start_workers(
         policy,
         rc.rollout_workers,
@@ -89,6 +89,7 @@ def sample_and_score(
         temperature=rc.temperature,
         top_p=rc.top_p,
         num_cpus=rc.cpus_per_worker,
+        num_gpus=rc.gpus_per_actor,
     )
     helpful = Scorer.options(**opts).remote(rm_h, "reward", seq_len=rc.seq_len)  # type: ignore[attr-defined]
     safety = Scorer.options(**opts).remote(rm_s, "reward", seq_len=rc.seq_len)  # type: ignore[attr-defined]
