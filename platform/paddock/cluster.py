@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 
@@ -68,3 +69,10 @@ def quiet_data() -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
+
+
+def actor_device() -> Any:
+    """The GPU Ray gave this actor or Serve replica (``num_gpus``), else the CPU: where its model and inputs go."""
+    import torch
+
+    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")

@@ -147,6 +147,12 @@ class LearnerBatch:
     def tokens(self) -> int:
         return int(self.packed.attention_mask.sum().item())
 
+    def to(self, device: torch.device | str) -> LearnerBatch:
+        return LearnerBatch(
+            self.packed.to(device),
+            *(t.to(device) for t in (self.old_logprobs, self.old_values, self.advantages, self.returns)),
+        )
+
 
 def learner_batch(rows: Sequence[Mapping[str, Any]]) -> LearnerBatch:
     packed = pack([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows])

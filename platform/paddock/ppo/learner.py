@@ -29,7 +29,7 @@ from paddock.models import load_causal_lm, load_scalar_model
 from paddock.ppo.experience import learner_batch
 from paddock.rlhf.ppo import entropy_from_logprobs, ppo_policy_loss, value_loss
 from paddock.rollout.core import TokenValues, pick_logprobs, response_logits
-from paddock.train.loop import all_sum, quiet_worker
+from paddock.train.loop import all_sum, collective_device, quiet_worker
 from paddock.train.optim import adamw, deepspeed_config, scheduler, skip_cpu_shm_comm_op
 
 
@@ -69,7 +69,7 @@ def full_state_dict(engine: Any, zero_stage: int, rank: int) -> dict[str, torch.
 def _broadcast_flag(flag: bool) -> bool:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
-    t = torch.tensor([1 if flag else 0])
+    t = torch.tensor([1 if flag else 0], device=collective_device())
     dist.broadcast(t, src=0)
     return bool(t.item())
 
@@ -118,7 +118,7 @@ class Learner:
             for m in range(0, len(order) - ppo.mini_batch + 1, ppo.mini_batch):
                 mine = order[m + self.rank * per_rank : m + (self.rank + 1) * per_rank]
                 for k in range(0, per_rank, self.micro):
-                    batch = learner_batch([rows[i] for i in mine[k : k + self.micro]])
+                    batch = learner_batch([rows[i] for i in mine[k : k + self.micro]]).to(self.policy.device)
                     stats = self._micro_step(batch)
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + value

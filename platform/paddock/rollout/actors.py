@@ -15,9 +15,18 @@ from typing import Any
 import ray
 import torch
 
+from paddock.cluster import actor_device
 from paddock.models import load_causal_lm, load_scalar_model
 from paddock.rlhf.ppo import combine_rewards
-from paddock.rollout.core import TokenValues, pack, reward_scores, sample, sequence_logprobs, unalign
+from paddock.rollout.core import (
+    TokenValues,
+    device_of,
+    pack,
+    reward_scores,
+    sample,
+    sequence_logprobs,
+    unalign,
+)
 from paddock.tokenizer import load_tokenizer
 
 # A killed actor process is restarted up to 3 times; a failed call is retried twice, then raises.
@@ -29,7 +38,7 @@ class RolloutWorker:
         self, checkpoint: str, *, max_new_tokens: int, temperature: float, top_p: float, threads: int = 1
     ):
         torch.set_num_threads(threads)
-        self.model = load_causal_lm(checkpoint).eval()
+        self.model = load_causal_lm(checkpoint).eval().to(actor_device())
         self.tok = load_tokenizer(checkpoint)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.policy_version = 0
@@ -100,7 +109,7 @@ class Scorer:
             self.model = load_scalar_model(checkpoint)
         else:
             self.model = TokenValues(load_scalar_model(checkpoint))
-        self.model.eval()
+        self.model.eval().to(actor_device())
         self.version = 0
 
     def load_weights(self, version: int, wrapped_state: list[ray.ObjectRef]) -> int:
@@ -117,7 +126,7 @@ class Scorer:
         """(value weights version, per-token values of each response)."""
         if self.kind != "value":
             raise ValueError("values needs a value scorer")
-        packed = pack(prompt_ids, response_ids)
+        packed = pack(prompt_ids, response_ids).to(device_of(self.model))
         return self.version, unalign(self.model(packed), packed.response_mask)
 
     def ref_logprobs(

@@ -58,6 +58,16 @@ class Packed:
     def response_len(self) -> int:
         return self.response_mask.shape[1]
 
+    def to(self, device: torch.device | str) -> Packed:
+        return Packed(
+            *(t.to(device) for t in (self.ids, self.attention_mask, self.position_ids, self.response_mask))
+        )
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights live (inputs go there; results come back to the CPU as lists or tensors)."""
+    return next(model.parameters()).device
+
 
 def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> Packed:
     full = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
@@ -113,7 +123,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
 ) -> list[list[float]]:
     """Log-prob of each response token given its prompt and the response so far, at ``temperature``."""
-    packed = pack(prompts, responses)
+    packed = pack(prompts, responses).to(device_of(model))
     logp = token_logprobs(response_logits(model, packed, temperature), packed)
     return unalign(logp, packed.response_mask)
 
@@ -156,6 +166,7 @@ def sample(
     systems = systems or [None] * len(prompts)
     prompt_ids = [encode_prompt(tok, p, s) for p, s in zip(prompts, systems, strict=True)]
     ids, mask = left_pad(prompt_ids)
+    ids, mask = ids.to(device_of(model)), mask.to(device_of(model))
     torch.manual_seed(seed)
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -194,5 +205,6 @@ def reward_scores(
     ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
+    ids = ids.to(device_of(model))
     logits = model(input_ids=ids, attention_mask=(ids != PAD_ID).long()).logits.squeeze(-1).float()
-    return torch.sigmoid(logits)
+    return torch.sigmoid(logits).cpu()

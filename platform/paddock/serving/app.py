@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
+from paddock.cluster import actor_device
 from paddock.serving.engine import Row, SamplingParams, TextTracker, complete, decode
 from paddock.serving.protocol import (
     ChatCompletionRequest,
@@ -71,7 +72,7 @@ class ChatModel:
         from paddock.tokenizer import load_tokenizer
 
         _threads(threads)
-        self.model = load_causal_lm(path).eval()
+        self.model = load_causal_lm(path).eval().to(actor_device())
         self.tok = load_tokenizer(path)
         self.lock = threading.Lock()  # one decode loop at a time on this replica's threads
         self.complete_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
@@ -129,8 +130,8 @@ class RewardModels:
         from paddock.tokenizer import load_tokenizer
 
         _threads(threads)
-        self.rm_h = load_scalar_model(helpfulness).eval()
-        self.rm_s = load_scalar_model(safety).eval()
+        self.rm_h = load_scalar_model(helpfulness).eval().to(actor_device())
+        self.rm_s = load_scalar_model(safety).eval().to(actor_device())
         self.tok = load_tokenizer(helpfulness)
         self.seq_len = seq_len
 

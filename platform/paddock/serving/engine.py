@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from paddock.models import PAD_ID
-from paddock.rollout.core import left_pad
+from paddock.rollout.core import device_of, left_pad
 
 
 @dataclass
@@ -57,7 +57,9 @@ def decode(model: torch.nn.Module, rows: Sequence[Row], eos_id: int) -> Iterator
 
     A row is done at EOS, at its ``max_tokens``, or when the caller sets its ``finish_reason``.
     """
+    device = device_of(model)
     ids, mask = left_pad([r.prompt_ids for r in rows])
+    ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generators = [
         torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else None for r in rows
@@ -65,7 +67,7 @@ def decode(model: torch.nn.Module, rows: Sequence[Row], eos_id: int) -> Iterator
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     last = positions[:, -1]
     while True:
-        logits = out.logits[:, -1]
+        logits = out.logits[:, -1].float().cpu()  # sampling runs on the CPU with each row's own generator
         step: list[int | None] = []
         for i, r in enumerate(rows):
             if r.finish_reason is not None:
@@ -81,8 +83,8 @@ def decode(model: torch.nn.Module, rows: Sequence[Row], eos_id: int) -> Iterator
         yield step
         if all(r.finish_reason is not None for r in rows):
             return
-        nxt = torch.tensor([[t if t is not None else PAD_ID] for t in step])
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype)], dim=-1)
+        nxt = torch.tensor([[t if t is not None else PAD_ID] for t in step], device=device)
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=-1)
         last = last + 1
         out = model(
             input_ids=nxt,

@@ -100,9 +100,16 @@ def matmul_flops(n: int = 512, reps: int = 8) -> float:
 
 
 def micro_batches(
-    shard: Any, keys: tuple[str, ...], mb: int, rank: int, world: int, skip: int
+    shard: Any,
+    keys: tuple[str, ...],
+    mb: int,
+    rank: int,
+    world: int,
+    skip: int,
+    device: torch.device | str = "cpu",
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's slice of every global micro-batch, epoch after epoch, skipping the first ``skip``."""
+    """This rank's slice of every global micro-batch on ``device``, epoch after epoch, skipping the first
+    ``skip``."""
     seen = 0
     while True:
         empty = True
@@ -111,23 +118,32 @@ def micro_batches(
             seen += 1
             if seen <= skip:
                 continue
-            yield {k: batch[k][rank * mb : (rank + 1) * mb] for k in keys}
+            yield {k: batch[k][rank * mb : (rank + 1) * mb].to(device) for k in keys}
         if empty:
             raise ValueError(f"the training data has fewer than {mb * world} rows: one global micro-batch")
+
+
+def collective_device() -> torch.device:
+    """Where a collective's tensors must be: the rank's GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_mean(value: float, world: int) -> float:
     if world == 1 or not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return t.item() / world
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a small CPU tensor over the ranks, returned on the CPU."""
     if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to(collective_device())
         dist.all_reduce(t)
-    return t
+    return t.cpu()
 
 
 @torch.no_grad()
@@ -140,6 +156,7 @@ def evaluate(
     rank: int,
     world: int,
     max_batches: int | None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Eval metrics over the test split, each rank scoring its slice, sums all-reduced (works under ZeRO-3)."""
     model.eval()
@@ -148,9 +165,9 @@ def evaluate(
     for i, batch in enumerate(shard.iter_torch_batches(batch_size=mb * world, drop_last=False)):
         if max_batches is not None and i >= max_batches:
             break
-        part = {k: batch[k][rank * mb : (rank + 1) * mb] for k in keys}
+        part = {k: batch[k][rank * mb : (rank + 1) * mb].to(device) for k in keys}
         if part[keys[0]].shape[0] == 0:
-            part = {k: batch[k][:1] for k in keys}  # stay in lockstep with the other ranks; not counted
+            part = {k: batch[k][:1].to(device) for k in keys}  # in lockstep with the other ranks; not counted
             _forward_stats(objective, model, part)
             continue
         stats += _forward_stats(objective, model, part)
@@ -273,6 +290,7 @@ def train_worker(config: dict[str, Any]) -> None:
         rank,
         world,
         skip=start * tc.grad_accum,
+        device=engine.device,
     )
     eval_shard = ray.train.get_dataset_shard("eval")
     peak = tc.peak_flops if tc.peak_flops else matmul_flops()
@@ -307,7 +325,15 @@ def train_worker(config: dict[str, Any]) -> None:
         last = done == spec.total_steps
         if done % tc.eval_every == 0 or last:
             record |= evaluate(
-                spec.objective, engine, eval_shard, keys, tc.micro_batch_size, rank, world, tc.eval_batches
+                spec.objective,
+                engine,
+                eval_shard,
+                keys,
+                tc.micro_batch_size,
+                rank,
+                world,
+                tc.eval_batches,
+                engine.device,
             )
         pending.append(record)
         if rank == 0:
