@@ -646,6 +646,12 @@ class GAttConfig(SamplingConfig):
         le=1,
         description="Share of dialogs whose instruction is given in its short form (paper: half).",
     )
+    keep_following: bool = Field(
+        True,
+        description="Train only on answers that follow the instruction (the world's instructions are checkable). "
+        "The paper samples from a 70B model that follows them when told on every turn; a small model often does "
+        "not, and training on those answers teaches it nothing about keeping the instruction.",
+    )
 
 
 class GAttJob(FinetuneJob):

@@ -132,4 +132,6 @@ def test_killed_pipeline_resumes_at_the_unfinished_stage(ray_cluster, tmp_path: 
         ("sft", "KILLED") in status and ("sft", "FINISHED") in status and ("pretrain", "FINISHED") in status
     )
     assert not [s for s in status if s[1] == "RUNNING"], status
-    assert (home / "runs" / "pipeline-tiny" / "report" / "report.md").is_file()
+    report = home / "runs" / "pipeline-tiny" / "report"
+    assert "![Loss curves](loss_curves.png)" in (report / "report.md").read_text()
+    assert (report / "loss_curves.png").stat().st_size > 10_000

@@ -96,7 +96,7 @@ def synthesize(
                 {"role": "user", "content": f"{user} {s['form']}" if k == 0 else user},
                 {"role": "assistant", "content": answer},
             ]
-            if k >= 1:
+            if k >= 1 and (not g.keep_following or s["ins"].follows(answer)):
                 examples.append(
                     {
                         "id": f"gatt-{s['id']}-t{k + 1}",
