@@ -87,6 +87,19 @@ def evaluate_policy(
     chunk: int = 32,
 ) -> dict[str, float]:
     """``eval/*`` metrics of the policy the workers hold (see the module docstring)."""
+    return _policy_metrics(workers, rm_helpfulness, rm_safety, prompts, seed, temperature, chunk)[0]
+
+
+def _policy_metrics(
+    workers: Sequence[Any],
+    rm_helpfulness: Any,
+    rm_safety: Any,
+    prompts: Sequence[Mapping[str, Any]],
+    seed: int,
+    temperature: float,
+    chunk: int,
+) -> tuple[dict[str, float], list[str]]:
+    """``evaluate_policy``'s metrics and the greedy answers they were read from."""
     sampled = generate_all(workers, prompts, seed, temperature, chunk)
     greedy = generate_all(workers, prompts, seed, 0.0, chunk)
     out = {
@@ -102,7 +115,7 @@ def evaluate_policy(
     versions = {r["policy_version"] for r in sampled + greedy}
     if len(versions) != 1:
         raise RuntimeError(f"evaluation mixed policy versions {sorted(versions)}; a worker lost its weights")
-    return out
+    return out, greedy_text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,6 +195,11 @@ def answer_perplexity(model_dir: str, dialogs: Sequence[Mapping[str, Any]], seq_
 # The evaluation job
 
 
+# Combined scores of a compared model's greedy answers, by (model dir, RMs, generation settings, prompt ids):
+# greedy decoding is deterministic, so the pipeline, which compares every model with SFT, generates SFT's once.
+_GREEDY_SCORES: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
 def _short(uri: str) -> str:
     """A metric-safe name of a model URI: ``models:/tiny-sft@latest`` -> ``tiny-sft``."""
     name = (
@@ -219,24 +237,24 @@ def run(job: Any) -> dict[str, float]:
     opts = actor_options(e.cpus_per_actor, e.gpus_per_actor)
     scorers = [Scorer.options(**opts).remote(p, "reward", seq_len=e.seq_len) for p in (rm_h, rm_s)]  # type: ignore[attr-defined]
     workers = workers_from(model_dir, e)
-    metrics = evaluate_policy(
-        workers, scorers[0], scorers[1], prompts, seed=job.seed, temperature=e.temperature
-    )
+    metrics, ours = _policy_metrics(workers, scorers[0], scorers[1], prompts, job.seed, e.temperature, 32)
     print(f"[evaluate] {job.model}: held-out prompts done", flush=True)
     if gatt:
         metrics |= {f"eval/{k}": v for k, v in gatt_adherence(workers, gatt, seed=job.seed).items()}
         print(f"[evaluate] {job.model}: GAtt dialogs done", flush=True)
-    ours = generate_all(workers, prompts, job.seed, 0.0, 32)
     for a in workers:
         ray.kill(a)
     if others:
-        _, _, mine = _scores(scorers[0], scorers[1], prompts, [r["text"] for r in ours])
+        _, _, mine = _scores(scorers[0], scorers[1], prompts, ours)
         for short, path in others.items():
-            theirs_workers = workers_from(path, e)
-            theirs = generate_all(theirs_workers, prompts, job.seed, 0.0, 32)
-            for a in theirs_workers:
-                ray.kill(a)
-            _, _, other = _scores(scorers[0], scorers[1], prompts, [r["text"] for r in theirs])
+            key = (path, rm_h, rm_s, e.max_new_tokens, e.seq_len, tuple(p["id"] for p in prompts))
+            if key not in _GREEDY_SCORES:
+                theirs_workers = workers_from(path, e)
+                theirs = generate_all(theirs_workers, prompts, job.seed, 0.0, 32)
+                for a in theirs_workers:
+                    ray.kill(a)
+                _GREEDY_SCORES[key] = _scores(scorers[0], scorers[1], prompts, [r["text"] for r in theirs])[2]
+            other = _GREEDY_SCORES[key]
             wins = (mine > other).float() + 0.5 * (mine == other).float()
             metrics[f"eval/win_rate_vs_{short}"] = wins.mean().item()
     for a in scorers:
