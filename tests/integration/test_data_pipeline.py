@@ -1,6 +1,5 @@
 """The Ray Data pipeline: validation and quarantine, tokenisation and packing, feeding Ray Train workers."""
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,14 +55,17 @@ def test_bad_dataset_stops_before_any_worker(world_dir: Path, tokenizer_dir: Pat
         )
 
 
-def test_two_train_workers_each_get_a_disjoint_shard(
+def test_each_rank_keeps_its_own_slice_of_every_global_micro_batch(
     ray_cluster, world_dir: Path, tokenizer_dir: Path, tmp_path: Path
 ):
-    import ray.train
+    """paddock's sharding (``train.loop.micro_batches``): every rank reads the same ordered stream and keeps rows
+    [r*mb, (r+1)*mb) of each global micro-batch, so the ranks see disjoint rows that together cover the stream,
+    and a resumed rank skips exactly the micro-batches already consumed."""
+    import ray.data
     from paddock.train.data import packed_dataset
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from paddock.train.loop import micro_batches
 
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # as prepare() sets it
     prepared = packed_dataset(
         world_dir / "pretrain" / "test.parquet",
         "pretrain",
@@ -73,24 +75,20 @@ def test_two_train_workers_each_get_a_disjoint_shard(
         max_chars=20_000,
         work_dir=tmp_path,
     )
-    total = prepared.dataset.count()
-    out_dir = tmp_path / "seen"
-    out_dir.mkdir()
+    ds = prepared.dataset.materialize()
+    rows = [r["input_ids"].tolist() for r in ds.take_all()]
+    mb, world = 4, 2
+    steps = len(rows) // (mb * world)
+    assert steps >= 5
 
-    def loop(config):
-        ctx = ray.train.get_context()
-        seen = []
-        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=8):
-            assert batch["input_ids"].shape[1] == 128
-            seen += [tuple(row[:16].tolist()) for row in batch["input_ids"]]
-        (Path(config["out"]) / f"{ctx.get_world_rank()}.json").write_text(json.dumps(seen))
+    def seen(rank: int, skip: int, n: int) -> list[list[int]]:
+        it = micro_batches(ds, ("input_ids",), mb, rank, world, skip=skip)
+        return [row.tolist() for _ in range(n) for row in next(it)["input_ids"]]
 
-    TorchTrainer(
-        loop,
-        train_loop_config={"out": str(out_dir)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        datasets={"train": prepared.dataset},
-        run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="shards"),
-    ).fit()
-    shards = [json.loads((out_dir / f"{r}.json").read_text()) for r in (0, 1)]
-    assert all(shards) and len(shards[0]) + len(shards[1]) == total
+    ranks = [seen(r, 0, steps) for r in range(world)]
+    for k in range(steps):
+        step = rows[k * mb * world : (k + 1) * mb * world]
+        assert ranks[0][k * mb : (k + 1) * mb] == step[:mb]
+        assert ranks[1][k * mb : (k + 1) * mb] == step[mb:]
+    # A rank resumed after 3 steps starts at the 4th global micro-batch.
+    assert seen(1, 3, 1) == rows[3 * mb * world + mb : 4 * mb * world]
