@@ -1,0 +1,217 @@
+"""Serving load: N concurrent clients against the Serve app on 127.0.0.1, with request batching on and off.
+
+One replica serves a freshly built tiny policy (random weights: every answer runs to ``max_tokens``, so every
+request generates the same number of tokens). For each mode (``serve.max_batch_size`` 16, then 1) and each
+concurrency level, N client threads send a bounded number of non-streaming chat requests; reported per row:
+requests/s, generated tokens/s, p50/p99 latency, and the time to first token of a streaming probe request sent
+while the clients load the server. Streaming requests decode one at a time, so the batching comparison uses the
+non-streaming path. The summary line is batching's tokens/s ratio at 8 clients (goal: at least 2x).
+
+    python benchmarks/serve_load.py [--clients 1 4 8 16] [--requests 4] [--max-tokens 32] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+from _world import bench_world
+
+REPO = Path(__file__).resolve().parents[1]
+MESSAGES = [{"role": "user", "content": "What is the capital of Peru?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chat(base: str, max_tokens: int, seed: int) -> tuple[float, int]:
+    """One non-streaming request: (latency in s, completion tokens)."""
+    body = {
+        "model": "bench",
+        "messages": MESSAGES,
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "seed": seed,
+    }
+    req = urllib.request.Request(
+        f"{base}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        out = json.loads(r.read())
+    return time.perf_counter() - start, int(out["usage"]["completion_tokens"])
+
+
+def first_token(base: str, max_tokens: int) -> float:
+    """Seconds until a streaming request's first content chunk."""
+    body = {"model": "bench", "messages": MESSAGES, "max_tokens": max_tokens, "stream": True, "seed": 1}
+    req = urllib.request.Request(
+        f"{base}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    start = time.perf_counter()
+    ttft: float | None = None
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for raw in r:  # read to the end: the request is part of the load
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            if delta.get("content") and ttft is None:
+                ttft = time.perf_counter() - start
+    if ttft is None:
+        raise RuntimeError("the streaming probe got no content")
+    return ttft
+
+
+def load(base: str, clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    tokens = 0
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client(c: int) -> None:
+        nonlocal tokens
+        for k in range(requests):
+            try:
+                seconds, n = chat(base, max_tokens, seed=c * 1000 + k)
+            except BaseException as exc:  # reported below: a benchmark with failed requests is not a result
+                errors.append(exc)
+                return
+            with lock:
+                latencies.append(seconds)
+                tokens += n
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    ttft = first_token(base, max_tokens)  # a streaming probe while the clients load the server
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} request(s) failed at {clients} clients: {errors[0]!r}")
+    latencies.sort()
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "requests_per_s": len(latencies) / wall,
+        "tokens_per_s": tokens / wall,
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        "ttft_s": ttft,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--requests", type=int, default=4, help="requests per client at each level")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+
+    home, _, tok_dir, _ = bench_world("paddock-bench-serve-", pretrain_mb=0.1, rl_prompts=20, vocab_size=1000)
+    from paddock.cluster import connect
+    from paddock.models import build_causal_lm
+    from paddock.serving.app import build_app
+    from paddock.tokenizer import load_tokenizer
+    from ray import serve
+
+    tok = load_tokenizer(tok_dir)
+    policy = home / "models" / "bench"
+    build_causal_lm("tiny", vocab_size=len(tok), max_seq_len=256, seed=0).save_pretrained(policy)
+    tok.save_pretrained(policy)
+    connect()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+
+    rows = []
+    for mode, batch in (("batched", 16), ("unbatched", 1)):
+        app = build_app(
+            {
+                "model": {"name": "bench", "version": "1", "path": str(policy)},
+                "serve": {
+                    "port": port,
+                    "max_batch_size": batch,
+                    "batch_wait_timeout_s": 0.02,
+                    "default_max_tokens": args.max_tokens,
+                    "min_replicas": 1,
+                    "max_replicas": 1,
+                    "max_ongoing_requests": 64,
+                },
+            }
+        )
+        serve.run(app, name="bench", route_prefix="/", blocking=False)
+        chat(base, args.max_tokens, seed=0)  # warm the replica
+        for clients in args.clients:
+            row = {"mode": mode, "max_batch_size": batch} | load(
+                base, clients, args.requests, args.max_tokens
+            )
+            rows.append(row)
+            print(
+                f"{mode:<10} {clients:>3} clients: {row['requests_per_s']:6.2f} req/s {row['tokens_per_s']:8.1f} tok/s "
+                f"p50 {row['latency_p50_s']:.2f}s p99 {row['latency_p99_s']:.2f}s ttft {row['ttft_s']:.2f}s",
+                flush=True,
+            )
+        serve.delete("bench")
+    serve.shutdown()
+
+    by = {(r["mode"], r["clients"]): r for r in rows}
+    for r in rows:
+        off = by.get(("unbatched", r["clients"]))
+        r["tokens_per_s_vs_unbatched"] = r["tokens_per_s"] / off["tokens_per_s"] if off else float("nan")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "model": "tiny (random weights)",
+        "max_tokens": args.max_tokens,
+        "requests_per_client": args.requests,
+        "replicas": 1,
+    }
+    (out / "serve_load.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(
+        f"\nServing load (tiny model, {args.max_tokens} tokens per answer, 1 replica, {os.cpu_count()} CPUs)"
+    )
+    print(
+        f"{'mode':<10} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'p50 s':>6} {'p99 s':>6} {'ttft s':>7} {'vs off':>7}"
+    )
+    for r in rows:
+        print(
+            f"{r['mode']:<10} {r['clients']:>7} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>8.1f} "
+            f"{r['latency_p50_s']:>6.2f} {r['latency_p99_s']:>6.2f} {r['ttft_s']:>7.2f} "
+            f"{r['tokens_per_s_vs_unbatched']:>7.2f}"
+        )
+    at8 = by.get(("batched", 8))
+    if at8:
+        print(
+            f"\nbatching at 8 clients: {at8['tokens_per_s_vs_unbatched']:.2f}x the tokens/s of unbatched (goal >= 2x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
