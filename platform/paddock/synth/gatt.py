@@ -58,8 +58,15 @@ def synthesize(
     job: GAttJob, dialogs: list[dict[str, Any]], policy: str
 ) -> tuple[list[dict[str, Any]], float]:
     """Sample the answers turn by turn (instruction on every user message); return training dialogs."""
+    from transformers import AutoConfig
+
+    from paddock.data.tokenize import encode_prompt
+    from paddock.tokenizer import load_tokenizer
+
     g = job.gatt
     rng = random.Random(job.seed)
+    tok = load_tokenizer(policy)
+    context = int(AutoConfig.from_pretrained(policy, local_files_only=True).max_position_embeddings)
     workers = workers_from(policy, g)
     states = []
     for d in dialogs:
@@ -70,11 +77,19 @@ def synthesize(
         )
     followed = total = 0
     for k in range(max(len(s["users"]) for s in states)):
-        live = [s for s in states if k < len(s["users"])]
-        rows = []
-        for s in live:
-            s["sampling"].append({"role": "user", "content": f"{s['users'][k]} {s['form']}"})
-            rows.append({"id": s["id"], "turns": list(s["sampling"]), "is_safety": False})
+        live = []
+        for s in states:
+            if k >= len(s["users"]) or len(s["answers"]) < k:
+                continue
+            turn = {"role": "user", "content": f"{s['users'][k]} {s['form']}"}
+            # A dialog ends where its next prompt and answer would no longer fit the model's context.
+            if len(encode_prompt(tok, [*s["sampling"], turn])) + g.max_new_tokens > context:
+                continue
+            s["sampling"].append(turn)
+            live.append(s)
+        if not live:
+            break
+        rows = [{"id": s["id"], "turns": list(s["sampling"]), "is_safety": False} for s in live]
         answers = generate_all(workers, rows, job.seed * 1009 + k, None, 16)
         for s, a in zip(live, answers, strict=True):
             text = a["text"] if a["finished"] and a["text"] else ""
@@ -123,17 +138,25 @@ def run(job: GAttJob) -> GAttResult:
         raise ValueError(f"gatt.dialogs: {g.dialogs} holds no valid dialogs")
     connect()
     examples, followed = synthesize(job, dialogs, policy)
-    if not examples:
-        raise ValueError("GAtt produced no training dialog: the policy finished no answer of a second turn")
-    random.Random(job.seed).shuffle(examples)
-    dataset = work / "gatt.parquet"
-    dataset.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(examples, schema=DIALOGS), dataset)
     print(
         f"[gatt] {len(examples)} training dialogs from {len(dialogs)} sources; "
         f"{followed:.1%} of sampled answers followed the instruction",
         flush=True,
     )
+    if not examples:
+        raise ValueError(
+            "GAtt produced no training dialog: no finished answer after the first turn"
+            + (
+                " kept the instruction (gatt.keep_following); the policy follows it too rarely to learn from: "
+                "train SFT longer, or set gatt.keep_following=false to train on every answer as the paper does"
+                if g.keep_following
+                else ""
+            )
+        )
+    random.Random(job.seed).shuffle(examples)
+    dataset = work / "gatt.parquet"
+    dataset.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(examples, schema=DIALOGS), dataset)
     sft_job = finetune_sft_job(job, dataset, "gatt", "train_on=last_answer")
     finetune = run_supervised(sft_job, "gatt_finetune")
     return GAttResult(len(dialogs), len(examples), dataset, followed, finetune)
