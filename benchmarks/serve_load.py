@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--requests", type=int, default=4, help="requests per client at each level")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--batch-wait", type=float, default=0.02, help="serve.batch_wait_timeout_s")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
 
@@ -155,7 +156,7 @@ def main() -> None:
                 "serve": {
                     "port": port,
                     "max_batch_size": batch,
-                    "batch_wait_timeout_s": 0.02,
+                    "batch_wait_timeout_s": args.batch_wait,
                     "default_max_tokens": args.max_tokens,
                     "min_replicas": 1,
                     "max_replicas": 1,
