@@ -168,8 +168,8 @@ def test_ppo_recovers_from_a_killed_rollout_worker_and_learner(ppo):
 
 
 @pytest.mark.xfail(
-    reason="not yet robust: on one seeded chain 10 PPO iterations raised the held-out reward (0.857 -> 0.872), "
-    "on a fresh clone's chain they lowered it (0.939 -> 0.910); tracked in issue 4",
+    reason="not yet robust across chains: CI's chain went 0.860 -> 0.893 held out with verifier accuracy "
+    "0.10 -> 0.11 (passes), a local chain 0.902 -> 0.907 -> 0.890 with accuracy 0.11 -> 0.10; tracked in issue 4",
     strict=False,
 )
 def test_ppo_raises_the_held_out_reward_within_the_kl_bound(ppo, rs, chain, world_dir: Path):
