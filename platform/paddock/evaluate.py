@@ -85,21 +85,9 @@ def evaluate_policy(
     seed: int,
     temperature: float,
     chunk: int = 32,
-) -> dict[str, float]:
-    """``eval/*`` metrics of the policy the workers hold (see the module docstring)."""
-    return _policy_metrics(workers, rm_helpfulness, rm_safety, prompts, seed, temperature, chunk)[0]
-
-
-def _policy_metrics(
-    workers: Sequence[Any],
-    rm_helpfulness: Any,
-    rm_safety: Any,
-    prompts: Sequence[Mapping[str, Any]],
-    seed: int,
-    temperature: float,
-    chunk: int,
 ) -> tuple[dict[str, float], list[str]]:
-    """``evaluate_policy``'s metrics and the greedy answers they were read from."""
+    """``eval/*`` metrics of the policy the workers hold (see the module docstring), and the greedy answers
+    they were read from (win rates compare them)."""
     sampled = generate_all(workers, prompts, seed, temperature, chunk)
     greedy = generate_all(workers, prompts, seed, 0.0, chunk)
     out = {
@@ -237,7 +225,9 @@ def run(job: Any) -> dict[str, float]:
     opts = actor_options(e.cpus_per_actor, e.gpus_per_actor)
     scorers = [Scorer.options(**opts).remote(p, "reward", seq_len=e.seq_len) for p in (rm_h, rm_s)]  # type: ignore[attr-defined]
     workers = workers_from(model_dir, e)
-    metrics, ours = _policy_metrics(workers, scorers[0], scorers[1], prompts, job.seed, e.temperature, 32)
+    metrics, ours = evaluate_policy(
+        workers, scorers[0], scorers[1], prompts, seed=job.seed, temperature=e.temperature
+    )
     print(f"[evaluate] {job.model}: held-out prompts done", flush=True)
     if gatt:
         metrics |= {f"eval/{k}": v for k, v in gatt_adherence(workers, gatt, seed=job.seed).items()}

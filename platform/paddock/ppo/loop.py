@@ -267,7 +267,7 @@ class Driver:
         p = self.job.ppo
         t0 = time.perf_counter()
         prompts = self.eval_prompts[: p.eval_max_prompts]
-        metrics = evaluate_policy(
+        metrics, _ = evaluate_policy(
             self.actors.workers,
             self.actors.rm_h,
             self.actors.rm_s,
