@@ -249,6 +249,16 @@ LOSS_STAGES = (
 )
 
 
+def _save(fig: Any, out: Path, file: str, title: str) -> tuple[str, str]:
+    """Write a report figure and close it; returns (title, file) for the report's list."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / file, dpi=120)
+    plt.close(fig)
+    return title, file
+
+
 def stage_runs(parent_run_id: str) -> dict[str, Any]:
     """The newest FINISHED nested run of each stage under the pipeline's parent run, by stage name."""
     client = tracking.configure()
@@ -292,10 +302,7 @@ def stage_figures(parent_run_id: str, out: Path) -> list[tuple[str, str]]:
         ax.set_title("loss curves")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "loss_curves.png", dpi=120)
-        plt.close(fig)
-        figures.append(("Loss curves", "loss_curves.png"))
+        figures.append(_save(fig, out, "loss_curves.png", "Loss curves"))
     rms = [s for s in ("reward_helpfulness", "reward_safety") if s in runs]
     if rms:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -316,10 +323,7 @@ def stage_figures(parent_run_id: str, out: Path) -> list[tuple[str, str]]:
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_title("reward-model accuracy per preference rating (Llama 2, table 8)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "rm_accuracy_per_rating.png", dpi=120)
-        plt.close(fig)
-        figures.append(("Reward-model accuracy per rating", "rm_accuracy_per_rating.png"))
+        figures.append(_save(fig, out, "rm_accuracy_per_rating.png", "Reward-model accuracy per rating"))
     if "rejection_sampling" in runs:
         n, maxima = history(runs["rejection_sampling"], "rs/best_of_n_max")
         _, medians = history(runs["rejection_sampling"], "rs/best_of_n_median")
@@ -331,10 +335,7 @@ def stage_figures(parent_run_id: str, out: Path) -> list[tuple[str, str]]:
         ax.set_title("best of N (Llama 2, figure 7)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "best_of_n.png", dpi=120)
-        plt.close(fig)
-        figures.append(("Rejection sampling: best of N", "best_of_n.png"))
+        figures.append(_save(fig, out, "best_of_n.png", "Rejection sampling: best of N"))
     if "ppo" in runs:
         it, reward = history(runs["ppo"], "ppo/reward_combined")
         kit, kl = history(runs["ppo"], "ppo/kl")
@@ -351,10 +352,7 @@ def stage_figures(parent_run_id: str, out: Path) -> list[tuple[str, str]]:
         ax1.legend(loc="upper left", fontsize=8)
         ax2.legend(loc="lower right", fontsize=8)
         ax1.set_title("PPO reward and KL")
-        fig.tight_layout()
-        fig.savefig(out / "ppo_reward_kl.png", dpi=120)
-        plt.close(fig)
-        figures.append(("PPO reward and KL", "ppo_reward_kl.png"))
+        figures.append(_save(fig, out, "ppo_reward_kl.png", "PPO reward and KL"))
     return figures
 
 
@@ -382,10 +380,7 @@ def write_report(
         ax.set_ylabel("mean safety RM score (held out)")
         ax.set_title("safety against helpfulness, per model")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "safety_vs_helpfulness.png", dpi=120)
-        figures.append(("Safety against helpfulness", "safety_vs_helpfulness.png"))
-        plt.close(fig)
+        figures.append(_save(fig, out, "safety_vs_helpfulness.png", "Safety against helpfulness"))
         turns = [2, 4, 6]
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, m in metrics.items():
@@ -397,10 +392,9 @@ def write_report(
         ax.set_xticks(turns)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "gatt_adherence.png", dpi=120)
-        figures.append(("GAtt adherence by turn (with and without GAtt)", "gatt_adherence.png"))
-        plt.close(fig)
+        figures.append(
+            _save(fig, out, "gatt_adherence.png", "GAtt adherence by turn (with and without GAtt)")
+        )
     lines = [
         f"# paddock pipeline report: {job.registry_prefix}",
         "",
