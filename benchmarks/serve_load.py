@@ -37,20 +37,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def chat(base: str, max_tokens: int, seed: int) -> tuple[float, int]:
-    """One non-streaming request: (latency in s, completion tokens)."""
-    body = {
-        "model": "bench",
-        "messages": MESSAGES,
-        "max_tokens": max_tokens,
-        "temperature": 1.0,
-        "seed": seed,
-    }
-    req = urllib.request.Request(
+def chat_request(base: str, body: dict[str, Any]) -> urllib.request.Request:
+    return urllib.request.Request(
         f"{base}/v1/chat/completions",
-        data=json.dumps(body).encode(),
+        data=json.dumps({"model": "bench", **body}).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
+    )
+
+
+def chat(base: str, max_tokens: int, seed: int) -> tuple[float, int]:
+    """One non-streaming request: (latency in s, completion tokens)."""
+    req = chat_request(
+        base, {"messages": MESSAGES, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed}
     )
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=300) as r:
@@ -60,13 +59,7 @@ def chat(base: str, max_tokens: int, seed: int) -> tuple[float, int]:
 
 def first_token(base: str, max_tokens: int) -> float:
     """Seconds until a streaming request's first content chunk."""
-    body = {"model": "bench", "messages": MESSAGES, "max_tokens": max_tokens, "stream": True, "seed": 1}
-    req = urllib.request.Request(
-        f"{base}/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
+    req = chat_request(base, {"messages": MESSAGES, "max_tokens": max_tokens, "stream": True, "seed": 1})
     start = time.perf_counter()
     ttft: float | None = None
     with urllib.request.urlopen(req, timeout=300) as r:

@@ -17,20 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 from chain import REPO
+from paddock.config import PIPELINE_STAGES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RUN = ["world", "tokenizer", "pretrain", "sft"]
-SKIP = [
-    "reward_helpfulness",
-    "reward_safety",
-    "rejection_sampling",
-    "ppo",
-    "gatt",
-    "context_distillation",
-    "evaluate",
-    "promote",
-]
+SKIP = [s for s in PIPELINE_STAGES if s not in RUN]
 SMALL = ["train.cpus_per_worker=0.5", "train.num_workers=2", "data.seq_len=128"]
 
 
