@@ -36,6 +36,7 @@ test-integration: $(STAMP)
 bench: $(STAMP)
 	@ls benchmarks/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
 	for b in benchmarks/[!_]*.py; do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/_summary.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform jobs tests benchmarks

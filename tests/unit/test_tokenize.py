@@ -74,3 +74,24 @@ def test_packing_keeps_every_token_in_fixed_windows():
     assert flat[:12] == [1, 5, 6, 2, 1, 7, 2, 1, 8, 9, 10, 2] and flat[12:] == [0, 0, 0]
     labels = [t for p in packed for t in p.labels]
     assert labels[:12] == [IGNORE, 5, 6, 2, IGNORE, 7, 2, 1, 8, 9, 10, 2] and labels[12:] == [IGNORE] * 3
+
+
+def test_dialog_packing_keeps_each_example_in_one_window():
+    examples = [
+        Example([1, 5, 6, 2], [IGNORE, 5, 6, 2]),
+        Example([1, 7, 8, 2], [IGNORE, IGNORE, 8, 2]),  # does not fit in the 2 places left: starts window 2
+        Example([1, 9], [IGNORE, 9]),
+        Example([1, 3, 4, 5, 6, 7, 2], [IGNORE, 3, 4, 5, 6, 7, 2]),  # longer than a window: spans 3 and 4
+    ]
+    packed = list(pack(examples, seq_len=6, pad_id=0, split_examples=False))
+    assert [p.input_ids for p in packed] == [
+        [1, 5, 6, 2, 0, 0],
+        [1, 7, 8, 2, 1, 9],
+        [1, 3, 4, 5, 6, 7],
+        [2, 0, 0, 0, 0, 0],
+    ]
+    assert packed[0].labels == [IGNORE, 5, 6, 2, IGNORE, IGNORE]
+    assert packed[1].labels == [IGNORE, IGNORE, 8, 2, IGNORE, 9]
+    assert packed[3].labels == [2] + [IGNORE] * 5
+    # The same examples cut wherever a window ends, as pretraining text is.
+    assert [p.input_ids for p in pack(examples, seq_len=6, pad_id=0)][0] == [1, 5, 6, 2, 1, 7]

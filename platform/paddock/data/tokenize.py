@@ -104,15 +104,25 @@ def encode_prompt(
     return encode_dialog(tok, turns, system, train_on="answers").input_ids
 
 
-def pack(examples: Iterable[Example], seq_len: int, pad_id: int) -> Iterator[Example]:
+def pack(
+    examples: Iterable[Example], seq_len: int, pad_id: int, *, split_examples: bool = True
+) -> Iterator[Example]:
     """Concatenate examples and cut them into windows of exactly ``seq_len`` tokens.
 
-    An example longer than ``seq_len`` spans windows, as in the paper's packing. The final partial window is
-    padded with ``pad_id`` and ``IGNORE`` labels, so no token is lost.
+    With ``split_examples`` (pretraining text), an example spans windows wherever the cut falls, as in the
+    paper's packing. Without it (dialogs), an example that does not fit in what is left of a window starts
+    the next one, the rest being padded: a multi-turn dialog keeps its earlier turns in the window of the
+    answer that depends on them (a Ghost Attention example's instruction sits in its first turn; cut off,
+    the answer would teach a style with no instruction in sight). Only an example longer than a window
+    spans windows, from the start of one. Padding has ``pad_id`` and ``IGNORE`` labels; no token is lost.
     """
     buf_ids: list[int] = []
     buf_labels: list[int] = []
     for ex in examples:
+        if not split_examples and buf_ids and len(buf_ids) + len(ex.input_ids) > seq_len:
+            pad = seq_len - len(buf_ids)
+            yield Example(buf_ids + [pad_id] * pad, buf_labels + [IGNORE] * pad)
+            buf_ids, buf_labels = [], []
         buf_ids += ex.input_ids
         buf_labels += ex.labels
         while len(buf_ids) >= seq_len:

@@ -80,7 +80,16 @@ def run(job: DistillJob) -> DistillResult:
         flush=True,
     )
     if not kept:
-        raise ValueError("context distillation kept no answer: the preprompt never raised the safety score")
+        unfinished = sum(not r["finished"] for r in with_pre)
+        raise ValueError(
+            "context distillation kept no answer: "
+            + (
+                f"{unfinished} of {len(with_pre)} preprompted answers ran past distill.max_new_tokens="
+                f"{d.max_new_tokens} without ending (only finished answers are kept); raise it"
+                if unfinished
+                else "the preprompt never raised the safety score"
+            )
+        )
     if len(kept) < d.min_examples:
         print(
             f"[context_distillation] repeating the {len(kept)} kept answers up to distill.min_examples="

@@ -42,8 +42,9 @@ class PreparedData:
 class TokenizeAndPack:
     """One tokenizer, a batch of rows in, packed windows out (the map_batches tasks keep one per process).
 
-    Each batch is packed on its own; its last window is padded with ignored positions, so a batch of
-    ``batch_size`` rows wastes less than one window and no token is dropped.
+    Each batch is packed on its own; its last window is padded with ignored positions, so no token is
+    dropped. Pretraining text is cut wherever a window ends; a dialog is kept whole in one window unless it
+    is longer than a window (``pack``'s ``split_examples``).
     """
 
     def __init__(self, tokenizer_dir: str, kind: str, seq_len: int, train_on: TrainOn = "answers"):
@@ -58,7 +59,8 @@ class TokenizeAndPack:
         raise ValueError(f"cannot pack dataset kind {self.kind!r}; packing is for pretrain and dialogs")
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        windows = list(pack(self.examples(batch.to_pylist()), self.seq_len, PAD_ID))
+        examples = self.examples(batch.to_pylist())
+        windows = list(pack(examples, self.seq_len, PAD_ID, split_examples=self.kind == "pretrain"))
         return {
             "input_ids": np.array([w.input_ids for w in windows], dtype=np.int32).reshape(-1, self.seq_len),
             "labels": np.array([w.labels for w in windows], dtype=np.int32).reshape(-1, self.seq_len),
