@@ -198,13 +198,32 @@ def _short(uri: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def run(job: Any) -> dict[str, float]:
-    """jobs/evaluate.py: every ``eval/*`` metric of one registered model, logged on that version's run."""
+def start_scorers(job: Any) -> list[Any]:
+    """The helpfulness and safety reward scorers an evaluation job needs (give them to ``run`` to share)."""
+    from paddock import tracking
+    from paddock.cluster import connect
+    from paddock.rollout.actors import Scorer, actor_options
+
+    e = job.eval
+    connect()
+    opts = actor_options(e.cpus_per_actor, e.gpus_per_actor)
+    return [
+        Scorer.options(**opts).remote(str(tracking.resolve_model(u)), "reward", seq_len=e.seq_len)  # type: ignore[attr-defined]
+        for u in (job.reward_helpfulness, job.reward_safety)
+    ]
+
+
+def run(job: Any, scorers: Sequence[Any] | None = None) -> dict[str, float]:
+    """jobs/evaluate.py: every ``eval/*`` metric of one registered model, logged on that version's run.
+
+    ``scorers`` (from ``start_scorers``, same reward models) are used and left running, so that a caller
+    evaluating several models starts them once; by default the job starts its own and stops them.
+    """
     from paddock import tracking
     from paddock.cluster import connect
     from paddock.config import paddock_home, resolve_path
     from paddock.data.validate import load_dataset
-    from paddock.rollout.actors import Scorer, actor_options, workers_from
+    from paddock.rollout.actors import workers_from
 
     e = job.eval
     name, version = tracking.model_version(job.model) if job.model.startswith("models:/") else (None, None)
@@ -222,8 +241,8 @@ def run(job: Any) -> dict[str, float]:
     dialogs = load(e.dialogs, "dialogs", e.max_dialogs) if e.dialogs else []
     connect()
     start = time.monotonic()
-    opts = actor_options(e.cpus_per_actor, e.gpus_per_actor)
-    scorers = [Scorer.options(**opts).remote(p, "reward", seq_len=e.seq_len) for p in (rm_h, rm_s)]  # type: ignore[attr-defined]
+    own_scorers = scorers is None
+    scorers = start_scorers(job) if scorers is None else scorers
     workers = workers_from(model_dir, e)
     metrics, ours = evaluate_policy(
         workers, scorers[0], scorers[1], prompts, seed=job.seed, temperature=e.temperature
@@ -247,8 +266,9 @@ def run(job: Any) -> dict[str, float]:
             other = _GREEDY_SCORES[key]
             wins = (mine > other).float() + 0.5 * (mine == other).float()
             metrics[f"eval/win_rate_vs_{short}"] = wins.mean().item()
-    for a in scorers:
-        ray.kill(a)
+    if own_scorers:
+        for a in scorers:
+            ray.kill(a)
     if dialogs:
         metrics["eval/perplexity"] = answer_perplexity(model_dir, dialogs, e.seq_len)
     metrics["eval/time_s"] = time.monotonic() - start

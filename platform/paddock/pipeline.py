@@ -150,20 +150,27 @@ def run(job: PipelineJob) -> dict[str, Any]:
 
 def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[str, float]]:
     """Every chat model on the same held-out data; win rates against SFT. Returns name -> metrics."""
+    import ray
+
     from paddock import evaluate
 
     out = {}
     sft = f"models:/{job.registry_prefix}-sft@latest"
-    for suffix in job.evaluate_models:
-        name = f"{job.registry_prefix}-{suffix}"
-        uri = f"models:/{name}@latest"
-        try:
-            tracking.model_version(uri)
-        except tracking.UpstreamModelError:
-            print(f"[pipeline] {name} is not registered; not evaluated", flush=True)
-            continue
-        e = template.model_copy(update={"model": uri, "compare_to": [sft] if suffix != "sft" else []})
-        out[name] = evaluate.run(e)
+    scorers = evaluate.start_scorers(template)  # the same reward models judge every model
+    try:
+        for suffix in job.evaluate_models:
+            name = f"{job.registry_prefix}-{suffix}"
+            uri = f"models:/{name}@latest"
+            try:
+                tracking.model_version(uri)
+            except tracking.UpstreamModelError:
+                print(f"[pipeline] {name} is not registered; not evaluated", flush=True)
+                continue
+            e = template.model_copy(update={"model": uri, "compare_to": [sft] if suffix != "sft" else []})
+            out[name] = evaluate.run(e, scorers)
+    finally:
+        for a in scorers:
+            ray.kill(a)
     return out
 
 

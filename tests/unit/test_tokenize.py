@@ -94,4 +94,4 @@ def test_dialog_packing_keeps_each_example_in_one_window():
     assert packed[1].labels == [IGNORE, IGNORE, 8, 2, IGNORE, 9]
     assert packed[3].labels == [2] + [IGNORE] * 5
     # The same examples cut wherever a window ends, as pretraining text is.
-    assert [p.input_ids for p in pack(examples, seq_len=6, pad_id=0)][0] == [1, 5, 6, 2, 1, 7]
+    assert next(pack(examples, seq_len=6, pad_id=0)).input_ids == [1, 5, 6, 2, 1, 7]

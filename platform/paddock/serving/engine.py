@@ -1,9 +1,10 @@
-"""Token-by-token generation for the serving endpoint: one batched decode loop with a KV cache.
+"""Token-by-token generation for the serving endpoint: a continuously batched decode loop with a KV cache.
 
 Each row of a batch carries its own sampling parameters (temperature, top_p, max_tokens, seed), so concurrent
 requests with different settings share forward passes, and a seeded request gets the same answer whatever it is
-batched with (its own ``torch.Generator``). The loop yields one token per live row per step, which is what
-streaming needs; ``complete`` drains it for the non-streaming path. Stop strings are matched on the decoded text
+batched with (its own ``torch.Generator``). Rows join a running ``Batch`` at any step and leave it when done,
+so a request never waits for another to finish (continuous batching, as vLLM and TGI do). ``decode`` yields one
+token per live row per step for a fixed set of rows; ``complete`` drains it. Stop strings are matched on the decoded text
 by the caller, which can end a row early.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,48 +53,125 @@ def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
-@torch.no_grad()
+class Batch:
+    """A running decode batch that rows join at any step and leave when done (continuous batching).
+
+    ``admit`` prefills new rows (left-padded among themselves) and merges their KV cache into the running one,
+    left-padding whichever is shorter; ``pick`` chooses every live row's next token; the caller may then end
+    rows (a stop string) before ``advance`` drops the finished ones and runs one forward for the rest. Each row
+    keeps its own positions, attention mask and generator, so a seeded row gets the same tokens whoever it
+    shares the batch with and whenever they joined.
+    """
+
+    def __init__(self, model: torch.nn.Module, eos_id: int):
+        self.model, self.eos_id, self.device = model, eos_id, device_of(model)
+        self.rows: list[Row] = []
+        self.generators: list[torch.Generator | None] = []
+        self.cache: Any = None  # transformers DynamicCache, batch-first keys/values per layer
+        self.mask = torch.zeros((0, 0), dtype=torch.long)
+        self.last = torch.zeros(0, dtype=torch.long)  # position of each row's newest token
+        self.logits = torch.zeros(0)  # (rows, vocab): each row's next-token logits, on the CPU
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def admit(self, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        ids, mask = left_pad([r.prompt_ids for r in rows])
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        logits = out.logits[:, -1].float().cpu()
+        generators = [
+            torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else None for r in rows
+        ]
+        if not self.rows:
+            self.cache, self.mask, self.last, self.logits = (
+                out.past_key_values,
+                mask,
+                positions[:, -1],
+                logits,
+            )
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self.cache.layers, out.past_key_values.layers, strict=True):
+                mine.keys = torch.cat([_left(mine.keys, width, 2), _left(theirs.keys, width, 2)])
+                mine.values = torch.cat([_left(mine.values, width, 2), _left(theirs.values, width, 2)])
+            self.mask = torch.cat([_left(self.mask, width, 1), _left(mask, width, 1)])
+            self.last = torch.cat([self.last, positions[:, -1]])
+            self.logits = torch.cat([self.logits, logits])
+        self.rows += rows
+        self.generators += generators
+
+    def pick(self) -> list[int]:
+        """Each live row's next token (appended to its ``tokens``; EOS and ``max_tokens`` end the row)."""
+        step = []
+        for i, r in enumerate(self.rows):
+            token = pick(self.logits[i], r.params, self.generators[i])
+            r.tokens.append(token)
+            if token == self.eos_id:
+                r.finish_reason = "stop"
+            elif len(r.tokens) >= r.params.max_tokens:
+                r.finish_reason = "length"
+            step.append(token)
+        return step
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """Drop the rows that are done, then one forward step for the rest."""
+        keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[i] for i in keep]
+            self.generators = [self.generators[i] for i in keep]
+            if not keep:
+                self.cache = None
+                return
+            index = torch.tensor(keep, device=self.device)
+            self.mask, self.last = self.mask[index], self.last[index]
+            first = int(self.mask.any(0).nonzero()[0])  # columns every remaining row pads: cut them
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[index, :, first:]
+                layer.values = layer.values[index, :, first:]
+            self.mask = self.mask[:, first:]
+        nxt = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)
+        self.mask = torch.cat(
+            [self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)], 1
+        )
+        self.last = self.last + 1
+        out = self.model(
+            input_ids=nxt,
+            attention_mask=self.mask,
+            position_ids=self.last.unsqueeze(-1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache, self.logits = out.past_key_values, out.logits[:, -1].float().cpu()
+
+
+def _left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` padded with zeros on the left of ``dim`` to ``width``."""
+    pad = width - t.shape[dim]
+    if pad == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
 def decode(model: torch.nn.Module, rows: Sequence[Row], eos_id: int) -> Iterator[list[int | None]]:
     """Generate for every row at once; yields the new token of each row per step (None once a row is done).
 
     A row is done at EOS, at its ``max_tokens``, or when the caller sets its ``finish_reason``.
     """
-    device = device_of(model)
-    ids, mask = left_pad([r.prompt_ids for r in rows])
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    generators = [
-        torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else None for r in rows
-    ]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    last = positions[:, -1]
-    while True:
-        logits = out.logits[:, -1].float().cpu()  # sampling runs on the CPU with each row's own generator
-        step: list[int | None] = []
-        for i, r in enumerate(rows):
-            if r.finish_reason is not None:
-                step.append(None)
-                continue
-            token = pick(logits[i], r.params, generators[i])
-            r.tokens.append(token)
-            if token == eos_id:
-                r.finish_reason = "stop"
-            elif len(r.tokens) >= r.params.max_tokens:
-                r.finish_reason = "length"
-            step.append(token)
-        yield step
-        if all(r.finish_reason is not None for r in rows):
-            return
-        nxt = torch.tensor([[t if t is not None else PAD_ID] for t in step], device=device)
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=-1)
-        last = last + 1
-        out = model(
-            input_ids=nxt,
-            attention_mask=mask,
-            position_ids=last.unsqueeze(-1),
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
+    batch = Batch(model, eos_id)
+    batch.admit(rows)
+    while batch:
+        live = {id(r) for r in batch.rows}
+        tokens = iter(batch.pick())
+        yield [next(tokens) if id(r) in live else None for r in rows]
+        batch.advance()
 
 
 class TextTracker:
