@@ -552,8 +552,12 @@ class ServeConfig(Strict):
         None, description="Require 'Authorization: Bearer <key>' on /v1 routes; PADDOCK_API_KEY also sets it."
     )
     app_name: str = Field("paddock", description="Serve application name.")
-    max_batch_size: int = Field(8, ge=1, description="Concurrent completions decoded together.")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill.")
+    max_batch_size: int = Field(8, ge=1, description="Most rows in a replica's running decode batch.")
+    batch_wait_timeout_s: float = Field(
+        0.02,
+        ge=0,
+        description="How long an idle replica waits after a request for others to prefill with it.",
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound of chat model replicas.")
     max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound of chat model replicas.")

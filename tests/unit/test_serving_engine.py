@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from paddock.serving.engine import Row, SamplingParams, TextTracker, complete, decode, pick
+from paddock.serving.engine import Batch, Row, SamplingParams, TextTracker, complete, decode, pick
 from paddock.serving.protocol import ChatCompletionRequest, RequestError, RewardRequest
 
 
@@ -42,6 +42,36 @@ def test_a_seeded_request_gets_the_same_answer_whatever_it_is_batched_with(model
     batched = Row(p, SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7))
     complete(model, tok, [*crowd, batched])
     assert batched.tokens == alone.tokens
+
+
+def test_rows_joining_and_leaving_a_running_batch_get_the_tokens_they_get_alone(model, tok):
+    texts = ["Name a colour.", "What is the capital of Peru, and why is it there?", "Sort 3, 1, 2.", "Hi."]
+    lengths = [10, 4, 12, 6]  # rows finish at different steps, so the batch shrinks while others join
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(max_tokens=lengths[i], temperature=1.0, top_p=0.9, seed=100 + i)
+
+    alone = []
+    for i, t in enumerate(texts):
+        r = Row(prompt(tok, t), params(i))
+        complete(model, tok, [r])
+        alone.append(r.tokens)
+
+    batch = Batch(model, tok.eos_token_id)
+    rows = [Row(prompt(tok, t), params(i)) for i, t in enumerate(texts)]
+    # step -> rows admitted before it (prompts of other lengths)
+    joins = {0: rows[:2], 3: rows[2:3], 5: rows[3:]}
+    sizes = []
+    for step in range(40):
+        batch.admit(joins.get(step, []))
+        if not batch:
+            break
+        sizes.append(len(batch))
+        batch.pick()
+        batch.advance()
+    assert [r.tokens for r in rows] == alone
+    # rows 0-2 ran together; row 1 (4 tokens) had left before row 3 came
+    assert max(sizes) == 3 and sizes[0] == 2
 
 
 def test_max_tokens_ends_a_row_with_finish_reason_length(model, tok):

@@ -9,7 +9,7 @@ Routes (OpenAI shapes where OpenAI has them):
 - ``POST /v1/reward``: helpfulness and safety scores of a dialog's last answer, and the Llama 2 combination;
 - ``GET /healthz``.
 
-Concurrent non-streaming requests are batched by ``serve.batch`` into one decode loop. With an API key configured
+Requests, streaming or not, join one continuously batched decode loop (``ChatModel``). With an API key configured
 (``serve.api_key`` or ``PADDOCK_API_KEY``) every ``/v1`` route wants ``Authorization: Bearer <key>``. Bad requests
 get a 4xx with an OpenAI-style error body and the replica keeps serving. Requests, errors by code, tokens, time to
 first token and latency are exported as Ray metrics (``paddock_serve_*``).
@@ -19,6 +19,7 @@ first token and latency are exported as Ray metrics (``paddock_serve_*``).
 import asyncio
 import json
 import os
+import queue
 import threading
 import time
 import uuid
@@ -34,7 +35,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from paddock.cluster import actor_device
-from paddock.serving.engine import Row, SamplingParams, TextTracker, complete, decode
+from paddock.serving.engine import Batch, Row, SamplingParams, TextTracker
 from paddock.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -61,9 +62,26 @@ def _threads(n: int) -> None:
 # Model deployments
 
 
+@dataclass
+class _Entry:
+    """A row waiting for or in the running batch, and where its text goes (a future, or a stream's queue)."""
+
+    row: Row
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[Row] | None = None
+    deltas: asyncio.Queue[dict[str, Any] | None] | None = None
+    tracker: TextTracker | None = None
+
+
 @serve.deployment(name="ChatModel")
 class ChatModel:
-    """Holds the policy; batches concurrent completions into one decode loop, streams one request at a time."""
+    """Holds the policy and one decode loop in a thread: requests join the running batch at its next step.
+
+    Continuous batching: a new request is prefilled and merged into the batch between two decode steps (up to
+    ``max_batch_size`` rows) instead of waiting for the batch in flight to finish, and leaves it when done.
+    Streaming and non-streaming requests share the batch. An idle loop waits ``batch_wait_timeout_s`` after the
+    first request, so that requests sent together are prefilled together.
+    """
 
     def __init__(
         self, path: str, threads: int = 1, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02
@@ -74,50 +92,75 @@ class ChatModel:
         _threads(threads)
         self.model = load_causal_lm(path).eval().to(actor_device())
         self.tok = load_tokenizer(path)
-        self.lock = threading.Lock()  # one decode loop at a time on this replica's threads
-        self.complete_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
-        self.complete_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.max_batch_size, self.wait_s = max_batch_size, batch_wait_timeout_s
+        self.waiting: queue.Queue[_Entry] = queue.Queue()
+        threading.Thread(target=self._loop, name="paddock-decode", daemon=True).start()
 
-    def _run(self, rows: list[Row]) -> list[Row]:
-        with self.lock:
-            return complete(self.model, self.tok, rows)
+    def _loop(self) -> None:
+        batch = Batch(self.model, self.tok.eos_token_id)
+        entries: dict[int, _Entry] = {}
+        while True:
+            new: list[_Entry] = []
+            if not batch:
+                new.append(self.waiting.get())  # idle: block for the next request
+                time.sleep(self.wait_s)
+            while len(batch) + len(new) < self.max_batch_size:
+                try:
+                    new.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                for e in new:
+                    e.tracker = TextTracker(self.tok, e.row, self.tok.eos_token_id)
+                    entries[id(e.row)] = e
+                batch.admit([e.row for e in new])
+                batch.pick()
+                for row in batch.rows:
+                    self._emit(entries[id(row)])
+                for row in batch.rows:
+                    if row.finish_reason is not None:
+                        self._finish(entries.pop(id(row)), None)
+                batch.advance()
+            except BaseException as exc:  # a failed step fails its requests, not the replica
+                for e in entries.values():
+                    self._finish(e, exc)
+                entries.clear()
+                batch = Batch(self.model, self.tok.eos_token_id)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def complete_batch(self, requests: list[list[Row]]) -> list[list[Row]]:
-        flat = [row for rows in requests for row in rows]
-        done = await asyncio.to_thread(self._run, flat)
-        out, i = [], 0
-        for rows in requests:
-            out.append(done[i : i + len(rows)])
-            i += len(rows)
-        return out
+    @staticmethod
+    def _emit(e: _Entry) -> None:
+        assert e.tracker is not None
+        delta = e.tracker.update()
+        if delta and e.deltas is not None:
+            e.loop.call_soon_threadsafe(e.deltas.put_nowait, {"delta": delta})
+
+    @staticmethod
+    def _finish(e: _Entry, error: BaseException | None) -> None:
+        if e.deltas is not None:
+            if error is None:
+                end = {"finish_reason": e.row.finish_reason, "tokens": len(e.row.tokens)}
+                e.loop.call_soon_threadsafe(e.deltas.put_nowait, end)
+            e.loop.call_soon_threadsafe(e.deltas.put_nowait, None)
+        elif e.done is not None:
+            e.row.text = e.row.text.strip()
+            if error is None:
+                e.loop.call_soon_threadsafe(e.done.set_result, e.row)
+            else:
+                e.loop.call_soon_threadsafe(e.done.set_exception, error)
 
     async def complete(self, rows: list[Row]) -> list[Row]:
-        return await self.complete_batch(rows)
+        loop = asyncio.get_running_loop()
+        entries = [_Entry(row, loop, done=loop.create_future()) for row in rows]
+        for e in entries:
+            self.waiting.put(e)
+        return list(await asyncio.gather(*(e.done for e in entries if e.done is not None)))
 
     async def stream(self, row: Row) -> AsyncIterator[dict[str, Any]]:
         """Yields ``{"delta": text}`` as tokens arrive, then ``{"finish_reason": ..., "tokens": n}``."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-        def work() -> None:
-            try:
-                with self.lock:
-                    tracker = TextTracker(self.tok, row, self.tok.eos_token_id)
-                    for step in decode(self.model, [row], self.tok.eos_token_id):
-                        if step[0] is None:
-                            continue
-                        delta = tracker.update()
-                        if delta:
-                            loop.call_soon_threadsafe(queue.put_nowait, {"delta": delta})
-                loop.call_soon_threadsafe(
-                    queue.put_nowait, {"finish_reason": row.finish_reason, "tokens": len(row.tokens)}
-                )
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (item := await queue.get()) is not None:
+        deltas: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.waiting.put(_Entry(row, loop, deltas=deltas))
+        while (item := await deltas.get()) is not None:
             yield item
 
 

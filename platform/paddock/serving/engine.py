@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from paddock.models import PAD_ID
 from paddock.rollout.core import device_of, left_pad
 
 
