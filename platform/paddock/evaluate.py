@@ -188,6 +188,10 @@ def answer_perplexity(model_dir: str, dialogs: Sequence[Mapping[str, Any]], seq_
 _GREEDY_SCORES: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
+# Checkpoints loaded into shared rollout workers so far: the policy version each load stamps on their rows.
+_LOADS = 0
+
+
 def _short(uri: str) -> str:
     """A metric-safe name of a model URI: ``models:/tiny-sft@latest`` -> ``tiny-sft``."""
     name = (
@@ -213,11 +217,14 @@ def start_scorers(job: Any) -> list[Any]:
     ]
 
 
-def run(job: Any, scorers: Sequence[Any] | None = None) -> dict[str, float]:
+def run(
+    job: Any, scorers: Sequence[Any] | None = None, workers: Sequence[Any] | None = None
+) -> dict[str, float]:
     """jobs/evaluate.py: every ``eval/*`` metric of one registered model, logged on that version's run.
 
-    ``scorers`` (from ``start_scorers``, same reward models) are used and left running, so that a caller
-    evaluating several models starts them once; by default the job starts its own and stops them.
+    ``scorers`` (from ``start_scorers``, same reward models) and rollout ``workers`` (sampling as ``job.eval``
+    says) are used and left running, so that a caller evaluating several models starts them once: the workers
+    load this job's model first. By default the job starts its own and stops them.
     """
     from paddock import tracking
     from paddock.cluster import connect
@@ -241,9 +248,14 @@ def run(job: Any, scorers: Sequence[Any] | None = None) -> dict[str, float]:
     dialogs = load(e.dialogs, "dialogs", e.max_dialogs) if e.dialogs else []
     connect()
     start = time.monotonic()
-    own_scorers = scorers is None
+    own_scorers, own_workers = scorers is None, workers is None
     scorers = start_scorers(job) if scorers is None else scorers
-    workers = workers_from(model_dir, e)
+    if workers is None:
+        workers = workers_from(model_dir, e)
+    else:
+        global _LOADS
+        _LOADS += 1
+        ray.get([w.load_checkpoint.remote(model_dir, _LOADS) for w in workers])
     metrics, ours = evaluate_policy(
         workers, scorers[0], scorers[1], prompts, seed=job.seed, temperature=e.temperature
     )
@@ -251,8 +263,9 @@ def run(job: Any, scorers: Sequence[Any] | None = None) -> dict[str, float]:
     if gatt:
         metrics |= {f"eval/{k}": v for k, v in gatt_adherence(workers, gatt, seed=job.seed).items()}
         print(f"[evaluate] {job.model}: GAtt dialogs done", flush=True)
-    for a in workers:
-        ray.kill(a)
+    if own_workers:
+        for a in workers:
+            ray.kill(a)
     if others:
         _, _, mine = _scores(scorers[0], scorers[1], prompts, ours)
         for short, path in others.items():

@@ -153,10 +153,12 @@ def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[s
     import ray
 
     from paddock import evaluate
+    from paddock.rollout.actors import workers_from
 
     out = {}
     sft = f"models:/{job.registry_prefix}-sft@latest"
     scorers = evaluate.start_scorers(template)  # the same reward models judge every model
+    workers: list[Any] = []  # and the same rollout workers answer for each in turn
     try:
         for suffix in job.evaluate_models:
             name = f"{job.registry_prefix}-{suffix}"
@@ -167,9 +169,13 @@ def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[s
                 print(f"[pipeline] {name} is not registered; not evaluated", flush=True)
                 continue
             e = template.model_copy(update={"model": uri, "compare_to": [sft] if suffix != "sft" else []})
-            out[name] = evaluate.run(e, scorers)
+            if suffix == "base":  # a pretrained model holds no dialog: its GAtt adherence would be noise
+                e = e.model_copy(update={"eval": e.eval.model_copy(update={"gatt": None})})
+            if not workers:
+                workers = workers_from(str(tracking.resolve_model(uri)), template.eval)
+            out[name] = evaluate.run(e, scorers, workers)
     finally:
-        for a in scorers:
+        for a in [*scorers, *workers]:
             ray.kill(a)
     return out
 

@@ -50,6 +50,16 @@ class RolloutWorker:
         self.policy_version = policy_version
         return policy_version
 
+    def load_checkpoint(self, checkpoint: str, policy_version: int) -> int:
+        """Hold another model from now on (one set of workers evaluating several models in turn).
+
+        A worker restarted after a crash comes back with the checkpoint it was created with and version 0;
+        callers compare the versions stamped on its rows to notice."""
+        self.model = load_causal_lm(checkpoint).eval().to(actor_device())
+        self.tok = load_tokenizer(checkpoint)
+        self.policy_version = policy_version
+        return policy_version
+
     def generate(
         self, prompts: Sequence[Mapping[str, Any]], seed: int, temperature: float | None = None
     ) -> list[dict[str, Any]]:
