@@ -4,9 +4,9 @@ One replica serves a freshly built policy (random weights: every answer runs to 
 request generates the same number of tokens). The default shape is ``small`` (~20M parameters): like a real
 model, and unlike the 1.8M-parameter ``tiny`` one that fits in a CPU's cache, its decode step costs a pass
 over the weights, which batching shares between requests. ``--shape tiny`` shows the other extreme, where the
-per-request HTTP and Serve overhead of a 2-core machine outweighs decoding. For each mode (``serve.max_batch_size``
-16, then 1: requests join the replica's running decode batch, or wait for the one ahead of them) and each
-concurrency level, N client threads send a bounded number of non-streaming chat requests; reported per row:
+per-request HTTP and Serve overhead of a 2-core machine outweighs decoding. For each mode
+(``serve.max_batch_size`` 16, then 1: requests join the replica's running decode batch, or wait for the one
+ahead of them) and each concurrency level, N client threads send a bounded number of non-streaming chat requests; reported per row:
 requests/s, generated tokens/s, p50/p99 latency, and the time to first token of a streaming probe request sent
 while the clients load the server. The summary line is batching's tokens/s ratio at 8 clients (goal: at least 2x).
 

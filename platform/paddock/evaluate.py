@@ -8,6 +8,7 @@ violation rate on unsafe prompts. Prompts the world did not generate are scored 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -188,8 +189,8 @@ def answer_perplexity(model_dir: str, dialogs: Sequence[Mapping[str, Any]], seq_
 _GREEDY_SCORES: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
-# Checkpoints loaded into shared rollout workers so far: the policy version each load stamps on their rows.
-_LOADS = 0
+# The policy version each checkpoint loaded into running rollout workers stamps on their rows.
+_LOADS = itertools.count(1)
 
 
 def _short(uri: str) -> str:
@@ -223,8 +224,9 @@ def run(
     """jobs/evaluate.py: every ``eval/*`` metric of one registered model, logged on that version's run.
 
     ``scorers`` (from ``start_scorers``, same reward models) and rollout ``workers`` (sampling as ``job.eval``
-    says) are used and left running, so that a caller evaluating several models starts them once: the workers
-    load this job's model first. By default the job starts its own and stops them.
+    says) are used and left running, so that a caller evaluating several models starts them once. The workers
+    load each model they answer for: this job's, then any compared model whose greedy answers are not cached.
+    By default the job starts its own and stops them.
     """
     from paddock import tracking
     from paddock.cluster import connect
@@ -250,12 +252,7 @@ def run(
     start = time.monotonic()
     own_scorers, own_workers = scorers is None, workers is None
     scorers = start_scorers(job) if scorers is None else scorers
-    if workers is None:
-        workers = workers_from(model_dir, e)
-    else:
-        global _LOADS
-        _LOADS += 1
-        ray.get([w.load_checkpoint.remote(model_dir, _LOADS) for w in workers])
+    workers = workers_from(model_dir, e) if workers is None else _holding(workers, model_dir)
     metrics, ours = evaluate_policy(
         workers, scorers[0], scorers[1], prompts, seed=job.seed, temperature=e.temperature
     )
@@ -263,25 +260,18 @@ def run(
     if gatt:
         metrics |= {f"eval/{k}": v for k, v in gatt_adherence(workers, gatt, seed=job.seed).items()}
         print(f"[evaluate] {job.model}: GAtt dialogs done", flush=True)
-    if own_workers:
-        for a in workers:
-            ray.kill(a)
     if others:
         _, _, mine = _scores(scorers[0], scorers[1], prompts, ours)
         for short, path in others.items():
             key = (path, rm_h, rm_s, e.max_new_tokens, e.seq_len, tuple(p["id"] for p in prompts))
             if key not in _GREEDY_SCORES:
-                theirs_workers = workers_from(path, e)
-                theirs = generate_all(theirs_workers, prompts, job.seed, 0.0, 32)
-                for a in theirs_workers:
-                    ray.kill(a)
+                theirs = generate_all(_holding(workers, path), prompts, job.seed, 0.0, 32)
                 _GREEDY_SCORES[key] = _scores(scorers[0], scorers[1], prompts, [r["text"] for r in theirs])[2]
             other = _GREEDY_SCORES[key]
             wins = (mine > other).float() + 0.5 * (mine == other).float()
             metrics[f"eval/win_rate_vs_{short}"] = wins.mean().item()
-    if own_scorers:
-        for a in scorers:
-            ray.kill(a)
+    for a in [*(workers if own_workers else []), *(scorers if own_scorers else [])]:
+        ray.kill(a)
     if dialogs:
         metrics["eval/perplexity"] = answer_perplexity(model_dir, dialogs, e.seq_len)
     metrics["eval/time_s"] = time.monotonic() - start
@@ -292,6 +282,13 @@ def run(
     for k, v in sorted(metrics.items()):
         print(f"  {k:<{width}} {v:.4f}")
     return metrics
+
+
+def _holding(workers: Sequence[Any], model_dir: str) -> Sequence[Any]:
+    """``workers`` once each has loaded ``model_dir`` (under a new policy version)."""
+    version = next(_LOADS)
+    ray.get([w.load_checkpoint.remote(model_dir, version) for w in workers])
+    return workers
 
 
 def _scores(

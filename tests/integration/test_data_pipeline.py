@@ -12,8 +12,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_packed_sft_data_keeps_every_answer_token(
-    ray_cluster, world_dir: Path, tokenizer_dir: Path, tok, tmp_path: Path
+    ray_cluster, world_dir: Path, tokenizer_dir: Path, tok, tmp_path: Path, monkeypatch
 ):
+    import math
+
+    import paddock.train.data as data
     from paddock.train.data import packed_dataset
 
     rows = pq.read_table(world_dir / "sft" / "train.parquet").to_pylist()[:120]
@@ -24,17 +27,31 @@ def test_packed_sft_data_keeps_every_answer_token(
         pa.Table.from_pylist([*rows, bad], schema=pq.read_schema(world_dir / "sft" / "train.parquet")), src
     )
 
-    prepared = packed_dataset(
-        src,
-        "dialogs",
-        tokenizer_dir,
-        seq_len=64,
-        max_bad_fraction=0.05,
-        max_chars=2000,
-        work_dir=tmp_path / "run",
-    )
+    def prepare():  # type: ignore[no-untyped-def]
+        return packed_dataset(
+            src,
+            "dialogs",
+            tokenizer_dir,
+            seq_len=64,
+            max_bad_fraction=0.05,
+            max_chars=2000,
+            work_dir=tmp_path / "run",
+            batch_rows=50,
+        )
+
+    prepared = prepare()  # a small file: tokenised in the driver
     assert prepared.report.n_bad == 1 and prepared.report.quarantine_path.is_file()
     out = prepared.dataset.take_all()
+    monkeypatch.setattr(data, "SMALL_INPUT_BYTES", 0)  # the same file streamed through map_batches tasks
+    streamed = prepare().dataset.take_all()
+    assert len(streamed) == len(out) and all(
+        (a["input_ids"] == b["input_ids"]).all() and (a["labels"] == b["labels"]).all()
+        for a, b in zip(out, streamed, strict=True)
+    )
+    # Dialogs are packed whole: only the continuation windows of dialogs longer than a window start mid-dialog.
+    lengths = [len(encode_dialog(tok, r["turns"], r["system"]).input_ids) for r in rows]
+    continued = sum(math.ceil(n / 64) - 1 for n in lengths if n > 64)
+    assert sum(int(r["input_ids"][0]) != tok.bos_token_id for r in out) == continued
     assert all(len(r["input_ids"]) == 64 and len(r["labels"]) == 64 for r in out)
     trained = sum(int((r["labels"] != IGNORE).sum()) for r in out)
     expected = sum(

@@ -62,6 +62,14 @@ def test_worker_generates_and_loads_published_weights(ray_cluster, checkpoints: 
         for a, b in zip(r["behaviour_logprobs"], lp, strict=True)
     )
 
+    # Evaluation swaps whole checkpoints into the same workers: back to the policy, stamped version 2.
+    assert ray.get(worker.load_checkpoint.remote(str(checkpoints / "policy"), 2)) == 2
+    rows2 = ray.get(worker.generate.remote(PROMPTS, seed=0))
+    assert all(r["policy_version"] == 2 for r in rows2)
+    assert [r["response_ids"] for r in rows2] == [r["response_ids"] for r in rows]
+    for r, r0 in zip(rows2, rows, strict=True):
+        assert r["behaviour_logprobs"] == pytest.approx(r0["behaviour_logprobs"], abs=1e-5)
+
 
 def test_reward_scorer_and_restart_after_kill(ray_cluster, checkpoints: Path):
     import ray

@@ -67,10 +67,10 @@ class _Entry:
     """A row waiting for or in the running batch, and where its text goes (a future, or a stream's queue)."""
 
     row: Row
+    tracker: TextTracker
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future[Row] | None = None
     deltas: asyncio.Queue[dict[str, Any] | None] | None = None
-    tracker: TextTracker | None = None
 
 
 @serve.deployment(name="ChatModel")
@@ -110,9 +110,7 @@ class ChatModel:
                 except queue.Empty:
                     break
             try:
-                for e in new:
-                    e.tracker = TextTracker(self.tok, e.row, self.tok.eos_token_id)
-                    entries[id(e.row)] = e
+                entries |= {id(e.row): e for e in new}
                 batch.admit([e.row for e in new])
                 batch.pick()
                 for row in batch.rows:
@@ -129,7 +127,6 @@ class ChatModel:
 
     @staticmethod
     def _emit(e: _Entry) -> None:
-        assert e.tracker is not None
         delta = e.tracker.update()
         if delta and e.deltas is not None:
             e.loop.call_soon_threadsafe(e.deltas.put_nowait, {"delta": delta})
@@ -148,18 +145,21 @@ class ChatModel:
             else:
                 e.loop.call_soon_threadsafe(e.done.set_exception, error)
 
+    def _tracker(self, row: Row) -> TextTracker:
+        return TextTracker(self.tok, row, self.tok.eos_token_id)
+
     async def complete(self, rows: list[Row]) -> list[Row]:
         loop = asyncio.get_running_loop()
-        entries = [_Entry(row, loop, done=loop.create_future()) for row in rows]
-        for e in entries:
-            self.waiting.put(e)
-        return list(await asyncio.gather(*(e.done for e in entries if e.done is not None)))
+        futures = [loop.create_future() for _ in rows]
+        for row, done in zip(rows, futures, strict=True):
+            self.waiting.put(_Entry(row, self._tracker(row), loop, done=done))
+        return list(await asyncio.gather(*futures))
 
     async def stream(self, row: Row) -> AsyncIterator[dict[str, Any]]:
         """Yields ``{"delta": text}`` as tokens arrive, then ``{"finish_reason": ..., "tokens": n}``."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self.waiting.put(_Entry(row, loop, deltas=deltas))
+        self.waiting.put(_Entry(row, self._tracker(row), loop, deltas=deltas))
         while (item := await deltas.get()) is not None:
             yield item
 

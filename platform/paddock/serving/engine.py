@@ -4,8 +4,8 @@ Each row of a batch carries its own sampling parameters (temperature, top_p, max
 requests with different settings share forward passes, and a seeded request gets the same answer whatever it is
 batched with (its own ``torch.Generator``). Rows join a running ``Batch`` at any step and leave it when done,
 so a request never waits for another to finish (continuous batching, as vLLM and TGI do). ``decode`` yields one
-token per live row per step for a fixed set of rows; ``complete`` drains it. Stop strings are matched on the decoded text
-by the caller, which can end a row early.
+token per live row per step for a fixed set of rows; ``complete`` drains it. Stop strings are matched on the
+decoded text by the caller, which can end a row early.
 """
 
 from __future__ import annotations

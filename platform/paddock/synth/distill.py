@@ -81,15 +81,13 @@ def run(job: DistillJob) -> DistillResult:
     )
     if not kept:
         unfinished = sum(not r["finished"] for r in with_pre)
-        raise ValueError(
-            "context distillation kept no answer: "
-            + (
+        why = "the preprompt never raised the safety score"
+        if unfinished:
+            why = (
                 f"{unfinished} of {len(with_pre)} preprompted answers ran past distill.max_new_tokens="
                 f"{d.max_new_tokens} without ending (only finished answers are kept); raise it"
-                if unfinished
-                else "the preprompt never raised the safety score"
             )
-        )
+        raise ValueError(f"context distillation kept no answer: {why}")
     if len(kept) < d.min_examples:
         print(
             f"[context_distillation] repeating the {len(kept)} kept answers up to distill.min_examples="
