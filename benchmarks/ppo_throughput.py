@@ -51,7 +51,7 @@ def run_mode(mode: str, models: Path, tok_dir: Path, world: Path, args: argparse
             f"reward_helpfulness={models / 'rm'}",
             f"reward_safety={models / 'rm'}",
             f"ppo.prompts={world}/prompts/train.parquet",
-            f"ppo.eval_prompts={world}/prompts/test.parquet",
+            f"ppo.eval_prompts={world}/prompts/valid.parquet",
             f"ppo.mode={mode}",
             f"ppo.iterations={args.iterations}",
             f"ppo.batch_prompts={args.batch}",

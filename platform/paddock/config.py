@@ -86,7 +86,12 @@ class WorldConfig(Strict):
     helpfulness_pairs: int = Field(4000, ge=10, description="Helpfulness preference pairs (train + test).")
     safety_pairs: int = Field(2000, ge=10, description="Safety preference pairs (train + test).")
     rl_prompts: int = Field(1200, ge=10, description="Prompts for rejection sampling and PPO (train split).")
-    eval_prompts: int = Field(400, ge=10, description="Held-out evaluation prompts (test split).")
+    eval_prompts: int = Field(
+        400,
+        ge=10,
+        description="Held-out prompts in each of the test split (final evaluation) and the valid split "
+        "(choices made during training, such as PPO's early stopping).",
+    )
     gatt_dialogs: int = Field(
         600, ge=10, description="Multi-turn dialogs with a checkable instruction for GAtt."
     )
@@ -379,14 +384,22 @@ class FinetuneJob(StageConfig):
     policy: str = Field(..., description="The model that samples the data and is fine-tuned on it.")
     sft_config: str = Field(..., description="SFT stage YAML used for the fine-tune.")
     sft_overrides: list[str] = Field(default_factory=list, description="--set overrides for that SFT stage.")
-    replay: str | None = Field(
+    replay: str | list[str] | None = Field(
         None,
-        description="Dialogs (kind dialogs, e.g. the SFT set) mixed into the fine-tune data, so a fine-tune on "
-        "narrow synthetic data keeps what earlier stages taught (refusals above all). Relative to PADDOCK_HOME.",
+        description="Dialogs (kind dialogs, e.g. the SFT set; one path or a list) mixed into the fine-tune data, "
+        "so a fine-tune on narrow synthetic data keeps what earlier stages taught (refusals, a GAtt set's "
+        "instruction following). Relative to PADDOCK_HOME.",
     )
     replay_ratio: float = Field(
-        1.0, ge=0, description="Replay dialogs added per dialog of the stage's own data (seeded draw)."
+        1.0,
+        ge=0,
+        description="Replay dialogs added per dialog of the stage's own data (seeded draw, split evenly over "
+        "the replay sets).",
     )
+
+    @property
+    def replay_sets(self) -> list[str]:
+        return [self.replay] if isinstance(self.replay, str) else list(self.replay or [])
 
 
 class RejectionConfig(Strict):
@@ -434,7 +447,8 @@ class PPOConfig(Strict):
 
     prompts: str = Field("world/prompts/train.parquet", description="Training prompts (kind prompts).")
     eval_prompts: str = Field(
-        "world/prompts/test.parquet", description="Held-out prompts for early stopping (kind prompts)."
+        "world/prompts/valid.parquet",
+        description="Held-out prompts for early stopping (kind prompts); not the test prompts evaluation reads.",
     )
     mode: Literal["sync", "async"] = Field(
         "sync",
@@ -621,6 +635,14 @@ class EvaluateConfig(SamplingConfig):
         description="Temperature of the sampled pass (the greedy pass uses 0); Llama 2's 0.6.",
     )
     seq_len: int = Field(256, ge=16, description="Tokens the reward models and perplexity read.")
+    safety_samples: int = Field(
+        4,
+        ge=0,
+        description="Sampled answers per held-out unsafe and borderline prompt (every distinct one in "
+        "`prompts`, up to max_safety_prompts), read by the world's verifiers into the safety violation and "
+        "false refusal rates; 0: read them from the greedy answers to the max_prompts sample instead.",
+    )
+    max_safety_prompts: int = Field(64, ge=1, description="Distinct unsafe and borderline prompts at most.")
 
 
 class EvaluateJob(StageConfig):

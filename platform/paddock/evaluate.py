@@ -1,9 +1,11 @@
 """Evaluation of a chat policy on held-out data, through the rollout workers and reward scorers.
 
-``evaluate_policy`` (also PPO's early stopping) makes two passes over the prompts: sampled answers at the rollout temperature with a fixed seed (the mean combined
-reward, which PPO's early stopping watches), and greedy answers (what a user of the served model sees), checked
-by the tiny world's verifiers where the prompt comes from the world: helpfulness accuracy and the safety
-violation rate on unsafe prompts. Prompts the world did not generate are scored by the reward models only.
+``evaluate_policy`` (also PPO's early stopping) makes two passes over the prompts: sampled answers at the
+rollout temperature with a fixed seed (the mean combined reward, which PPO's early stopping watches), and greedy
+answers (what a user of the served model sees), checked by the tiny world's verifiers where the prompt comes from
+the world: helpfulness accuracy and the safety violation rate on unsafe prompts. Prompts the world did not
+generate are scored by the reward models only. The evaluation job (``run``) reads the safety rates from several
+sampled answers to every distinct held-out unsafe and borderline prompt instead (``safety_rates``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,46 @@ def world_metrics(prompts: Sequence[Mapping[str, Any]], answers: Sequence[str]) 
         out["safety_violation_rate"] = violations / unsafe_total
     if borderline_total:
         out["false_refusal_rate"] = refusals / borderline_total
+    return out
+
+
+def safety_set(prompts: Sequence[Mapping[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The distinct unsafe and borderline prompts among ``prompts`` that the world can check, in file order."""
+    seen: set[tuple[str, ...]] = set()
+    out: list[dict[str, Any]] = []
+    for p in prompts:
+        try:
+            kind = verify.classify(p["turns"])
+        except ValueError:
+            continue
+        key = tuple(t["content"] for t in p["turns"])
+        if kind in ("unsafe", "borderline") and key not in seen and len(out) < limit:
+            seen.add(key)
+            out.append(dict(p))
+    return out
+
+
+def safety_rates(
+    workers: Sequence[Any],
+    prompts: Sequence[Mapping[str, Any]],
+    *,
+    samples: int,
+    seed: int,
+    temperature: float,
+) -> dict[str, float]:
+    """The safety violation rate (unsafe prompts) and false refusal rate (borderline prompts) over ``samples``
+    sampled answers to each prompt of ``prompts`` (see ``safety_set``), by the world's verifiers.
+
+    The tiny world holds a few dozen distinct unsafe requests; on a general sample of held-out prompts a model's
+    violation rate moves in steps of one prompt (8 points on 13), too coarse to see a safety stage's effect.
+    """
+    rows = [dict(p) | {"id": f"{p['id']}-s{k}"} for k in range(samples) for p in prompts]
+    answers = generate_all(workers, rows, seed, temperature, 32)
+    found = world_metrics(rows, [a["text"] for a in answers])
+    out: dict[str, float] = {
+        k: found[k] for k in ("safety_violation_rate", "false_refusal_rate") if k in found
+    }
+    out["safety_answers"] = float(len(rows))
     return out
 
 
@@ -240,12 +282,13 @@ def run(
     rm_h, rm_s = (str(tracking.resolve_model(u)) for u in (job.reward_helpfulness, job.reward_safety))
     others = {_short(u): str(tracking.resolve_model(u)) for u in job.compare_to}
 
-    def load(path: str, kind: str, limit: int) -> list[dict[str, Any]]:
+    def load(path: str, kind: str, limit: int | None) -> list[dict[str, Any]]:
         quarantine = paddock_home() / "runs" / "evaluate" / "quarantine"
         report = load_dataset(resolve_path(path), kind, quarantine_dir=quarantine)
         return list(report.good.to_pylist()[:limit])
 
     prompts = load(e.prompts, "prompts", e.max_prompts)
+    safety = safety_set(load(e.prompts, "prompts", None), e.max_safety_prompts) if e.safety_samples else []
     gatt = load(e.gatt, "dialogs", e.max_gatt_dialogs) if e.gatt else []
     dialogs = load(e.dialogs, "dialogs", e.max_dialogs) if e.dialogs else []
     connect()
@@ -257,6 +300,14 @@ def run(
         workers, scorers[0], scorers[1], prompts, seed=job.seed, temperature=e.temperature
     )
     print(f"[evaluate] {job.model}: held-out prompts done", flush=True)
+    if safety:
+        metrics |= {
+            f"eval/{k}": v
+            for k, v in safety_rates(
+                workers, safety, samples=e.safety_samples, seed=job.seed, temperature=e.temperature
+            ).items()
+        }
+        print(f"[evaluate] {job.model}: {len(safety)} unsafe and borderline prompts done", flush=True)
     if gatt:
         metrics |= {f"eval/{k}": v for k, v in gatt_adherence(workers, gatt, seed=job.seed).items()}
         print(f"[evaluate] {job.model}: GAtt dialogs done", flush=True)

@@ -206,7 +206,7 @@ def test_submitted_ppo_step_exports_ppo_metrics(head, runtime_env, world_dir, to
         f"tokenizer={tokenizer_dir}",
         "policy=models:/tiny-sft@latest",
         f"ppo.prompts={world_dir}/prompts/train.parquet",
-        f"ppo.eval_prompts={world_dir}/prompts/test.parquet",
+        f"ppo.eval_prompts={world_dir}/prompts/valid.parquet",
         "ppo.iterations=2",
         "ppo.batch_prompts=8",
         "ppo.mini_batch=8",

@@ -58,6 +58,22 @@ def test_a_small_replay_pool_is_cycled(tmp_path: Path, monkeypatch):
     assert len(replayed) == 10 and {r["id"] for r in replayed} == {f"replay-s{i}" for i in range(4)}
 
 
+def test_the_draw_is_split_evenly_over_several_replay_sets(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("PADDOCK_HOME", str(tmp_path))
+    own = dialogs(tmp_path / "cd.parquet", "c", 11)
+    dialogs(tmp_path / "sft.parquet", "s", 50)
+    dialogs(tmp_path / "gatt.parquet", "g", 3)  # smaller than its share: cycled
+    out = with_replay(job(tmp_path, replay=["sft.parquet", "gatt.parquet"], replay_ratio=1.0), own, "cd")
+    replayed = [r for r in pq.read_table(out).to_pylist() if "replay" in r["tags"]]
+    by_set = {p: [r for r in replayed if p in r["tags"]] for p in ("s", "g")}
+    assert len(replayed) == 11 and len(by_set["s"]) == 6 and len(by_set["g"]) == 5
+    assert len({r["id"] for r in by_set["s"]}) == 6 and {r["id"] for r in by_set["g"]} == {
+        f"replay-g{i}" for i in range(3)
+    }
+    with pytest.raises(DatasetError, match=r"nope\.parquet: no such dataset file"):
+        finetune_sft_job(job(tmp_path, replay=["sft.parquet", "nope.parquet"]), None, "cd")
+
+
 def test_fine_tune_reads_the_mixed_file_and_a_missing_replay_set_fails_before_sampling(
     tmp_path: Path, monkeypatch
 ):

@@ -353,10 +353,10 @@ def finetune_sft_job(job: FinetuneJob, dataset: Path | None, suffix: str, *extra
     checks the config and the replay set (call it before sampling, so that bad input fails first)."""
     overrides = list(job.sft_overrides)
     if dataset is None:
-        if job.replay:
-            load_dataset(resolve_path(job.replay), "dialogs", quarantine_dir=_replay_quarantine(job, suffix))
+        for path in job.replay_sets:
+            load_dataset(resolve_path(path), "dialogs", quarantine_dir=_replay_quarantine(job, suffix))
     else:
-        if job.replay and job.replay_ratio > 0:
+        if job.replay_sets and job.replay_ratio > 0:
             dataset = with_replay(job, dataset, suffix)
         overrides += [
             f"data.train={dataset}",
@@ -374,18 +374,23 @@ def _replay_quarantine(job: FinetuneJob, suffix: str) -> Path:
 
 
 def with_replay(job: FinetuneJob, dataset: Path, suffix: str) -> Path:
-    """``dataset`` plus ``replay_ratio`` x its size of the job's replay dialogs (a seeded draw, without repeats
-    while they last), shuffled together into ``<dataset>.replay.parquet`` beside it."""
-    if not job.replay:
+    """``dataset`` plus ``replay_ratio`` x its size of the job's replay dialogs (a seeded draw split evenly over
+    the replay sets, without repeats while a set lasts), shuffled together into ``<dataset>.replay.parquet``."""
+    sets = job.replay_sets
+    if not sets:
         raise ValueError("with_replay needs a job with a replay dataset")
     own = pq.read_table(dataset).to_pylist()
-    pool = load_dataset(resolve_path(job.replay), "dialogs", quarantine_dir=_replay_quarantine(job, suffix))
-    rows = pool.good.to_pylist()
     rng = random.Random(job.seed)
     want = round(job.replay_ratio * len(own))
     drawn: list[dict[str, Any]] = []
-    while len(drawn) < want and rows:
-        drawn += rng.sample(rows, min(len(rows), want - len(drawn)))
+    for i, path in enumerate(sets):
+        pool = load_dataset(resolve_path(path), "dialogs", quarantine_dir=_replay_quarantine(job, suffix))
+        rows = pool.good.to_pylist()
+        share = want // len(sets) + (i < want % len(sets))
+        got: list[dict[str, Any]] = []
+        while len(got) < share and rows:
+            got += rng.sample(rows, min(len(rows), share - len(got)))
+        drawn += got
     mixed = own + [
         {
             "id": f"replay-{r['id']}",
@@ -399,7 +404,7 @@ def with_replay(job: FinetuneJob, dataset: Path, suffix: str) -> Path:
     out = dataset.with_suffix(".replay.parquet")
     pq.write_table(pa.Table.from_pylist(mixed, schema=DIALOGS), out)
     print(
-        f"[{suffix}] fine-tune data: {len(own)} new dialogs + {len(drawn)} replayed from {job.replay}",
+        f"[{suffix}] fine-tune data: {len(own)} new dialogs + {len(drawn)} replayed from {', '.join(sets)}",
         flush=True,
     )
     return out

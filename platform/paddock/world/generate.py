@@ -5,7 +5,8 @@ Layout under ``out_dir``::
     pretrain/{train,test}.parquet      kind pretrain: facts and tasks in varied templates, incl. Q/A phrasings
     sft/{train,test}.parquet           kind dialogs: answers, multi-turn, safety demos, instruction following
     preferences/{train,test}.parquet   kind preferences: helpfulness and safety pairs with rating and bin
-    prompts/{train,test}.parquet       kind prompts: train = RS/PPO prompts, test = held-out evaluation prompts
+    prompts/{train,test,valid}.parquet kind prompts: train = RS/PPO prompts, test = held-out evaluation prompts,
+                                       valid = held-out prompts for choices during training (PPO early stopping)
     gatt/{train,test}.parquet          kind dialogs: 6-turn dialogs with a checkable instruction (tags)
 
 Facts and task operands are split once by a seeded hash: held-out ones appear in the pretraining corpus and
@@ -23,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from paddock.config import WorldConfig, resolve_path
+from paddock.config import SAFETY_PREPROMPT, WorldConfig, resolve_path
 from paddock.data.schemas import DIALOGS, PREFERENCES, PRETRAIN, PROMPTS
 from paddock.world import styles
 from paddock.world.items import (
@@ -182,7 +183,15 @@ class WorldWriter:
                     _user(f"{rng.choice(item.questions)} {form}"),
                     _assistant(ins.apply(rng.choice(item.answers), item.core)),
                 ]
-        system = SYSTEM_PROMPT if rng.random() < 0.15 else None
+        # A third of the safety and borderline demonstrations carry the safety preprompt as their system prompt
+        # (refusing the unsafe requests, answering the borderline ones), as a deployment's safety system prompt
+        # would: the tiny model learns what it means, where a pretrained Llama knows it already, so that
+        # context distillation's preprompted answers are in distribution. Other dialogs: the helpful one, 15%.
+        u = rng.random()
+        if kind in ("safety", "borderline") and u < 0.35:
+            system: str | None = SAFETY_PREPROMPT
+        else:
+            system = SYSTEM_PROMPT if u < 0.15 else None
         return {"id": f"sft-{split}-{i:06d}", "system": system, "turns": turns, "tags": [kind]}
 
     def helpfulness_pair(self, rng: random.Random, i: int, split: str) -> dict:
@@ -255,7 +264,7 @@ class WorldWriter:
         }
 
     def prompt(self, rng: random.Random, i: int, split: str) -> dict:
-        heldout = split == "test"
+        heldout = split != "train"
         kind = rng.choices(
             ["fact", "task", "unsafe", "borderline"], [50, 20, 15, 15] if heldout else [55, 25, 12, 8]
         )[0]
@@ -296,15 +305,19 @@ class WorldWriter:
         cfg = self.cfg
         report = WorldReport(out_dir)
 
-        def both(name: str, schema: pa.Schema, make: Callable, n_train: int, n_test: int) -> None:
+        def both(
+            name: str, schema: pa.Schema, make: Callable, n_train: int, n_test: int, n_valid: int = 0
+        ) -> None:
             counts = {}
-            for split, n in (("train", n_train), ("test", n_test)):
+            for split, n in (("train", n_train), ("test", n_test), ("valid", n_valid)):
+                if split == "valid" and not n:
+                    continue
                 rng = self.rng(f"{name}:{split}")
                 counts[split] = _write(
                     [make(rng, i, split) for i in range(n)], schema, out_dir / name / f"{split}.parquet"
                 )
             report.rows[name] = counts
-            progress(f"{name}: {counts['train']} train, {counts['test']} test")
+            progress(f"{name}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))
 
         target = int(cfg.pretrain_mb * 1_000_000)
         report.rows["pretrain"] = {
@@ -334,7 +347,9 @@ class WorldWriter:
             )
 
         both("preferences", PREFERENCES, pair, h_train + s_train, h_test + s_test)
-        both("prompts", PROMPTS, self.prompt, cfg.rl_prompts, cfg.eval_prompts)
+        # valid: held-out prompts of the test set's kind for choices made during training (PPO's early stopping),
+        # so that test prompts are only ever read by the final evaluation.
+        both("prompts", PROMPTS, self.prompt, cfg.rl_prompts, cfg.eval_prompts, cfg.eval_prompts)
         both("gatt", DIALOGS, self.gatt_dialog, *n_split(cfg.gatt_dialogs))
         return report
 
