@@ -6,13 +6,14 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.paddock-installed
+BENCH_STAMP := $(VENV)/.paddock-bench-installed
 TORCH   ?= torch==2.13.0
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-unit test-integration bench lint clean
+.PHONY: venv demo test test-unit test-integration test-reliability bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,7 +37,14 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest -m "integration and not gpu" tests
 
-bench: $(STAMP)
+test-reliability: $(STAMP)
+	$(BIN)/python -m pytest -m "reliability and not gpu" tests
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	@ls benchmarks/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
 	for b in benchmarks/[!_]*.py; do $(BIN)/python $$b || exit 1; done
 	$(BIN)/python benchmarks/_summary.py

@@ -186,6 +186,7 @@ def test_submitted_sft_job_succeeds_and_leaves_its_mlflow_run(head, runtime_env,
     assert runs[0].data.metrics["train/loss"] > 0
 
 
+@pytest.mark.reliability
 def test_submitted_job_with_a_bad_config_fails_with_the_error_in_its_logs(head, runtime_env):
     status, logs, _ = submit(
         head[0],

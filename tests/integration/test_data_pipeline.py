@@ -61,6 +61,7 @@ def test_packed_sft_data_keeps_every_answer_token(
     assert trained == expected
 
 
+@pytest.mark.reliability
 def test_bad_dataset_stops_before_any_worker(world_dir: Path, tokenizer_dir: Path, tmp_path: Path):
     from paddock.train.data import packed_dataset
 

@@ -71,6 +71,7 @@ def test_worker_generates_and_loads_published_weights(ray_cluster, checkpoints: 
         assert r["behaviour_logprobs"] == pytest.approx(r0["behaviour_logprobs"], abs=1e-5)
 
 
+@pytest.mark.reliability
 def test_reward_scorer_and_restart_after_kill(ray_cluster, checkpoints: Path):
     import ray
     from paddock.rollout.actors import Scorer

@@ -142,6 +142,7 @@ def test_reward_endpoint_prefers_a_refusal_to_compliance_on_an_unsafe_prompt(ser
     assert scores["refusal"]["used_safety"] and scores["refusal"]["combined"] == scores["refusal"]["safety"]
 
 
+@pytest.mark.reliability
 def test_bad_requests_get_4xx_with_a_reason_and_the_replica_keeps_serving(served):
     base, _ = served
     url = f"{base}/v1/chat/completions"

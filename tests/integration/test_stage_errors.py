@@ -12,7 +12,7 @@ from paddock.config import PretrainJob, SFTJob, load_config
 from paddock.data.validate import DatasetError
 from paddock.tracking import UpstreamModelError
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -100,6 +100,7 @@ def test_sft_loss_only_on_answers_reaches_low_eval_loss(chain):
     assert history[-1]["eval/loss"] < history[0]["train/loss"]
 
 
+@pytest.mark.reliability
 def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Path, tokenizer_dir: Path):
     """SIGKILL a Ray Train worker process after the first checkpoint: the run restarts from it and ends on the
     same loss as an uninterrupted run of the same config (same seed, data order and steps)."""

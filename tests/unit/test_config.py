@@ -17,6 +17,7 @@ def test_every_shipped_config_validates(path: Path):
     assert cfg.registry_prefix
 
 
+@pytest.mark.reliability
 def test_error_names_every_bad_field(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
@@ -33,6 +34,7 @@ def test_error_names_every_bad_field(tmp_path: Path):
     assert "experiments: unknown field" in msg and "experiment" in msg.split("experiments: unknown field")[1]
 
 
+@pytest.mark.reliability
 def test_overrides_are_typed_and_validated(tmp_path: Path):
     cfg = load_config(WorldJob, None, ["world.seed=7", "world.pretrain_mb=0.5", "experiment=x"])
     assert (cfg.world.seed, cfg.world.pretrain_mb, cfg.experiment) == (7, 0.5, "x")
@@ -42,6 +44,7 @@ def test_overrides_are_typed_and_validated(tmp_path: Path):
         load_config(WorldJob, None, ["world.seed"])
 
 
+@pytest.mark.reliability
 def test_missing_file_and_bad_yaml(tmp_path: Path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(WorldJob, tmp_path / "nope.yaml")

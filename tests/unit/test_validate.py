@@ -6,6 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 from paddock.data.validate import DatasetError, load_dataset
 
+# Bad input is a fault the platform must survive: counted, quarantined with a reason, named in the error.
+pytestmark = pytest.mark.reliability
+
 GOOD = {
     "id": "d1",
     "system": None,

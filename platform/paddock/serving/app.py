@@ -32,6 +32,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 
 from paddock.cluster import actor_device
@@ -324,7 +325,18 @@ class Ingress:
             code = getattr(response, "status_code", 200)
         except RequestError as exc:
             response, code = _error(exc), exc.status
-        except Exception as exc:  # a bug or a dead model replica: say so, keep serving
+        except RayActorError as exc:  # the model replica died (or is dying); Serve starts another
+            response = JSONResponse(
+                error_body(
+                    f"the model replica is unavailable ({type(exc).__name__}); Serve is replacing it, retry shortly",
+                    "server_error",
+                    code="replica_unavailable",
+                ),
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+            code = 503
+        except Exception as exc:  # a bug: say so, keep serving
             response = JSONResponse(
                 error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500
             )

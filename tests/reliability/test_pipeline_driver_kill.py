@@ -19,7 +19,7 @@ import yaml
 from chain import REPO
 from paddock.config import PIPELINE_STAGES
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
 
 RUN = ["world", "tokenizer", "pretrain", "sft"]
 SKIP = [s for s in PIPELINE_STAGES if s not in RUN]
