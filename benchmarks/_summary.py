@@ -24,6 +24,8 @@ def cell(v: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["(no rows)"]
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols and not isinstance(r[k], dict | list)]

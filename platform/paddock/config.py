@@ -131,7 +131,7 @@ class TokenizerConfig(Strict):
 class ModelConfig(Strict):
     """Which Llama 2 shape to build, or which checkpoint to start from."""
 
-    shape: Literal["tiny", "small", "7b", "13b", "34b", "70b"] = Field(
+    shape: Literal["tiny", "small", "1b", "7b", "13b", "34b", "70b"] = Field(
         "tiny", description="Architecture from paddock.models.SHAPES; ignored when init_from is set."
     )
     init_from: str | None = Field(

@@ -49,6 +49,9 @@ SHAPES: dict[str, Shape] = {
     "13b": Shape(layers=40, dim=5120, heads=40, kv_heads=40, multiple_of=256),
     "34b": Shape(layers=48, dim=8192, heads=64, kv_heads=8, multiple_of=256),
     "70b": Shape(layers=80, dim=8192, heads=64, kv_heads=8, multiple_of=4096, ffn_mult=1.3),
+    # One GPU: ~1.1B parameters with a 32k vocabulary (TinyLlama's depth and width, full attention heads),
+    # for benchmarks/gpu_mfu.py and single-GPU trials of the pipeline.
+    "1b": Shape(layers=22, dim=2048, heads=16, kv_heads=16, multiple_of=256),
     # CPU shapes: tiny trains in minutes on 2 cores, small is for benchmarks (~25M with a 4k vocabulary).
     "tiny": Shape(layers=4, dim=128, heads=4, kv_heads=4, multiple_of=32, vocab_size=4000, max_seq_len=512),
     "small": Shape(layers=6, dim=512, heads=8, kv_heads=8, multiple_of=64, vocab_size=4000, max_seq_len=1024),

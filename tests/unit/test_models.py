@@ -35,6 +35,7 @@ def test_released_shapes_match_the_paper(name):
 def test_cpu_shapes_are_the_advertised_sizes():
     assert 1e6 <= count_parameters("tiny") <= 5e6
     assert 20e6 <= count_parameters("small") <= 30e6
+    assert 1.0e9 <= count_parameters("1b") <= 1.3e9
 
 
 def test_build_save_load_round_trip_and_reward_head(tmp_path: Path):
@@ -63,6 +64,7 @@ def test_build_save_load_round_trip_and_reward_head(tmp_path: Path):
     )
 
 
+@pytest.mark.reliability
 def test_only_safetensors_checkpoints_load(tmp_path: Path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_causal_lm(tmp_path / "nope")
@@ -74,6 +76,7 @@ def test_only_safetensors_checkpoints_load(tmp_path: Path):
         load_causal_lm(ckpt)
 
 
+@pytest.mark.reliability
 def test_missing_shard_is_named(tmp_path: Path):
     model = build_causal_lm("tiny", vocab_size=300, max_seq_len=64)
     model.save_pretrained(tmp_path, max_shard_size="1MB")
