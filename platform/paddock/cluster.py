@@ -49,14 +49,10 @@ WORKER_ENV = {
 }
 
 
-# Ray Train settings of an embedded instance (Ray Train passes them from the driver to its controller and workers).
-# Its controller polls workers every 2 s, and a report waits for that poll, as does the end of a run; a laptop is
-# never preempted, so the preemption watcher (one more actor process per run) has nothing to watch. Together about
-# 5 s of a tiny stage's ~44 (3 consecutive 4-step stages, 2 cores). A variable already set wins.
-EMBEDDED_TRAIN_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-}
+# Ray Train settings of an embedded instance (Ray Train passes them from the driver to its controller and workers):
+# a laptop is never preempted, so the preemption watcher (one more actor process per run) has nothing to watch.
+# A variable already set wins.
+EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 # Without the dashboard (embedded runs skip it) the State API is absent, and Ray Train's placement-group cleaner
