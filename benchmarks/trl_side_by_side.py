@@ -209,6 +209,7 @@ def main() -> None:
     home, world, tok_dir, _ = bench_world(
         "paddock-bench-trl-", pretrain_mb=0.3, rl_prompts=20, vocab_size=2000, dialogs=1500
     )
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from paddock.cluster import connect
     from paddock.data.tokenize import IGNORE
@@ -242,7 +243,7 @@ def main() -> None:
         }
 
     test_prefs = pq.read_table(world / "preferences" / "test.parquet")
-    rm_test = unpadded(test_prefs.filter(test_prefs["kind"] == "helpfulness"))
+    rm_test = unpadded(test_prefs.filter(pc.equal(test_prefs["kind"], "helpfulness")))
     held_out = pq.read_table(world / "sft" / "test.parquet").to_pylist()[:100]
 
     connect()
