@@ -34,3 +34,17 @@ def bench_world(
     )
     texts = pq.read_table(world / "pretrain" / "train.parquet")["text"].to_pylist()
     return home, world, train_tokenizer(texts, home / "tokenizer", vocab_size=vocab_size), texts
+
+
+def write_result(out: str | Path, name: str, meta: dict, rows: list[dict]) -> Path:
+    """``<out>/<name>.json`` for benchmarks/_summary.py: the machine it ran on, the run's settings and its rows."""
+    import json
+    import platform
+
+    import torch
+
+    path = Path(out) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, **meta}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return path

@@ -12,14 +12,13 @@ script, not a measurement).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from _world import bench_world
+from _world import bench_world, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 peak FLOP/s by device name (vendor data sheets, SXM parts).
@@ -41,13 +40,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: check the script runs")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result_file = out / "gpu_mfu.json"
 
     gpu = torch.cuda.is_available() and not args.smoke
     if not gpu and not args.smoke:
-        result_file.write_text(json.dumps({"meta": {"skipped": "no CUDA device"}, "rows": []}, indent=2))
+        write_result(args.out, "gpu_mfu", {"skipped": "no CUDA device"}, [])
         print(
             "gpu_mfu: skipped, no CUDA device (run it on a GPU machine; --smoke checks the script on a CPU)"
         )
@@ -118,10 +114,9 @@ def main() -> None:
         "micro_batch": mb,
         "steps": steps,
         "warmup": warmup,
-        "torch": torch.__version__,
         "smoke": args.smoke,
     }
-    result_file.write_text(json.dumps({"meta": meta, "rows": [row]}, indent=2))
+    write_result(args.out, "gpu_mfu", meta, [row])
     print(
         f"\ngpu_mfu on {name}: {row['tokens_per_s']:.0f} tokens/s, MFU {row['mfu']:.1%} ({shape}, seq {seq_len})"
     )

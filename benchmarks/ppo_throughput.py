@@ -12,14 +12,11 @@ training and syncing weights (generation and training overlap in async mode, so 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 from pathlib import Path
 
-import torch
-from _world import bench_world
+from _world import bench_world, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,19 +103,14 @@ def main() -> None:
     for r in rows:
         r["ratio_to_sync"] = r["samples_per_s"] / sync["samples_per_s"]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
         "iterations": args.iterations,
         "batch": args.batch,
         "max_new_tokens": args.max_new_tokens,
         "rollout_workers": 2,
         "learners": 2,
     }
-    (out / "ppo_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_result(args.out, "ppo_throughput", meta, rows)
     print(f"\nPPO throughput (tiny, batch {args.batch}, {args.iterations} iterations, {os.cpu_count()} CPUs)")
     print(
         f"{'mode':<6} {'samples/s':>10} {'generate':>9} {'score':>7} {'train':>7} {'sync':>7} "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import threading
@@ -28,8 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import torch
-from _world import bench_world
+from _world import bench_world, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "What is the capital of Peru?"}]
@@ -181,18 +179,13 @@ def main() -> None:
     for r in rows:
         off = by.get(("unbatched", r["clients"]))
         r["tokens_per_s_vs_unbatched"] = r["tokens_per_s"] / off["tokens_per_s"] if off else float("nan")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
         "model": f"{args.shape} (random weights)",
         "max_tokens": args.max_tokens,
         "requests_per_client": args.requests,
         "replicas": 1,
     }
-    (out / "serve_load.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_result(args.out, "serve_load", meta, rows)
     print(
         f"\nServing load ({args.shape} model, {args.max_tokens} tokens per answer, 1 replica, {os.cpu_count()} CPUs)"
     )

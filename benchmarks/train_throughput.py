@@ -11,15 +11,13 @@ runs with as many threads as the paddock run has workers, so "equal worker count
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from _world import bench_world
+from _world import bench_world, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,18 +168,13 @@ def main() -> None:
     for r in rows:
         r["ratio_to_plain"] = r["tokens_per_s"] / plain[r["workers"]]["tokens_per_s"]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
         "shape": args.shape,
         "seq_len": args.seq_len,
         "micro_batch": args.micro_batch,
         "steps": args.steps,
     }
-    (out / "train_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_result(args.out, "train_throughput", meta, rows)
     print(
         f"\ntrain throughput ({args.shape}, seq {args.seq_len}, micro-batch {args.micro_batch}, {os.cpu_count()} CPUs)"
     )

@@ -16,10 +16,8 @@ Online RL against TRL is not here yet.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
 import threading
@@ -28,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _world import bench_world
+from _world import bench_world, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, RM_SEQ_LEN, GLOBAL_BATCH, LR, RM_LR, WARMUP = 256, 128, 16, 1e-3, 5e-4, 5
@@ -180,18 +178,18 @@ def trl_run(
 
 
 def rm_accuracy(model_dir: str, pairs: dict[str, Any]) -> float:
+    """Share of held-out pairs whose chosen answer outscores the rejected one, scored as paddock's reward stage
+    scores them in training (``pair_scores`` on ``TokenizePairs``' padded ids)."""
     from paddock.models import load_scalar_model
-    from torch.nn.utils.rnn import pad_sequence
+    from paddock.train.loop import pair_scores
 
     model = load_scalar_model(model_dir).eval()
-    wins = []
+    wins: list[bool] = []
     with torch.no_grad():
         for i in range(0, len(pairs["chosen_ids"]), 64):
-            scores = []
-            for key in ("chosen_ids", "rejected_ids"):
-                ids = pad_sequence([torch.tensor(x) for x in pairs[key][i : i + 64]], batch_first=True)
-                scores.append(model(input_ids=ids, attention_mask=(ids != 0).long()).logits[:, 0])
-            wins += (scores[0] > scores[1]).tolist()
+            batch = {k: torch.from_numpy(pairs[k][i : i + 64]) for k in ("chosen_ids", "rejected_ids")}
+            chosen, rejected = pair_scores(model, batch)
+            wins += (chosen > rejected).tolist()
     return sum(wins) / len(wins)
 
 
@@ -243,7 +241,7 @@ def main() -> None:
         }
 
     test_prefs = pq.read_table(world / "preferences" / "test.parquet")
-    rm_test = unpadded(test_prefs.filter(pc.equal(test_prefs["kind"], "helpfulness")))
+    rm_test = pairs_fn(test_prefs.filter(pc.equal(test_prefs["kind"], "helpfulness")))
     held_out = pq.read_table(world / "sft" / "test.parquet").to_pylist()[:100]
 
     connect()
@@ -304,19 +302,14 @@ def main() -> None:
         a["tokens_per_s_vs_trl"] = a["tokens_per_s"] / b["tokens_per_s"]
         a["wall_vs_trl"] = a["wall_s"] / b["wall_s"]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
         "trl": trl.__version__,
         "shape": "tiny",
         "global_batch": GLOBAL_BATCH,
         "sft_steps": args.sft_steps,
         "rm_steps": args.rm_steps,
     }
-    (out / "trl_side_by_side.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_result(args.out, "trl_side_by_side", meta, rows)
     print(f"\npaddock vs TRL {trl.__version__} (tiny model, {os.cpu_count()} CPUs, equal cores)")
     print(f"{'run':<24} {'wall s':>8} {'tokens/s':>10} {'peak GB':>8} {'quality':>9}")
     for r in rows:

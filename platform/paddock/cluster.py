@@ -25,8 +25,9 @@ def connect(num_cpus: int | None = None) -> dict:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            for k, v in EMBEDDED_TRAIN_ENV.items():
-                os.environ.setdefault(k, v)
+            # Ray Train passes this to its controller and workers; a laptop is never preempted, so the preemption
+            # watcher (one more actor process per training run) has nothing to watch. A value already set wins.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             cpus = num_cpus or max(EMBEDDED_MIN_CPUS, os.cpu_count() or 1)
             ray.init(
                 num_cpus=cpus,
@@ -47,12 +48,6 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1"),
 }
-
-
-# Ray Train settings of an embedded instance (Ray Train passes them from the driver to its controller and workers):
-# a laptop is never preempted, so the preemption watcher (one more actor process per run) has nothing to watch.
-# A variable already set wins.
-EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 # Without the dashboard (embedded runs skip it) the State API is absent, and Ray Train's placement-group cleaner

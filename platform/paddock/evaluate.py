@@ -89,9 +89,11 @@ def safety_set(prompts: Sequence[Mapping[str, Any]], limit: int) -> list[dict[st
         except ValueError:
             continue
         key = tuple(t["content"] for t in p["turns"])
-        if kind in ("unsafe", "borderline") and key not in seen and len(out) < limit:
+        if kind in ("unsafe", "borderline") and key not in seen:
             seen.add(key)
             out.append(dict(p))
+            if len(out) == limit:
+                break
     return out
 
 
@@ -287,8 +289,9 @@ def run(
         report = load_dataset(resolve_path(path), kind, quarantine_dir=quarantine)
         return list(report.good.to_pylist()[:limit])
 
-    prompts = load(e.prompts, "prompts", e.max_prompts)
-    safety = safety_set(load(e.prompts, "prompts", None), e.max_safety_prompts) if e.safety_samples else []
+    held_out = load(e.prompts, "prompts", None)
+    prompts = held_out[: e.max_prompts]
+    safety = safety_set(held_out, e.max_safety_prompts) if e.safety_samples else []
     gatt = load(e.gatt, "dialogs", e.max_gatt_dialogs) if e.gatt else []
     dialogs = load(e.dialogs, "dialogs", e.max_dialogs) if e.dialogs else []
     connect()

@@ -205,3 +205,67 @@ def test_promotion_swaps_the_served_version_under_load_and_rolls_back(job, serve
     back = promote(job, "tiny-sft", rollback=True)
     assert back.version == "1" and tracking.alias_version("tiny-sft", "champion") == "1"
     assert tracking.alias_version("tiny-sft", "previous-champion") == version
+
+
+def _model_replicas() -> list[int]:
+    import psutil
+
+    return [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if any("ServeReplica:paddock:ChatModel" in part for part in (p.info["cmdline"] or []))
+    ]
+
+
+@pytest.mark.reliability
+def test_killed_model_replica_is_replaced_and_its_requests_get_a_503_with_the_reason(served):
+    """The model replica SIGKILLed under load, as when its node runs out of memory: requests on it fail with a
+    503 that says the replica is being replaced (never a hang or a bare 500), Serve starts a new replica process,
+    and the same endpoint answers again without a redeploy."""
+    import os
+    import signal
+
+    base, _ = served
+    url = f"{base}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+    deadline = time.monotonic() + 60
+    while len(before := _model_replicas()) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the swap test's old replica may still be stopping
+    assert len(before) == 1, before
+    results: list[tuple[float, int, dict[str, Any]]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            code, out = post(url, body)
+            results.append((time.monotonic(), code, out))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while len(results) < 6:
+        time.sleep(0.05)
+    killed_at = time.monotonic()
+    os.kill(before[0], signal.SIGKILL)
+    deadline = killed_at + 180
+    while time.monotonic() < deadline:
+        replaced = [pid for pid in _model_replicas() if pid != before[0]]
+        if replaced and any(code == 200 for t, code, _ in results[-3:] if t > killed_at):
+            break
+        time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=150)
+
+    after = _model_replicas()
+    assert after and before[0] not in after, f"no new replica process: before {before}, after {after}"
+    codes = [code for _, code, _ in results]
+    print(f"{len(codes)} requests around the kill: {codes.count(200)} x 200, {codes.count(503)} x 503")
+    assert set(codes) <= {200, 503}, sorted(set(codes))
+    # Three clients send back to back, so requests were on the replica when it died: they must get the 503.
+    assert codes.count(503) >= 1, "no request saw the dead replica"
+    for _, code, out in results:
+        if code == 503:
+            assert set(out["error"]) == {"message", "type", "param", "code"}
+            assert out["error"]["code"] == "replica_unavailable" and "retry" in out["error"]["message"]
+    assert any(code == 200 for t, code, _ in results if t > killed_at), "the endpoint never answered again"

@@ -305,13 +305,11 @@ class WorldWriter:
         cfg = self.cfg
         report = WorldReport(out_dir)
 
-        def both(
-            name: str, schema: pa.Schema, make: Callable, n_train: int, n_test: int, n_valid: int = 0
+        def write_splits(
+            name: str, schema: pa.Schema, make: Callable, n_train: int, n_test: int, **more: int
         ) -> None:
             counts = {}
-            for split, n in (("train", n_train), ("test", n_test), ("valid", n_valid)):
-                if split == "valid" and not n:
-                    continue
+            for split, n in {"train": n_train, "test": n_test, **more}.items():
                 rng = self.rng(f"{name}:{split}")
                 counts[split] = _write(
                     [make(rng, i, split) for i in range(n)], schema, out_dir / name / f"{split}.parquet"
@@ -334,7 +332,7 @@ class WorldWriter:
             n_test = max(1, int(total * cfg.test_fraction))
             return total - n_test, n_test
 
-        both("sft", DIALOGS, self.dialog, *n_split(cfg.sft_dialogs))
+        write_splits("sft", DIALOGS, self.dialog, *n_split(cfg.sft_dialogs))
         h_train, h_test = n_split(cfg.helpfulness_pairs)
         s_train, s_test = n_split(cfg.safety_pairs)
 
@@ -346,11 +344,13 @@ class WorldWriter:
                 else self.safety_pair(rng, i - n_help, split)
             )
 
-        both("preferences", PREFERENCES, pair, h_train + s_train, h_test + s_test)
+        write_splits("preferences", PREFERENCES, pair, h_train + s_train, h_test + s_test)
         # valid: held-out prompts of the test set's kind for choices made during training (PPO's early stopping),
         # so that test prompts are only ever read by the final evaluation.
-        both("prompts", PROMPTS, self.prompt, cfg.rl_prompts, cfg.eval_prompts, cfg.eval_prompts)
-        both("gatt", DIALOGS, self.gatt_dialog, *n_split(cfg.gatt_dialogs))
+        write_splits(
+            "prompts", PROMPTS, self.prompt, cfg.rl_prompts, cfg.eval_prompts, valid=cfg.eval_prompts
+        )
+        write_splits("gatt", DIALOGS, self.gatt_dialog, *n_split(cfg.gatt_dialogs))
         return report
 
 

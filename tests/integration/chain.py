@@ -1,10 +1,10 @@
-"""The seeded tiny chain the integration tier shares: stage overrides for the test world (fixtures in conftest.py)."""
+"""The seeded tiny chain the integration tier shares: stage overrides for the test world (see conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def overrides(world: Path, tokenizer: Path) -> dict[str, list[str]]:
