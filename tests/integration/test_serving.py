@@ -218,10 +218,11 @@ def _model_replicas() -> list[int]:
 
 
 @pytest.mark.reliability
-def test_killed_model_replica_is_replaced_and_its_requests_get_a_503_with_the_reason(served):
-    """The model replica SIGKILLed under load, as when its node runs out of memory: requests on it fail with a
-    503 that says the replica is being replaced (never a hang or a bare 500), Serve starts a new replica process,
-    and the same endpoint answers again without a redeploy."""
+def test_killed_model_replica_is_replaced_and_no_request_hangs_or_gets_a_bare_500(served):
+    """The model replica SIGKILLed under load, as when its node runs out of memory: every request is answered,
+    either by Serve retrying it on the new replica (200) or with a 503 that says the replica is being replaced
+    (the unit test drives that path; which one a request takes depends on when it reached the router). Serve
+    starts a new replica process and the same endpoint answers again without a redeploy."""
     import os
     import signal
 
@@ -257,13 +258,12 @@ def test_killed_model_replica_is_replaced_and_its_requests_get_a_503_with_the_re
     for t in threads:
         t.join(timeout=150)
 
+    assert not any(t.is_alive() for t in threads), "a request on the dead replica hung"
     after = _model_replicas()
     assert after and before[0] not in after, f"no new replica process: before {before}, after {after}"
     codes = [code for _, code, _ in results]
     print(f"{len(codes)} requests around the kill: {codes.count(200)} x 200, {codes.count(503)} x 503")
     assert set(codes) <= {200, 503}, sorted(set(codes))
-    # Three clients send back to back, so requests were on the replica when it died: they must get the 503.
-    assert codes.count(503) >= 1, "no request saw the dead replica"
     for _, code, out in results:
         if code == 503:
             assert set(out["error"]) == {"message", "type", "param", "code"}

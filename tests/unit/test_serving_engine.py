@@ -163,3 +163,29 @@ def test_reward_request_wants_an_answer_last():
         RewardRequest.model_validate(
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hi"}]}
         ).prompt_and_answer()
+
+
+def test_a_request_on_a_dead_model_replica_gets_a_503_with_the_reason():
+    """Serve's router retries most requests whose replica died on another one; a request it cannot place (the call
+    itself fails with RayActorError) is answered 503 with a Retry-After, never a bare 500 or a hang."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from paddock.serving.app import Ingress
+    from ray.exceptions import ActorDiedError
+
+    observed: list[tuple[str, int]] = []
+    metrics = SimpleNamespace(observe=lambda route, code, seconds: observed.append((route, code)))
+    ingress = SimpleNamespace(_authorize=lambda request: None, metrics=metrics)
+
+    async def dead() -> None:
+        raise ActorDiedError()
+
+    handle = Ingress.func_or_class._handle
+    response = asyncio.run(handle(ingress, "/v1/chat/completions", None, dead))
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    error = json.loads(response.body)["error"]
+    assert error["code"] == "replica_unavailable" and "retry" in error["message"]
+    assert error["type"] == "server_error"
+    assert observed == [("/v1/chat/completions", 503)]
