@@ -185,7 +185,12 @@ class OptimConfig(Strict):
 class TrainConfig(Strict):
     """How a supervised stage runs on Ray Train workers."""
 
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    num_workers: int = Field(
+        2,
+        ge=0,
+        description="Ray Train workers (data-parallel ranks); 0 runs the loop in the driver process (Ray Train's "
+        "local mode: one rank, no worker start-up, no restarts), for fine-tunes of a few steps.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; else CPU, gloo and fp32.")
     cpus_per_worker: float = Field(
         0.5,
@@ -540,6 +545,10 @@ class PPOJob(StageConfig):
     @model_validator(mode="after")
     def _batches_divide(self) -> PPOJob:
         p, t = self.ppo, self.train
+        if t.num_workers == 0:
+            raise ValueError(
+                "train.num_workers: PPO's learners are Ray Train workers; give at least 1, got 0"
+            )
         if p.batch_prompts % p.mini_batch:
             raise ValueError(
                 f"ppo.mini_batch: must divide ppo.batch_prompts ({p.batch_prompts}), got {p.mini_batch}"

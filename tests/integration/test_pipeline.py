@@ -47,7 +47,14 @@ def small_pipeline(path: Path) -> Path:
             "tokenizer": {"config": f"{tiny}/tokenizer.yaml", "overrides": ["tokenizer.vocab_size=600"]},
             "pretrain": {
                 "config": f"{tiny}/pretrain.yaml",
-                "overrides": [*SMALL, "train.max_steps=8", "train.eval_every=8", "optim.warmup_steps=2"],
+                # 8 steps in the driver (local mode): a worker start-up would take longer than the training
+                "overrides": [
+                    *SMALL,
+                    "train.num_workers=0",
+                    "train.max_steps=8",
+                    "train.eval_every=8",
+                    "optim.warmup_steps=2",
+                ],
             },
             "sft": {
                 "config": f"{tiny}/sft.yaml",

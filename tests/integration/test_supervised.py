@@ -100,6 +100,25 @@ def test_sft_loss_only_on_answers_reaches_low_eval_loss(chain):
     assert history[-1]["eval/loss"] < history[0]["train/loss"]
 
 
+def test_local_mode_trains_like_two_workers(chain, world_dir: Path, tokenizer_dir: Path):
+    """``train.num_workers: 0`` runs the loop in the driver (how the tiny RS, GAtt and CD fine-tunes run): one
+    rank taking two micro-batches a step sees the sequences two workers see, so its first losses (in warmup, where
+    the schedule does not depend on the run's length) are the chain's SFT losses; the model is registered."""
+    from paddock.config import SFTJob
+    from paddock.train.stage import run_supervised
+
+    o = overrides(world_dir, tokenizer_dir)["sft"]
+    local = [*o, "train.num_workers=0", "train.grad_accum=2", "train.max_steps=4", "registry_prefix=local"]
+    result = run_supervised(load_config(SFTJob, REPO / "jobs/configs/tiny/sft.yaml", local), "sft")
+    losses = [h["train/loss"] for h in result.history]
+    two_workers = [h["train/loss"] for h in chain["sft"].history[:4]]
+    print("local:", [round(x, 5) for x in losses], "two workers:", [round(x, 5) for x in two_workers])
+    assert losses == pytest.approx(two_workers, abs=1e-4)
+    assert (
+        result.model_uri == "models:/local-sft/1" and (result.checkpoint_dir / "model.safetensors").is_file()
+    )
+
+
 @pytest.mark.reliability
 def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Path, tokenizer_dir: Path):
     """SIGKILL a Ray Train worker process after the first checkpoint: the run restarts from it and ends on the
@@ -165,6 +184,7 @@ def test_asha_sweep_over_sft_logs_nested_trials(chain, world_dir: Path, tokenize
         REPO / "jobs/configs/tiny/sweep_sft.yaml",
         [
             "sweep.num_samples=2",
+            "sweep.max_concurrent=2",  # side by side: one trial's worker start-up overlaps the other's steps
             "sweep.max_steps=10",
             "sweep.report_every=5",
             f"sweep.overrides={o!r}".replace("'", '"'),

@@ -62,3 +62,14 @@ def test_relative_paths_resolve_under_paddock_home(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("PADDOCK_HOME", str(tmp_path))
     assert resolve_path("world") == tmp_path / "world"
     assert resolve_path("/abs/x") == Path("/abs/x")
+
+
+def test_local_mode_is_refused_where_workers_are_the_design():
+    """``train.num_workers: 0`` (the loop in the driver) suits a supervised fine-tune; PPO's learners are Ray Train
+    workers, so a PPO config with it fails at load, naming the field."""
+    from paddock.config import PPOJob, SFTJob
+
+    configs = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tiny"
+    assert load_config(SFTJob, configs / "sft.yaml", ["train.num_workers=0"]).train.num_workers == 0
+    with pytest.raises(ConfigError, match=r"train.num_workers: PPO's learners are Ray Train workers"):
+        load_config(PPOJob, configs / "ppo.yaml", ["train.num_workers=0"])

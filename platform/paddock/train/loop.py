@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,10 @@ from paddock.metrics import record_train
 from paddock.models import PAD_ID, build_causal_lm, load_causal_lm, load_scalar_model
 from paddock.rlhf.reward import margin_ranking_loss
 from paddock.train.optim import adamw, deepspeed_config, scheduler, skip_cpu_shm_comm_op
+
+# With ``train.num_workers: 0`` the loop runs in the driver (Ray Train's local mode), where no Train controller
+# calls the reporting callback: the driver sets this to its queue's ``put`` for the length of the run.
+LOCAL_REPORTS: Callable[[dict[str, Any]], None] | None = None
 
 Objective = Literal["lm", "reward"]
 
@@ -234,8 +239,12 @@ def export_hf(engine: Any, spec: LoopSpec, out_dir: Path, rank: int) -> None:
 
 
 def quiet_worker() -> None:
-    """paddock reports progress itself: turn off Ray Data's bars and Ray Train's per-report INFO line here."""
+    """paddock reports progress itself: turn off Ray Data's bars and Ray Train's per-report INFO line here, and
+    the FutureWarning DeepSpeed's ZeRO-2 triggers on every step (its call of a renamed torch collective)."""
     import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
     import ray.data
 
@@ -246,6 +255,8 @@ def quiet_worker() -> None:
     for name in list(logging.root.manager.loggerDict):
         if "train/v2/_internal/execution/context" in name:
             logging.getLogger(name).setLevel(logging.WARNING)
+    # local mode (the loop in the driver) logs every report, with its records, at INFO
+    logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -259,9 +270,16 @@ def train_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tc = spec.train
+    local = tc.num_workers == 0  # in the driver's fit thread: its torch threads are the machine's
     if not tc.use_gpu:
-        torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
+        if tc.threads_per_worker or not local:
+            torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
         skip_cpu_shm_comm_op()
+
+    def report(metrics: dict[str, Any], checkpoint: Checkpoint | None = None) -> None:
+        if local and LOCAL_REPORTS is not None:
+            LOCAL_REPORTS(dict(metrics))
+        ray.train.report(metrics, checkpoint=checkpoint)
 
     model = build_model(spec)
     optimizer = adamw(model, spec.optim)
@@ -340,17 +358,25 @@ def train_worker(config: dict[str, Any]) -> None:
             record_train(record, spec.objective, ctx.get_experiment_name())
         metrics: dict[str, Any] = {**record, "records": pending}
         if last:
-            with tempfile.TemporaryDirectory() as tmp:
-                export_hf(engine, spec, Path(tmp) / "hf", rank)
+            # Ray Train persists the reported directory; in local mode the driver copies the model out of it
+            # and removes it, so it must outlive this function.
+            tmp = Path(tempfile.mkdtemp(prefix="paddock-final-"))
+            try:
+                export_hf(engine, spec, tmp / "hf", rank)
                 if rank == 0:
-                    (Path(tmp) / "state.json").write_text(json.dumps({"step": done, "final": True}))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
-        elif done % tc.checkpoint_every == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(str(Path(tmp) / "ds"), tag=f"step{done}", client_state={"step": done})
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+                    (tmp / "state.json").write_text(json.dumps({"step": done, "final": True}))
+                report(metrics, Checkpoint.from_directory(str(tmp)) if rank == 0 else None)
+            finally:
+                if not local:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        elif done % tc.checkpoint_every == 0 and not local:  # nothing restarts a local run: no resume points
+            with tempfile.TemporaryDirectory() as ckpt:
+                engine.save_checkpoint(str(Path(ckpt) / "ds"), tag=f"step{done}", client_state={"step": done})
+                report(metrics, Checkpoint.from_directory(ckpt))
         elif done % tc.log_every == 0:
-            ray.train.report(metrics)
+            report(metrics)
         else:
             continue
         pending = []
+    if local:  # the driver lives on: leave no process group, and none of DeepSpeed's handles on it, behind
+        deepspeed.comm.destroy_process_group()

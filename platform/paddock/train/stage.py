@@ -8,11 +8,15 @@ forwards them through a Ray queue to this driver, which draws the progress bar a
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
+import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
 from paddock.models import count_parameters, llama_config
 from paddock.tokenizer import load_tokenizer
+from paddock.train import loop
 from paddock.train.data import packed_dataset, pairs_dataset
 from paddock.train.loop import LoopSpec, train_worker
 from paddock.train.reporting import ForwardReports
@@ -261,7 +266,7 @@ def prepare(job: SupervisedJob, stage: str) -> Prepared:
     train_ds, eval_ds = train_ds.materialize(), eval_ds.materialize()
     rows = train_ds.count()
     tc = job.train
-    per_step = tc.micro_batch_size * tc.num_workers * tc.grad_accum
+    per_step = tc.micro_batch_size * ranks(tc) * tc.grad_accum
     steps_per_epoch = rows // per_step
     if steps_per_epoch == 0:
         raise ValueError(
@@ -291,12 +296,15 @@ def make_trainer(
     spec = spec or p.spec
     tc = spec.train
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
+    scaling = (
+        ScalingConfig(num_workers=0)
+        if tc.num_workers == 0
+        else ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources)
+    )
     return TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec.model_dump(mode="json")},
-        scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling,
         run_config=RunConfig(
             name=run_name,
             storage_path=train_storage(),
@@ -307,6 +315,57 @@ def make_trainer(
         datasets={"train": p.train_ds, "eval": p.eval_ds},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
+
+
+def ranks(tc: Any) -> int:
+    """Data-parallel ranks of a stage: its workers, or the driver alone in local mode (``num_workers: 0``)."""
+    return max(1, tc.num_workers)
+
+
+@contextmanager
+def in_driver(queue: Queue) -> Iterator[None]:
+    """For the length of a local-mode run (``train.num_workers: 0``): a one-rank torch.distributed group for
+    DeepSpeed (Ray Train's local controller starts it from these variables, then destroys it), and the loop's
+    reports put straight on the driver's queue."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    loop.LOCAL_REPORTS = queue.put
+    try:
+        yield
+    finally:
+        loop.LOCAL_REPORTS = None
+        release_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def release_process_group() -> None:
+    """After a local-mode run that failed midway: destroy its group through DeepSpeed, which also drops the
+    handles it caches on it (the next local run in this process makes a new group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    import deepspeed.comm
+
+    if deepspeed.comm.cdb is not None:
+        deepspeed.comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
@@ -320,9 +379,10 @@ def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
         run.log_params(
             {"derived.total_steps": total, "derived.train_rows": p.rows, "derived.n_params": p.spec.n_params}
         )
-        per_step = tc.micro_batch_size * tc.num_workers * tc.grad_accum
+        per_step = tc.micro_batch_size * ranks(tc) * tc.grad_accum
+        where = f"{tc.num_workers} workers" if tc.num_workers else "in the driver (local mode)"
         print(
-            f"[{stage}] {p.rows} training rows, {total} steps of {per_step} sequences, {tc.num_workers} workers, "
+            f"[{stage}] {p.rows} training rows, {total} steps of {per_step} sequences, {where}, "
             f"ZeRO-{tc.zero_stage}, {p.spec.n_params / 1e6:.1f}M parameters",
             flush=True,
         )
@@ -330,13 +390,19 @@ def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
         trainer = make_trainer(p, f"{p.name}-{run.run_id[:8]}", [ForwardReports(queue)])
         history: list[dict[str, float]] = []
         start = time.monotonic()
-        result = _follow(trainer, queue, run, Progress(stage, total), history)
+        if tc.num_workers == 0:
+            with in_driver(queue):
+                result = _follow(trainer, queue, run, Progress(stage, total), history)
+        else:
+            result = _follow(trainer, queue, run, Progress(stage, total), history)
         out_dir = (
             resolve_path(job.output_dir) if job.output_dir else paddock_home() / "runs" / p.name / "final"
         )
         with result.checkpoint.as_directory() as ckpt:
             shutil.rmtree(out_dir, ignore_errors=True)
             shutil.copytree(Path(ckpt) / "hf", out_dir)
+        if tc.num_workers == 0:  # the loop's own temporary directory, not Ray Train's storage
+            shutil.rmtree(result.checkpoint.path, ignore_errors=True)
         run.log_figure(loss_curve(history, f"{p.name}: loss"), "plots/loss.png")
         run.log_metrics({"time/stage_s": time.monotonic() - start}, step=total)
         model_uri = run.log_model(

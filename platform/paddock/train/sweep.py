@@ -56,6 +56,10 @@ def run_sweep(job: SweepJob) -> SweepResult:
     sw = job.sweep
     stage_job = load_config(JOBS[STAGE_CONFIGS[sw.stage]], sw.base_config, sw.overrides)
     assert isinstance(stage_job, SupervisedJob)
+    if stage_job.train.num_workers == 0:
+        raise ValueError(
+            "train.num_workers: a sweep's trials run on Ray Train workers; give at least 1, got 0"
+        )
     prepared = prepare(stage_job, sw.stage)
     space = {"optim.lr": tune.loguniform(sw.lr_min, sw.lr_max), sw.knob: tune.choice(sw.knob_values)}
     tuner = tune.Tuner(
