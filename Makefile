@@ -8,6 +8,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.paddock-installed
 BENCH_STAMP := $(VENV)/.paddock-bench-installed
+FUZZ_STAMP  := $(VENV)/.paddock-fuzz-installed
 TORCH   ?= torch==2.13.0
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
@@ -29,17 +30,22 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
-test: $(STAMP)
+test: $(FUZZ_STAMP)
 	$(BIN)/python -m pytest -m "not gpu" tests
 
-test-unit: $(STAMP)
+test-unit: $(FUZZ_STAMP)
 	$(BIN)/python -m pytest -m "not integration and not gpu" tests
 
-test-integration: $(STAMP)
+test-integration: $(FUZZ_STAMP)
 	$(BIN)/python -m pytest -m "integration and not gpu" tests
 
-test-reliability: $(STAMP)
+test-reliability: $(FUZZ_STAMP)
 	$(BIN)/python -m pytest -m "reliability and not gpu" tests
+
+# The test targets add schemathesis (the fuzz extra); make demo does without it.
+$(FUZZ_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-compile -e '.[fuzz]'
+	touch $(FUZZ_STAMP)
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

@@ -166,6 +166,45 @@ def test_bad_requests_get_4xx_with_a_reason_and_the_replica_keeps_serving(served
     assert code == 200 and out["choices"][0]["message"]["content"] is not None
 
 
+@pytest.mark.reliability
+def test_fuzzed_requests_get_no_5xx_and_every_error_is_well_formed(served):
+    """schemathesis generates requests from the app's OpenAPI schema (loopback, a bounded number per route): bodies
+    that fit the schema and bodies that break it. No request may get a 5xx; every error is a JSON body in OpenAI's
+    shape with a message; the endpoint still answers a plain request afterwards."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base, _ = served
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    seen: dict[str, list[int]] = {}
+    modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        strategy = st.one_of(*(operation.as_strategy(mode) for mode in modes))
+
+        @given(case=strategy)
+        @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def check(case: Any) -> None:
+            label = f"{case.operation.method.upper()} {case.operation.path}"
+            response = case.call(base_url=base, headers=headers, timeout=60)
+            seen.setdefault(label, []).append(response.status_code)
+            assert response.status_code < 500, (
+                f"{label} {case.body!r}: {response.status_code} {response.text}"
+            )
+            if response.status_code >= 400:
+                error = response.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
+
+        check()
+    print({k: sorted(set(v)) for k, v in seen.items()})
+    assert {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/reward"} <= set(seen)
+    assert all(any(c >= 400 for c in v) for k, v in seen.items() if k.startswith("POST")), seen
+    code, out = post(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert code == 200 and out["choices"][0]["message"]["content"] is not None
+
+
 def test_promotion_swaps_the_served_version_under_load_and_rolls_back(job, served, chain):
     from paddock import tracking
     from paddock.serving.promote import promote

@@ -88,6 +88,15 @@ def test_top_p_keeps_the_nucleus_only():
     assert pick(logits, SamplingParams(temperature=0.0), None) == 0
 
 
+def test_extreme_sampling_values_in_range_still_pick_the_most_likely_token():
+    """Found by fuzzing the Serve app: a top_p of 5e-324 (valid: > 0) is 0 in float32 and kept no token, and a
+    temperature of 1e-40 overflows the logits; both gave NaN probabilities and a 500. Their limit is greedy."""
+    logits = torch.log(torch.tensor([0.2, 0.5, 0.3]))
+    g = torch.Generator().manual_seed(0)
+    assert {pick(logits, SamplingParams(temperature=1.0, top_p=5e-324), g) for _ in range(50)} == {1}
+    assert {pick(logits, SamplingParams(temperature=1e-40), g) for _ in range(50)} == {1}
+
+
 class FakeTok:
     """Decodes token i as the i-th character of a fixed text: enough to test stop strings."""
 
@@ -165,7 +174,7 @@ def test_reward_request_wants_an_answer_last():
         ).prompt_and_answer()
 
 
-def test_a_request_on_a_dead_model_replica_gets_a_503_with_the_reason():
+def test_a_dead_replica_gets_a_503_and_a_bug_a_500_in_one_line():
     """Serve's router retries most requests whose replica died on another one; a request it cannot place (the call
     itself fails with RayActorError) is answered 503 with a Retry-After, never a bare 500 or a hang."""
     import asyncio
@@ -189,3 +198,14 @@ def test_a_request_on_a_dead_model_replica_gets_a_503_with_the_reason():
     assert error["code"] == "replica_unavailable" and "retry" in error["message"]
     assert error["type"] == "server_error"
     assert observed == [("/v1/chat/completions", 503)]
+
+
+    async def bug() -> None:
+        raise RuntimeError("Traceback (most recent call last):\n  File ...\nprobability tensor contains nan")
+
+    response = asyncio.run(handle(ingress, "/v1/completions", None, bug))
+    assert response.status_code == 500 and observed[-1] == ("/v1/completions", 500)
+    # one line, not the traceback
+    assert json.loads(response.body)["error"]["message"] == (
+        "internal error: RuntimeError: probability tensor contains nan"
+    )

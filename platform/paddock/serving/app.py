@@ -18,6 +18,7 @@ first token and latency are exported as Ray metrics (``paddock_serve_*``).
 # No ``from __future__ import annotations``: FastAPI reads the route signatures' types at runtime.
 import asyncio
 import json
+import logging
 import os
 import queue
 import threading
@@ -43,8 +44,10 @@ from paddock.serving.protocol import (
     RequestError,
     RewardRequest,
     error_body,
+    openapi_body,
 )
 
+logger = logging.getLogger("ray.serve")  # Serve writes it to the replica's log
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
 
@@ -336,9 +339,15 @@ class Ingress:
                 headers={"Retry-After": "5"},
             )
             code = 503
-        except Exception as exc:  # a bug: say so, keep serving
+        except (
+            Exception
+        ) as exc:  # a bug: say so in a line (the traceback goes to the replica's log), keep serving
+            cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps what the model replica raised
+            logger.exception("%s %s failed", request.method if request else "", route)
+            detail = (str(cause).strip().splitlines() or [""])[-1][:300]
             response = JSONResponse(
-                error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500
+                error_body(f"internal error: {type(cause).__name__}: {detail}", "server_error"),
+                status_code=500,
             )
             code = 500
         self.metrics.observe(route, code, time.perf_counter() - start)
@@ -371,7 +380,7 @@ class Ingress:
 
         return await self._handle("/v1/models", request, work)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Any:
         from paddock.data.tokenize import encode_prompt
 
@@ -383,7 +392,7 @@ class Ingress:
 
         return await self._handle("/v1/chat/completions", request, work)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         async def work() -> Any:
             req = await self._body(request, CompletionRequest)
@@ -467,7 +476,7 @@ class Ingress:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/reward")
+    @app.post("/v1/reward", openapi_extra=openapi_body(RewardRequest))
     async def reward(self, request: Request) -> Any:
         async def work() -> Any:
             if self.rewards is None:

@@ -43,10 +43,16 @@ def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
     """The next token from one row's logits (vocab,): greedy at temperature 0, else nucleus sampling."""
     if params.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    scaled = logits.float() / params.temperature
+    if not torch.isfinite(scaled).all():  # a temperature so small that the logits overflow: its limit, greedy
+        return int(logits.argmax())
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < params.top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(-1) - sorted_p < params.top_p
+        keep[0] = (
+            True  # the most likely token, always: a top_p below float32's smallest value keeps nothing else
+        )
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

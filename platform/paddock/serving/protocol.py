@@ -37,10 +37,31 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """A route's ``openapi_extra`` documenting its JSON body. The routes parse bodies themselves (so that a bad
+    one gets a 400 in OpenAI's error shape, not FastAPI's 422), which hides them from FastAPI's schema; this puts
+    them back, with the model's ``$defs`` inlined (OpenAPI keeps shared schemas elsewhere)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
+    # checked with the turn order in ChatCompletionRequest.dialog, for a message that names the turn; the enum is
+    # for the schema's readers (and schemathesis)
+    role: str = Field(..., json_schema_extra={"enum": ["system", "user", "assistant"]})
     content: str
 
 

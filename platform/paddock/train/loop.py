@@ -66,6 +66,8 @@ def build_model(spec: LoopSpec) -> torch.nn.Module:
     if spec.objective == "reward":
         if spec.init_from is None:
             raise ValueError("a reward model needs model.init_from")
+        # From a causal LM the scalar head is new, drawn from torch's RNG: seed it, or every run's RM differs.
+        torch.manual_seed(spec.seed)
         return load_scalar_model(spec.init_from)
     if spec.init_from is not None:
         return load_causal_lm(spec.init_from)
