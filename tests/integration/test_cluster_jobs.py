@@ -195,10 +195,10 @@ def test_submitted_job_with_a_bad_config_fails_with_the_error_in_its_logs(head, 
         "--config",
         "jobs/configs/tiny/sft.yaml",
         "--set",
-        "train.num_workers=0",
+        "train.num_workers=-1",
     )
     assert status == "FAILED"
-    assert "train.num_workers: input should be greater than or equal to 1, got 0" in logs
+    assert "train.num_workers: input should be greater than or equal to 0, got -1" in logs
 
 
 def test_submitted_ppo_step_exports_ppo_metrics(head, runtime_env, world_dir, tokenizer_dir):
