@@ -199,7 +199,6 @@ def test_a_dead_replica_gets_a_503_and_a_bug_a_500_in_one_line():
     assert error["type"] == "server_error"
     assert observed == [("/v1/chat/completions", 503)]
 
-
     async def bug() -> None:
         raise RuntimeError("Traceback (most recent call last):\n  File ...\nprobability tensor contains nan")
 
