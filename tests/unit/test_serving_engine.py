@@ -172,6 +172,11 @@ def test_reward_request_wants_an_answer_last():
         RewardRequest.model_validate(
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hi"}]}
         ).prompt_and_answer()
+    # found by fuzzing: system messages only left no turn to score, and an IndexError made a 500
+    with pytest.raises(RequestError, match="assistant answer"):
+        RewardRequest.model_validate(
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Hi"}]}
+        ).prompt_and_answer()
 
 
 def test_a_dead_replica_gets_a_503_and_a_bug_a_500_in_one_line():

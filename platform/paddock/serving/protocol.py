@@ -139,7 +139,7 @@ class RewardRequest(BaseModel):
 
     def prompt_and_answer(self) -> tuple[list[dict[str, str]], str]:
         turns = [{"role": m.role, "content": m.content} for m in self.messages if m.role != "system"]
-        if turns[-1]["role"] != "assistant":
+        if not turns or turns[-1]["role"] != "assistant":
             raise RequestError(
                 400, "messages: the last message must be the assistant answer to score", "messages"
             )
