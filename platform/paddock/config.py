@@ -233,6 +233,11 @@ class TrainConfig(Strict):
         None, ge=1, description="torch threads per CPU worker; defaults to max(1, cpus_per_worker)."
     )
 
+    @property
+    def ranks(self) -> int:
+        """Data-parallel ranks: the workers, or the driver alone in local mode (``num_workers: 0``)."""
+        return max(1, self.num_workers)
+
 
 class RewardConfig(Strict):
     """Reward-model specifics (LLAMA2_SPEC.md, 'Reward models')."""

@@ -339,11 +339,10 @@ class Ingress:
                 headers={"Retry-After": "5"},
             )
             code = 503
-        except (
-            Exception
-        ) as exc:  # a bug: say so in a line (the traceback goes to the replica's log), keep serving
+        # a bug: say so in a line (the traceback goes to the replica's log), keep serving
+        except Exception as exc:
             cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps what the model replica raised
-            logger.exception("%s %s failed", request.method if request else "", route)
+            logger.exception("%s failed", route)
             detail = (str(cause).strip().splitlines() or [""])[-1][:300]
             response = JSONResponse(
                 error_body(f"internal error: {type(cause).__name__}: {detail}", "server_error"),

@@ -39,20 +39,21 @@ class Row:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
 
 
+MIN_TEMPERATURE = 1e-4
+
+
 def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """The next token from one row's logits (vocab,): greedy at temperature 0, else nucleus sampling."""
-    if params.temperature <= 0:
+    # Below MIN_TEMPERATURE the distribution is all but one-hot, and far below it the scaled logits
+    # overflow to NaN probabilities: greedy is the limit (a scalar test, not a pass over the vocabulary).
+    if params.temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
-    scaled = logits.float() / params.temperature
-    if not torch.isfinite(scaled).all():  # a temperature so small that the logits overflow: its limit, greedy
-        return int(logits.argmax())
-    probs = torch.softmax(scaled, dim=-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < params.top_p
-        keep[0] = (
-            True  # the most likely token, always: a top_p below float32's smallest value keeps nothing else
-        )
+        # the most likely token, always: a top_p below float32's smallest value would keep nothing
+        keep[0] = True
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -16,7 +16,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,10 +32,6 @@ from paddock.metrics import record_train
 from paddock.models import PAD_ID, build_causal_lm, load_causal_lm, load_scalar_model
 from paddock.rlhf.reward import margin_ranking_loss
 from paddock.train.optim import adamw, deepspeed_config, scheduler, skip_cpu_shm_comm_op
-
-# With ``train.num_workers: 0`` the loop runs in the driver (Ray Train's local mode), where no Train controller
-# calls the reporting callback: the driver sets this to its queue's ``put`` for the length of the run.
-LOCAL_REPORTS: Callable[[dict[str, Any]], None] | None = None
 
 Objective = Literal["lm", "reward"]
 
@@ -278,9 +274,11 @@ def train_worker(config: dict[str, Any]) -> None:
             torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
         skip_cpu_shm_comm_op()
 
+    driver = config.get("reports")  # the driver's queue (a stage run); a sweep's trials report to Tune only
+
     def report(metrics: dict[str, Any], checkpoint: Checkpoint | None = None) -> None:
-        if local and LOCAL_REPORTS is not None:
-            LOCAL_REPORTS(dict(metrics))
+        if driver is not None and rank == 0:
+            driver.put(metrics)
         ray.train.report(metrics, checkpoint=checkpoint)
 
     model = build_model(spec)

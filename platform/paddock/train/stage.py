@@ -1,8 +1,8 @@
 """Driver side of a supervised stage: check inputs, prepare data, run the Ray Train workers, record the result.
 
 Everything that can be wrong with the inputs (config, tokenizer, upstream model, datasets) fails here,
-before any worker starts. Workers report metrics to Ray Train; a small callback on the Train controller
-forwards them through a Ray queue to this driver, which draws the progress bar and is MLflow's only writer.
+before any worker starts. Rank 0 puts each report's step records on a Ray queue that this driver reads (the same
+in local mode, where the loop runs in the driver): it draws the progress bar and is MLflow's only writer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +47,8 @@ from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
 from paddock.models import count_parameters, llama_config
 from paddock.tokenizer import load_tokenizer
-from paddock.train import loop
 from paddock.train.data import packed_dataset, pairs_dataset
 from paddock.train.loop import LoopSpec, train_worker
-from paddock.train.reporting import ForwardReports
 
 
 @dataclass
@@ -207,7 +205,7 @@ def _follow(
     progress: Progress,
     history: list[dict[str, float]],
 ) -> Any:
-    """Run ``trainer.fit()`` in a thread while this thread logs every forwarded report."""
+    """Run ``trainer.fit()`` in a thread while this thread logs every report rank 0 puts on ``queue``."""
     thread, box = fit_in_thread(trainer)
     while True:
         alive = thread.is_alive()
@@ -266,7 +264,7 @@ def prepare(job: SupervisedJob, stage: str) -> Prepared:
     train_ds, eval_ds = train_ds.materialize(), eval_ds.materialize()
     rows = train_ds.count()
     tc = job.train
-    per_step = tc.micro_batch_size * ranks(tc) * tc.grad_accum
+    per_step = tc.micro_batch_size * tc.ranks * tc.grad_accum
     steps_per_epoch = rows // per_step
     if steps_per_epoch == 0:
         raise ValueError(
@@ -290,9 +288,14 @@ def prepare(job: SupervisedJob, stage: str) -> Prepared:
 
 
 def make_trainer(
-    p: Prepared, run_name: str, callbacks: list[UserCallback], spec: LoopSpec | None = None
+    p: Prepared,
+    run_name: str,
+    callbacks: list[UserCallback] | None = None,
+    spec: LoopSpec | None = None,
+    reports: Queue | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer of a prepared stage; ``spec`` replaces the prepared one (a sweep trial's)."""
+    """The TorchTrainer of a prepared stage; ``spec`` replaces the prepared one (a sweep trial's), and rank 0 puts
+    every report on ``reports`` when one is given."""
     spec = spec or p.spec
     tc = spec.train
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
@@ -303,30 +306,24 @@ def make_trainer(
     )
     return TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json")},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "reports": reports},
         scaling_config=scaling,
         run_config=RunConfig(
             name=run_name,
             storage_path=train_storage(),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            callbacks=list(callbacks),  # type: ignore[arg-type]  # Train V2 takes UserCallbacks
+            callbacks=list(callbacks or []),  # type: ignore[arg-type]  # Train V2 takes UserCallbacks
         ),
         datasets={"train": p.train_ds, "eval": p.eval_ds},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 
-def ranks(tc: Any) -> int:
-    """Data-parallel ranks of a stage: its workers, or the driver alone in local mode (``num_workers: 0``)."""
-    return max(1, tc.num_workers)
-
-
 @contextmanager
-def in_driver(queue: Queue) -> Iterator[None]:
-    """For the length of a local-mode run (``train.num_workers: 0``): a one-rank torch.distributed group for
-    DeepSpeed (Ray Train's local controller starts it from these variables, then destroys it), and the loop's
-    reports put straight on the driver's queue."""
+def in_driver() -> Iterator[None]:
+    """For the length of a local-mode run (``train.num_workers: 0``): the variables from which Ray Train's local
+    controller starts a one-rank torch.distributed group for DeepSpeed (it destroys the group after the run)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -340,11 +337,9 @@ def in_driver(queue: Queue) -> Iterator[None]:
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    loop.LOCAL_REPORTS = queue.put
     try:
         yield
     finally:
-        loop.LOCAL_REPORTS = None
         release_process_group()
         for k, v in saved.items():
             if v is None:
@@ -379,7 +374,7 @@ def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
         run.log_params(
             {"derived.total_steps": total, "derived.train_rows": p.rows, "derived.n_params": p.spec.n_params}
         )
-        per_step = tc.micro_batch_size * ranks(tc) * tc.grad_accum
+        per_step = tc.micro_batch_size * tc.ranks * tc.grad_accum
         where = f"{tc.num_workers} workers" if tc.num_workers else "in the driver (local mode)"
         print(
             f"[{stage}] {p.rows} training rows, {total} steps of {per_step} sequences, {where}, "
@@ -387,13 +382,10 @@ def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
             flush=True,
         )
         queue = Queue(actor_options={"num_cpus": 0})
-        trainer = make_trainer(p, f"{p.name}-{run.run_id[:8]}", [ForwardReports(queue)])
+        trainer = make_trainer(p, f"{p.name}-{run.run_id[:8]}", reports=queue)
         history: list[dict[str, float]] = []
         start = time.monotonic()
-        if tc.num_workers == 0:
-            with in_driver(queue):
-                result = _follow(trainer, queue, run, Progress(stage, total), history)
-        else:
+        with in_driver() if tc.num_workers == 0 else nullcontext():
             result = _follow(trainer, queue, run, Progress(stage, total), history)
         out_dir = (
             resolve_path(job.output_dir) if job.output_dir else paddock_home() / "runs" / p.name / "final"
