@@ -37,7 +37,7 @@ def chat(
     if seed is not None:
         torch.manual_seed(seed)
     sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}  # no implicit top-k 50
         if temperature > 0
         else {"do_sample": False}
     )

@@ -40,3 +40,20 @@ def test_greedy_sampling_is_deterministic_and_seeded_sampling_repeats(tok):
     assert [s.response_ids for s in c] == [s.response_ids for s in d]
     lp = sequence_logprobs(model, [c[0].prompt_ids], [c[0].response_ids], temperature=1.2)[0]
     assert lp == c[0].behaviour_logprobs
+
+
+def test_sampling_draws_from_the_whole_vocabulary_at_top_p_one(tok):
+    """temperature 1 and top_p 1 sample from the model's whole distribution, as the behaviour log-probs assume:
+    no implicit top-k (transformers keeps the 50 likeliest tokens unless told otherwise). An untrained model is
+    nearly uniform over the vocabulary, so its samples reach far past rank 50."""
+    model = build_causal_lm("tiny", vocab_size=len(tok), max_seq_len=256, seed=3).eval()
+    samples = sample(model, tok, PROMPTS * 8, max_new_tokens=16, temperature=1.0, top_p=1.0, seed=0)
+    ranks = []
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.prompt_ids + s.response_ids])
+            logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1 : -1]
+            chosen = logits.gather(-1, torch.tensor(s.response_ids).unsqueeze(-1))
+            ranks += (logits > chosen).sum(-1).tolist()
+    assert len(ranks) > 100 and max(ranks) >= 50, max(ranks)
+    assert sorted(ranks)[len(ranks) // 2] > 50  # the median sampled token is beyond a top-50 cut

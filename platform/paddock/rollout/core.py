@@ -169,7 +169,9 @@ def sample(
     ids, mask = ids.to(device_of(model)), mask.to(device_of(model))
     torch.manual_seed(seed)
     sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        # top_k=0: transformers would otherwise keep only the 50 likeliest tokens, a truncation no config asks for
+        # and that the behaviour log-probs (over the whole vocabulary) would not describe.
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         if temperature > 0
         else {"do_sample": False}
     )
