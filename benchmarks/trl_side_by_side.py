@@ -1,4 +1,4 @@
-"""paddock against TRL on the same model, tokens and hyperparameters: SFT and reward-model training.
+"""paddock against TRL on the same model, tokens and hyperparameters: SFT, reward-model training, online RL.
 
 Both sides read identical inputs: paddock's packed SFT windows (ids and answer-only loss mask) and its tokenised
 preference pairs with their margins, from one tiny world and tokenizer, starting from the same weights. paddock
@@ -7,10 +7,15 @@ with 2 threads (equal cores), with the same optimiser (AdamW 0.9/0.95, eps 1e-5,
 schedule (cosine with warmup), global batch and number of steps. Reported per side: wall time of the whole run,
 steady-state tokens/s (median step after warmup), peak resident memory of the training processes, and quality
 read the same way for both: perplexity on held-out answers (SFT) and accuracy on held-out pairs (reward model).
-Online RL against TRL is not here yet.
+
+Online RL: paddock's PPO (2 rollout workers, 2 learners, the reference and the reward models as Ray actors)
+against TRL's `RLOOTrainer` (one process, 2 threads), both from the SFT result above, with the same reward (the
+reward model above as helpfulness and safety RM, combined as in Llama 2 and put on the logit scale), the same
+prompts, answers per update (64, at most 48 new tokens, temperature 1), optimiser steps (mini-batches of 16,
+constant LR) and KL coefficient. Quality is the mean combined reward of greedy answers to held-out prompts.
 
     pip install -e '.[bench]'   # TRL and its datasets/accelerate
-    python benchmarks/trl_side_by_side.py [--sft-steps 60] [--rm-steps 60] [--out benchmarks/results]
+    python benchmarks/trl_side_by_side.py [--sft-steps 60] [--rm-steps 60] [--rl-updates 16] [--out ...]
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import resource
 import statistics
 import threading
@@ -30,13 +36,15 @@ from _world import bench_world, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, RM_SEQ_LEN, GLOBAL_BATCH, LR, RM_LR, WARMUP = 256, 128, 16, 1e-3, 5e-4, 5
+# Online RL: answers per update, mini-batch (one optimiser step each), new tokens, LR and KL coefficient.
+RL_BATCH, RL_MINI, RL_NEW_TOKENS, RL_LR, RL_BETA = 64, 16, 48, 2e-5, 0.02
 
 
 class WorkerMemory:
-    """Peak summed RSS of Ray Train worker processes, sampled every 0.2 s while a paddock stage runs."""
+    """Peak summed RSS of the Ray processes a paddock stage runs on (by their command lines), sampled every 0.2 s."""
 
-    def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
+    def __init__(self, matches: tuple[str, ...] = ("RayTrainWorker",)) -> None:
+        self.matches, self.peak, self._stop = matches, 0, threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
@@ -46,7 +54,7 @@ class WorkerMemory:
             rss = 0
             for p in psutil.process_iter(["cmdline", "memory_info"]):
                 if (
-                    any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+                    any(m in part for part in (p.info["cmdline"] or []) for m in self.matches)
                     and p.info["memory_info"]
                 ):
                     rss += p.info["memory_info"].rss
@@ -85,8 +93,60 @@ def paddock_stage(kind: str, overrides: list[str]) -> dict[str, Any]:
     }
 
 
+def paddock_ppo(policy: str, rm: str, tok_dir: Path, world: Path, updates: int) -> dict[str, Any]:
+    """The tiny PPO config from ``policy``, with ``rm`` as both reward models; evaluation at the start and end."""
+    from paddock.config import PPOJob, load_config
+    from paddock.ppo.loop import run
+
+    job = load_config(
+        PPOJob,
+        REPO / "jobs/configs/tiny/ppo.yaml",
+        [
+            f"tokenizer={tok_dir}",
+            f"policy={policy}",
+            f"reward_helpfulness={rm}",
+            f"reward_safety={rm}",
+            f"ppo.prompts={world}/prompts/train.parquet",
+            f"ppo.eval_prompts={world}/prompts/valid.parquet",
+            f"ppo.iterations={updates}",
+            f"ppo.batch_prompts={RL_BATCH}",
+            f"ppo.mini_batch={RL_MINI}",
+            f"ppo.max_new_tokens={RL_NEW_TOKENS}",
+            f"ppo.beta={RL_BETA}",
+            f"ppo.eval_every={updates * 10}",
+            "ppo.eval_max_prompts=8",
+            "ppo.patience=null",
+            "ppo.kl_limit=null",
+            f"ppo.checkpoint_every={updates * 10}",
+            f"optim.lr={RL_LR}",
+            "registry_prefix=bench-trl",
+        ],
+    )
+    start = time.monotonic()
+    with WorkerMemory(("RayTrainWorker", "ray::RolloutWorker", "ray::Scorer")) as mem:
+        result = run(job)
+    rollouts = [h for h in result.history if "ppo/response_length" in h]
+    answers = RL_BATCH * len(rollouts)
+    return {
+        "wall_s": time.monotonic() - start,
+        "loop_s": result.wall_s,
+        "updates": len(rollouts),
+        "samples_per_s": answers / result.wall_s,
+        "tokens_per_s": sum(h["ppo/response_length"] * RL_BATCH for h in rollouts) / result.wall_s,
+        "peak_rss_gb": mem.peak / 1e9,
+        "checkpoint": str(result.checkpoint_dir),
+    }
+
+
 def _trl_child(
-    kind: str, data: dict[str, Any], init: str, tok_dir: str, out: str, steps: int, queue: Any
+    kind: str,
+    data: dict[str, Any],
+    init: str,
+    tok_dir: str,
+    out: str,
+    steps: int,
+    budget_s: float | None,
+    results: Any,
 ) -> None:
     """One TRL run in its own process (so that its peak RSS is its own), 2 threads."""
     torch.set_num_threads(2)
@@ -122,14 +182,22 @@ def _trl_child(
     times: list[float] = []
 
     class StepTimes(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            self.began = time.perf_counter()
+
         def on_step_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
             times.append(time.perf_counter() - self.t0)
+            if budget_s is not None and time.perf_counter() - self.began > budget_s:
+                control.should_training_stop = True
 
     start = time.monotonic()
-    if kind == "sft":
+    counted = [0, 0]  # online RL: answers and new tokens, counted by the reward function
+    if kind == "rl":
+        trainer, tokens_per_step = _trl_rloo(data, init, tok, steps, common, StepTimes(), counted), 0
+    elif kind == "sft":
         from trl import SFTConfig, SFTTrainer
 
         trainer: Any = SFTTrainer(
@@ -152,27 +220,111 @@ def _trl_child(
             callbacks=[StepTimes()],
         )
         tokens_per_step = 2 * GLOBAL_BATCH * RM_SEQ_LEN  # paddock counts padded pair windows the same way
+    began = time.monotonic()
     trainer.train()
+    loop = time.monotonic() - began
     trainer.model.config.pad_token_id = PAD_ID
     trainer.save_model(out)
-    queue.put(
+    wall = time.monotonic() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    if kind == "rl":
+        # Generation, scoring and updates all run inside TRL's training loop: rates over the loop, as for PPO.
+        answers, new_tokens = counted
+        results.put(
+            {
+                "wall_s": wall,
+                "loop_s": loop,
+                "updates": answers // RL_BATCH,
+                "samples_per_s": answers / loop,
+                "tokens_per_s": new_tokens / loop,
+                "peak_rss_gb": rss,
+                "checkpoint": out,
+            }
+        )
+        return
+    results.put(
         {
-            "wall_s": time.monotonic() - start,
+            "wall_s": wall,
             "tokens_per_s": tokens_per_step / statistics.median(times[WARMUP:]),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+            "peak_rss_gb": rss,
             "checkpoint": out,
         }
     )
 
 
+def _trl_rloo(
+    data: dict[str, Any],
+    init: str,
+    tok: Any,
+    updates: int,
+    common: dict[str, Any],
+    timer: Any,
+    counted: list[int],
+) -> Any:
+    """TRL's RLOO set up as paddock's PPO runs: the same prompts (rendered in the Llama 2 chat format, BOS
+    included, so they tokenise to paddock's prompt ids), reward, answers per update, steps and KL coefficient."""
+    from datasets import Dataset
+    from paddock.models import load_causal_lm, load_scalar_model
+    from paddock.rlhf.ppo import combine_rewards, logit
+    from paddock.rollout.core import reward_scores
+    from trl import RLOOConfig, RLOOTrainer
+
+    rm = load_scalar_model(data.pop("reward_model")).eval()
+
+    def combined_reward(prompts, completions, completion_ids, user, is_safety, **_):  # type: ignore[no-untyped-def]
+        turns = [[{"role": "user", "content": u}] for u in user]
+        r = reward_scores(rm, tok, turns, [c.strip() for c in completions], 256)
+        counted[0] += len(completions)
+        counted[1] += sum(len(c) for c in completion_ids)
+        return logit(combine_rewards(r, r, torch.tensor(is_safety))).tolist()
+
+    args = {k: v for k, v in common.items() if k != "pad_token"} | {
+        "per_device_train_batch_size": RL_MINI,
+        "generation_batch_size": RL_BATCH,
+        "num_generations": 2,  # RLOO's baseline is the other answers to the same prompt
+        "max_completion_length": RL_NEW_TOKENS,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "beta": RL_BETA,
+        "num_iterations": 1,
+        "learning_rate": RL_LR,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "max_steps": updates * (RL_BATCH // RL_MINI),
+    }
+    return RLOOTrainer(
+        model=load_causal_lm(init),
+        reward_funcs=combined_reward,
+        args=RLOOConfig(**args),
+        train_dataset=Dataset.from_dict(data),
+        processing_class=tok,
+        callbacks=[timer],
+    )
+
+
 def trl_run(
-    kind: str, data: dict[str, Any], init: str, tok_dir: Path, out: Path, steps: int
+    kind: str,
+    data: dict[str, Any],
+    init: str,
+    tok_dir: Path,
+    out: Path,
+    steps: int,
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
+    """One TRL run in a child process; ``budget_s`` stops its training after that many seconds."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_trl_child, args=(kind, data, init, str(tok_dir), str(out), steps, queue))
+    results = ctx.Queue()
+    p = ctx.Process(
+        target=_trl_child, args=(kind, data, init, str(tok_dir), str(out), steps, budget_s, results)
+    )
     p.start()
-    result = queue.get(timeout=3600)
+    while True:
+        try:
+            result = results.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"the TRL {kind} run exited ({p.exitcode}) without a result") from None
     p.join()
     return result
 
@@ -193,10 +345,57 @@ def rm_accuracy(model_dir: str, pairs: dict[str, Any]) -> float:
     return sum(wins) / len(wins)
 
 
+def held_out_reward(model_dir: str, rm_dir: str, tok_dir: Path, prompts: list[dict[str, Any]]) -> float:
+    """Mean combined reward (sigmoid scale) of greedy answers to ``prompts``, ``rm_dir`` as both reward models."""
+    from paddock.models import load_causal_lm, load_scalar_model
+    from paddock.rlhf.ppo import combine_rewards
+    from paddock.rollout.core import reward_scores, sample
+    from paddock.tokenizer import load_tokenizer
+
+    tok, model = load_tokenizer(tok_dir), load_causal_lm(model_dir).eval()
+    turns = [p["turns"] for p in prompts]
+    texts: list[str] = []
+    for i in range(0, len(turns), 32):
+        for s in sample(
+            model, tok, turns[i : i + 32], max_new_tokens=RL_NEW_TOKENS, temperature=0.0, top_p=1.0, seed=0
+        ):
+            texts.append(tok.decode(s.response_ids, skip_special_tokens=True).strip())
+    r = reward_scores(load_scalar_model(rm_dir).eval(), tok, turns, texts, 256)
+    return combine_rewards(r, r, torch.tensor([p["is_safety"] for p in prompts])).mean().item()
+
+
+def rl_prompts(world: Path, tok_dir: Path) -> dict[str, list[Any]]:
+    """The RL training prompts as TRL reads them: the Llama 2 chat prompt text (BOS included), checked to
+    tokenise to exactly the ids paddock's rollout workers generate from, plus the columns the reward reads."""
+    import pyarrow.parquet as pq
+    from paddock.data.chat import segments
+    from paddock.data.tokenize import encode_prompt
+    from paddock.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    rows = pq.read_table(world / "prompts" / "train.parquet").to_pylist()
+    # A SentencePiece-style tokenizer adds the word-start marker that paddock's prompt begins with only at the
+    # start of a text, not after BOS: one of the two joins gives paddock's ids exactly, for every prompt.
+    texts: list[str] = []
+    for r in rows:
+        want, prompt = encode_prompt(tok, r["turns"]), segments(r["turns"])[0].prompt
+        joins = [tok.bos_token + sep + prompt for sep in ("", " ")]
+        match = [t for t in joins if tok(t, add_special_tokens=False)["input_ids"] == want]
+        if not match:
+            raise RuntimeError(f"no text form of {prompt!r} tokenises to paddock's prompt ids")
+        texts.append(match[0])
+    return {
+        "prompt": texts,
+        "user": [r["turns"][0]["content"] for r in rows],
+        "is_safety": [r["is_safety"] for r in rows],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--rm-steps", type=int, default=60)
+    ap.add_argument("--rl-updates", type=int, default=16, help="PPO iterations (RLOO: as many generations)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     try:
@@ -205,7 +404,7 @@ def main() -> None:
         raise SystemExit("trl_side_by_side: TRL is not installed; pip install -e '.[bench]'") from None
 
     home, world, tok_dir, _ = bench_world(
-        "paddock-bench-trl-", pretrain_mb=0.3, rl_prompts=20, vocab_size=2000, dialogs=1500
+        "paddock-bench-trl-", pretrain_mb=0.3, rl_prompts=600, vocab_size=2000, dialogs=1500
     )
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -295,10 +494,28 @@ def main() -> None:
         pq.read_table(home / "runs" / "bench-trl-rm-helpfulness" / "data" / "train-helpfulness.parquet")
     )
     rm_trl = trl_run("rm", rm_train, rm_init, tok_dir, home / "trl-rm", args.rm_steps)
+    rm_dir = rm_paddock["checkpoint"]
     for side, r in (("paddock", rm_paddock), ("TRL", rm_trl)):
         r["quality"] = rm_accuracy(r.pop("checkpoint"), rm_test)
         rows.append({"name": f"reward model, {side}", "quality_metric": "held-out pair accuracy", **r})
-    for a, b in ((rows[0], rows[1]), (rows[2], rows[3])):
+
+    # Online RL from the SFT result, paddock's reward model as the reward for both.
+    rl_test = pq.read_table(world / "prompts" / "test.parquet").to_pylist()[:100]
+    ppo = paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates)
+    rl_data = rl_prompts(world, tok_dir) | {"reward_model": rm_dir}
+    rloo = trl_run("rl", rl_data, rm_init, tok_dir, home / "trl-rloo", args.rl_updates)
+    # TRL again, for as long as paddock's PPO loop ran (its set-up excluded, as TRL's is): quality in equal time.
+    rloo_timed = trl_run("rl", rl_data, rm_init, tok_dir, home / "trl-rloo-timed", 10**6, ppo["loop_s"])
+    start_reward = held_out_reward(rm_init, rm_dir, tok_dir, rl_test)
+    for side, r in (
+        ("paddock PPO", ppo),
+        ("TRL RLOO", rloo),
+        ("TRL RLOO, PPO's time", rloo_timed),
+    ):
+        r["quality"] = held_out_reward(r.pop("checkpoint"), rm_dir, tok_dir, rl_test)
+        rows.append({"name": f"online RL, {side}", "quality_metric": "held-out greedy reward", **r})
+    rows[4]["samples_per_s_vs_trl"] = ppo["samples_per_s"] / rloo["samples_per_s"]
+    for a, b in ((rows[0], rows[1]), (rows[2], rows[3]), (rows[4], rows[5])):
         a["tokens_per_s_vs_trl"] = a["tokens_per_s"] / b["tokens_per_s"]
         a["wall_vs_trl"] = a["wall_s"] / b["wall_s"]
 
@@ -308,13 +525,17 @@ def main() -> None:
         "global_batch": GLOBAL_BATCH,
         "sft_steps": args.sft_steps,
         "rm_steps": args.rm_steps,
+        "rl_updates": args.rl_updates,
+        "rl_answers_per_update": RL_BATCH,
+        "rl_start_reward": start_reward,
     }
     write_result(args.out, "trl_side_by_side", meta, rows)
+    print(f"online RL starts from held-out greedy reward {start_reward:.3f}; RL rows count new tokens")
     print(f"\npaddock vs TRL {trl.__version__} (tiny model, {os.cpu_count()} CPUs, equal cores)")
-    print(f"{'run':<24} {'wall s':>8} {'tokens/s':>10} {'peak GB':>8} {'quality':>9}")
+    print(f"{'run':<26} {'wall s':>8} {'tokens/s':>10} {'peak GB':>8} {'quality':>9}")
     for r in rows:
         print(
-            f"{r['name']:<24} {r['wall_s']:>8.1f} {r['tokens_per_s']:>10.0f} {r['peak_rss_gb']:>8.2f} {r['quality']:>9.3f}"
+            f"{r['name']:<26} {r['wall_s']:>8.1f} {r['tokens_per_s']:>10.0f} {r['peak_rss_gb']:>8.2f} {r['quality']:>9.3f}"
         )
 
 
