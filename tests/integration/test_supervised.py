@@ -132,11 +132,9 @@ def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Pa
     o = overrides(world_dir, tokenizer_dir)
     # The kill lands after the first committed checkpoint (step 5) with most of the run still to go.
     short = [*o["pretrain"], "train.max_steps=40", "train.checkpoint_every=5", "train.eval_every=40"]
-    # The uninterrupted reference runs in local mode, one rank taking both workers' micro-batches a step (the
-    # same sequences, see test_local_mode_trains_like_two_workers), without a second Ray Train start.
-    local = ["train.num_workers=0", "train.grad_accum=2", "registry_prefix=clean"]
     clean = run_supervised(
-        load_config(PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*short, *local]), "pretrain"
+        load_config(PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*short, "registry_prefix=clean"]),
+        "pretrain",
     )
     job = load_config(
         PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*short, "registry_prefix=resume"]
