@@ -61,3 +61,20 @@ def ray_cluster():
     connect(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+_RESULTS: list[str] = []
+
+
+@pytest.fixture
+def results():  # type: ignore[no-untyped-def]
+    """``results(line)`` puts a measured result in the run's closing "results" section, shown when the test passes
+    too (pytest shows a passing test's prints only with -s), so that CI's log carries the numbers."""
+    return _RESULTS.append
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if _RESULTS:
+        terminalreporter.section("results")
+        for line in _RESULTS:
+            terminalreporter.write_line(line)

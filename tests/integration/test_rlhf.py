@@ -71,6 +71,10 @@ def _held_out_scores(model_dir: Path, chain: dict, world_dir: Path, n: int) -> d
     return {"reward_combined": combined.mean().item(), **world_metrics(prompts, texts), "correct": correct}
 
 
+def _shown(m: dict) -> dict:
+    return {k: round(v, 4) for k, v in m.items() if k != "correct"}
+
+
 def worse_than_chance(before: list[float], after: list[float]) -> float:
     """One-sided exact McNemar (sign) test on paired verdicts: the probability, were the two models equally good,
     that at least as many prompts would go from right to wrong as did, among the prompts whose verdict changed."""
@@ -111,19 +115,21 @@ def rs(chain, world_dir: Path, tokenizer_dir: Path):
     return rejection.run(job)
 
 
-def test_best_of_n_maximum_rises_while_the_median_stays_flat(rs):
+def test_best_of_n_maximum_rises_while_the_median_stays_flat(rs, results):
     maxima, medians = rs.best_of_n_max, rs.best_of_n_median
-    print("best of N max:", [round(x, 4) for x in maxima], "median:", [round(x, 4) for x in medians])
+    results(
+        f"RS best of N=1..8: max {[round(x, 3) for x in maxima]}, median {[round(x, 3) for x in medians]}"
+    )
     assert all(b >= a - 1e-9 for a, b in itertools.pairwise(maxima)), "E[max of N] cannot fall with N"
     assert maxima[-1] - maxima[0] > 2 * abs(medians[-1] - medians[0])
     assert rs.kept > 0 and rs.mean_best_reward > rs.mean_reward
 
 
-def test_rejection_sampled_model_beats_sft_on_held_out_prompts(rs, chain, world_dir: Path):
+def test_rejection_sampled_model_beats_sft_on_held_out_prompts(rs, chain, world_dir: Path, results):
     sft = held_out_scores(chain["sft"].checkpoint_dir, chain, world_dir)
     rsm = held_out_scores(rs.finetune.checkpoint_dir, chain, world_dir)
-    shown = lambda m: {k: round(v, 4) for k, v in m.items() if k != "correct"}  # noqa: E731
-    print(f"held-out greedy: SFT {shown(sft)}\n                 RS  {shown(rsm)}")
+    results(f"held-out greedy, SFT: {_shown(sft)}")
+    results(f"held-out greedy, RS:  {_shown(rsm)}")
     assert rsm["reward_combined"] > sft["reward_combined"]
 
 
@@ -196,25 +202,27 @@ def test_ppo_recovers_from_a_killed_rollout_worker_scorer_and_learner(ppo):
     assert b["rows_out"] >= ITERATIONS * 64
 
 
-def test_ppo_raises_the_held_out_reward_within_the_kl_bound(ppo, rs, chain, world_dir: Path):
+def test_ppo_raises_the_held_out_reward_within_the_kl_bound(ppo, rs, chain, world_dir: Path, results):
     result, _ = ppo
     evals = {int(e["iteration"]): e for e in result.evals}
-    print(f"PPO held-out evaluations: {[(i, round(e['eval/reward_combined'], 4)) for i, e in evals.items()]}")
+    results(
+        f"PPO validation reward by iteration: {[(i, round(e['eval/reward_combined'], 4)) for i, e in evals.items()]}"
+    )
     assert result.best_iteration is not None and result.best_iteration > 0, (
         "no PPO iteration beat the starting policy on held-out prompts"
     )
     assert evals[result.best_iteration]["eval/reward_combined"] > evals[0]["eval/reward_combined"]
     kls = [h["ppo/kl"] for h in result.history if "ppo/kl" in h]
+    results(
+        f"PPO KL per answer: max {max(kls):.3f} (bound {KL_BOUND}), best iteration {result.best_iteration}"
+    )
     assert kls and max(kls) < KL_BOUND
     # A user's view: greedy answers of the registered PPO model against its start, by reward and verifier.
     before = held_out_scores(rs.finetune.checkpoint_dir, chain, world_dir)
     after = held_out_scores(result.checkpoint_dir, chain, world_dir)
     p = worse_than_chance(before["correct"], after["correct"])
-    print(
-        f"held-out greedy: start {before['reward_combined']:.4f} acc {before['helpfulness_accuracy']:.3f}\n"
-        f"                 PPO   {after['reward_combined']:.4f} acc {after['helpfulness_accuracy']:.3f} "
-        f"(one-sided McNemar p={p:.3f})"
-    )
+    results(f"held-out greedy, PPO start (RS): {_shown(before)}")
+    results(f"held-out greedy, PPO: {_shown(after)}; verdicts lost vs gained: one-sided McNemar p={p:.3f}")
     # "Not below": a greedy verdict flips on one prompt in a hundred from a tiny update, either way; what must
     # not happen is PPO losing clearly more right answers than it gains (5% level).
     assert p >= 0.05, f"PPO lost right answers on held-out prompts beyond chance (p={p:.3f})"
