@@ -195,8 +195,9 @@ def _trl_child(
 
     start = time.monotonic()
     counted = [0, 0]  # online RL: answers and new tokens, counted by the reward function
+    tokens_per_step = 0  # SFT and RM: a fixed window per step
     if kind == "rl":
-        trainer, tokens_per_step = _trl_rloo(data, init, tok, steps, common, StepTimes(), counted), 0
+        trainer = _trl_rloo(data, init, tok, steps, common, StepTimes(), counted)
     elif kind == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -225,31 +226,23 @@ def _trl_child(
     loop = time.monotonic() - began
     trainer.model.config.pad_token_id = PAD_ID
     trainer.save_model(out)
-    wall = time.monotonic() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    out_row = {
+        "wall_s": time.monotonic() - start,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "checkpoint": out,
+    }
     if kind == "rl":
         # Generation, scoring and updates all run inside TRL's training loop: rates over the loop, as for PPO.
         answers, new_tokens = counted
-        results.put(
-            {
-                "wall_s": wall,
-                "loop_s": loop,
-                "updates": answers // RL_BATCH,
-                "samples_per_s": answers / loop,
-                "tokens_per_s": new_tokens / loop,
-                "peak_rss_gb": rss,
-                "checkpoint": out,
-            }
-        )
-        return
-    results.put(
-        {
-            "wall_s": wall,
-            "tokens_per_s": tokens_per_step / statistics.median(times[WARMUP:]),
-            "peak_rss_gb": rss,
-            "checkpoint": out,
+        out_row |= {
+            "loop_s": loop,
+            "updates": answers // RL_BATCH,
+            "samples_per_s": answers / loop,
+            "tokens_per_s": new_tokens / loop,
         }
-    )
+    else:
+        out_row["tokens_per_s"] = tokens_per_step / statistics.median(times[WARMUP:])
+    results.put(out_row)
 
 
 def _trl_rloo(
@@ -349,17 +342,11 @@ def held_out_reward(model_dir: str, rm_dir: str, tok_dir: Path, prompts: list[di
     """Mean combined reward (sigmoid scale) of greedy answers to ``prompts``, ``rm_dir`` as both reward models."""
     from paddock.models import load_causal_lm, load_scalar_model
     from paddock.rlhf.ppo import combine_rewards
-    from paddock.rollout.core import reward_scores, sample
+    from paddock.rollout.core import greedy_answers, reward_scores
     from paddock.tokenizer import load_tokenizer
 
-    tok, model = load_tokenizer(tok_dir), load_causal_lm(model_dir).eval()
-    turns = [p["turns"] for p in prompts]
-    texts: list[str] = []
-    for i in range(0, len(turns), 32):
-        for s in sample(
-            model, tok, turns[i : i + 32], max_new_tokens=RL_NEW_TOKENS, temperature=0.0, top_p=1.0, seed=0
-        ):
-            texts.append(tok.decode(s.response_ids, skip_special_tokens=True).strip())
+    tok, turns = load_tokenizer(tok_dir), [p["turns"] for p in prompts]
+    texts = greedy_answers(load_causal_lm(model_dir).eval(), tok, turns, RL_NEW_TOKENS)
     r = reward_scores(load_scalar_model(rm_dir).eval(), tok, turns, texts, 256)
     return combine_rewards(r, r, torch.tensor([p["is_safety"] for p in prompts])).mean().item()
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from paddock.data.tokenize import encode_prompt
+from paddock.rollout.core import sampling_kwargs
 
 
 @dataclass
@@ -36,18 +37,13 @@ def chat(
     ids = torch.tensor([encode_prompt(tok, turns, system)])
     if seed is not None:
         torch.manual_seed(seed)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}  # no implicit top-k 50
-        if temperature > 0
-        else {"do_sample": False}
-    )
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id,
-        **sampling,
+        **sampling_kwargs(temperature, top_p),
     )
     new = out[0, ids.shape[1] :].tolist()
     finished = tok.eos_token_id in new

@@ -46,23 +46,13 @@ def _held_out_scores(model_dir: Path, chain: dict, world_dir: Path, n: int) -> d
     from paddock.evaluate import world_metrics
     from paddock.models import load_causal_lm, load_scalar_model
     from paddock.rlhf.ppo import combine_rewards
-    from paddock.rollout.core import reward_scores, sample
+    from paddock.rollout.core import greedy_answers, reward_scores
     from paddock.tokenizer import load_tokenizer
     from paddock.world import verify
 
     prompts = pq.read_table(world_dir / "prompts" / "test.parquet").to_pylist()[:n]
     tok = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir).eval()
-    texts = []
-    for i in range(0, len(prompts), 32):
-        batch = prompts[i : i + 32]
-        out = sample(
-            model, tok, [p["turns"] for p in batch], max_new_tokens=48, temperature=0.0, top_p=1.0, seed=0
-        )
-        texts += [
-            tok.decode([t for t in s.response_ids if t != tok.eos_token_id], skip_special_tokens=True).strip()
-            for s in out
-        ]
+    texts = greedy_answers(load_causal_lm(model_dir).eval(), tok, [p["turns"] for p in prompts], 48)
     turns = [p["turns"] for p in prompts]
     r_h = reward_scores(load_scalar_model(chain["rm_h"].checkpoint_dir).eval(), tok, turns, texts, 256)
     r_s = reward_scores(load_scalar_model(chain["rm_s"].checkpoint_dir).eval(), tok, turns, texts, 256)

@@ -20,6 +20,7 @@ from paddock.models import load_causal_lm, load_scalar_model
 from paddock.rlhf.ppo import combine_rewards
 from paddock.rollout.core import (
     TokenValues,
+    answer_text,
     device_of,
     pack,
     reward_scores,
@@ -78,7 +79,6 @@ class RolloutWorker:
             top_p=self.top_p,
             systems=[p.get("system") for p in prompts],
         )
-        eos = self.tok.eos_token_id
         return [
             {
                 "prompt_id": p["id"],
@@ -86,9 +86,7 @@ class RolloutWorker:
                 "prompt_ids": s.prompt_ids,
                 "response_ids": s.response_ids,
                 "behaviour_logprobs": s.behaviour_logprobs,
-                "text": str(
-                    self.tok.decode([t for t in s.response_ids if t != eos], skip_special_tokens=True)
-                ).strip(),
+                "text": answer_text(self.tok, s.response_ids),
                 "finished": s.finished,
                 "policy_version": self.policy_version,
             }

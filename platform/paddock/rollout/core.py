@@ -149,6 +149,41 @@ class TokenValues(torch.nn.Module):
         return values * packed.response_mask
 
 
+def sampling_kwargs(temperature: float, top_p: float) -> dict[str, Any]:
+    """``generate`` arguments for a temperature and top_p (temperature 0: greedy). ``top_k=0``: transformers would
+    otherwise keep only the 50 likeliest tokens, a truncation no config asks for and that the behaviour log-probs
+    (over the whole vocabulary) would not describe."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+
+
+def answer_text(tok, response_ids: Sequence[int]) -> str:  # type: ignore[no-untyped-def]
+    """An answer's text: EOS and other special tokens dropped, surrounding space stripped."""
+    eos = tok.eos_token_id
+    return str(tok.decode([t for t in response_ids if t != eos], skip_special_tokens=True)).strip()
+
+
+def greedy_answers(
+    model: torch.nn.Module, tok, prompts: Sequence[Turns], max_new_tokens: int, chunk: int = 32
+) -> list[str]:  # type: ignore[no-untyped-def]
+    """Greedy answers to ``prompts`` in one process, ``chunk`` at a time (held-out scoring in tests and benchmarks;
+    stages generate on rollout workers)."""
+    return [
+        answer_text(tok, s.response_ids)
+        for i in range(0, len(prompts), chunk)
+        for s in sample(
+            model,
+            tok,
+            prompts[i : i + chunk],
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            seed=0,
+        )
+    ]
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -168,20 +203,13 @@ def sample(
     ids, mask = left_pad(prompt_ids)
     ids, mask = ids.to(device_of(model)), mask.to(device_of(model))
     torch.manual_seed(seed)
-    sampling = (
-        # top_k=0: transformers would otherwise keep only the 50 likeliest tokens, a truncation no config asks for
-        # and that the behaviour log-probs (over the whole vocabulary) would not describe.
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        if temperature > 0
-        else {"do_sample": False}
-    )
     out = model.generate(  # type: ignore[operator]
         ids,
         attention_mask=mask,
         max_new_tokens=max_new_tokens,
         eos_token_id=tok.eos_token_id,
         pad_token_id=PAD_ID,
-        **sampling,
+        **sampling_kwargs(temperature, top_p),
     )
     responses = []
     for row in out[:, ids.shape[1] :].tolist():
