@@ -9,6 +9,7 @@ models (the Llama 2 combination) and by the world's verifiers.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import signal
@@ -25,12 +26,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KL_BOUND = 4.0  # nats per answer: the tiny PPO config's kl_limit
 ITERATIONS = 10
+BATCH = 256  # prompts an iteration: 2.56 passes over the test world's 100 training prompts
 
 
-_SCORED: dict[tuple[str, str, int], dict[str, float]] = {}
+_SCORED: dict[tuple[str, str, int], dict[str, Any]] = {}
 
 
-def held_out_scores(model_dir: Path, chain: dict, world_dir: Path, n: int = 100) -> dict[str, float]:
+def held_out_scores(model_dir: Path, chain: dict, world_dir: Path, n: int = 100) -> dict[str, Any]:
     """Greedy answers to the first ``n`` held-out prompts: combined reward (sigmoid scale) and verifier accuracy.
 
     Greedy decoding is deterministic, so a checkpoint is scored once per session (the RS model is both the RS
@@ -41,7 +43,7 @@ def held_out_scores(model_dir: Path, chain: dict, world_dir: Path, n: int = 100)
     return _SCORED[key]
 
 
-def _held_out_scores(model_dir: Path, chain: dict, world_dir: Path, n: int) -> dict[str, float]:
+def _held_out_scores(model_dir: Path, chain: dict, world_dir: Path, n: int) -> dict[str, Any]:
     import torch
     from paddock.evaluate import world_metrics
     from paddock.models import load_causal_lm, load_scalar_model
@@ -57,7 +59,11 @@ def _held_out_scores(model_dir: Path, chain: dict, world_dir: Path, n: int) -> d
     r_h = reward_scores(load_scalar_model(chain["rm_h"].checkpoint_dir).eval(), tok, turns, texts, 256)
     r_s = reward_scores(load_scalar_model(chain["rm_s"].checkpoint_dir).eval(), tok, turns, texts, 256)
     combined = combine_rewards(r_h, r_s, torch.tensor([p["is_safety"] for p in prompts]))
-    correct = [float(verify.helpfulness(p["turns"], a)) for p, a in zip(prompts, texts, strict=True)]
+    # One verdict per distinct prompt (the held-out set repeats some, and greedy answers to a repeat are the same).
+    correct = {
+        json.dumps(p["turns"]): float(verify.helpfulness(p["turns"], a))
+        for p, a in zip(prompts, texts, strict=True)
+    }
     return {"reward_combined": combined.mean().item(), **world_metrics(prompts, texts), "correct": correct}
 
 
@@ -65,11 +71,13 @@ def _shown(m: dict) -> dict:
     return {k: round(v, 4) for k, v in m.items() if k != "correct"}
 
 
-def worse_than_chance(before: list[float], after: list[float]) -> float:
-    """One-sided exact McNemar (sign) test on paired verdicts: the probability, were the two models equally good,
-    that at least as many prompts would go from right to wrong as did, among the prompts whose verdict changed."""
-    lost = sum(b > a for b, a in zip(before, after, strict=True))
-    changed = lost + sum(a > b for b, a in zip(before, after, strict=True))
+def worse_than_chance(before: dict[str, float], after: dict[str, float]) -> float:
+    """One-sided exact McNemar (sign) test on verdicts paired by prompt: the probability, were the two models
+    equally good, that at least as many prompts would go from right to wrong as did, among the prompts whose
+    verdict changed."""
+    assert before.keys() == after.keys()
+    lost = sum(before[k] > after[k] for k in before)
+    changed = lost + sum(after[k] > before[k] for k in before)
     return sum(math.comb(changed, k) for k in range(lost, changed + 1)) / 2**changed
 
 
@@ -153,7 +161,14 @@ def ppo(rs, home: Path, world_dir: Path, tokenizer_dir: Path):
             f"ppo.kl_limit={KL_BOUND}",
             f"ppo.iterations={ITERATIONS}",
             "ppo.checkpoint_every=5",
-            "optim.lr=4.0e-5",
+            # Many samples an iteration and a few large mini-batches, as the paper's 512 / 64. At 64 prompts and
+            # mini-batches of 16 the gradient was mostly sampling noise: the policy's entropy rose and the
+            # validation reward stayed within its noise over 10 or 20 iterations at LR 4e-5 to 2e-4. At 256 / 64
+            # it rose in every run on one test chain (two seeds each): LR 1e-4 +0.04 and +0.06 at KL 1.1 and 1.2,
+            # LR 2e-4 +0.06 and +0.09 at KL 2.8 (the bound is 4).
+            f"ppo.batch_prompts={BATCH}",
+            "ppo.mini_batch=64",
+            "optim.lr=1.5e-4",
         ],
     )
     killed: list[str] = []
@@ -189,15 +204,9 @@ def test_ppo_recovers_from_a_killed_rollout_worker_scorer_and_learner(ppo):
     assert result.restarts["learners"] >= 1 and result.restarts["rollout_reloads"] >= 1
     b: dict[str, Any] = result.buffer
     assert b["rows_in"] == b["rows_out"] + b["rows_dropped"] + b["rows_held"] and b["reconciles"]
-    assert b["rows_out"] >= ITERATIONS * 64
+    assert b["rows_out"] >= ITERATIONS * BATCH
 
 
-@pytest.mark.xfail(
-    reason="not robust across starting policies: from the RS model sampled at 1.0 PPO's validation reward rose "
-    "and the test passed (693fe55's CI run); from the one sampled at 0.7 it fell 0.819 -> 0.809 -> 0.797 over "
-    "10 iterations at LR 4e-5 (9593b87's); tracked in issue 4",
-    strict=False,
-)
 def test_ppo_raises_the_held_out_reward_within_the_kl_bound(ppo, rs, chain, world_dir: Path, results):
     result, _ = ppo
     evals = {int(e["iteration"]): e for e in result.evals}
