@@ -288,6 +288,7 @@ def test_async_ppo_overlaps_generation_with_training_within_the_staleness_limit(
             "ppo.mode=async",
             "ppo.iterations=4",
             "ppo.batch_prompts=32",
+            "ppo.mini_batch=16",
             "ppo.eval_every=100",
             "ppo.eval_max_prompts=8",
         ],
