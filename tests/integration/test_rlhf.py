@@ -54,8 +54,8 @@ def _held_out_scores(model_dir: Path, chain: dict, world_dir: Path, n: int) -> d
 
     prompts = pq.read_table(world_dir / "prompts" / "test.parquet").to_pylist()[:n]
     tok = load_tokenizer(model_dir)
-    texts = greedy_answers(load_causal_lm(model_dir).eval(), tok, [p["turns"] for p in prompts], 48)
     turns = [p["turns"] for p in prompts]
+    texts = greedy_answers(load_causal_lm(model_dir).eval(), tok, turns, 48)
     r_h = reward_scores(load_scalar_model(chain["rm_h"].checkpoint_dir).eval(), tok, turns, texts, 256)
     r_s = reward_scores(load_scalar_model(chain["rm_s"].checkpoint_dir).eval(), tok, turns, texts, 256)
     combined = combine_rewards(r_h, r_s, torch.tensor([p["is_safety"] for p in prompts]))
@@ -228,6 +228,9 @@ def test_ppo_raises_the_held_out_reward_within_the_kl_bound(ppo, rs, chain, worl
     p = worse_than_chance(before["correct"], after["correct"])
     results(f"held-out greedy, PPO start (RS): {_shown(before)}")
     results(f"held-out greedy, PPO: {_shown(after)}; verdicts lost vs gained: one-sided McNemar p={p:.3f}")
+    assert after["reward_combined"] > before["reward_combined"], (
+        "PPO's greedy answers scored below its start's"
+    )
     # "Not below": a greedy verdict flips on one prompt in a hundred from a tiny update, either way; what must
     # not happen is PPO losing clearly more right answers than it gains (5% level).
     assert p >= 0.05, f"PPO lost right answers on held-out prompts beyond chance (p={p:.3f})"
