@@ -40,6 +40,7 @@ def run_stage(
     """Parse the command line, validate the config, run the stage; 2 on a user error."""
     from paddock.data.validate import DatasetError
     from paddock.models import ModelLoadError
+    from paddock.plan import PlanError
     from paddock.tokenizer import TokenizerError
     from paddock.tracking import UpstreamModelError
 
@@ -47,6 +48,7 @@ def run_stage(
         *USER_ERRORS,
         DatasetError,
         ModelLoadError,
+        PlanError,
         TokenizerError,
         UpstreamModelError,
     )
@@ -58,3 +60,34 @@ def run_stage(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_plan(description: str, argv: list[str] | None = None) -> int:
+    """jobs/plan.py: the capacity plan of a stage config on a cluster file; 0 when it fits, 1 when not, 2 on a
+    user error."""
+    import json
+    from pathlib import Path
+
+    from paddock import plan
+    from paddock.config import JOBS
+
+    p = parser(description)
+    p.add_argument("--cluster", help="cluster file (clusters/*.yaml); default: the config's plan.cluster")
+    p.add_argument("--stage", choices=sorted(JOBS), help="the config's stage; default: its file name")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    stage = args.stage or Path(args.config).stem
+    errors: tuple[type[Exception], ...] = (*USER_ERRORS, plan.PlanError)
+    try:
+        if stage not in JOBS:
+            raise ConfigError(
+                f"{args.config}: which stage is this? pass --stage (one of {', '.join(sorted(JOBS))})"
+            )
+        job = load_config(JOBS[stage], args.config, args.overrides)
+        cluster_file = args.cluster or job.plan.cluster
+        result = plan.plan_any(job, stage, plan.Cluster.from_yaml_or_here(cluster_file))
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_json(), indent=1) if args.json else result.table())
+    return 0 if result.fits else 1

@@ -64,6 +64,42 @@ class Strict(BaseModel):
 # Sections shared by several stages
 
 
+ShapeName = Literal["tiny", "small", "1b", "7b", "13b", "34b", "70b"]
+
+
+class PlanConfig(Strict):
+    """The capacity check a stage runs before starting any worker (paddock.plan, jobs/plan.py)."""
+
+    check: bool = Field(True, description="Refuse to start when a role's memory does not fit the cluster.")
+    shape: ShapeName | None = Field(
+        None,
+        description="Shape of the stage's upstream models, for planning before they exist (jobs/plan.py); "
+        "null: read from their checkpoints.",
+    )
+    cluster: str | None = Field(
+        None, description="Cluster file to plan against (clusters/*.yaml); null: the connected Ray cluster."
+    )
+
+
+TOKEN_BUDGET = 32768  # paddock.rollout.core's default too
+
+
+class InferenceConfig(Strict):
+    """How every forward pass outside training runs: rollout workers, scorers, evaluation."""
+
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Precision of inference copies; auto: bf16 on GPU, fp32 on CPU."
+    )
+    token_budget: int = Field(
+        TOKEN_BUDGET,
+        ge=64,
+        description="Most tokens (rows x padded length) in one forward or generation micro-batch.",
+    )
+    logits_chunk: int = Field(
+        1024, ge=1, description="Positions whose vocabulary logits exist at once when computing log-probs."
+    )
+
+
 class StageConfig(Strict):
     """Fields every job config carries at its top level."""
 
@@ -72,6 +108,11 @@ class StageConfig(Strict):
         "paddock", description="Registered models are named '{registry_prefix}-{stage}', e.g. tiny-sft."
     )
     seed: int = Field(0, ge=0, description="Seed for every random choice the stage makes.")
+    plan: PlanConfig = Field(default_factory=PlanConfig, description="Capacity check before workers start.")
+    inference: InferenceConfig = Field(
+        default_factory=InferenceConfig,
+        description="Precision and micro-batching of inference (ignored by stages that run none).",
+    )
 
 
 class WorldConfig(Strict):
@@ -131,7 +172,7 @@ class TokenizerConfig(Strict):
 class ModelConfig(Strict):
     """Which Llama 2 shape to build, or which checkpoint to start from."""
 
-    shape: Literal["tiny", "small", "1b", "7b", "13b", "34b", "70b"] = Field(
+    shape: ShapeName = Field(
         "tiny", description="Architecture from paddock.models.SHAPES; ignored when init_from is set."
     )
     init_from: str | None = Field(
@@ -208,6 +249,11 @@ class TrainConfig(Strict):
     )
     offload: bool = Field(False, description="ZeRO-Offload: keep optimiser states in CPU memory.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute each layer's activations in the backward pass; null: on for models of 1B "
+        "parameters and up.",
+    )
     checkpoint_every: int = Field(
         100, ge=1, description="Report a resumable checkpoint every N optimiser steps."
     )

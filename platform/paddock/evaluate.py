@@ -257,7 +257,9 @@ def start_scorers(job: Any) -> list[Any]:
     connect()
     opts = actor_options(e.cpus_per_actor, e.gpus_per_actor)
     return [
-        Scorer.options(**opts).remote(str(tracking.resolve_model(u)), "reward", seq_len=e.seq_len)  # type: ignore[attr-defined]
+        Scorer.options(**opts).remote(  # type: ignore[attr-defined]
+            str(tracking.resolve_model(u)), "reward", seq_len=e.seq_len, **job.inference.model_dump()
+        )
         for u in (job.reward_helpfulness, job.reward_safety)
     ]
 
@@ -272,11 +274,11 @@ def run(
     load each model they answer for: this job's, then any compared model whose greedy answers are not cached.
     By default the job starts its own and stops them.
     """
-    from paddock import tracking
+    from paddock import plan, tracking
     from paddock.cluster import connect
     from paddock.config import paddock_home, resolve_path
     from paddock.data.validate import load_dataset
-    from paddock.rollout.actors import workers_from
+    from paddock.rollout.actors import held_weights, workers_from
 
     e = job.eval
     name, version = tracking.model_version(job.model) if job.model.startswith("models:/") else (None, None)
@@ -295,13 +297,15 @@ def run(
     gatt = load(e.gatt, "dialogs", e.max_gatt_dialogs) if e.gatt else []
     dialogs = load(e.dialogs, "dialogs", e.max_dialogs) if e.dialogs else []
     connect()
+    plan.check(job, "evaluate")
     start = time.monotonic()
     own_scorers, own_workers = scorers is None, workers is None
     scorers = start_scorers(job) if scorers is None else scorers
-    workers = workers_from(model_dir, e) if workers is None else _holding(workers, model_dir)
+    workers = workers_from(model_dir, e, job.inference) if workers is None else _holding(workers, model_dir)
     metrics, ours = evaluate_policy(
         workers, scorers[0], scorers[1], prompts, seed=job.seed, temperature=e.temperature
     )
+    _, digest = held_weights(workers)  # of the weights answering; checked against the version's below
     print(f"[evaluate] {job.model}: held-out prompts done", flush=True)
     if safety:
         metrics |= {
@@ -330,7 +334,7 @@ def run(
         metrics["eval/perplexity"] = answer_perplexity(model_dir, dialogs, e.seq_len)
     metrics["eval/time_s"] = time.monotonic() - start
     if name is not None and version is not None:
-        tracking.log_version_metrics(name, version, metrics)
+        tracking.log_version_metrics(name, version, metrics, digest)
     width = max(len(k) for k in metrics)
     print(f"[evaluate] {job.model}" + (f" (v{version})" if version else ""))
     for k, v in sorted(metrics.items()):

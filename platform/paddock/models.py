@@ -10,9 +10,14 @@ one label), initialised from a causal LM checkpoint: the head is new, the LM hea
 
 from __future__ import annotations
 
+import hashlib
 import math
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -131,6 +136,24 @@ def check_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def set_gradient_checkpointing(model: torch.nn.Module, flag: bool | None) -> bool:
+    """Recompute each decoder layer's activations in the backward pass (``flag``; None: for models of 1B
+    parameters and up). Non-reentrant checkpointing, so it composes with DeepSpeed and frozen inputs. Returns
+    whether it is on."""
+    on = sum(p.numel() for p in model.parameters()) >= 1e9 if flag is None else flag
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+        model.config.use_cache = False  # type: ignore[union-attr]
+    return on
+
+
+def inference_dtype(name: str, on_gpu: bool) -> torch.dtype:
+    """The torch dtype of an inference copy: ``auto`` is bf16 on a GPU and fp32 on the CPU."""
+    if name == "auto":
+        name = "bf16" if on_gpu else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     p = check_checkpoint(path)
     return LlamaForCausalLM.from_pretrained(
@@ -152,3 +175,75 @@ def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32) -> L
     )
     model.config.pad_token_id = PAD_ID
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight digests: what is registered is what was measured
+
+
+def _digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, t in named:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) of the weights a checkpoint of ``model`` would hold: its parameters, a tied one
+    once under the name transformers saves it by, and its persistent buffers; by name, dtype, shape and bytes.
+
+    Equals ``checkpoint_digest`` of the directory ``save_pretrained`` writes, so a digest taken where weights are
+    evaluated can be checked where they are registered. One tensor at a time is copied to the host."""
+    state = model.state_dict()
+    params = dict(model.named_parameters())  # shared tensors once, under their first name
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    keep = sorted(k for k in state if k in params or k not in every)
+    return _digest((k, state[k]) for k in keep)
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """The digest of a safetensors checkpoint directory (all shards), read one tensor at a time."""
+    from safetensors import safe_open
+
+    p = check_checkpoint(path)
+    where: dict[str, Path] = {}
+    for file in sorted(p.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            where |= dict.fromkeys(f.keys(), file)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in sorted(where):
+            with safe_open(str(where[name]), framework="pt") as f:
+                yield name, f.get_tensor(name)
+
+    return _digest(tensors())
+
+
+def save_checkpoint(
+    model: torch.nn.Module, tok: Any, out: str | Path, files: Mapping[str, str] | None = None
+) -> str:
+    """Write ``model`` (safetensors), its tokenizer and small text ``files`` to ``out`` through a temporary
+    sibling renamed into place, so ``out`` holds either the old checkpoint or the whole new one. Returns the
+    written checkpoint's digest, checked against the model's: a mismatch raises and leaves ``out`` untouched."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
+        tok.save_pretrained(str(tmp))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        digest, expected = checkpoint_digest(tmp), model_digest(model)
+        if digest != expected:
+            raise RuntimeError(
+                f"{out}: the written weights' digest {digest} differs from the model's {expected}"
+            )
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return digest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

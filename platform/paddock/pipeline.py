@@ -103,6 +103,12 @@ def run(job: PipelineJob) -> dict[str, Any]:
         for s in PIPELINE_STAGES
         if s in job.stages and s not in job.skip
     }
+    if job.plan.check and job.plan.shape and job.plan.cluster:
+        # Every stage planned up front against the named cluster (the shapes are known before the models exist);
+        # without a shape, each stage checks its own plan when it starts.
+        from paddock import plan
+
+        plan.plan_any(job, "pipeline", plan.Cluster.from_yaml(job.plan.cluster)).refuse()
     todo = [s for s in PIPELINE_STAGES if s in configs and not state.done(s)]
     done = [s for s in PIPELINE_STAGES if s in configs and state.done(s)]
     if done:
@@ -172,7 +178,7 @@ def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[s
             if suffix == "base":  # a pretrained model holds no dialog: its GAtt adherence would be noise
                 e = e.model_copy(update={"eval": e.eval.model_copy(update={"gatt": None})})
             if not workers:
-                workers = workers_from(str(tracking.resolve_model(uri)), template.eval)
+                workers = workers_from(str(tracking.resolve_model(uri)), template.eval, template.inference)
             out[name] = evaluate.run(e, scorers, workers)
     finally:
         for a in [*scorers, *workers]:
@@ -205,7 +211,10 @@ def promote_best(
             job.experiment, "register_chat", {"source": f"models:/{name}/{version}"}
         ) as run:
             uri = run.log_model(
-                checkpoint, chat, {"paddock.stage": "chat", "paddock.upstream": f"models:/{name}/{version}"}
+                checkpoint,
+                chat,
+                {"paddock.stage": "chat", "paddock.upstream": f"models:/{name}/{version}"},
+                measured_digest=tracking.version_digest(name, version),
             )
             run.log_metrics(metrics[name], step=0)
         chat_version = uri.rsplit("/", 1)[1]

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from paddock import tracking
+from paddock import plan, tracking
 from paddock.cluster import connect
 from paddock.config import RejectionJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
@@ -90,9 +90,11 @@ def sample_and_score(
         top_p=rc.top_p,
         num_cpus=rc.cpus_per_worker,
         num_gpus=rc.gpus_per_actor,
+        inference=job.inference.model_dump(),
     )
-    helpful = Scorer.options(**opts).remote(rm_h, "reward", seq_len=rc.seq_len)  # type: ignore[attr-defined]
-    safety = Scorer.options(**opts).remote(rm_s, "reward", seq_len=rc.seq_len)  # type: ignore[attr-defined]
+    inf = job.inference.model_dump()
+    helpful = Scorer.options(**opts).remote(rm_h, "reward", seq_len=rc.seq_len, **inf)  # type: ignore[attr-defined]
+    safety = Scorer.options(**opts).remote(rm_s, "reward", seq_len=rc.seq_len, **inf)  # type: ignore[attr-defined]
 
     batches = [prompts[i : i + rc.batch_prompts] for i in range(0, len(prompts), rc.batch_prompts)]
     calls = []
@@ -125,6 +127,7 @@ def run(job: RejectionJob) -> RejectionResult:
     rc = job.rejection
     finetune_sft_job(job, None, "rs")  # a bad SFT config fails before sampling
     connect()
+    plan.check(job, "rejection_sampling")
     report = load_dataset(
         resolve_path(rc.prompts),
         "prompts",

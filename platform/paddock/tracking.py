@@ -33,8 +33,15 @@ from paddock.config import paddock_home
 PIP_REQUIREMENTS = ["torch>=2.5", "transformers==5.24.0", "safetensors", "sentencepiece"]
 
 
+DIGEST_TAG = "paddock.weights_digest"  # a model version's weights (paddock.models.checkpoint_digest)
+
+
 class UpstreamModelError(ValueError):
     """A stage's upstream model (models:/ URI or path) does not exist."""
+
+
+class RegistrationError(RuntimeError):
+    """The weights about to be registered, or evaluated as a version, are not the ones measured or registered."""
 
 
 def tracking_uri() -> str:
@@ -150,9 +157,25 @@ class StageRun:
         mlflow.log_artifact(str(path), artifact_path)
 
     def log_model(
-        self, checkpoint_dir: Path, registered_name: str, tags: Mapping[str, str] | None = None
+        self,
+        checkpoint_dir: Path,
+        registered_name: str,
+        tags: Mapping[str, str] | None = None,
+        measured_digest: str | None = None,
     ) -> str:
-        """Log the checkpoint as a model, register it, and return ``models:/{name}/{version}``."""
+        """Log the checkpoint as a model, register it, and return ``models:/{name}/{version}``.
+
+        The version is tagged with its weights' digest (``paddock.weights_digest``). ``measured_digest`` is the
+        digest of the weights the stage's metrics were measured on: a checkpoint holding other weights fails
+        with ``RegistrationError`` before anything is logged."""
+        from paddock.models import checkpoint_digest
+
+        digest = checkpoint_digest(checkpoint_dir)
+        if measured_digest is not None and digest != measured_digest:
+            raise RegistrationError(
+                f"not registering {registered_name}: {checkpoint_dir} holds weights with digest {digest}, but "
+                f"the metrics of run {self.run_id} were measured on weights with digest {measured_digest}"
+            )
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=_CheckpointModel(),
@@ -164,6 +187,7 @@ class StageRun:
         for k, v in (tags or {}).items():
             self.client.set_model_version_tag(registered_name, version, k, v)
         self.client.set_model_version_tag(registered_name, version, "paddock.run_id", self.run_id)
+        self.client.set_model_version_tag(registered_name, version, DIGEST_TAG, digest)
         return f"models:/{registered_name}/{version}"
 
 
@@ -343,13 +367,23 @@ def last_promoted_model() -> str | None:
     return runs[0].data.tags.get("paddock.model") if runs else None
 
 
-def log_version_metrics(name: str, version: str, metrics: Mapping[str, float]) -> None:
+def log_version_metrics(
+    name: str, version: str, metrics: Mapping[str, float], digest: str | None = None
+) -> None:
     """Log evaluation metrics on the run that logged ``name`` version ``version`` (what promotion gates read).
 
-    Each goes one step past the last step of the same metric in that run, so it is the latest value.
+    Each goes one step past the last step of the same metric in that run, so it is the latest value. ``digest``
+    is that of the weights evaluated: unless it is the version's own, nothing is logged (``RegistrationError``).
     """
     client = configure()
-    run_id = client.get_model_version(name, version).run_id
+    mv = client.get_model_version(name, version)
+    registered = mv.tags.get(DIGEST_TAG)
+    if digest is not None and registered is not None and digest != registered:
+        raise RegistrationError(
+            f"{name} v{version} holds weights with digest {registered}, but the evaluation was of weights with "
+            f"digest {digest}; its metrics are not logged"
+        )
+    run_id = mv.run_id
     if not run_id:
         raise UpstreamModelError(f"{name} v{version} was not logged by a run; nowhere to put its evaluation")
     logged = client.get_run(run_id).data.metrics
@@ -360,6 +394,8 @@ def log_version_metrics(name: str, version: str, metrics: Mapping[str, float]) -
     clean = {k: float(v) for k, v in metrics.items() if v == v}
     mlflow.log_metrics(clean, step=step, run_id=run_id)
     client.set_model_version_tag(name, version, "paddock.evaluated", "true")
+    if digest is not None:
+        client.set_model_version_tag(name, version, "paddock.evaluated_digest", digest)
 
 
 def tag_run(run_id: str, tags: Mapping[str, str]) -> None:
@@ -402,6 +438,11 @@ def log_artifacts(run_id: str, directory: Path, artifact_path: str | None = None
 def describe_version(name: str, version: str, text: str) -> None:
     """The registry description of a model version (its model card)."""
     configure().update_model_version(name, version, description=text)
+
+
+def version_digest(name: str, version: str) -> str | None:
+    """The weights digest a model version was registered with (None for versions older than the tag)."""
+    return configure().get_model_version(name, version).tags.get(DIGEST_TAG)
 
 
 def version_run(name: str, version: str) -> tuple[str, dict[str, str], dict[str, float]]:

@@ -44,6 +44,31 @@ def test_wrong_config_field_fails_before_any_worker(tmp_path: Path):
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_stage_that_cannot_fit_is_refused_before_any_worker(
+    tmp_path: Path, tokenizer_dir: Path, world_dir: Path
+):
+    out = job_script(
+        "pretrain.py",
+        "--config",
+        "jobs/configs/tiny/pretrain.yaml",
+        "--set",
+        f"tokenizer={tokenizer_dir}",
+        "--set",
+        f"data.train={world_dir}/pretrain/train.parquet",
+        "--set",
+        "model.shape=70b",
+        home=tmp_path,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (
+        "pretrain does not fit" in out.stderr
+        and "GiB missing" in out.stderr
+        and "train.num_workers" in out.stderr
+    )
+    assert "plan.check=false" in out.stderr
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_dataset_over_its_bad_row_limit_names_the_quarantine(
     tmp_path: Path, tokenizer_dir: Path, ray_cluster, monkeypatch
 ):

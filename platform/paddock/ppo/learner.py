@@ -25,7 +25,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
 from paddock.config import OptimConfig, PPOConfig, TrainConfig
-from paddock.models import load_causal_lm, load_scalar_model
+from paddock.models import load_causal_lm, load_scalar_model, set_gradient_checkpointing
 from paddock.ppo.experience import learner_batch
 from paddock.rlhf.ppo import entropy_from_logprobs, ppo_policy_loss, value_loss
 from paddock.rollout.core import TokenValues, pick_logprobs, response_logits
@@ -88,7 +88,10 @@ class Learner:
         tc = tc.model_copy(update={"grad_accum": self.grad_accum})
         steps = ppo.iterations * ppo.epochs * (ppo.batch_prompts // ppo.mini_batch)
         policy = load_causal_lm(spec.policy_dir)
-        value = TokenValues(load_scalar_model(spec.value_dir))
+        scalar = load_scalar_model(spec.value_dir)
+        set_gradient_checkpointing(policy, tc.gradient_checkpointing)
+        set_gradient_checkpointing(scalar, tc.gradient_checkpointing)
+        value = TokenValues(scalar)
         engines = []
         for model, optim in ((policy, spec.optim), (value, spec.value_optim)):
             opt = adamw(model, optim)

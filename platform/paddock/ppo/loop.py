@@ -30,7 +30,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from paddock import tracking
+from paddock import plan, tracking
 from paddock.cluster import connect
 from paddock.config import PPOJob, paddock_home, resolve_path, train_storage
 from paddock.data.validate import load_dataset
@@ -41,7 +41,7 @@ from paddock.ppo.experience import build_experience, to_table
 from paddock.ppo.hub import PolicyHub, Publication
 from paddock.ppo.learner import LearnerSpec, learner_worker
 from paddock.rlhf.ppo import RunningMoments
-from paddock.rollout.actors import Scorer, actor_options, workers_from
+from paddock.rollout.actors import Scorer, StaleWeightsError, actor_options, held_weights, workers_from
 from paddock.tokenizer import load_tokenizer
 from paddock.train.stage import fit_in_thread
 
@@ -79,11 +79,12 @@ class Actors:
     def __init__(self, job: PPOJob, policy: str, rm_h: str, rm_s: str, value: str):
         p = job.ppo
         opts = actor_options(p.cpus_per_actor, p.gpus_per_actor)
-        self.workers = workers_from(policy, p)
-        self.reference = Scorer.options(**opts).remote(policy, "reference", temperature=p.temperature)  # type: ignore[attr-defined]
-        self.rm_h = Scorer.options(**opts).remote(rm_h, "reward", seq_len=p.seq_len)  # type: ignore[attr-defined]
-        self.rm_s = Scorer.options(**opts).remote(rm_s, "reward", seq_len=p.seq_len)  # type: ignore[attr-defined]
-        self.value = Scorer.options(**opts).remote(value, "value")  # type: ignore[attr-defined]
+        inf = job.inference.model_dump()
+        self.workers = workers_from(policy, p, job.inference)
+        self.reference = Scorer.options(**opts).remote(policy, "reference", temperature=p.temperature, **inf)  # type: ignore[attr-defined]
+        self.rm_h = Scorer.options(**opts).remote(rm_h, "reward", seq_len=p.seq_len, **inf)  # type: ignore[attr-defined]
+        self.rm_s = Scorer.options(**opts).remote(rm_s, "reward", seq_len=p.seq_len, **inf)  # type: ignore[attr-defined]
+        self.value = Scorer.options(**opts).remote(value, "value", **inf)  # type: ignore[attr-defined]
         self.reloads = 0
 
     def all(self) -> list[Any]:
@@ -175,12 +176,10 @@ class Driver:
         actors: Actors,
         hub: Any,
         buffer: Any,
-        policy_dir: Path,
     ):
         self.job, self.run, self.work = job, run, work
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.actors, self.hub, self.buffer = actors, hub, buffer
-        self.policy_dir = policy_dir
         self.running = RunningMoments()
         self.history: dict[int, dict[str, float]] = {}
         self.evals: list[dict[str, float]] = []
@@ -188,7 +187,7 @@ class Driver:
         self.since_best = 0
         self.learner_restarts = 0
         self.orders: dict[int, list[int]] = {}
-        self.model_for_saving: Any = None
+        self.digests: dict[int, str] = {}  # iteration -> digest of the weights evaluated there
         self.first_publication: float | None = None
         self.loaded: Publication | None = None  # what the rollout workers hold
         self.next_batch = 0  # the iteration the next sampled batch feeds
@@ -275,25 +274,30 @@ class Driver:
             seed=self.job.seed + 12345,
             temperature=p.temperature,
         )
+        version, digest = held_weights(self.actors.workers)
+        if version != pub.version:
+            raise StaleWeightsError(f"evaluated policy version {version}, expected {pub.version}")
         metrics["eval/time_s"] = time.perf_counter() - t0
         self.eval_s += metrics["eval/time_s"]
         self.record(pub.iteration, metrics)
+        self.run.set_tags({f"paddock.eval_digest.iter{pub.iteration}": digest})
         self.evals.append({"iteration": float(pub.iteration), **metrics})
+        self.digests[pub.iteration] = digest
         score = metrics["eval/reward_combined"]
         line = " | ".join(
             f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k != "eval/time_s"
         )
         print(f"[ppo] eval at iteration {pub.iteration}: {line}", flush=True)
-        if self.best is None or score > self.best[0]:
+        if (self.best is None or score > self.best[0]) and self.keep_best(pub, digest):
             self.best = (score, pub.iteration)
             self.since_best = 0
-            self.save_policy(pub, self.work / "best")
         else:
             self.since_best += 1
             if p.patience is not None and self.since_best >= p.patience:
                 self.stop(
                     f"no better held-out reward in {p.patience} evaluations "
-                    f"(best {self.best[0]:.4f} at iteration {self.best[1]})"
+                    f"(best {self.best[0] if self.best else float('nan'):.4f} at iteration "
+                    f"{self.best[1] if self.best else 'n/a'})"
                 )
 
     def stop(self, reason: str) -> None:
@@ -301,16 +305,24 @@ class Driver:
         print(f"[ppo] stopping: {reason}", flush=True)
         ray.get([self.hub.request_stop.remote(reason), self.buffer.close.remote()])
 
-    def save_policy(self, pub: Publication, out: Path) -> None:
-        from paddock.models import load_causal_lm
+    def keep_best(self, pub: Publication, digest: str) -> bool:
+        """Save the evaluated weights as ``best``; False (and ``best`` untouched) when that is impossible.
 
-        if self.model_for_saving is None:
-            self.model_for_saving = load_causal_lm(self.policy_dir)
-        self.model_for_saving.load_state_dict(ray.get(pub.policy[0]))
-        shutil.rmtree(out, ignore_errors=True)
-        self.model_for_saving.save_pretrained(str(out), safe_serialization=True)
-        load_tokenizer(self.policy_dir).save_pretrained(str(out))
-        (out / "ITERATION").write_text(str(pub.iteration))
+        A rollout worker writes the weights it was evaluated with, so neither the publication's refs (lost when
+        their learner dies) nor a full model on the driver are needed; the written checkpoint must carry the
+        evaluated digest. A worker restarted since the evaluation holds other weights and refuses."""
+        out = self.work / "best"
+        files = {"ITERATION": str(pub.iteration), "DIGEST": digest}
+        try:
+            written = ray.get(self.actors.workers[0].save.remote(str(out), pub.version, files))
+        except (StaleWeightsError, ray.exceptions.RayActorError) as exc:
+            print(f"[ppo] iteration {pub.iteration} evaluated best but could not be kept: {exc}", flush=True)
+            return False
+        if written != digest:
+            raise RuntimeError(
+                f"best policy of iteration {pub.iteration}: wrote {written}, evaluated {digest}"
+            )
+        return True
 
     def take(self, pub: Publication) -> None:
         """A new publication: load it everywhere (timed), log the learners' iteration, evaluate, acknowledge."""
@@ -411,6 +423,7 @@ def run(job: PPOJob) -> PPOResult:
     prompts, report = _load_prompts(p.prompts, work, "ppo.prompts")
     eval_prompts, eval_report = _load_prompts(p.eval_prompts, work, "ppo.eval_prompts")
     connect()
+    plan.check(job, "ppo")  # a run that cannot fit fails here, before any worker starts
 
     namespace = f"paddock-ppo-{uuid.uuid4().hex[:8]}"
     tags = {"paddock.registered_name": name, "paddock.upstream": job.policy}
@@ -462,7 +475,7 @@ def run(job: PPOJob) -> PPOResult:
             f"{p.rollout_workers} rollout workers, {tc.num_workers} learners (ZeRO-{tc.zero_stage}), beta {p.beta}",
             flush=True,
         )
-        driver = Driver(job, run, work, prompts, eval_prompts, actors, hub, buffer, policy)
+        driver = Driver(job, run, work, prompts, eval_prompts, actors, hub, buffer)
         start = time.monotonic()
         # When the learners end, for good or not, wake whatever waits on the buffer or the hub.
         thread, box = fit_in_thread(trainer, lambda: ray.get([buffer.close.remote(), hub.finish.remote()]))
@@ -489,8 +502,11 @@ def run(job: PPOJob) -> PPOResult:
             shutil.rmtree(final_dir, ignore_errors=True)
             shutil.copytree(Path(ckpt) / "hf", final_dir)
             iterations = json.loads((Path(ckpt) / "state.json").read_text())["iteration"]
+        # The registered policy is the best evaluation's, saved by the rollout worker that was evaluated; the
+        # learners' final export only when nothing was evaluated. Either way its digest must be the evaluated one.
         best_dir = work / "best"
-        chosen = best_dir if driver.best is not None and best_dir.is_dir() else final_dir
+        chosen = best_dir if driver.best is not None else final_dir
+        measured = driver.digests.get(driver.best[1] if driver.best is not None else iterations)
         out_dir = resolve_path(job.output_dir) if job.output_dir else work / "final"
         if out_dir != chosen:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -515,13 +531,15 @@ def run(job: PPOJob) -> PPOResult:
             summary |= {"ppo/best_iteration": float(driver.best[1]), "ppo/best_eval_reward": driver.best[0]}
         run.log_metrics(summary, step=iterations)
         run.set_tags({"paddock.stop_reason": stop_reason})
-        model_uri = run.log_model(out_dir, name, {"paddock.stage": "ppo", "paddock.upstream": job.policy})
-        if driver.best is not None and chosen == best_dir:
+        model_uri = run.log_model(
+            out_dir, name, {"paddock.stage": "ppo", "paddock.upstream": job.policy}, measured_digest=measured
+        )
+        if driver.best is not None:
             # The registered policy is the best evaluation's: its eval/* become the version's latest values,
             # which is what promotion gates read.
             best_eval = next(e for e in driver.evals if int(e["iteration"]) == driver.best[1])
             registered = {k: v for k, v in best_eval.items() if k.startswith("eval/")}
-            tracking.log_version_metrics(name, model_uri.rsplit("/", 1)[1], registered)
+            tracking.log_version_metrics(name, model_uri.rsplit("/", 1)[1], registered, measured)
         print(
             f"[ppo] done after {iterations} iterations ({stop_reason}); registered {model_uri} "
             f"(best held-out iteration {driver.best[1] if driver.best else 'n/a'}), checkpoint {out_dir}",

@@ -16,12 +16,15 @@ import ray
 import torch
 
 from paddock.cluster import actor_device
-from paddock.models import load_causal_lm, load_scalar_model
+from paddock.models import inference_dtype, load_causal_lm, load_scalar_model, model_digest, save_checkpoint
 from paddock.rlhf.ppo import combine_rewards
 from paddock.rollout.core import (
+    LOGITS_CHUNK,
+    TOKEN_BUDGET,
     TokenValues,
     answer_text,
     device_of,
+    micro_batches,
     pack,
     reward_scores,
     sample,
@@ -33,32 +36,75 @@ from paddock.tokenizer import load_tokenizer
 # A killed actor process is restarted up to 3 times; a failed call is retried twice, then raises.
 
 
+class StaleWeightsError(RuntimeError):
+    """A rollout worker holds other weights than the policy version a caller names."""
+
+
+def _inference(dtype: str) -> tuple[torch.device, torch.dtype]:
+    device = actor_device()
+    return device, inference_dtype(dtype, device.type == "cuda")
+
+
 @ray.remote(max_restarts=3, max_task_retries=2)
 class RolloutWorker:
+    """A policy's inference copy, in the precision ``dtype`` names (``InferenceConfig``), generating and scoring
+    in micro-batches of at most ``token_budget`` tokens."""
+
     def __init__(
-        self, checkpoint: str, *, max_new_tokens: int, temperature: float, top_p: float, threads: int = 1
+        self,
+        checkpoint: str,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        threads: int = 1,
+        dtype: str = "auto",
+        token_budget: int = TOKEN_BUDGET,
+        logits_chunk: int = LOGITS_CHUNK,
     ):
         torch.set_num_threads(threads)
-        self.model = load_causal_lm(checkpoint).eval().to(actor_device())
+        self.device, self.dtype = _inference(dtype)
+        self.token_budget, self.logits_chunk = token_budget, logits_chunk
+        self.model = load_causal_lm(checkpoint, self.dtype).eval().to(self.device)
         self.tok = load_tokenizer(checkpoint)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.policy_version = 0
+        self.digest: str | None = None  # of the weights held, taken when first asked
 
     def load_weights(self, policy_version: int, wrapped_state: list[ray.ObjectRef]) -> int:
         """Load a published state dict (its ref wrapped in a list, so it is fetched here, once)."""
         state = ray.get(wrapped_state[0])
         self.model.load_state_dict(state)
-        self.policy_version = policy_version
+        self.policy_version, self.digest = policy_version, None
         return policy_version
+
+    def weights(self) -> tuple[int, str]:
+        """(policy version, digest) of the weights held: what an evaluation on this worker measured."""
+        if self.digest is None:
+            self.digest = model_digest(self.model)
+        return self.policy_version, self.digest
+
+    def save(self, out: str, policy_version: int, files: Mapping[str, str] | None = None) -> str:
+        """Write the weights held as a checkpoint at ``out`` (atomically) and return its digest.
+
+        Raises ``StaleWeightsError`` unless they are ``policy_version``'s: a worker restarted since it was
+        evaluated holds its start weights, which must not be saved under another version's evaluation."""
+        if self.policy_version != policy_version:
+            raise StaleWeightsError(
+                f"asked to save policy version {policy_version}, but this rollout worker holds version "
+                f"{self.policy_version} (restarted since?)"
+            )
+        self.digest = save_checkpoint(self.model, self.tok, out, files)
+        return self.digest
 
     def load_checkpoint(self, checkpoint: str, policy_version: int) -> int:
         """Hold another model from now on (one set of workers evaluating several models in turn).
 
         A worker restarted after a crash comes back with the checkpoint it was created with and version 0;
         callers compare the versions stamped on its rows to notice."""
-        self.model = load_causal_lm(checkpoint).eval().to(actor_device())
+        self.model = load_causal_lm(checkpoint, self.dtype).eval().to(self.device)
         self.tok = load_tokenizer(checkpoint)
-        self.policy_version = policy_version
+        self.policy_version, self.digest = policy_version, None
         return policy_version
 
     def generate(
@@ -78,6 +124,8 @@ class RolloutWorker:
             temperature=self.temperature if temperature is None else temperature,
             top_p=self.top_p,
             systems=[p.get("system") for p in prompts],
+            token_budget=self.token_budget,
+            logits_chunk=self.logits_chunk,
         )
         return [
             {
@@ -104,20 +152,31 @@ class Scorer:
     """
 
     def __init__(
-        self, checkpoint: str, kind: str, *, seq_len: int = 512, temperature: float = 1.0, threads: int = 1
+        self,
+        checkpoint: str,
+        kind: str,
+        *,
+        seq_len: int = 512,
+        temperature: float = 1.0,
+        threads: int = 1,
+        dtype: str = "auto",
+        token_budget: int = TOKEN_BUDGET,
+        logits_chunk: int = LOGITS_CHUNK,
     ):
         if kind not in ("reference", "reward", "value"):
             raise ValueError(f"scorer kind must be 'reference', 'reward' or 'value', got {kind!r}")
         torch.set_num_threads(threads)
         self.kind, self.seq_len, self.temperature = kind, seq_len, temperature
+        self.token_budget, self.logits_chunk = token_budget, logits_chunk
         self.tok = load_tokenizer(checkpoint)
+        device, dtype_ = _inference(dtype)
         if kind == "reference":
-            self.model: torch.nn.Module = load_causal_lm(checkpoint)
+            self.model: torch.nn.Module = load_causal_lm(checkpoint, dtype_)
         elif kind == "reward":
-            self.model = load_scalar_model(checkpoint)
+            self.model = load_scalar_model(checkpoint, dtype_)
         else:
-            self.model = TokenValues(load_scalar_model(checkpoint))
-        self.model.eval().to(actor_device())
+            self.model = TokenValues(load_scalar_model(checkpoint, dtype_))
+        self.model.eval().to(device)
         self.version = 0
 
     def load_weights(self, version: int, wrapped_state: list[ray.ObjectRef]) -> int:
@@ -134,20 +193,28 @@ class Scorer:
         """(value weights version, per-token values of each response)."""
         if self.kind != "value":
             raise ValueError("values needs a value scorer")
-        packed = pack(prompt_ids, response_ids).to(device_of(self.model))
-        return self.version, unalign(self.model(packed), packed.response_mask)
+        out: list[list[float]] = [[] for _ in prompt_ids]
+        widths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+        for group in micro_batches(widths, self.token_budget):
+            packed = pack([prompt_ids[i] for i in group], [response_ids[i] for i in group])
+            packed = packed.to(device_of(self.model))
+            for i, row in zip(group, unalign(self.model(packed), packed.response_mask), strict=True):
+                out[i] = row
+        return self.version, out
 
     def ref_logprobs(
         self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
     ) -> list[list[float]]:
         if self.kind != "reference":
             raise ValueError("ref_logprobs needs a reference scorer")
-        return sequence_logprobs(self.model, prompt_ids, response_ids, self.temperature)
+        return sequence_logprobs(
+            self.model, prompt_ids, response_ids, self.temperature, self.token_budget, self.logits_chunk
+        )
 
     def rewards(self, prompts: Sequence[Sequence[Mapping[str, str]]], answers: Sequence[str]) -> list[float]:
         if self.kind != "reward":
             raise ValueError("rewards needs a reward scorer")
-        return reward_scores(self.model, self.tok, prompts, answers, self.seq_len).tolist()
+        return reward_scores(self.model, self.tok, prompts, answers, self.seq_len, self.token_budget).tolist()
 
 
 def actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict[str, float]:
@@ -164,18 +231,25 @@ def start_workers(
     top_p: float,
     num_cpus: float,
     num_gpus: float = 0.0,
+    inference: Mapping[str, Any] | None = None,
 ) -> list[Any]:
-    """``count`` rollout workers holding ``checkpoint``, with one sampling setup."""
+    """``count`` rollout workers holding ``checkpoint``, with one sampling setup; ``inference`` is a job's
+    ``InferenceConfig`` as a dict (precision, token budget)."""
     return [
         RolloutWorker.options(**actor_options(num_cpus, num_gpus)).remote(  # type: ignore[attr-defined]
-            checkpoint, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+            checkpoint,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            **(inference or {}),
         )
         for _ in range(count)
     ]
 
 
-def workers_from(checkpoint: str, cfg: Any) -> list[Any]:
-    """Rollout workers as a sampling section says (``SamplingConfig`` or ``PPOConfig``)."""
+def workers_from(checkpoint: str, cfg: Any, inference: Any = None) -> list[Any]:
+    """Rollout workers as a sampling section says (``SamplingConfig`` or ``PPOConfig``) and the job's
+    ``InferenceConfig``."""
     return start_workers(
         checkpoint,
         cfg.rollout_workers,
@@ -184,7 +258,16 @@ def workers_from(checkpoint: str, cfg: Any) -> list[Any]:
         top_p=cfg.top_p,
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
+        inference=inference.model_dump() if inference is not None else None,
     )
+
+
+def held_weights(workers: Sequence[Any]) -> tuple[int, str]:
+    """(policy version, weights digest) that every worker holds; raises if they differ."""
+    held = set(ray.get([w.weights.remote() for w in workers]))
+    if len(held) != 1:
+        raise StaleWeightsError(f"rollout workers hold different weights: {sorted(held)}")
+    return held.pop()
 
 
 def combined_scores(

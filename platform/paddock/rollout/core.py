@@ -95,6 +95,25 @@ def unalign(x: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
     return [x[i, x.shape[1] - n :].tolist() if n else [] for i, n in enumerate(lengths)]
 
 
+TOKEN_BUDGET = 32768  # tokens (rows x padded width) in one forward micro-batch outside training
+LOGITS_CHUNK = 1024  # positions whose vocabulary logits exist at once
+
+
+def micro_batches(widths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Consecutive row indices grouped so that rows x the group's widest row stays within ``token_budget``
+    (a row wider than the budget goes alone). Order is kept, so seeded sampling over the groups is reproducible."""
+    groups: list[list[int]] = []
+    widest = 0
+    for i, w in enumerate(widths):
+        if groups and (len(groups[-1]) + 1) * max(widest, w) <= token_budget:
+            groups[-1].append(i)
+            widest = max(widest, w)
+        else:
+            groups.append([i])
+            widest = w
+    return groups
+
+
 def response_logits(model: torch.nn.Module, packed: Packed, temperature: float = 1.0) -> torch.Tensor:
     """Logits that predict each response token, at ``temperature``: (batch, R, vocab). Keeps the graph."""
     r = packed.response_len
@@ -121,11 +140,42 @@ def sequence_logprobs(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     temperature: float = 1.0,
+    token_budget: int = TOKEN_BUDGET,
+    logits_chunk: int = LOGITS_CHUNK,
 ) -> list[list[float]]:
-    """Log-prob of each response token given its prompt and the response so far, at ``temperature``."""
-    packed = pack(prompts, responses).to(device_of(model))
-    logp = token_logprobs(response_logits(model, packed, temperature), packed)
-    return unalign(logp, packed.response_mask)
+    """Log-prob of each response token given its prompt and the response so far, at ``temperature``.
+
+    Rows run in micro-batches of at most ``token_budget`` tokens; within one, the decoder's hidden states go
+    through the LM head ``logits_chunk`` positions at a time, so no (batch, length, vocab) fp32 tensor exists."""
+    out: list[list[float]] = [[] for _ in prompts]
+    widths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    for group in micro_batches(widths, token_budget):
+        packed = pack([prompts[i] for i in group], [responses[i] for i in group]).to(device_of(model))
+        logp = chunked_logprobs(model, packed, temperature, logits_chunk)
+        for i, row in zip(group, unalign(logp, packed.response_mask), strict=True):
+            out[i] = row
+    return out
+
+
+def chunked_logprobs(
+    model: torch.nn.Module, packed: Packed, temperature: float = 1.0, logits_chunk: int = LOGITS_CHUNK
+) -> torch.Tensor:
+    """``token_logprobs(response_logits(...))`` computed from the decoder's hidden states a chunk of positions at
+    a time: (batch, R) fp32, 0 on padding. Peak extra memory: batch x chunk x vocab fp32 values."""
+    r = packed.response_len
+    hidden = model.get_decoder()(  # type: ignore[operator]
+        input_ids=packed.ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids
+    ).last_hidden_state[:, -r - 1 : -1]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    targets = packed.ids[:, -r:]
+    step = max(1, logits_chunk // max(1, hidden.shape[0]))
+    parts = []
+    for s in range(0, r, step):
+        logits = head(hidden[:, s : s + step]).float() / temperature
+        parts.append(
+            logits.gather(-1, targets[:, s : s + step].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        )
+    return torch.cat(parts, dim=1) * packed.response_mask
 
 
 class TokenValues(torch.nn.Module):
@@ -195,30 +245,36 @@ def sample(
     top_p: float,
     seed: int,
     systems: Sequence[str | None] | None = None,
+    token_budget: int = TOKEN_BUDGET,
+    logits_chunk: int = LOGITS_CHUNK,
 ) -> list[Sample]:
     """Sample one answer per prompt (dialog turns ending with the user's, with an optional system prompt each),
-    with behaviour log-probs."""
+    with behaviour log-probs. Prompts are generated in micro-batches whose prompt + ``max_new_tokens`` tokens
+    stay within ``token_budget`` (the KV cache's bound)."""
     systems = systems or [None] * len(prompts)
     prompt_ids = [encode_prompt(tok, p, s) for p, s in zip(prompts, systems, strict=True)]
-    ids, mask = left_pad(prompt_ids)
-    ids, mask = ids.to(device_of(model)), mask.to(device_of(model))
     torch.manual_seed(seed)
-    out = model.generate(  # type: ignore[operator]
-        ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=PAD_ID,
-        **sampling_kwargs(temperature, top_p),
+    responses: list[list[int]] = []
+    for group in micro_batches([len(p) + max_new_tokens for p in prompt_ids], token_budget):
+        ids, mask = left_pad([prompt_ids[i] for i in group])
+        ids, mask = ids.to(device_of(model)), mask.to(device_of(model))
+        out = model.generate(  # type: ignore[operator]
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=PAD_ID,
+            **sampling_kwargs(temperature, top_p),
+        )
+        for row in out[:, ids.shape[1] :].tolist():
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id) + 1]
+            else:
+                row = [t for t in row if t != PAD_ID]
+            responses.append(row)
+    logprobs = sequence_logprobs(
+        model, prompt_ids, responses, temperature if temperature > 0 else 1.0, token_budget, logits_chunk
     )
-    responses = []
-    for row in out[:, ids.shape[1] :].tolist():
-        if tok.eos_token_id in row:
-            row = row[: row.index(tok.eos_token_id) + 1]
-        else:
-            row = [t for t in row if t != PAD_ID]
-        responses.append(row)
-    logprobs = sequence_logprobs(model, prompt_ids, responses, temperature if temperature > 0 else 1.0)
     return [
         Sample(p, r, lp, bool(r) and r[-1] == tok.eos_token_id)
         for p, r, lp in zip(prompt_ids, responses, logprobs, strict=True)
@@ -227,14 +283,23 @@ def sample(
 
 @torch.no_grad()
 def reward_scores(
-    model: torch.nn.Module, tok, prompts: Sequence[Turns], answers: Sequence[str], seq_len: int
-) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """Sigmoid-scale scores (0..1) of a reward model for each (prompt, answer). Shape: (batch,)."""
+    model: torch.nn.Module,
+    tok,  # type: ignore[no-untyped-def]
+    prompts: Sequence[Turns],
+    answers: Sequence[str],
+    seq_len: int,
+    token_budget: int = TOKEN_BUDGET,
+) -> torch.Tensor:
+    """Sigmoid-scale scores (0..1) of a reward model for each (prompt, answer), in micro-batches of at most
+    ``token_budget`` tokens. Shape: (batch,)."""
     seqs = [encode_answer(tok, p, a, seq_len) for p, a in zip(prompts, answers, strict=True)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-    ids = ids.to(device_of(model))
-    logits = model(input_ids=ids, attention_mask=(ids != PAD_ID).long()).logits.squeeze(-1).float()
-    return torch.sigmoid(logits).cpu()
+    scores = torch.zeros(len(seqs))
+    for group in micro_batches([len(s) for s in seqs], token_budget):
+        width = max(len(seqs[i]) for i in group)
+        ids = torch.full((len(group), width), PAD_ID, dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+        ids = ids.to(device_of(model))
+        logits = model(input_ids=ids, attention_mask=(ids != PAD_ID).long()).logits.squeeze(-1).float()
+        scores[group] = torch.sigmoid(logits).cpu()
+    return scores

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from paddock import tracking
+from paddock import plan, tracking
 from paddock.cluster import connect
 from paddock.config import DistillJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
@@ -53,9 +53,10 @@ def run(job: DistillJob) -> DistillResult:
         raise ValueError(f"distill.prompts: {d.prompts} holds no safety prompts (is_safety true)")
     system = d.preprompt + (f" {d.answer_template}" if d.answer_template else "")
     connect()
-    workers = workers_from(policy, d)
+    plan.check(job, "context_distillation")
+    workers = workers_from(policy, d, job.inference)
     opts = actor_options(d.cpus_per_actor, d.gpus_per_actor)
-    scorer = Scorer.options(**opts).remote(rm_s, "reward", seq_len=d.seq_len)  # type: ignore[attr-defined]
+    scorer = Scorer.options(**opts).remote(rm_s, "reward", seq_len=d.seq_len, **job.inference.model_dump())  # type: ignore[attr-defined]
     with_pre = generate_all(workers, [p | {"system": system} for p in prompts], job.seed, None, 16)
     without = generate_all(workers, prompts, job.seed, None, 16)
     turns = [p["turns"] for p in prompts]

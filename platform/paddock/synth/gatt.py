@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from paddock import tracking
+from paddock import plan, tracking
 from paddock.cluster import connect
 from paddock.config import GAttJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
@@ -67,7 +67,7 @@ def synthesize(
     rng = random.Random(job.seed)
     tok = load_tokenizer(policy)
     context = int(AutoConfig.from_pretrained(policy, local_files_only=True).max_position_embeddings)
-    workers = workers_from(policy, g)
+    workers = workers_from(policy, g, job.inference)
     states = []
     for d in dialogs:
         ins, form = instruction_of(d, rng, g.short_fraction)
@@ -137,6 +137,7 @@ def run(job: GAttJob) -> GAttResult:
     if not dialogs:
         raise ValueError(f"gatt.dialogs: {g.dialogs} holds no valid dialogs")
     connect()
+    plan.check(job, "gatt")
     examples, followed = synthesize(job, dialogs, policy)
     print(
         f"[gatt] {len(examples)} training dialogs from {len(dialogs)} sources; "

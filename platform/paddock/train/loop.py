@@ -29,7 +29,13 @@ from paddock.config import ModelConfig, OptimConfig, TrainConfig
 from paddock.data.schemas import RATINGS, SAFETY_BINS
 from paddock.data.tokenize import IGNORE
 from paddock.metrics import record_train
-from paddock.models import PAD_ID, build_causal_lm, load_causal_lm, load_scalar_model
+from paddock.models import (
+    PAD_ID,
+    build_causal_lm,
+    load_causal_lm,
+    load_scalar_model,
+    set_gradient_checkpointing,
+)
 from paddock.rlhf.reward import margin_ranking_loss
 from paddock.train.optim import adamw, deepspeed_config, scheduler, skip_cpu_shm_comm_op
 
@@ -282,6 +288,7 @@ def train_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     model = build_model(spec)
+    set_gradient_checkpointing(model, tc.gradient_checkpointing)
     optimizer = adamw(model, spec.optim)
     engine, _, _, lr_sched = deepspeed.initialize(
         model=model,

@@ -29,7 +29,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from paddock import tracking
+from paddock import plan, tracking
 from paddock.cluster import connect
 from paddock.config import (
     FinetuneJob,
@@ -259,6 +259,7 @@ def prepare(job: SupervisedJob, stage: str) -> Prepared:
     n_params = count_parameters(model_config, scalar=isinstance(job, RewardJob))
 
     connect()
+    plan.check(job, stage)  # a run that cannot fit fails here, before any worker starts
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train_ds, eval_ds, inputs = _prepare(job, tokenizer_dir, paddock_home() / "runs" / name, job.seed)
     train_ds, eval_ds = train_ds.materialize(), eval_ds.materialize()

@@ -1,0 +1,111 @@
+"""The capacity planner: its formulas against DeepSpeed's own estimators, the shipped GPU configs on the clusters
+they name, and refusals that name the role, the missing GiB and the keys to change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from paddock import plan
+from paddock.cli import run_plan
+from paddock.models import count_parameters
+
+REPO = Path(__file__).resolve().parents[2]
+GPU_CONFIGS = sorted((REPO / "jobs/configs/llama2-7b").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("shape", ["tiny", "7b", "70b"])
+def test_shapes_count_the_parameters_of_the_built_models(shape):
+    assert plan.ModelShape.named(shape).params == count_parameters(shape)
+    assert plan.ModelShape.named(shape, scalar=True).params == count_parameters(shape, scalar=True)
+
+
+@pytest.mark.parametrize(("shape", "nodes"), [("7b", 2), ("7b", 4), ("70b", 8)])
+def test_model_states_agree_with_deepspeeds_estimators(shape, nodes):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    m = plan.ModelShape.named(shape)
+    ranks = 8 * nodes
+    _, ds2 = estimate_zero2_model_states_mem_needs(m.params, 8, nodes, cpu_offload=False)
+    _, ds3, _ = estimate_zero3_model_states_mem_needs(
+        m.params, m.largest_layer, 8, nodes, cpu_offload=False, cpu_offload_params=False, zero_init=True
+    )
+    ours2, _ = plan.model_states_bytes(m.params, m.largest_layer, 2, ranks)
+    ours3, _ = plan.model_states_bytes(m.params, m.largest_layer, 3, ranks)
+    assert abs(ours2 - ds2) / ds2 < 0.10 and abs(ours3 - ds3) / ds3 < 0.10, (ours2, ds2, ours3, ds3)
+    off, host = plan.model_states_bytes(m.params, m.largest_layer, 3, ranks, offload=True)
+    _, ds3_off, _ = estimate_zero3_model_states_mem_needs(
+        m.params, m.largest_layer, 8, nodes, cpu_offload=True, cpu_offload_params=False, zero_init=True
+    )
+    assert abs(off - ds3_off) / ds3_off < 0.10 and host > 0
+
+
+def _plan(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
+    code = run_plan("plan", [*argv, "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out) if out.strip().startswith("{") else {}
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_7b_stage_fits_the_cluster_it_names(config, capsys):
+    code, result = _plan(["--config", str(config)], capsys)
+    assert code == 0 and result["fits"] is True, result
+    assert result["cluster"] == "paddock-aws"
+    for r in result["roles"]:
+        assert {"role", "count", "gpus_per_process", "device_gib", "host_gib", "fits", "reason"} <= set(r)
+
+
+def test_an_oversized_override_is_refused_naming_the_role_and_the_keys(capsys):
+    code, result = _plan(
+        ["--config", str(REPO / "jobs/configs/llama2-7b/ppo.yaml"), "--set", "ppo.rollout_workers=256"],
+        capsys,
+    )
+    assert code == 1 and result["fits"] is False
+    bad = [r for r in result["roles"] if not r["fits"]]
+    assert [r["role"] for r in bad] == ["rollout worker"] and "ppo.rollout_workers" in bad[0]["reason"]
+    code, result = _plan(
+        [
+            "--config",
+            str(REPO / "jobs/configs/llama2-7b/ppo.yaml"),
+            "--set",
+            "inference.dtype=fp32",
+            "--set",
+            "inference.token_budget=200000",
+        ],
+        capsys,
+    )
+    bad = {r["role"]: r["reason"] for r in result["roles"] if not r["fits"]}
+    assert code == 1 and "rollout worker" in bad and "GiB missing" in bad["rollout worker"]
+
+
+def test_70b_ppo_is_refused_for_want_of_tensor_parallel_inference(capsys):
+    code, result = _plan(
+        [
+            "--config",
+            str(REPO / "jobs/configs/llama2-70b/ppo.yaml"),
+            "--cluster",
+            str(REPO / "clusters/aws-a100.yaml"),
+            "--set",
+            "plan.shape=70b",
+        ],
+        capsys,
+    )
+    reasons = {r["role"]: r["reason"] for r in result["roles"] if not r["fits"]}
+    assert code == 1 and "tensor-parallel" in reasons["rollout worker"], reasons
+
+
+def test_the_tiny_pipeline_fits_this_machine(capsys):
+    code, result = _plan(
+        ["--config", str(REPO / "jobs/configs/tiny/ppo.yaml"), "--set", "plan.shape=tiny"], capsys
+    )
+    assert code == 0 and result["fits"], result
+    assert all(r["gpus_per_process"] == 0 for r in result["roles"])
+
+
+def test_a_gpu_node_type_without_its_memory_label_is_an_error(tmp_path):
+    text = (REPO / "clusters/gcp-a100.yaml").read_text().replace('paddock.io/gpu-memory-gib: "40", ', "")
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(plan.PlanError, match="gpu-memory-gib"):
+        plan.Cluster.from_yaml(tmp_path / "c.yaml")
