@@ -119,6 +119,27 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+def check_matches(tok: PreTrainedTokenizerBase, model_dir: str | Path) -> None:
+    """Refuse a tokenizer that does not fit a checkpoint: another vocabulary size or other BOS / EOS ids would
+    train or sample the model on the wrong ids, silently. Raises ``TokenizerError`` naming both sides."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    problems = []
+    if len(tok) != config.get("vocab_size"):
+        problems.append(f"vocabulary {len(tok)} tokens, the model's {config.get('vocab_size')}")
+    for name in ("bos_token_id", "eos_token_id"):
+        theirs = config.get(name)
+        if theirs is not None and getattr(tok, name) != theirs:
+            problems.append(f"{name} {getattr(tok, name)}, the model's {theirs}")
+    if problems:
+        raise TokenizerError(
+            f"the tokenizer {tok.name_or_path} does not match the model {model_dir}: {'; '.join(problems)}. "
+            "Use the checkpoint's own tokenizer (its tokenizer.model or tokenizer.json: "
+            "tokenizer.existing in jobs/tokenizer.py's config) or the one the model was trained with"
+        )
+
+
 def run(job: TokenizerJob) -> Path:
     """Stage entry point: train a tokenizer on the pretraining corpus, or import an existing one."""
     import pyarrow.parquet as pq

@@ -50,3 +50,19 @@ def test_missing_or_empty_directory_is_a_clear_error(tmp_path: Path):
         load_tokenizer(tmp_path / "nope")
     with pytest.raises(TokenizerError, match=r"neither tokenizer\.json nor tokenizer\.model"):
         load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_naming_both(tok, tmp_path):
+    from paddock.models import build_causal_lm
+    from paddock.tokenizer import TokenizerError, check_matches
+
+    build_causal_lm("tiny", vocab_size=len(tok)).save_pretrained(tmp_path / "fits", safe_serialization=True)
+    check_matches(tok, tmp_path / "fits")
+    other = build_causal_lm("tiny", vocab_size=len(tok) + 24)
+    other.config.eos_token_id = 7
+    other.save_pretrained(tmp_path / "other", safe_serialization=True)
+    with pytest.raises(TokenizerError) as err:
+        check_matches(tok, tmp_path / "other")
+    message = str(err.value)
+    assert f"vocabulary {len(tok)} tokens, the model's {len(tok) + 24}" in message
+    assert "eos_token_id 2, the model's 7" in message and "bos_token_id" not in message

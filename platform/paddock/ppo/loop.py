@@ -42,7 +42,7 @@ from paddock.ppo.hub import PolicyHub, Publication
 from paddock.ppo.learner import LearnerSpec, learner_worker
 from paddock.rlhf.ppo import RunningMoments
 from paddock.rollout.actors import Scorer, StaleWeightsError, actor_options, held_weights, workers_from
-from paddock.tokenizer import load_tokenizer
+from paddock.tokenizer import check_matches, load_tokenizer
 from paddock.train.stage import fit_in_thread
 
 
@@ -415,8 +415,9 @@ def run(job: PPOJob) -> PPOResult:
     name = f"{job.registry_prefix}-ppo"
     work = paddock_home() / "runs" / name
     tokenizer_dir = resolve_path(job.tokenizer)
-    load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     policy = tracking.resolve_model(job.policy)
+    check_matches(tok, policy)
     rm_h = tracking.resolve_model(job.reward_helpfulness)
     rm_s = tracking.resolve_model(job.reward_safety)
     value = tracking.resolve_model(job.value_from) if job.value_from else rm_h

@@ -46,7 +46,7 @@ from paddock.data.pairs import reward_mix
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
 from paddock.models import count_parameters, llama_config
-from paddock.tokenizer import load_tokenizer
+from paddock.tokenizer import check_matches, load_tokenizer
 from paddock.train.data import packed_dataset, pairs_dataset
 from paddock.train.loop import LoopSpec, train_worker
 
@@ -256,6 +256,7 @@ def prepare(job: SupervisedJob, stage: str) -> Prepared:
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(str(init_from), local_files_only=True)
+        check_matches(tok, init_from)
     n_params = count_parameters(model_config, scalar=isinstance(job, RewardJob))
 
     connect()
