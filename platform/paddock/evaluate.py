@@ -202,25 +202,24 @@ def gatt_adherence(
 
 
 def answer_perplexity(model_dir: str, dialogs: Sequence[Mapping[str, Any]], seq_len: int) -> float:
-    """exp(mean NLL) over the answer tokens of held-out dialogs (the SFT loss mask)."""
-    import torch.nn.functional as F
-
-    from paddock.data.tokenize import IGNORE, encode_dialog
+    """exp(mean NLL) over the answer tokens of held-out dialogs (the SFT loss mask), in this process (benchmarks;
+    the evaluation job asks its rollout workers, ``workers_perplexity``)."""
     from paddock.models import load_causal_lm
+    from paddock.rollout.core import answer_nll
     from paddock.tokenizer import load_tokenizer
 
-    model, tok = load_causal_lm(model_dir).eval(), load_tokenizer(model_dir)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for d in dialogs:
-            ex = encode_dialog(tok, d["turns"], d.get("system"))
-            ids, labels = torch.tensor([ex.input_ids[:seq_len]]), torch.tensor([ex.labels[:seq_len]])
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            target = labels[:, 1:]
-            nll += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
-            ).item()
-            count += int((target != IGNORE).sum())
+    nll, count = answer_nll(load_causal_lm(model_dir).eval(), load_tokenizer(model_dir), dialogs, seq_len)
+    return math.exp(min(nll / max(count, 1), 50.0))
+
+
+def workers_perplexity(workers: Sequence[Any], dialogs: Sequence[Mapping[str, Any]], seq_len: int) -> float:
+    """``answer_perplexity`` of the model the rollout workers hold, the dialogs split between them: the driver
+    never loads the model."""
+    n = len(workers)
+    parts = ray.get(
+        [w.answer_nll.remote(list(dialogs[i::n]), seq_len) for i, w in enumerate(workers) if dialogs[i::n]]
+    )
+    nll, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return math.exp(min(nll / max(count, 1), 50.0))
 
 
@@ -328,10 +327,12 @@ def run(
             other = _GREEDY_SCORES[key]
             wins = (mine > other).float() + 0.5 * (mine == other).float()
             metrics[f"eval/win_rate_vs_{short}"] = wins.mean().item()
+    if dialogs:
+        metrics["eval/perplexity"] = workers_perplexity(
+            _holding(workers, model_dir) if others else workers, dialogs, e.seq_len
+        )
     for a in [*(workers if own_workers else []), *(scorers if own_scorers else [])]:
         ray.kill(a)
-    if dialogs:
-        metrics["eval/perplexity"] = answer_perplexity(model_dir, dialogs, e.seq_len)
     metrics["eval/time_s"] = time.monotonic() - start
     if name is not None and version is not None:
         tracking.log_version_metrics(name, version, metrics, digest)

@@ -595,20 +595,6 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
         roles.append(sampler("rollout worker", job.model, e.rollout_workers, e.gpus_per_actor, "eval"))
         roles.append(scorer("helpfulness RM scorer", job.reward_helpfulness, e.gpus_per_actor, True))
         roles.append(scorer("safety RM scorer", job.reward_safety, e.gpus_per_actor, True))
-        if e.dialogs:  # perplexity runs in the driver, in fp32, over micro-batches under the token budget
-            m = shape_of(job.model, False)
-            driver = m.params * 4 + forward_bytes(m, inf.token_budget, 4)
-            roles.append(
-                Role(
-                    "driver (perplexity)",
-                    1,
-                    0.0,
-                    0.0,
-                    _gib(driver) + DRIVER_HOST_GIB,
-                    keys=["eval.dialogs", "inference.token_budget"],
-                )
-            )
-            return roles
     elif isinstance(job, c.PromoteJob):
         sv = job.serve
         if sv.gpus_per_replica or sv.max_replicas:

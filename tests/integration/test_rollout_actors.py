@@ -86,3 +86,42 @@ def test_reward_scorer_and_restart_after_kill(ray_cluster, checkpoints: Path):
     assert ray.get(rm.__ray_call__.remote(lambda self: os.getpid())) != pid
     with pytest.raises(ray.exceptions.RayTaskError, match="needs a reference scorer"):
         ray.get(rm.ref_logprobs.remote([[1]], [[2]]))
+
+
+def test_workers_compute_the_evaluation_perplexity_and_save_the_weights_they_hold(
+    ray_cluster, checkpoints: Path, tmp_path
+):
+    """Perplexity runs on the rollout workers (the driver never loads the model) and equals the in-process value;
+    a worker writes the weights it holds with their digest, and refuses when asked for another version."""
+    import ray
+    from paddock.evaluate import answer_perplexity, workers_perplexity
+    from paddock.models import checkpoint_digest
+    from paddock.rollout.actors import RolloutWorker, StaleWeightsError, held_weights
+
+    dialogs = [
+        {"turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]},
+        {
+            "turns": [
+                {"role": "user", "content": "What is 2 plus 3?"},
+                {"role": "assistant", "content": "Five."},
+            ]
+        },
+        {"turns": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]},
+    ]
+    workers = [
+        RolloutWorker.options(num_cpus=0.25).remote(
+            str(checkpoints / "policy"), max_new_tokens=8, temperature=1.0, top_p=0.9, logits_chunk=4
+        )
+        for _ in range(2)
+    ]
+    here = answer_perplexity(str(checkpoints / "policy"), dialogs, 64)
+    assert abs(workers_perplexity(workers, dialogs, 64) - here) < 1e-3 * here
+    version, digest = held_weights(workers)
+    assert version == 0 and digest == checkpoint_digest(checkpoints / "policy")
+    written = ray.get(workers[0].save.remote(str(tmp_path / "best"), 0, {"ITERATION": "0"}))
+    assert written == digest == checkpoint_digest(tmp_path / "best")
+    with pytest.raises(StaleWeightsError, match="holds version 0"):
+        ray.get(workers[1].save.remote(str(tmp_path / "other"), 3))
+    assert not (tmp_path / "other").exists()
+    for w in workers:
+        ray.kill(w)

@@ -156,3 +156,33 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_keeps_less
     for ga, gb in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)
     assert kept_b < 0.2 * kept_a, (kept_a, kept_b)  # measured 1.8 MB against 18.8 MB
+
+
+def test_answer_nll_in_chunks_equals_the_full_cross_entropy(tok):
+    import torch.nn.functional as F
+    from paddock.data.tokenize import IGNORE, encode_dialog
+    from paddock.rollout.core import answer_nll
+
+    model = build_causal_lm("tiny", vocab_size=len(tok), max_seq_len=256, seed=9).eval()
+    dialogs = [
+        {"turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]},
+        {
+            "system": "Be brief.",
+            "turns": [
+                {"role": "user", "content": "What is 2 plus 3?"},
+                {"role": "assistant", "content": "Five."},
+                {"role": "user", "content": "And 4 plus 4?"},
+                {"role": "assistant", "content": "Eight."},
+            ],
+        },
+    ]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for d in dialogs:
+            ex = encode_dialog(tok, d["turns"], d.get("system"))
+            logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1].float()
+            target = torch.tensor(ex.labels[1:])
+            nll += F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum").item()
+            count += int((target != IGNORE).sum())
+    got = answer_nll(model, tok, dialogs, 256, logits_chunk=5)
+    assert got[1] == count > 0 and abs(got[0] - nll) < 1e-3

@@ -22,6 +22,7 @@ from paddock.rollout.core import (
     LOGITS_CHUNK,
     TOKEN_BUDGET,
     TokenValues,
+    answer_nll,
     answer_text,
     device_of,
     micro_batches,
@@ -106,6 +107,10 @@ class RolloutWorker:
         self.tok = load_tokenizer(checkpoint)
         self.policy_version, self.digest = policy_version, None
         return policy_version
+
+    def answer_nll(self, dialogs: Sequence[Mapping[str, Any]], seq_len: int) -> tuple[float, int]:
+        """Summed NLL of the dialogs' answer tokens under the weights held, and their count (perplexity)."""
+        return answer_nll(self.model, self.tok, dialogs, seq_len, self.logits_chunk)
 
     def generate(
         self, prompts: Sequence[Mapping[str, Any]], seed: int, temperature: float | None = None

@@ -282,6 +282,36 @@ def sample(
 
 
 @torch.no_grad()
+def answer_nll(
+    model: torch.nn.Module,
+    tok,  # type: ignore[no-untyped-def]
+    dialogs: Sequence[Mapping[str, Any]],
+    seq_len: int,
+    logits_chunk: int = LOGITS_CHUNK,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of the answer tokens of ``dialogs`` (the SFT loss mask) and their count:
+    one dialog at a time, the LM head over ``logits_chunk`` positions at a time."""
+    import torch.nn.functional as F
+
+    from paddock.data.tokenize import IGNORE, encode_dialog
+
+    device, head = device_of(model), model.get_output_embeddings()  # type: ignore[operator]
+    nll, count = 0.0, 0
+    for d in dialogs:
+        ex = encode_dialog(tok, d["turns"], d.get("system"))
+        ids = torch.tensor([ex.input_ids[:seq_len]], device=device)
+        target = torch.tensor(ex.labels[:seq_len][1:], device=device)
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, :-1]  # type: ignore[operator]
+        for s in range(0, len(target), logits_chunk):
+            logits = head(hidden[s : s + logits_chunk]).float()
+            nll += F.cross_entropy(
+                logits, target[s : s + logits_chunk], ignore_index=IGNORE, reduction="sum"
+            ).item()
+        count += int((target != IGNORE).sum())
+    return nll, count
+
+
+@torch.no_grad()
 def reward_scores(
     model: torch.nn.Module,
     tok,  # type: ignore[no-untyped-def]
