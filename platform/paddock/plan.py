@@ -151,10 +151,20 @@ def activation_bytes(
     return kept + logit_rows * shape.vocab * (bytes_per_value + 12)
 
 
-def forward_bytes(shape: ModelShape, tokens: int, bytes_per_value: int, logits_chunk: int = 1024) -> float:
-    """Transient bytes of an inference forward pass over ``tokens`` (one micro-batch under the token budget)."""
+def forward_bytes(
+    shape: ModelShape,
+    tokens: int,
+    bytes_per_value: int,
+    logits_chunk: int = 1024,
+    *,
+    flash: bool = True,
+    seq_len: int = 4096,
+) -> float:
+    """Transient bytes of an inference forward pass over ``tokens`` (one micro-batch under the token budget); without
+    a memory-efficient attention kernel (the CPU's), one layer's attention scores, ``heads x rows x seq_len^2``."""
     hidden = tokens * (4 * shape.hidden + 3 * shape.ffn) * bytes_per_value
-    return hidden + min(tokens, logits_chunk) * shape.vocab * 4
+    scores = 0 if flash else shape.heads * tokens * min(seq_len, tokens) * 4
+    return hidden + scores + min(tokens, logits_chunk) * shape.vocab * 4
 
 
 def kv_cache_bytes(shape: ModelShape, tokens: int, bytes_per_value: int) -> float:
@@ -258,12 +268,13 @@ def learner_role(
         device += dev
         host += off + 6 * m.params  # loaded whole in fp32 before DeepSpeed partitions it
         lt = logits_tokens if i == 0 else 0  # a value model's head is a scalar
-        device += activation_bytes(
+        device += activation_bytes(  # the CPU's attention materialises the scores; GPUs use sdpa / flash
             m if i == 0 else _scalar(m),
             tokens_per_sequence,
             train.micro_batch_size,
             bytes_per_value=bpv,
             checkpointing=ckpt,
+            flash=train.use_gpu,
             logits_tokens=lt,
         )
     if not train.use_gpu:  # on CPU the "device" is the host
@@ -300,10 +311,11 @@ def inference_role(
     *,
     generates: bool,
     keys: Iterable[str],
+    seq_len: int = 4096,
 ) -> Role:
     """An inference copy (rollout worker, scorer, replica): weights, one micro-batch's forward, KV cache."""
     bpv = dtype_bytes(dtype)
-    total = shape.params * bpv + forward_bytes(shape, token_budget, bpv)
+    total = shape.params * bpv + forward_bytes(shape, token_budget, bpv, flash=gpus > 0, seq_len=seq_len)
     if generates:
         total += kv_cache_bytes(shape, token_budget, bpv)
     on_gpu = gpus > 0
@@ -528,6 +540,15 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
     roles: list[Role] = []
     inf = job.inference
 
+    seq_len = next(
+        (
+            getattr(getattr(job, k, None), "seq_len", None)
+            for k in ("ppo", "rejection", "distill", "eval")
+            if getattr(getattr(job, k, None), "seq_len", None)
+        ),
+        4096,
+    )
+
     def sampler(name: str, ref: str, count: int, gpus: float, keys_prefix: str) -> Role:
         return inference_role(
             name,
@@ -537,6 +558,7 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
             resolve_dtype(inf.dtype, gpus > 0),
             inf.token_budget,
             generates=True,
+            seq_len=seq_len,
             keys=[
                 f"{keys_prefix}.rollout_workers",
                 f"{keys_prefix}.gpus_per_actor",
@@ -554,6 +576,7 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
             resolve_dtype(inf.dtype, gpus > 0),
             inf.token_budget,
             generates=False,
+            seq_len=seq_len,
             keys=["inference.dtype", "inference.token_budget"],
         )
 
