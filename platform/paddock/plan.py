@@ -540,14 +540,11 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
     roles: list[Role] = []
     inf = job.inference
 
-    seq_len = next(
-        (
-            getattr(getattr(job, k, None), "seq_len", None)
-            for k in ("ppo", "rejection", "distill", "eval")
-            if getattr(getattr(job, k, None), "seq_len", None)
-        ),
-        4096,
-    )
+    # The longest sequence the stage's inference reads (prompt + answer); the released context when unstated.
+    lengths = [
+        getattr(getattr(job, k, None), "seq_len", None) for k in ("ppo", "rejection", "distill", "eval")
+    ]
+    seq_len = int(next((n for n in lengths if n), 4096))
 
     def sampler(name: str, ref: str, count: int, gpus: float, keys_prefix: str) -> Role:
         return inference_role(
