@@ -27,7 +27,10 @@ KL_BOUND = 4.0  # nats per answer: the tiny PPO config's kl_limit
 ITERATIONS = 10
 BATCH = 256  # prompts an iteration: 2.56 passes over the test world's 100 training prompts
 LR = 1.5e-4
-TRAIN_GAIN = 0.015  # see the PPO quality test
+# Measured on the chain a fresh clone builds here, over PPO seeds 0-2 (README, "RLHF"): the training reward's mean
+# over the last three iterations rose 0.028-0.034 above the first's; the held-out greedy reward moved -0.012 to
+# +0.035 between evaluations and runs.
+TRAIN_GAIN = 0.015
 GREEDY_SLACK = 0.03
 
 
@@ -298,8 +301,7 @@ def test_ppo_raises_its_reward_within_the_kl_bound_and_registers_what_it_measure
     results(
         f"PPO KL per answer: max {max(kls):.3f} (bound {KL_BOUND}), best iteration {result.best_iteration}"
     )
-    # What PPO optimises, on 256 fresh samples an iteration: its mean rises. Measured on the test chain over PPO
-    # seeds (README, "RLHF"): see TRAIN_GAIN.
+    # What PPO optimises, on 256 fresh samples an iteration: its mean rises (TRAIN_GAIN, with the measured spread).
     assert len(train) == ITERATIONS and gain > TRAIN_GAIN, (train, gain)
     assert kls and max(kls) < KL_BOUND
     # The registered policy is the best evaluation's, weights and all.
