@@ -546,36 +546,23 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
     ]
     seq_len = int(next((n for n in lengths if n), 4096))
 
-    def sampler(name: str, ref: str, count: int, gpus: float, keys_prefix: str) -> Role:
+    def copy(
+        name: str, ref: str, count: int, gpus: float, scalar: bool, generates: bool, keys: list[str]
+    ) -> Role:
+        dtype = resolve_dtype(inf.dtype, gpus > 0)
+        shape = shape_of(ref, scalar)
+        keys = [*keys, "inference.dtype", "inference.token_budget"]
         return inference_role(
-            name,
-            count,
-            gpus,
-            shape_of(ref, False),
-            resolve_dtype(inf.dtype, gpus > 0),
-            inf.token_budget,
-            generates=True,
-            seq_len=seq_len,
-            keys=[
-                f"{keys_prefix}.rollout_workers",
-                f"{keys_prefix}.gpus_per_actor",
-                "inference.dtype",
-                "inference.token_budget",
-            ],
+            name, count, gpus, shape, dtype, inf.token_budget, generates=generates, seq_len=seq_len, keys=keys
+        )
+
+    def sampler(name: str, ref: str, count: int, gpus: float, prefix: str) -> Role:
+        return copy(
+            name, ref, count, gpus, False, True, [f"{prefix}.rollout_workers", f"{prefix}.gpus_per_actor"]
         )
 
     def scorer(name: str, ref: str, gpus: float, scalar: bool) -> Role:
-        return inference_role(
-            name,
-            1,
-            gpus,
-            shape_of(ref, scalar),
-            resolve_dtype(inf.dtype, gpus > 0),
-            inf.token_budget,
-            generates=False,
-            seq_len=seq_len,
-            keys=["inference.dtype", "inference.token_budget"],
-        )
+        return copy(name, ref, 1, gpus, scalar, False, [])
 
     if isinstance(job, c.PPOJob):
         p = job.ppo
