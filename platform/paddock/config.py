@@ -81,6 +81,7 @@ class PlanConfig(Strict):
     )
 
 
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 TOKEN_BUDGET = 32768  # paddock.rollout.core's default too
 
 
@@ -97,6 +98,9 @@ class InferenceConfig(Strict):
     )
     logits_chunk: int = Field(
         1024, ge=1, description="Positions whose vocabulary logits exist at once when computing log-probs."
+    )
+    attn_implementation: AttnImplementation = Field(
+        "auto", description="Attention kernel; auto: flash_attention_2 on GPU when installed, else sdpa."
     )
 
 
@@ -165,7 +169,8 @@ class TokenizerConfig(Strict):
     )
     existing: str | None = Field(
         None,
-        description="Path to a local directory with a Llama 2 tokenizer.model to use instead of training one.",
+        description="A local checkpoint directory whose tokenizer.model (or tokenizer.json) to import instead of "
+        "training one; relative paths are under PADDOCK_HOME.",
     )
 
 
@@ -254,6 +259,11 @@ class TrainConfig(Strict):
         description="Recompute each layer's activations in the backward pass; null: on for models of 1B "
         "parameters and up.",
     )
+    attn_implementation: AttnImplementation = Field(
+        "auto",
+        description="Attention kernel; auto: flash_attention_2 on GPU when installed, else sdpa. Packed examples "
+        "never attend to each other with either.",
+    )
     checkpoint_every: int = Field(
         100, ge=1, description="Report a resumable checkpoint every N optimiser steps."
     )
@@ -317,7 +327,13 @@ class TokenizerJob(StageConfig):
 
     @model_validator(mode="after")
     def _existing_is_a_directory(self) -> TokenizerJob:
-        if self.tokenizer.existing is not None and not Path(self.tokenizer.existing).expanduser().is_dir():
+        # An absolute path is checked now; one under PADDOCK_HOME when the stage runs (the home may be elsewhere).
+        existing = self.tokenizer.existing
+        if (
+            existing is not None
+            and Path(existing).expanduser().is_absolute()
+            and not Path(existing).expanduser().is_dir()
+        ):
             raise ValueError(
                 f"tokenizer.existing: no such directory, got {self.tokenizer.existing!r}; "
                 "give a local directory that holds tokenizer.model"
@@ -554,6 +570,11 @@ class PPOConfig(Strict):
         None, gt=0, description="Stop when an iteration's mean KL (nats per answer) exceeds this."
     )
     checkpoint_every: int = Field(10, ge=1, description="Learners checkpoint every N iterations.")
+    publish_bucket_mb: int = Field(
+        256,
+        ge=1,
+        description="Weight publication puts the learners' weights in object-store buckets of about this many MiB.",
+    )
     spill: bool = Field(
         False, description="Write every experience batch to Parquet under the run's directory."
     )
@@ -640,6 +661,9 @@ class ServeConfig(Strict):
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs per chat model replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per chat model replica (0: CPU).")
     threads: int = Field(1, ge=1, description="torch threads per replica on CPU.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Precision of the replicas' models; auto: bf16 on GPU, fp32 on CPU."
+    )
     reward_seq_len: int = Field(512, ge=16, description="Reward models read at most this many tokens.")
 
     @model_validator(mode="after")

@@ -102,14 +102,43 @@ def count_parameters(
     return sum(p.numel() for p in model.parameters())
 
 
+AttnImpl = str  # "auto", "sdpa", "eager" or "flash_attention_2"
+
+
+def attn_implementation(name: AttnImpl = "auto", on_gpu: bool | None = None) -> str:
+    """The attention kernel a model is built with: ``auto`` is FlashAttention-2 on a GPU where the
+    ``flash_attn`` package is installed, else PyTorch's SDPA. Both keep packed examples apart when the position
+    ids restart at each example (varlen kernels on GPU, a block-diagonal mask with SDPA)."""
+    if name != "auto":
+        if name == "flash_attention_2" and not _has_flash_attn():
+            raise ValueError("attn_implementation flash_attention_2 needs the flash_attn package (GPU only)")
+        return name
+    gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    return "flash_attention_2" if gpu and _has_flash_attn() else "sdpa"
+
+
+def _has_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def build_causal_lm(
-    shape: str, vocab_size: int | None = None, max_seq_len: int | None = None, seed: int = 0
+    shape: str,
+    vocab_size: int | None = None,
+    max_seq_len: int | None = None,
+    seed: int = 0,
+    attn: AttnImpl = "auto",
 ) -> LlamaForCausalLM:
-    """A freshly initialised Llama causal LM; the seed makes the weights reproducible."""
+    """A freshly initialised Llama causal LM; the seed makes the weights reproducible.
+
+    Built through ``_from_config``, so under an active ZeRO-3 configuration (``paddock.train.engine``) the
+    parameters are created partitioned across the ranks, never whole on one."""
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; valid: {', '.join(SHAPES)}")
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(shape, vocab_size, max_seq_len))
+    config = llama_config(shape, vocab_size, max_seq_len)
+    return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation(attn))
 
 
 def check_checkpoint(path: str | Path) -> Path:
@@ -140,7 +169,8 @@ def set_gradient_checkpointing(model: torch.nn.Module, flag: bool | None) -> boo
     """Recompute each decoder layer's activations in the backward pass (``flag``; None: for models of 1B
     parameters and up). Non-reentrant checkpointing, so it composes with DeepSpeed and frozen inputs. Returns
     whether it is on."""
-    on = sum(p.numel() for p in model.parameters()) >= 1e9 if flag is None else flag
+    size = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: the full count
+    on = size >= 1e9 if flag is None else flag
     if on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
         model.config.use_cache = False  # type: ignore[union-attr]
@@ -154,14 +184,24 @@ def inference_dtype(name: str, on_gpu: bool) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def load_causal_lm(
+    path: str | Path, dtype: torch.dtype = torch.float32, attn: AttnImpl = "auto"
+) -> LlamaForCausalLM:
+    """A causal LM from a local safetensors checkpoint (created partitioned under an active ZeRO-3 config)."""
     p = check_checkpoint(path)
     return LlamaForCausalLM.from_pretrained(
-        str(p), dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True
+        str(p),
+        dtype=dtype,
+        attn_implementation=attn_implementation(attn),
+        use_safetensors=True,
+        trust_remote_code=False,
+        local_files_only=True,
     )
 
 
-def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForSequenceClassification:
+def load_scalar_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, attn: AttnImpl = "auto"
+) -> LlamaForSequenceClassification:
     """A reward or value model: from a reward checkpoint, or from a causal LM with a new scalar head."""
     p = check_checkpoint(path)
     model = LlamaForSequenceClassification.from_pretrained(
@@ -169,6 +209,7 @@ def load_scalar_model(path: str | Path, dtype: torch.dtype = torch.float32) -> L
         num_labels=1,
         pad_token_id=PAD_ID,
         dtype=dtype,
+        attn_implementation=attn_implementation(attn),
         use_safetensors=True,
         trust_remote_code=False,
         local_files_only=True,

@@ -72,8 +72,12 @@ def test_packing_keeps_every_token_in_fixed_windows():
     assert [len(p) for p in packed] == [5, 5, 5]
     flat = [t for p in packed for t in p.input_ids]
     assert flat[:12] == [1, 5, 6, 2, 1, 7, 2, 1, 8, 9, 10, 2] and flat[12:] == [0, 0, 0]
+    # Position ids restart with each example, with the part of one cut off, and with the padding; a token at
+    # position 0 is predicted from nothing, so its label is IGNORE.
+    assert [p.position_ids for p in packed] == [[0, 1, 2, 3, 0], [0, 1, 0, 1, 2], [0, 1, 0, 1, 2]]
     labels = [t for p in packed for t in p.labels]
-    assert labels[:12] == [IGNORE, 5, 6, 2, IGNORE, 7, 2, 1, 8, 9, 10, 2] and labels[12:] == [IGNORE] * 3
+    assert labels[:12] == [IGNORE, 5, 6, 2, IGNORE, IGNORE, 2, IGNORE, 8, 9, IGNORE, 2]
+    assert labels[12:] == [IGNORE] * 3
 
 
 def test_dialog_packing_keeps_each_example_in_one_window():
@@ -92,6 +96,12 @@ def test_dialog_packing_keeps_each_example_in_one_window():
     ]
     assert packed[0].labels == [IGNORE, 5, 6, 2, IGNORE, IGNORE]
     assert packed[1].labels == [IGNORE, IGNORE, 8, 2, IGNORE, 9]
-    assert packed[3].labels == [2] + [IGNORE] * 5
+    assert packed[3].labels == [IGNORE] * 6
+    assert [p.position_ids for p in packed] == [
+        [0, 1, 2, 3, 0, 1],
+        [0, 1, 2, 3, 0, 1],
+        [0, 1, 2, 3, 4, 5],
+        [0, 0, 1, 2, 3, 4],
+    ]
     # The same examples cut wherever a window ends, as pretraining text is.
     assert next(pack(examples, seq_len=6, pad_id=0)).input_ids == [1, 5, 6, 2, 1, 7]

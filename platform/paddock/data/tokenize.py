@@ -7,8 +7,12 @@ and ``IGNORE`` (-100) marks tokens that carry no loss. Masks (LLAMA2_SPEC.md):
 - SFT (``train_on="answers"``): the answer tokens and their EOS only, never the ``[INST] ... [/INST]`` prompt;
 - GAtt (``train_on="last_answer"``): only the last answer; every earlier turn carries no loss.
 
-Packing concatenates examples (each already BOS ... EOS, so EOS is the separator) and cuts the stream into
-``seq_len`` windows, as the paper packs SFT data; the last window is padded with ignored positions.
+Packing concatenates examples (each already BOS ... EOS) and cuts the stream into ``seq_len`` windows, as the
+paper packs SFT data; the last window is padded with ignored positions. Examples stay apart inside a window:
+position ids restart at each example, which the attention kernels read as sequence boundaries (FlashAttention's
+varlen path on GPU, a block-diagonal causal mask with SDPA), so no token attends to another example and each
+example's loss is what it would be alone. A token at position 0 has nothing to be predicted from: its label is
+``IGNORE``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Literal, Protocol
 from paddock.data.chat import Segment, segments
 
 IGNORE = -100
+PACKED_COLUMNS = ("input_ids", "labels", "position_ids")  # what a packed window holds, each int[seq_len]
 TrainOn = Literal["answers", "last_answer", "all"]
 
 
@@ -34,6 +39,7 @@ class TextEncoder(Protocol):
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None  # set by ``pack``: restarts at 0 where each example starts
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -107,27 +113,37 @@ def encode_prompt(
 def pack(
     examples: Iterable[Example], seq_len: int, pad_id: int, *, split_examples: bool = True
 ) -> Iterator[Example]:
-    """Concatenate examples and cut them into windows of exactly ``seq_len`` tokens.
+    """Concatenate examples and cut them into windows of exactly ``seq_len`` tokens, with position ids.
 
     With ``split_examples`` (pretraining text), an example spans windows wherever the cut falls, as in the
-    paper's packing. Without it (dialogs), an example that does not fit in what is left of a window starts
-    the next one, the rest being padded: a multi-turn dialog keeps its earlier turns in the window of the
-    answer that depends on them (a Ghost Attention example's instruction sits in its first turn; cut off,
-    the answer would teach a style with no instruction in sight). Only an example longer than a window
-    spans windows, from the start of one. Padding has ``pad_id`` and ``IGNORE`` labels; no token is lost.
+    paper's packing; its part in the next window starts again at position 0. Without it (dialogs), an example
+    that does not fit in what is left of a window starts the next one, the rest being padded: a multi-turn
+    dialog keeps its earlier turns in the window of the answer that depends on them (a Ghost Attention
+    example's instruction sits in its first turn; cut off, the answer would teach a style with no instruction
+    in sight). Only an example longer than a window spans windows, from the start of one. Padding has ``pad_id``,
+    ``IGNORE`` labels and positions of its own; no token is lost.
     """
     buf_ids: list[int] = []
     buf_labels: list[int] = []
+    buf_pos: list[int] = []
+
+    def window(ids: list[int], labels: list[int], pos: list[int]) -> Example:
+        pad = seq_len - len(ids)
+        pos = pos + list(range(pad))
+        labels = [IGNORE if p == 0 else y for y, p in zip(labels + [IGNORE] * pad, pos, strict=True)]
+        return Example(ids + [pad_id] * pad, labels, pos)
+
     for ex in examples:
         if not split_examples and buf_ids and len(buf_ids) + len(ex.input_ids) > seq_len:
-            pad = seq_len - len(buf_ids)
-            yield Example(buf_ids + [pad_id] * pad, buf_labels + [IGNORE] * pad)
-            buf_ids, buf_labels = [], []
+            yield window(buf_ids, buf_labels, buf_pos)
+            buf_ids, buf_labels, buf_pos = [], [], []
         buf_ids += ex.input_ids
         buf_labels += ex.labels
+        buf_pos += range(len(ex.input_ids))
         while len(buf_ids) >= seq_len:
-            yield Example(buf_ids[:seq_len], buf_labels[:seq_len])
-            del buf_ids[:seq_len], buf_labels[:seq_len]
+            yield window(buf_ids[:seq_len], buf_labels[:seq_len], buf_pos[:seq_len])
+            del buf_ids[:seq_len], buf_labels[:seq_len], buf_pos[:seq_len]
+            # what is left is the tail of one example: it starts the next window at position 0
+            buf_pos = [p - buf_pos[0] for p in buf_pos] if buf_pos else []
     if buf_ids:
-        pad = seq_len - len(buf_ids)
-        yield Example(buf_ids + [pad_id] * pad, buf_labels + [IGNORE] * pad)
+        yield window(buf_ids, buf_labels, buf_pos)

@@ -3,9 +3,9 @@
 Each iteration, rank 0 takes one batch of experience from the rollout buffer (refs only) and leaves the refs on
 the hub; every rank reads the rows from the object store, shuffles them with the iteration's seed, and keeps its
 slice of each mini-batch: one optimiser step per mini-batch for the policy (clipped surrogate) and for the value
-model (clipped value loss). Then every rank joins the gather of the full weights (a no-op below ZeRO-3) and
-rank 0 publishes them once through the object store. Checkpoints hold both DeepSpeed engines, the iteration and
-the driver's reward statistics; a restarted worker group resumes from the newest one.
+model (clipped value loss). Then every rank joins the gather of the weights, one layer at a time under ZeRO-3,
+and rank 0 puts them in buckets in the object store and publishes the buckets' refs as one version.
+Checkpoints hold both DeepSpeed engines, the iteration and the driver's reward statistics; a restarted worker group resumes from the newest one.
 
 Ray touches this loop at named points only: ``get_context``, ``get_checkpoint``, ``report`` and the two actors
 (hub and buffer) it finds by name.
@@ -29,8 +29,8 @@ from paddock.models import load_causal_lm, load_scalar_model, set_gradient_check
 from paddock.ppo.experience import learner_batch
 from paddock.rlhf.ppo import entropy_from_logprobs, ppo_policy_loss, value_loss
 from paddock.rollout.core import TokenValues, pick_logprobs, response_logits
+from paddock.train import engine as ds
 from paddock.train.loop import all_sum, collective_device, quiet_worker
-from paddock.train.optim import adamw, deepspeed_config, scheduler, skip_cpu_shm_comm_op
 
 
 class LearnerSpec(BaseModel):
@@ -49,23 +49,6 @@ class LearnerSpec(BaseModel):
     seed: int
 
 
-def full_state_dict(engine: Any, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """The whole module's weights on CPU at rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
-    module = engine.module
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return (
-                {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
-                if rank == 0
-                else None
-            )
-    if rank != 0:
-        return None
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
-
-
 def _broadcast_flag(flag: bool) -> bool:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
@@ -78,8 +61,6 @@ class Learner:
     """One rank's policy and value engines, and the steps of an iteration."""
 
     def __init__(self, spec: LearnerSpec, rank: int, world: int):
-        import deepspeed
-
         self.spec, self.rank, self.world = spec, rank, world
         ppo, tc = spec.ppo, spec.train
         per_rank = ppo.mini_batch // world
@@ -87,26 +68,21 @@ class Learner:
         self.grad_accum = per_rank // self.micro
         tc = tc.model_copy(update={"grad_accum": self.grad_accum})
         steps = ppo.iterations * ppo.epochs * (ppo.batch_prompts // ppo.mini_batch)
-        policy = load_causal_lm(spec.policy_dir)
-        scalar = load_scalar_model(spec.value_dir)
+        attn = tc.attn_implementation
+        with ds.partitioned(tc, spec.optim, world):
+            policy = load_causal_lm(spec.policy_dir, attn=attn)
+            scalar = load_scalar_model(spec.value_dir, attn=attn)
         set_gradient_checkpointing(policy, tc.gradient_checkpointing)
         set_gradient_checkpointing(scalar, tc.gradient_checkpointing)
-        value = TokenValues(scalar)
-        engines = []
-        for model, optim in ((policy, spec.optim), (value, spec.value_optim)):
-            opt = adamw(model, optim)
-            engine, _, _, _ = deepspeed.initialize(
-                model=model,
-                optimizer=opt,
-                lr_scheduler=scheduler(opt, optim, steps),
-                config=deepspeed_config(tc, optim, world),
-            )
-            engines.append(engine)
-        self.policy, self.value = engines
+        self.policy, _ = ds.initialize(policy, spec.optim, tc, world, steps)
+        self.value, _ = ds.initialize(TokenValues(scalar), spec.value_optim, tc, world, steps)
 
-    def weights(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-        z = self.spec.train.zero_stage
-        return full_state_dict(self.policy, z, self.rank), full_state_dict(self.value, z, self.rank)
+    def publish_weights(self, put: Any, bucket_bytes: int) -> tuple[list[Any], list[Any], int]:
+        """(policy buckets, value buckets, policy bytes) put with ``put`` at rank 0, gathered one layer at a
+        time in the learners' dtype; every rank must call it."""
+        policy, nbytes = ds.weight_buckets(self.policy.module, self.rank, put, bucket_bytes)
+        value, _ = ds.weight_buckets(self.value.module, self.rank, put, bucket_bytes)
+        return policy, value, nbytes
 
     def train_iteration(self, rows: list[dict[str, Any]], iteration: int) -> dict[str, float]:
         """One PPO update over the iteration's rows (every rank holds them all and keeps its slices)."""
@@ -191,9 +167,7 @@ def learner_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tc, ppo = spec.train, spec.ppo
-    if not tc.use_gpu:
-        torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
-        skip_cpu_shm_comm_op()
+    ds.setup_worker(tc)
     hub = ray.get_actor(spec.hub, namespace=spec.namespace)
     buffer = ray.get_actor(spec.buffer, namespace=spec.namespace)
     learner = Learner(spec, rank, world)
@@ -208,18 +182,14 @@ def learner_worker(config: dict[str, Any]) -> None:
             print(f"[ppo] learners resumed from the checkpoint of iteration {start}", flush=True)
 
     def publish(iteration: int, stats: dict[str, float]) -> int:
-        """Every rank joins the gather; rank 0 puts the weights once and announces them. Returns the version."""
+        """Every rank joins the gather; rank 0 puts the weights in buckets and announces them. Returns the
+        version."""
         t0 = time.perf_counter()
-        policy_state, value_state = learner.weights()
+        policy_refs, value_refs, nbytes = learner.publish_weights(ray.put, ppo.publish_bucket_mb * 2**20)
         version = 0
         if rank == 0:
-            assert policy_state is not None and value_state is not None
-            nbytes = sum(t.numel() * t.element_size() for t in policy_state.values())
-            policy_ref, value_ref = ray.put(policy_state), ray.put(value_state)
             publish_s = time.perf_counter() - t0
-            published: Any = hub.publish.remote(
-                iteration, [policy_ref], [value_ref], nbytes, publish_s, stats
-            )
+            published: Any = hub.publish.remote(iteration, policy_refs, value_refs, nbytes, publish_s, stats)
             version = int(ray.get(published))
             ray.get(buffer.publish_version.remote(version))
         if dist.is_initialized():
@@ -264,16 +234,9 @@ def learner_worker(config: dict[str, Any]) -> None:
         ray.get(buffer.close.remote())
         # The driver still reads the last publication (evaluation, best policy): its owner waits for it.
         ray.get(hub.wait_ack.remote(version, ppo.take_timeout_s))
-    policy_state, _ = learner.weights()
     with tempfile.TemporaryDirectory() as tmp:
+        ds.export_hf(learner.policy.module, Path(tmp) / "hf", spec.tokenizer_dir, rank)
         if rank == 0:
-            from paddock.tokenizer import load_tokenizer
-
-            assert policy_state is not None
-            learner.policy.module.save_pretrained(
-                str(Path(tmp) / "hf"), state_dict=policy_state, safe_serialization=True
-            )
-            load_tokenizer(spec.tokenizer_dir).save_pretrained(str(Path(tmp) / "hf"))
             (Path(tmp) / "state.json").write_text(json.dumps({"iteration": done, "final": True}))
         ray.train.report(
             {"iteration": done, "final": 1}, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None

@@ -27,12 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from paddock import plan, tracking
 from paddock.cluster import connect
-from paddock.config import PPOJob, paddock_home, resolve_path, train_storage
+from paddock.config import PPOJob, paddock_home, resolve_path
 from paddock.data.validate import load_dataset
 from paddock.evaluate import evaluate_policy
 from paddock.metrics import record_ppo
@@ -43,6 +41,7 @@ from paddock.ppo.learner import LearnerSpec, learner_worker
 from paddock.rlhf.ppo import RunningMoments
 from paddock.rollout.actors import Scorer, StaleWeightsError, actor_options, held_weights, workers_from
 from paddock.tokenizer import check_matches, load_tokenizer
+from paddock.train.engine import torch_trainer
 from paddock.train.stage import fit_in_thread
 
 
@@ -457,19 +456,8 @@ def run(job: PPOJob) -> PPOResult:
             namespace=namespace,
             seed=job.seed,
         )
-        resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
-        trainer = TorchTrainer(
-            learner_worker,
-            train_loop_config={"spec": spec.model_dump(mode="json")},
-            scaling_config=ScalingConfig(
-                num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name=f"{name}-{run.run_id[:8]}",
-                storage_path=train_storage(),
-                failure_config=FailureConfig(max_failures=tc.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            ),
+        trainer = torch_trainer(
+            learner_worker, {"spec": spec.model_dump(mode="json")}, tc, f"{name}-{run.run_id[:8]}"
         )
         print(
             f"[ppo] {p.mode} mode, {p.iterations} iterations of {p.batch_prompts} prompts, mini-batch {p.mini_batch}, "

@@ -33,6 +33,7 @@ from paddock.rollout.core import (
     unalign,
 )
 from paddock.tokenizer import load_tokenizer
+from paddock.train.engine import load_buckets
 
 # A killed actor process is restarted up to 3 times; a failed call is retried twice, then raises.
 
@@ -62,20 +63,21 @@ class RolloutWorker:
         dtype: str = "auto",
         token_budget: int = TOKEN_BUDGET,
         logits_chunk: int = LOGITS_CHUNK,
+        attn_implementation: str = "auto",
     ):
         torch.set_num_threads(threads)
         self.device, self.dtype = _inference(dtype)
+        self.attn = attn_implementation
         self.token_budget, self.logits_chunk = token_budget, logits_chunk
-        self.model = load_causal_lm(checkpoint, self.dtype).eval().to(self.device)
+        self.model = load_causal_lm(checkpoint, self.dtype, self.attn).eval().to(self.device)
         self.tok = load_tokenizer(checkpoint)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.policy_version = 0
         self.digest: str | None = None  # of the weights held, taken when first asked
 
-    def load_weights(self, policy_version: int, wrapped_state: list[ray.ObjectRef]) -> int:
-        """Load a published state dict (its ref wrapped in a list, so it is fetched here, once)."""
-        state = ray.get(wrapped_state[0])
-        self.model.load_state_dict(state)
+    def load_weights(self, policy_version: int, buckets: list[ray.ObjectRef]) -> int:
+        """Load published weights: the refs of their buckets (in a list, so each is fetched here, one at a time)."""
+        load_buckets(self.model, (ray.get(ref) for ref in buckets))
         self.policy_version, self.digest = policy_version, None
         return policy_version
 
@@ -103,7 +105,7 @@ class RolloutWorker:
 
         A worker restarted after a crash comes back with the checkpoint it was created with and version 0;
         callers compare the versions stamped on its rows to notice."""
-        self.model = load_causal_lm(checkpoint, self.dtype).eval().to(self.device)
+        self.model = load_causal_lm(checkpoint, self.dtype, self.attn).eval().to(self.device)
         self.tok = load_tokenizer(checkpoint)
         self.policy_version, self.digest = policy_version, None
         return policy_version
@@ -167,6 +169,7 @@ class Scorer:
         dtype: str = "auto",
         token_budget: int = TOKEN_BUDGET,
         logits_chunk: int = LOGITS_CHUNK,
+        attn_implementation: str = "auto",
     ):
         if kind not in ("reference", "reward", "value"):
             raise ValueError(f"scorer kind must be 'reference', 'reward' or 'value', got {kind!r}")
@@ -175,19 +178,20 @@ class Scorer:
         self.token_budget, self.logits_chunk = token_budget, logits_chunk
         self.tok = load_tokenizer(checkpoint)
         device, dtype_ = _inference(dtype)
+        attn = attn_implementation
         if kind == "reference":
-            self.model: torch.nn.Module = load_causal_lm(checkpoint, dtype_)
+            self.model: torch.nn.Module = load_causal_lm(checkpoint, dtype_, attn)
         elif kind == "reward":
-            self.model = load_scalar_model(checkpoint, dtype_)
+            self.model = load_scalar_model(checkpoint, dtype_, attn)
         else:
-            self.model = TokenValues(load_scalar_model(checkpoint, dtype_))
+            self.model = TokenValues(load_scalar_model(checkpoint, dtype_, attn))
         self.model.eval().to(device)
         self.version = 0
 
-    def load_weights(self, version: int, wrapped_state: list[ray.ObjectRef]) -> int:
+    def load_weights(self, version: int, buckets: list[ray.ObjectRef]) -> int:
         if self.kind != "value":
             raise ValueError("only the value scorer takes published weights; the others are frozen")
-        self.model.load_state_dict(ray.get(wrapped_state[0]))
+        load_buckets(self.model, (ray.get(ref) for ref in buckets))
         self.version = version
         return version
 

@@ -62,6 +62,12 @@ def _threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    from paddock.models import inference_dtype
+
+    return inference_dtype(name, device.type == "cuda")
+
+
 # --------------------------------------------------------------------------------------------------
 # Model deployments
 
@@ -88,13 +94,19 @@ class ChatModel:
     """
 
     def __init__(
-        self, path: str, threads: int = 1, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02
+        self,
+        path: str,
+        threads: int = 1,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.02,
+        dtype: str = "auto",
     ):
         from paddock.models import load_causal_lm
         from paddock.tokenizer import load_tokenizer
 
         _threads(threads)
-        self.model = load_causal_lm(path).eval().to(actor_device())
+        device = actor_device()
+        self.model = load_causal_lm(path, _dtype(dtype, device)).eval().to(device)
         self.tok = load_tokenizer(path)
         self.max_batch_size, self.wait_s = max_batch_size, batch_wait_timeout_s
         self.waiting: queue.Queue[_Entry] = queue.Queue()
@@ -172,13 +184,16 @@ class ChatModel:
 class RewardModels:
     """The helpfulness and safety reward models, and the Llama 2 combination of their scores."""
 
-    def __init__(self, helpfulness: str, safety: str, seq_len: int = 512, threads: int = 1):
+    def __init__(
+        self, helpfulness: str, safety: str, seq_len: int = 512, threads: int = 1, dtype: str = "auto"
+    ):
         from paddock.models import load_scalar_model
         from paddock.tokenizer import load_tokenizer
 
         _threads(threads)
-        self.rm_h = load_scalar_model(helpfulness).eval().to(actor_device())
-        self.rm_s = load_scalar_model(safety).eval().to(actor_device())
+        device = actor_device()
+        self.rm_h = load_scalar_model(helpfulness, _dtype(dtype, device)).eval().to(device)
+        self.rm_s = load_scalar_model(safety, _dtype(dtype, device)).eval().to(device)
         self.tok = load_tokenizer(helpfulness)
         self.seq_len = seq_len
 
@@ -518,12 +533,12 @@ def build_app(args: dict[str, Any]) -> Any:
     }
     chat = ChatModel.options(  # type: ignore[attr-defined]
         ray_actor_options=actor, autoscaling_config=autoscaling, max_ongoing_requests=cfg.max_ongoing_requests
-    ).bind(model["path"], cfg.threads, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    ).bind(model["path"], cfg.threads, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.dtype)
     rewards = None
     if args.get("reward_helpfulness") and args.get("reward_safety"):
         rewards = RewardModels.options(  # type: ignore[attr-defined]
             ray_actor_options={"num_cpus": cfg.cpus_per_replica / 2}
-        ).bind(args["reward_helpfulness"], args["reward_safety"], cfg.reward_seq_len, cfg.threads)
+        ).bind(args["reward_helpfulness"], args["reward_safety"], cfg.reward_seq_len, cfg.threads, cfg.dtype)
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(  # type: ignore[attr-defined]
         chat,
         rewards,

@@ -8,7 +8,7 @@ start fresh ones for every dataset). Small inputs (``SMALL_INPUT_BYTES``, every 
 tokenised in the driver, batch by batch with the same function, and enter Ray Data as Arrow blocks: the
 tiny pretraining corpus packs in under a second that way against 20-55 s of ``map_batches`` task
 scheduling on a 2-core machine. Both give the same rows in the same order. The result is a
-dataset of fixed-length rows ``{"input_ids": int32[seq_len], "labels": int32[seq_len]}`` that
+dataset of fixed-length rows ``{"input_ids", "labels", "position_ids": int32[seq_len]}`` that
 ``ray.train.get_dataset_shard`` splits across workers.
 """
 
@@ -25,7 +25,14 @@ import pyarrow.parquet as pq
 import ray.data
 
 from paddock.data.pairs import bin_index, encode_answer, rating_index
-from paddock.data.tokenize import Example, TrainOn, encode_dialog, encode_pretrain_batch, pack
+from paddock.data.tokenize import (
+    PACKED_COLUMNS,
+    Example,
+    TrainOn,
+    encode_dialog,
+    encode_pretrain_batch,
+    pack,
+)
 from paddock.data.validate import ValidationReport, load_dataset
 from paddock.models import PAD_ID
 from paddock.rlhf.reward import rating_margin
@@ -62,8 +69,8 @@ class TokenizeAndPack:
         examples = self.examples(batch.to_pylist())
         windows = list(pack(examples, self.seq_len, PAD_ID, split_examples=self.kind == "pretrain"))
         return {
-            "input_ids": np.array([w.input_ids for w in windows], dtype=np.int32).reshape(-1, self.seq_len),
-            "labels": np.array([w.labels for w in windows], dtype=np.int32).reshape(-1, self.seq_len),
+            key: np.array([getattr(w, key) for w in windows], dtype=np.int32).reshape(-1, self.seq_len)
+            for key in PACKED_COLUMNS
         }
 
 

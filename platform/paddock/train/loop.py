@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from paddock.config import ModelConfig, OptimConfig, TrainConfig
 from paddock.data.schemas import RATINGS, SAFETY_BINS
-from paddock.data.tokenize import IGNORE
+from paddock.data.tokenize import IGNORE, PACKED_COLUMNS
 from paddock.metrics import record_train
 from paddock.models import (
     PAD_ID,
@@ -37,7 +37,7 @@ from paddock.models import (
     set_gradient_checkpointing,
 )
 from paddock.rlhf.reward import margin_ranking_loss
-from paddock.train.optim import adamw, deepspeed_config, scheduler, skip_cpu_shm_comm_op
+from paddock.train import engine as ds
 
 Objective = Literal["lm", "reward"]
 
@@ -65,20 +65,33 @@ class LoopSpec(BaseModel):
 
 
 def build_model(spec: LoopSpec) -> torch.nn.Module:
+    """The stage's model; call it inside ``engine.partitioned`` so that ZeRO-3 creates it partitioned."""
+    attn = spec.train.attn_implementation
     if spec.objective == "reward":
         if spec.init_from is None:
             raise ValueError("a reward model needs model.init_from")
         # From a causal LM the scalar head is new, drawn from torch's RNG: seed it, or every run's RM differs.
         torch.manual_seed(spec.seed)
-        return load_scalar_model(spec.init_from)
+        return load_scalar_model(spec.init_from, attn=attn)
     if spec.init_from is not None:
-        return load_causal_lm(spec.init_from)
-    return build_causal_lm(spec.model.shape, spec.vocab_size, spec.seq_len, seed=spec.seed)
+        return load_causal_lm(spec.init_from, attn=attn)
+    return build_causal_lm(spec.model.shape, spec.vocab_size, spec.seq_len, seed=spec.seed, attn=attn)
+
+
+def lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+    """The model over packed windows: position ids restart at each example, which keeps examples apart in
+    attention (no cache, so transformers reads them as packed sequences). Shapes: (batch, seq)."""
+    return model(
+        input_ids=batch["input_ids"].long(),
+        position_ids=batch["position_ids"].long(),
+        use_cache=False,
+        **kwargs,
+    )
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not IGNORE. Shapes: (batch, seq)."""
-    return model(input_ids=batch["input_ids"].long(), labels=batch["labels"].long()).loss
+    return lm_forward(model, batch, labels=batch["labels"].long()).loss
 
 
 def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,8 +210,8 @@ def _forward_stats(
     objective: Objective, model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     if objective == "lm":
-        ids, labels = batch["input_ids"].long(), batch["labels"].long()
-        logits = model(input_ids=ids).logits.float()
+        labels = batch["labels"].long()
+        logits = lm_forward(model, batch).logits.float()
         target = labels[:, 1:]
         loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -217,25 +230,6 @@ def _forward_stats(
         m = batch["safety_bin"] == j
         stats += [correct[m].sum().item(), float(m.sum().item())]
     return torch.tensor(stats, dtype=torch.float64)
-
-
-def export_hf(engine: Any, spec: LoopSpec, out_dir: Path, rank: int) -> None:
-    """Save the full model as a Hugging Face safetensors checkpoint with its tokenizer (rank 0 writes)."""
-    from paddock.tokenizer import load_tokenizer
-
-    model = engine.module
-    if spec.train.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            state = (
-                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if rank == 0 else None
-            )
-    else:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None
-    if rank == 0:
-        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
-        load_tokenizer(spec.tokenizer_dir).save_pretrained(str(out_dir))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,10 +269,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tc = spec.train
     local = tc.num_workers == 0  # in the driver's fit thread: its torch threads are the machine's
-    if not tc.use_gpu:
-        if tc.threads_per_worker or not local:
-            torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
-        skip_cpu_shm_comm_op()
+    ds.setup_worker(tc, local)
 
     driver = config.get("reports")  # the driver's queue (a stage run); a sweep's trials report to Tune only
 
@@ -287,15 +278,10 @@ def train_worker(config: dict[str, Any]) -> None:
             driver.put(metrics)
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    model = build_model(spec)
+    with ds.partitioned(tc, spec.optim, world):
+        model = build_model(spec)
     set_gradient_checkpointing(model, tc.gradient_checkpointing)
-    optimizer = adamw(model, spec.optim)
-    engine, _, _, lr_sched = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler(optimizer, spec.optim, spec.total_steps),
-        config=deepspeed_config(tc, spec.optim, world),
-    )
+    engine, lr_sched = ds.initialize(model, spec.optim, tc, world, spec.total_steps)
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -304,7 +290,7 @@ def train_worker(config: dict[str, Any]) -> None:
             start = int(client["step"])
 
     keys = (
-        ("input_ids", "labels")
+        PACKED_COLUMNS
         if spec.objective == "lm"
         else ("chosen_ids", "rejected_ids", "margin", "rating", "safety_bin")
     )
@@ -369,7 +355,7 @@ def train_worker(config: dict[str, Any]) -> None:
             # and removes it, so it must outlive this function.
             tmp = Path(tempfile.mkdtemp(prefix="paddock-final-"))
             try:
-                export_hf(engine, spec, tmp / "hf", rank)
+                ds.export_hf(engine.module, tmp / "hf", spec.tokenizer_dir, rank)
                 if rank == 0:
                     (tmp / "state.json").write_text(json.dumps({"step": done, "final": True}))
                 report(metrics, Checkpoint.from_directory(str(tmp)) if rank == 0 else None)

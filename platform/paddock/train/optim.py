@@ -34,8 +34,12 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW with decay on matrices only: norms' gains are not decayed (as in Meta's and most Llama trainers)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+
+    def matrix(p: torch.nn.Parameter) -> bool:  # a ZeRO-3 partition is flat: its full shape is ds_shape
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
@@ -40,7 +40,6 @@ from paddock.config import (
     load_config,
     paddock_home,
     resolve_path,
-    train_storage,
 )
 from paddock.data.pairs import reward_mix
 from paddock.data.schemas import DIALOGS
@@ -48,6 +47,7 @@ from paddock.data.validate import load_dataset
 from paddock.models import count_parameters, llama_config
 from paddock.tokenizer import check_matches, load_tokenizer
 from paddock.train.data import packed_dataset, pairs_dataset
+from paddock.train.engine import torch_trainer
 from paddock.train.loop import LoopSpec, train_worker
 
 
@@ -299,26 +299,13 @@ def make_trainer(
     """The TorchTrainer of a prepared stage; ``spec`` replaces the prepared one (a sweep trial's), and rank 0 puts
     every report on ``reports`` when one is given."""
     spec = spec or p.spec
-    tc = spec.train
-    resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
-    scaling = (
-        ScalingConfig(num_workers=0)
-        if tc.num_workers == 0
-        else ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources)
-    )
-    return TorchTrainer(
+    return torch_trainer(
         train_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "reports": reports},
-        scaling_config=scaling,
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=train_storage(),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            callbacks=list(callbacks or []),  # type: ignore[arg-type]  # Train V2 takes UserCallbacks
-        ),
+        {"spec": spec.model_dump(mode="json"), "reports": reports},
+        spec.train,
+        run_name,
         datasets={"train": p.train_ds, "eval": p.eval_ds},
-        dataset_config=DataConfig(datasets_to_split=[]),
+        callbacks=callbacks,
     )
 
 

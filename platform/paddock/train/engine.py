@@ -1,0 +1,220 @@
+"""The Ray Train + DeepSpeed plumbing that the supervised loop and the PPO learners share.
+
+- ``setup_worker``: torch threads and the CPU collective settings of a worker process;
+- ``partitioned``: the context in which models are created, so that under ZeRO-3 every parameter is
+  partitioned across the ranks as it is created (``deepspeed.zero.Init`` through transformers' DeepSpeed
+  integration, for fresh models and ``from_pretrained`` alike) instead of being built whole on every rank;
+- ``initialize``: a DeepSpeed engine with paddock's AdamW and schedule;
+- ``gathered_state``: the module's weights, one submodule's parameters gathered at a time (a decoder layer
+  under ZeRO-3, never the whole model), copied to the host in their own dtype at rank 0;
+- ``weight_buckets`` and ``export_hf``: those weights cut into object-store buckets (weight publication) or
+  written as a Hugging Face safetensors checkpoint;
+- ``torch_trainer``: the driver side, one ``TorchTrainer`` for any of these worker functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paddock.config import OptimConfig, TrainConfig
+from paddock.train.optim import adamw, deepspeed_config, scheduler, skip_cpu_shm_comm_op
+
+# Weight publication puts the state in buckets of about this many bytes: a receiver holds one at a time.
+BUCKET_BYTES = 256 * 2**20
+
+# transformers reads the active ZeRO-3 configuration through a weak reference: it lives here while models
+# are created (``partitioned``).
+_zero3_config: Any = None
+
+
+def setup_worker(tc: TrainConfig, local: bool = False) -> None:
+    """torch threads of a CPU worker (the machine's own in local mode unless set) and no shared-memory op build."""
+    if tc.use_gpu:
+        return
+    if tc.threads_per_worker or not local:
+        torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
+    skip_cpu_shm_comm_op()
+
+
+@contextmanager
+def partitioned(tc: TrainConfig, optim: OptimConfig, world: int) -> Iterator[None]:
+    """Models created inside are partitioned at creation under ZeRO-3 (no-op at stages 0-2).
+
+    transformers' ``from_pretrained`` and ``_from_config`` enter ``deepspeed.zero.Init`` when a ZeRO-3
+    configuration is active, and load a checkpoint one module at a time into the partitions."""
+    global _zero3_config
+    if tc.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    previous = _zero3_config
+    _zero3_config = HfDeepSpeedConfig(deepspeed_config(tc, optim, world))
+    try:
+        yield
+    finally:
+        _zero3_config = previous
+        if previous is None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+
+
+def initialize(
+    model: torch.nn.Module, optim: OptimConfig, tc: TrainConfig, world: int, total_steps: int
+) -> tuple[Any, Any]:
+    """(DeepSpeed engine, LR scheduler) of ``model`` with paddock's AdamW and warmup + cosine schedule."""
+    import deepspeed
+
+    opt = adamw(model, optim)
+    engine, _, _, lr_sched = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        lr_scheduler=scheduler(opt, optim, total_steps),
+        config=deepspeed_config(tc, optim, world),
+    )
+    return engine, lr_sched
+
+
+def is_partitioned(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def gathered_state(
+    module: torch.nn.Module, rank: int, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every entry of ``module.state_dict()`` as (name, host tensor) at rank 0, in state-dict order.
+
+    Under ZeRO-3 each submodule's own parameters are gathered in turn (every rank must iterate this to the end,
+    in lockstep), so a device holds at most one layer's full weights beyond its partition. Tensors keep their
+    dtype unless ``dtype`` is given; other ranks yield nothing."""
+    import deepspeed
+
+    zero3 = is_partitioned(module)
+    for prefix, sub in module.named_modules():
+        own = [p for p in sub._parameters.values() if p is not None]
+        buffers = [
+            (n, b)
+            for n, b in sub._buffers.items()
+            if b is not None and n not in sub._non_persistent_buffers_set
+        ]
+        if not own and not buffers:
+            continue
+        ctx = deepspeed.zero.GatheredParameters(own, modifier_rank=None) if zero3 and own else _nothing()
+        with ctx:
+            if rank != 0:
+                continue
+            for name, t in [*sub._parameters.items(), *buffers]:
+                if t is None:
+                    continue
+                key = f"{prefix}.{name}" if prefix else name
+                yield key, t.detach().to("cpu", dtype or t.dtype, copy=True)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def full_state(
+    module: torch.nn.Module, rank: int, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor] | None:
+    """The state dict on the host at rank 0 (None elsewhere), gathered one submodule at a time."""
+    state = dict(gathered_state(module, rank, dtype))
+    return state if rank == 0 else None
+
+
+def weight_buckets(
+    module: torch.nn.Module,
+    rank: int,
+    put: Callable[[dict[str, torch.Tensor]], Any],
+    bucket_bytes: int = BUCKET_BYTES,
+) -> tuple[list[Any], int]:
+    """Cut the gathered weights into buckets of about ``bucket_bytes`` and ``put`` each (``ray.put``) as it
+    fills, so neither a device nor the host ever holds the whole model for publication. Returns (what ``put``
+    returned per bucket, total bytes) at rank 0; ([], 0) elsewhere. Every rank must call it under ZeRO-3."""
+    refs: list[Any] = []
+    bucket: dict[str, torch.Tensor] = {}
+    size = total = 0
+    for name, t in gathered_state(module, rank):
+        bucket[name] = t
+        n = t.numel() * t.element_size()
+        size, total = size + n, total + n
+        if size >= bucket_bytes:
+            refs.append(put(bucket))
+            bucket, size = {}, 0
+    if bucket:
+        refs.append(put(bucket))
+    return refs, total
+
+
+def load_buckets(model: torch.nn.Module, buckets: Iterator[dict[str, torch.Tensor]] | list[Any]) -> None:
+    """Load published buckets into ``model`` one at a time; every key of its state dict must arrive once."""
+    expected = set(model.state_dict())
+    seen: set[str] = set()
+    for bucket in buckets:
+        unexpected = sorted(set(bucket) - expected)
+        if unexpected:
+            raise KeyError(f"published weights hold keys this model lacks: {unexpected[:5]}")
+        model.load_state_dict(bucket, strict=False)
+        seen |= set(bucket)
+    missing = sorted(expected - seen)
+    if missing:
+        raise KeyError(f"published weights miss {len(missing)} keys of this model: {missing[:5]}")
+
+
+def export_hf(module: torch.nn.Module, out_dir: Path, tokenizer_dir: str, rank: int) -> None:
+    """Save ``module`` as a Hugging Face safetensors checkpoint with its tokenizer (rank 0 writes; every rank
+    must call it under ZeRO-3). Weights are gathered one submodule at a time and saved in their training dtype."""
+    from paddock.tokenizer import load_tokenizer
+
+    state = full_state(module, rank)
+    if rank == 0:
+        assert state is not None
+        module.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)  # type: ignore[operator]
+        load_tokenizer(tokenizer_dir).save_pretrained(str(out_dir))
+
+
+def torch_trainer(
+    fn: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    tc: TrainConfig,
+    run_name: str,
+    *,
+    datasets: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The driver side: a ``TorchTrainer`` running ``fn`` on ``tc.num_workers`` workers (0: in the driver),
+    with paddock's storage, restarts and checkpoint retention."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from paddock.config import train_storage
+
+    resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
+    scaling = (
+        ScalingConfig(num_workers=0)
+        if tc.num_workers == 0
+        else ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources)
+    )
+    extra: dict[str, Any] = {}
+    if datasets is not None:
+        extra = {"datasets": datasets, "dataset_config": DataConfig(datasets_to_split=[])}
+    return TorchTrainer(
+        fn,
+        train_loop_config=config,
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=train_storage(),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=list(callbacks or []),
+        ),
+        **extra,
+    )

@@ -1,0 +1,149 @@
+"""ZeRO-3 on two gloo ranks: models are created partitioned, and weights leave the ranks one layer at a time.
+
+Two processes (torch.multiprocessing, no Ray) run the same code as the learners (``paddock.train.engine``); rank 0
+writes what it measured to a JSON file that the test reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from paddock.models import build_causal_lm, checkpoint_digest
+
+pytestmark = pytest.mark.slow
+
+BUCKET = 64 * 1024  # bytes: small enough that the tiny model's weights fill many buckets
+
+
+def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from paddock.config import OptimConfig, TrainConfig
+    from paddock.models import load_causal_lm
+    from paddock.train import engine
+    from paddock.train.optim import adamw
+
+    tc = TrainConfig(zero_stage=3, micro_batch_size=2, num_workers=world)
+    engine.setup_worker(tc)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    optim = OptimConfig(lr=1e-3, warmup_steps=1)
+    with engine.partitioned(tc, optim, world):
+        model = load_causal_lm(ckpt)
+        fresh = build_causal_lm("tiny", seed=1)
+    params = list(model.parameters())
+    result: dict = {
+        "held_whole": sum(p.numel() for p in params),  # full tensors materialised on this rank
+        "partition": sum(p.ds_tensor.numel() for p in params),
+        "full": sum(p.ds_numel for p in params),
+    }
+    # While the state is gathered, at most one submodule's parameters are whole at a time.
+    most_whole = 0
+    state = {}
+    for name, t in engine.gathered_state(model, rank):
+        whole = sum(p.ds_numel for p in params if p.ds_status == ZeroParamStatus.AVAILABLE)
+        most_whole = max(most_whole, whole)
+        state[name] = t
+    if rank == 0:
+        largest = max(sum(p.ds_numel for p in m.parameters(recurse=False)) for m in model.modules())
+        reference = load_causal_lm(ckpt).state_dict()
+        result |= {
+            "most_whole": most_whole,
+            "largest_module": largest,
+            "same_state": set(state) == set(reference)
+            and all(torch.equal(state[k], reference[k]) for k in reference),
+        }
+    # Publication in buckets, loaded into an unpartitioned copy elsewhere.
+    refs, total = engine.weight_buckets(model, rank, lambda bucket: bucket, BUCKET)
+    fresh_state = engine.full_state(fresh, rank)
+    decay_groups = [len(g["params"]) for g in adamw(model, optim).param_groups]
+    eng, _ = engine.initialize(model, optim, tc, world, total_steps=4)
+    ids = torch.randint(3, 4000, (2, 32), generator=torch.Generator().manual_seed(rank))
+    loss = eng(input_ids=ids, labels=ids).loss
+    eng.backward(loss)
+    eng.step()
+    export = Path(out).parent / "export"
+    engine.export_hf(eng.module, export, str(Path(ckpt)), rank)
+    if rank == 0:
+        copy = load_causal_lm(ckpt)
+        engine.load_buckets(copy, refs)
+        sizes = [sum(t.numel() * t.element_size() for t in b.values()) for b in refs]
+        biggest_tensor = max(t.numel() * t.element_size() for b in refs for t in b.values())
+        assert fresh_state is not None
+        result |= {
+            "buckets": len(refs),
+            "bucket_total": total,
+            "bucket_max": max(sizes),
+            "bucket_bound": BUCKET + biggest_tensor,
+            "buckets_same": all(torch.equal(copy.state_dict()[k], reference[k]) for k in reference),
+            "fresh_embed_std": fresh_state["model.embed_tokens.weight"].std().item(),
+            "decay_groups": decay_groups,
+            "matrices": sum(1 for p in load_causal_lm(ckpt).parameters() if p.dim() >= 2),
+            "loss": loss.item(),
+        }
+        Path(out).write_text(json.dumps(result))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory: pytest.TempPathFactory, tok) -> tuple[dict, Path]:
+    root = tmp_path_factory.mktemp("zero3")
+    ckpt = root / "model"
+    build_causal_lm("tiny", seed=0).save_pretrained(str(ckpt), safe_serialization=True)
+    tok.save_pretrained(str(ckpt))  # the export writes the tokenizer too
+    out = root / "result.json"
+    mp.spawn(_rank, args=(2, _free_port(), str(ckpt), str(out)), nprocs=2)
+    return json.loads(out.read_text()), root
+
+
+def test_zero3_creates_models_partitioned(zero3):
+    r, _ = zero3
+    assert r["held_whole"] == 0  # no parameter exists whole on a rank after loading
+    assert r["full"] == 1_827_968  # the tiny model
+    assert r["full"] / 2 <= r["partition"] <= r["full"] / 2 + 4096  # half each, plus alignment padding
+    assert 0.015 < r["fresh_embed_std"] < 0.025  # a fresh model gets Llama's N(0, 0.02) init, not torch's
+
+
+def test_gathering_holds_one_layer_at_a_time_and_gives_the_exact_weights(zero3):
+    r, _ = zero3
+    assert r["same_state"]
+    # the largest submodule of the tiny model is its embedding (4000 x 128, 28% of it)
+    assert 0 < r["most_whole"] <= r["largest_module"] < r["full"] / 3
+
+
+def test_publication_buckets_are_bounded_and_load_back_exactly(zero3):
+    r, _ = zero3
+    assert r["buckets"] > 10 and r["bucket_total"] == r["full"] * 4
+    assert r["bucket_max"] <= r["bucket_bound"]
+    assert r["buckets_same"]
+
+
+def test_weight_decay_reaches_partitioned_matrices(zero3):
+    r, _ = zero3
+    assert r["decay_groups"] == [r["matrices"], 2 * 4 + 1]  # matrices decay; 9 RMSNorm gains do not
+
+
+def test_export_writes_the_trained_weights_as_safetensors(zero3):
+    r, root = zero3
+    export = root / "export"
+    assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+    assert checkpoint_digest(export) != checkpoint_digest(root / "model")  # one step was taken
+    assert 7.5 < r["loss"] < 9.0  # ln(4000) = 8.29 for an untrained model
