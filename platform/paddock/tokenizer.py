@@ -149,7 +149,12 @@ def run(job: TokenizerJob) -> Path:
     cfg = job.tokenizer
     out = resolve_path(cfg.out_dir)
     if cfg.existing is not None:
-        src = Path(cfg.existing).expanduser()
+        src = resolve_path(cfg.existing)
+        if not src.is_dir():
+            raise TokenizerError(
+                f"tokenizer.existing: {src} does not exist; put the starting checkpoint (with its tokenizer.model) "
+                "there, or drop tokenizer.existing to train a tokenizer on tokenizer.corpus"
+            )
         tok = load_tokenizer(src)
         out.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(out))

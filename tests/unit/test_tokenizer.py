@@ -66,3 +66,29 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused_naming_both(tok, tmp
     message = str(err.value)
     assert f"vocabulary {len(tok)} tokens, the model's {len(tok) + 24}" in message
     assert "eos_token_id 2, the model's 7" in message and "bos_token_id" not in message
+
+
+@pytest.mark.parametrize("size", ["7b", "70b"])
+def test_the_llama2_tokenizer_configs_import_the_checkpoints_own(size, tokenizer_dir, tmp_path, monkeypatch):
+    """The shipped 7B/70B tokenizer stage copies the starting checkpoint's tokenizer.model (a tiny one here, in
+    the same layout as Meta's Hugging Face checkpoints) instead of training a new vocabulary."""
+    import shutil
+
+    from paddock.config import TokenizerJob, load_config
+    from paddock.tokenizer import TokenizerError, load_tokenizer, run
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("PADDOCK_HOME", str(tmp_path))
+    job = load_config(TokenizerJob, repo / f"jobs/configs/llama2-{size}/tokenizer.yaml")
+    assert job.tokenizer.existing == f"checkpoints/llama-2-{size}-hf"
+    with pytest.raises(
+        TokenizerError, match=rf"tokenizer\.existing: {tmp_path}/checkpoints/llama-2-{size}-hf does"
+    ):
+        run(job)
+    checkpoint = tmp_path / "checkpoints" / f"llama-2-{size}-hf"
+    checkpoint.mkdir(parents=True)
+    shutil.copy(Path(tokenizer_dir) / "tokenizer.model", checkpoint / "tokenizer.model")
+    out = run(job)
+    assert (out / "tokenizer.model").read_bytes() == (checkpoint / "tokenizer.model").read_bytes()
+    text = "The capital of France is Paris."
+    assert load_tokenizer(out).encode(text) == load_tokenizer(tokenizer_dir).encode(text)
