@@ -9,8 +9,9 @@ the planner computes, from the config and the model shapes alone (nothing is loa
   parameter are 16-bit gradients 2, fp32 gradients 4, fp32 master weights 4, Adam moments 8): ZeRO-3
   ``4P + 18N/d``; ZeRO-2 ``2N + 18N/d``; ZeRO-1 ``4N + 16N/d``; ZeRO-0 ``20N``. With ``train.offload`` the
   optimiser's share (16N/d) moves to the host. fp32 training (CPU) keeps no 16-bit copy: 16 bytes a parameter
-  (weights, gradients, two moments), partitioned the same way. Host memory of a rank: the whole model loaded in
-  fp32 before DeepSpeed takes it (paddock builds models whole), times DeepSpeed's buffer factor 1.5: ``6N``.
+  (weights, gradients, two moments), partitioned the same way. Host memory of a rank below ZeRO-3: the whole
+  model loaded in fp32 before DeepSpeed takes it, times DeepSpeed's buffer factor 1.5: ``6N``; under ZeRO-3 the
+  model is created partitioned and the checkpoint read one module at a time (``paddock.train.engine``): ``4P``.
 - **activations of a micro-batch** (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models", eq. 1, no tensor parallelism): ``s·b·h·(34 + 5·a·s/h)`` bytes a layer at 16 bits; the
   ``5as/h`` attention-score term is dropped with memory-efficient attention (sdpa, flash); with gradient
@@ -266,7 +267,9 @@ def learner_role(
             m.params, m.largest_layer, train.zero_stage, train.ranks, mixed=mixed, offload=train.offload
         )
         device += dev
-        host += off + 6 * m.params  # loaded whole in fp32 before DeepSpeed partitions it
+        # ZeRO-3 creates the model partitioned and loads the checkpoint one module at a time (engine.partitioned);
+        # below stage 3 every rank loads it whole in fp32 before DeepSpeed takes it.
+        host += off + (4 * m.largest_layer if train.zero_stage == 3 else 6 * m.params)
         lt = logits_tokens if i == 0 else 0  # a value model's head is a scalar
         device += activation_bytes(  # the CPU's attention materialises the scores; GPUs use sdpa / flash
             m if i == 0 else _scalar(m),
@@ -487,10 +490,7 @@ def _place(roles: list[Role], cluster: Cluster) -> None:
                 f"GiB missing); change {', '.join(r.keys)}"
             )
             if "learner" in r.role:
-                r.reason += (
-                    "; each rank loads its models whole in fp32 before DeepSpeed partitions them: creating them "
-                    "partitioned (deepspeed.zero.Init) is not in paddock yet"
-                )
+                r.reason += "; below ZeRO-3 each rank loads its models whole in fp32 (train.zero_stage=3 does not)"
     for r in roles:
         if r.gpus_per_process > 0 or not r.fits:
             continue

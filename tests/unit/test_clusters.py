@@ -30,7 +30,7 @@ def test_cluster_yaml_validates_against_rays_schema(path: Path):
 
 
 def test_cluster_yamls_exist():
-    assert {p.name for p in CLUSTERS} == {"local.yaml", "aws-a100.yaml", "gcp-a100.yaml"}
+    assert {p.name for p in CLUSTERS} == {"local.yaml", "aws-a100.yaml", "aws-h100.yaml", "gcp-a100.yaml"}
 
 
 def _containers(spec: dict) -> list[dict]:

@@ -80,20 +80,35 @@ def test_an_oversized_override_is_refused_naming_the_role_and_the_keys(capsys):
     assert code == 1 and "rollout worker" in bad and "GiB missing" in bad["rollout worker"]
 
 
-def test_70b_ppo_is_refused_for_want_of_tensor_parallel_inference(capsys):
-    code, result = _plan(
-        [
-            "--config",
-            str(REPO / "jobs/configs/llama2-70b/ppo.yaml"),
-            "--cluster",
-            str(REPO / "clusters/aws-a100.yaml"),
-            "--set",
-            "plan.shape=70b",
-        ],
-        capsys,
-    )
+TRAINING_70B = ["pretrain", "sft", "reward_helpfulness", "reward_safety", "tokenizer"]
+INFERENCE_70B = ["rejection_sampling", "ppo", "gatt", "context_distillation", "evaluate", "promote", "pipeline"]
+
+
+@pytest.mark.parametrize("stage", TRAINING_70B)
+def test_every_70b_training_stage_fits_the_h100_cluster_it_names(stage, capsys):
+    code, result = _plan(["--config", str(REPO / f"jobs/configs/llama2-70b/{stage}.yaml")], capsys)
+    assert code == 0 and result["fits"] is True, result
+    assert result["cluster"] == "paddock-aws-h100"
+
+
+@pytest.mark.parametrize("stage", INFERENCE_70B)
+def test_70b_stages_with_an_inference_copy_are_refused_for_want_of_tensor_parallel_inference(stage, capsys):
+    code, result = _plan(["--config", str(REPO / f"jobs/configs/llama2-70b/{stage}.yaml")], capsys)
     reasons = {r["role"]: r["reason"] for r in result["roles"] if not r["fits"]}
-    assert code == 1 and "tensor-parallel" in reasons["rollout worker"], reasons
+    assert code == 1 and reasons, result
+    assert all("tensor-parallel inference" in why for why in reasons.values()), reasons
+    assert not [r for r in result["roles"] if "learner" in r["role"] and not r["fits"]]  # training fits
+
+
+def test_zero3_learners_are_planned_partitioned_on_the_host():
+    from paddock.config import TrainConfig
+
+    m = plan.ModelShape.named("70b")
+    gib = 1 << 30
+    z3 = plan.learner_role("l", [m], TrainConfig(num_workers=64, use_gpu=True, zero_stage=3), 4096)
+    z2 = plan.learner_role("l", [m], TrainConfig(num_workers=64, use_gpu=True, zero_stage=2), 4096)
+    assert z3.host_gib == pytest.approx(4 * m.largest_layer / gib, abs=0.01)  # one module read at a time
+    assert z2.host_gib == pytest.approx(6 * m.params / gib, abs=0.01)  # loaded whole in fp32 first
 
 
 def test_the_tiny_pipeline_fits_this_machine(capsys):
