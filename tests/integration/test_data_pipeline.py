@@ -45,7 +45,7 @@ def test_packed_sft_data_keeps_every_answer_token(
     monkeypatch.setattr(data, "SMALL_INPUT_BYTES", 0)  # the same file streamed through map_batches tasks
     streamed = prepare().dataset.take_all()
     assert len(streamed) == len(out) and all(
-        (a["input_ids"] == b["input_ids"]).all() and (a["labels"] == b["labels"]).all()
+        all((a[k] == b[k]).all() for k in ("input_ids", "labels", "position_ids"))
         for a, b in zip(out, streamed, strict=True)
     )
     # Dialogs are packed whole: only the continuation windows of dialogs longer than a window start mid-dialog.
@@ -54,11 +54,26 @@ def test_packed_sft_data_keeps_every_answer_token(
     assert sum(int(r["input_ids"][0]) != tok.bos_token_id for r in out) == continued
     assert all(len(r["input_ids"]) == 64 and len(r["labels"]) == 64 for r in out)
     trained = sum(int((r["labels"] != IGNORE).sum()) for r in out)
-    expected = sum(
-        sum(1 for label in encode_dialog(tok, r["turns"], r["system"]).labels if label != IGNORE)
-        for r in rows
-    )
-    assert trained == expected
+    labels = [encode_dialog(tok, r["turns"], r["system"]).labels for r in rows]
+    expected = sum(sum(1 for label in ls if label != IGNORE) for ls in labels)
+    # A window's first token is predicted from nothing: where a long dialog continues into the next window, the
+    # token at the cut carries no loss (it never did: the loss shifts labels by one).
+    at_cuts = sum(1 for ls in labels for j in range(64, len(ls), 64) if ls[j] != IGNORE)
+    assert trained == expected - at_cuts
+    # Examples stay apart: positions count up within a dialog (all its turns) and restart only where a dialog,
+    # or the padding, starts.
+    starts = 0
+    for r in out:
+        ids, pos = r["input_ids"].tolist(), r["position_ids"].tolist()
+        assert pos[0] == 0
+        for i in range(1, 64):
+            assert pos[i] == pos[i - 1] + 1 or (pos[i] == 0 and ids[i] in (tok.bos_token_id, 0)), (
+                i,
+                ids,
+                pos,
+            )
+            starts += pos[i] == 0 and ids[i] == tok.bos_token_id
+    assert starts == len(rows) - sum(int(r["input_ids"][0]) == tok.bos_token_id for r in out)
 
 
 @pytest.mark.reliability

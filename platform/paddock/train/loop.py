@@ -81,9 +81,10 @@ def build_model(spec: LoopSpec) -> torch.nn.Module:
 def lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
     """The model over packed windows: position ids restart at each example, which keeps examples apart in
     attention (no cache, so transformers reads them as packed sequences). Shapes: (batch, seq)."""
+    positions = batch.get("position_ids")  # absent for unpacked rows: 0 .. seq-1
     return model(
         input_ids=batch["input_ids"].long(),
-        position_ids=batch["position_ids"].long(),
+        position_ids=None if positions is None else positions.long(),
         use_cache=False,
         **kwargs,
     )
