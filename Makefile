@@ -40,7 +40,7 @@ test-integration: $(FUZZ_STAMP)
 	$(BIN)/python -m pytest -m "integration and not gpu" tests
 
 test-reliability: $(FUZZ_STAMP)
-	$(BIN)/python -m pytest -m "reliability and not gpu" tests
+	PADDOCK_FUZZ_EXAMPLES=100 $(BIN)/python -m pytest -m "reliability and not gpu" tests
 
 # The test targets add schemathesis (the fuzz extra); make demo does without it.
 $(FUZZ_STAMP): $(STAMP)

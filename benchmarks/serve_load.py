@@ -6,7 +6,9 @@ model, and unlike the 1.8M-parameter ``tiny`` one that fits in a CPU's cache, it
 over the weights, which batching shares between requests. ``--shape tiny`` shows the other extreme, where the
 per-request HTTP and Serve overhead of a 2-core machine outweighs decoding. For each mode
 (``serve.max_batch_size`` 16, then 1: requests join the replica's running decode batch, or wait for the one
-ahead of them) and each concurrency level, N client threads send a bounded number of non-streaming chat requests; reported per row:
+ahead of them) and each concurrency level, N client threads send a bounded number of non-streaming chat requests;
+at 8 batched clients the same load runs again beside 2 hostile clients (oversized bodies, huge seeds, malformed
+JSON, streams dropped mid-answer), whose every answer must be a 4xx; reported per row:
 requests/s, generated tokens/s, p50/p99 latency, and the time to first token of a streaming probe request sent
 while the clients load the server. The summary line is batching's tokens/s ratio at 8 clients (goal: at least 2x).
 
@@ -75,6 +77,36 @@ def first_token(base: str, max_tokens: int) -> float:
     if ttft is None:
         raise RuntimeError("the streaming probe got no content")
     return ttft
+
+
+def hostile(base: str, stop: threading.Event, codes: dict[str, list[int]]) -> None:
+    """One hostile client until ``stop``: a body over the limit, a seed past what generators take, malformed
+    JSON, and a stream dropped after its first chunk, in turn. Records each kind's HTTP status (0: dropped)."""
+    import urllib.error
+
+    huge = json.dumps({"messages": MESSAGES, "pad": "x" * (2 << 20)}).encode()
+    kinds = {
+        "oversized": huge,
+        "huge_seed": json.dumps({"messages": MESSAGES, "seed": 2**64, "max_tokens": 8}).encode(),
+        "malformed": b'{"messages": [{"role": "user", "content": "hi"',
+    }
+    while not stop.is_set():
+        for kind, data in kinds.items():
+            req = urllib.request.Request(
+                f"{base}/v1/chat/completions", data=data, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    code = r.status
+            except urllib.error.HTTPError as e:
+                code = e.code
+            except OSError:  # the server may close on an oversized body before reading it all
+                code = 0
+            codes.setdefault(kind, []).append(code)
+        req = chat_request(base, {"messages": MESSAGES, "max_tokens": 64, "stream": True, "seed": 3})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.readline()  # the first event, then hang up mid-answer
+        codes.setdefault("dropped_stream", []).append(0)
 
 
 def load(base: str, clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
@@ -172,6 +204,34 @@ def main() -> None:
                 f"p50 {row['latency_p50_s']:.2f}s p99 {row['latency_p99_s']:.2f}s ttft {row['ttft_s']:.2f}s",
                 flush=True,
             )
+            if mode == "batched" and clients == 8:
+                # The same 8 well-formed clients beside 2 hostile ones: their tokens/s against the calm run's.
+                stop, codes = threading.Event(), {}
+                bad = [threading.Thread(target=hostile, args=(base, stop, codes)) for _ in range(2)]
+                for t in bad:
+                    t.start()
+                try:
+                    mixed = load(base, clients, args.requests, args.max_tokens)
+                finally:
+                    stop.set()
+                    for t in bad:
+                        t.join()
+                calm = row["tokens_per_s"]
+                rows.append(
+                    {"mode": "batched+hostile", "max_batch_size": batch}
+                    | mixed
+                    | {
+                        "hostile_clients": 2,
+                        "hostile_codes": {k: sorted(set(v)) for k, v in codes.items()},
+                        "hostile_requests": sum(len(v) for v in codes.values()),
+                        "tokens_per_s_vs_calm": mixed["tokens_per_s"] / calm,
+                    }
+                )
+                print(
+                    f"hostile mix at 8 clients: {mixed['tokens_per_s']:.1f} tok/s, "
+                    f"{rows[-1]['tokens_per_s_vs_calm']:.2f}x the calm run; hostile answers {rows[-1]['hostile_codes']}",
+                    flush=True,
+                )
         serve.delete("bench")
     serve.shutdown()
 
@@ -197,6 +257,12 @@ def main() -> None:
             f"{r['mode']:<10} {r['clients']:>7} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>8.1f} "
             f"{r['latency_p50_s']:>6.2f} {r['latency_p99_s']:>6.2f} {r['ttft_s']:>7.2f} "
             f"{r['tokens_per_s_vs_unbatched']:>7.2f}"
+        )
+    mixed = by.get(("batched+hostile", 8))
+    if mixed:
+        print(
+            f"hostile mix: the 8 well-formed clients keep {mixed['tokens_per_s_vs_calm']:.2f}x their calm tokens/s "
+            f"(goal >= 0.8); hostile requests answered {mixed['hostile_codes']}"
         )
     at8 = by.get(("batched", 8))
     if at8:

@@ -644,7 +644,36 @@ class ServeConfig(Strict):
     host: str = Field("127.0.0.1", description="Bind address of Serve's HTTP proxy (loopback by default).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     api_key: str | None = Field(
-        None, description="Require 'Authorization: Bearer <key>' on /v1 routes; PADDOCK_API_KEY also sets it."
+        None,
+        description="Require 'Authorization: Bearer <key>' on /v1 routes; PADDOCK_API_KEY also sets it. Required "
+        "when host is not a loopback address.",
+    )
+    docs: bool = Field(
+        False, description="Serve /docs and /openapi.json (behind the API key when one is set)."
+    )
+    reward_route: bool = Field(
+        False,
+        description="Serve /v1/reward (raw safety scores and the gate's decision: an oracle for tuning jailbreaks, "
+        "so off unless asked for).",
+    )
+    reward_api_key: str | None = Field(
+        None,
+        description="A separate key for /v1/reward; PADDOCK_REWARD_API_KEY also sets it; default the API key.",
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request body; a larger one gets 413 before it is parsed."
+    )
+    max_messages: int = Field(64, ge=1, description="Most messages in a chat request.")
+    max_prompt_chars: int = Field(
+        32_000,
+        ge=1,
+        description="Most characters over a request's messages or prompt, checked before tokenising.",
+    )
+    max_queued_requests: int = Field(
+        64, ge=1, description="Requests waiting for a replica beyond max_ongoing_requests; more get 503."
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="A request that has not finished in this time is ended by Serve's proxy."
     )
     app_name: str = Field("paddock", description="Serve application name.")
     max_batch_size: int = Field(8, ge=1, description="Most rows in a replica's running decode batch.")

@@ -242,7 +242,7 @@ def smoke(promote_job: PromoteJob, model: str) -> str:
     )
     text = answer.choices[0].message.content or ""
     print(f"[pipeline] served at {base}\n  user: {question}\n  {model}: {text}", flush=True)
-    serve.shutdown()
+    serve.delete(promote_job.serve.app_name)  # paddock's own application, not the cluster's others
     return text
 
 

@@ -490,7 +490,9 @@ def _place(roles: list[Role], cluster: Cluster) -> None:
                 f"GiB missing); change {', '.join(r.keys)}"
             )
             if "learner" in r.role:
-                r.reason += "; below ZeRO-3 each rank loads its models whole in fp32 (train.zero_stage=3 does not)"
+                r.reason += (
+                    "; below ZeRO-3 each rank loads its models whole in fp32 (train.zero_stage=3 does not)"
+                )
     for r in roles:
         if r.gpus_per_process > 0 or not r.fits:
             continue

@@ -81,7 +81,15 @@ def test_an_oversized_override_is_refused_naming_the_role_and_the_keys(capsys):
 
 
 TRAINING_70B = ["pretrain", "sft", "reward_helpfulness", "reward_safety", "tokenizer"]
-INFERENCE_70B = ["rejection_sampling", "ppo", "gatt", "context_distillation", "evaluate", "promote", "pipeline"]
+INFERENCE_70B = [
+    "rejection_sampling",
+    "ppo",
+    "gatt",
+    "context_distillation",
+    "evaluate",
+    "promote",
+    "pipeline",
+]
 
 
 @pytest.mark.parametrize("stage", TRAINING_70B)

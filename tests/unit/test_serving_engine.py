@@ -191,7 +191,7 @@ def test_a_dead_replica_gets_a_503_and_a_bug_a_500_in_one_line():
 
     observed: list[tuple[str, int]] = []
     metrics = SimpleNamespace(observe=lambda route, code, seconds: observed.append((route, code)))
-    ingress = SimpleNamespace(_authorize=lambda request: None, metrics=metrics)
+    ingress = SimpleNamespace(_authorize=lambda request, key=None: None, metrics=metrics)
 
     async def dead() -> None:
         raise ActorDiedError()
@@ -207,9 +207,103 @@ def test_a_dead_replica_gets_a_503_and_a_bug_a_500_in_one_line():
     async def bug() -> None:
         raise RuntimeError("Traceback (most recent call last):\n  File ...\nprobability tensor contains nan")
 
+    async def full() -> None:
+        from ray.serve.exceptions import BackPressureError
+
+        raise BackPressureError(num_queued_requests=64, max_queued_requests=64)
+
+    response = asyncio.run(handle(ingress, "/v1/chat/completions", None, full))
+    assert response.status_code == 503 and response.headers["retry-after"] == "2"
+    assert json.loads(response.body)["error"]["code"] == "overloaded"
+
     response = asyncio.run(handle(ingress, "/v1/completions", None, bug))
     assert response.status_code == 500 and observed[-1] == ("/v1/completions", 500)
     # one line, not the traceback
     assert json.loads(response.body)["error"]["message"] == (
         "internal error: RuntimeError: probability tensor contains nan"
     )
+
+
+def test_a_row_whose_sampling_fails_ends_alone_and_the_others_keep_their_tokens(model, tok, monkeypatch):
+    import paddock.serving.engine as engine
+
+    ids = [prompt(tok, "What is the capital of Peru?"), prompt(tok, "Name a colour.")]
+    alone = Row(ids[0], SamplingParams(max_tokens=10, temperature=0.0))
+    complete(model, tok, [alone])
+    good = Row(ids[0], SamplingParams(max_tokens=10, temperature=0.0))
+    bad = Row(ids[1], SamplingParams(max_tokens=10, temperature=1.0, seed=3))
+    real = engine.pick
+
+    def failing(logits, params, generator):  # the bad row's third pick raises
+        if params is bad.params and len(bad.tokens) == 2:
+            raise OverflowError("a sampling failure in one row")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine, "pick", failing)
+    batch = Batch(model, tok.eos_token_id)
+    batch.admit([good, bad])
+    while batch:
+        batch.pick()
+        batch.advance()
+    assert bad.finish_reason == "error" and isinstance(bad.error, OverflowError) and len(bad.tokens) == 2
+    assert good.tokens == alone.tokens and good.finish_reason == alone.finish_reason
+
+
+def test_a_cancelled_row_leaves_the_batch_at_the_next_step(model, tok):
+    rows = [
+        Row(prompt(tok, "Name a colour."), SamplingParams(max_tokens=20, temperature=0.0)) for _ in range(2)
+    ]
+    batch = Batch(model, tok.eos_token_id)
+    batch.admit(rows)
+    batch.pick()
+    batch.advance()
+    rows[1].cancelled = True
+    batch.pick()
+    assert rows[1].finish_reason == "cancelled" and len(rows[1].tokens) == 1
+    batch.advance()
+    assert batch.rows == [rows[0]]
+
+
+def test_seeds_are_bounded_to_what_generators_take():
+    from paddock.serving.protocol import MAX_SEED
+
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    assert ChatCompletionRequest.model_validate(base | {"seed": MAX_SEED}).seed == MAX_SEED
+    torch.Generator().manual_seed(MAX_SEED + 7)  # the last of n = 8 rows' seeds
+    for seed in (-1, MAX_SEED + 1, 2**64):
+        with pytest.raises(ValueError, match="seed"):
+            ChatCompletionRequest.model_validate(base | {"seed": seed})
+
+
+def test_an_exposed_bind_without_a_key_refuses_to_start(monkeypatch):
+    from paddock.config import ServeConfig
+    from paddock.serving.app import ExposureError, check_exposure, is_loopback
+
+    monkeypatch.delenv("PADDOCK_API_KEY", raising=False)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5")
+    check_exposure(ServeConfig())  # loopback: no key needed
+    with pytest.raises(ExposureError, match=r"serve.host is '0.0.0.0'.*PADDOCK_API_KEY"):
+        check_exposure(ServeConfig(host="0.0.0.0"))
+    check_exposure(ServeConfig(host="0.0.0.0", api_key="k"))
+    monkeypatch.setenv("PADDOCK_API_KEY", "k")
+    check_exposure(ServeConfig(host="0.0.0.0"))
+
+
+def test_docs_and_schema_are_off_by_default_and_behind_the_key_when_on():
+    from fastapi.testclient import TestClient
+    from paddock.serving import app as served
+
+    client = TestClient(served.app)
+    try:
+        served._docs.update(on=False, key=None)
+        assert client.get("/openapi.json").status_code == 404 and client.get("/docs").status_code == 404
+        served._docs.update(on=True, key="sk-test")
+        denied = client.get("/openapi.json")
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+        wrong = client.get("/openapi.json", headers={"Authorization": "Bearer sk-tesT"})
+        assert wrong.status_code == 401
+        schema = client.get("/openapi.json", headers={"Authorization": "Bearer sk-test"})
+        assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+    finally:
+        served._docs.update(on=False, key=None)

@@ -17,6 +17,7 @@ first token and latency are exported as Ray metrics (``paddock_serve_*``).
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures' types at runtime.
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -110,7 +111,17 @@ class ChatModel:
         self.tok = load_tokenizer(path)
         self.max_batch_size, self.wait_s = max_batch_size, batch_wait_timeout_s
         self.waiting: queue.Queue[_Entry] = queue.Queue()
-        threading.Thread(target=self._loop, name="paddock-decode", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="paddock-decode", daemon=True)
+        self.thread.start()
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose decode loop died is replaced."""
+        if not self.thread.is_alive():
+            raise RuntimeError("the decode loop of this replica has stopped")
+
+    def ping(self) -> dict[str, Any]:
+        self.check_health()
+        return {"waiting": self.waiting.qsize()}
 
     def _loop(self) -> None:
         batch = Batch(self.model, self.tok.eos_token_id)
@@ -125,17 +136,32 @@ class ChatModel:
                     new.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
+            new = [e for e in new if not e.row.cancelled]
+            if new:
+                try:
+                    batch.admit([e.row for e in new])
+                    entries |= {id(e.row): e for e in new}
+                except Exception as exc:  # a request that cannot be admitted fails alone; the batch runs on
+                    logger.exception("admitting %d request(s) failed", len(new))
+                    for e in new:
+                        self._finish(e, exc)
+            if not batch:
+                continue
             try:
-                entries |= {id(e.row): e for e in new}
-                batch.admit([e.row for e in new])
                 batch.pick()
                 for row in batch.rows:
+                    if row.finish_reason in ("error", "cancelled"):
+                        if row.error is not None:
+                            logger.error("request row failed alone: %r", row.error)
+                        self._finish(entries.pop(id(row)), row.error)
+                        continue
                     self._emit(entries[id(row)])
                 for row in batch.rows:
-                    if row.finish_reason is not None:
+                    if row.finish_reason is not None and id(row) in entries:
                         self._finish(entries.pop(id(row)), None)
                 batch.advance()
-            except BaseException as exc:  # a failed step fails its requests, not the replica
+            except BaseException as exc:  # a failed forward step fails the batch's requests, not the replica
+                logger.exception("a decode step failed; failing the %d request(s) in the batch", len(entries))
                 for e in entries.values():
                     self._finish(e, exc)
                 entries.clear()
@@ -150,16 +176,26 @@ class ChatModel:
     @staticmethod
     def _finish(e: _Entry, error: BaseException | None) -> None:
         if e.deltas is not None:
-            if error is None:
+            if error is not None:
+                failed = {"error": f"{type(error).__name__}: {error}"[:300]}
+                e.loop.call_soon_threadsafe(e.deltas.put_nowait, failed)
+            elif not e.row.cancelled:
                 end = {"finish_reason": e.row.finish_reason, "tokens": len(e.row.tokens)}
                 e.loop.call_soon_threadsafe(e.deltas.put_nowait, end)
             e.loop.call_soon_threadsafe(e.deltas.put_nowait, None)
         elif e.done is not None:
             e.row.text = e.row.text.strip()
-            if error is None:
-                e.loop.call_soon_threadsafe(e.done.set_result, e.row)
-            else:
-                e.loop.call_soon_threadsafe(e.done.set_exception, error)
+            done = e.done
+
+            def settle() -> None:
+                if done.done():  # cancelled: the client went away
+                    return
+                if error is None:
+                    done.set_result(e.row)
+                else:
+                    done.set_exception(error)
+
+            e.loop.call_soon_threadsafe(settle)
 
     def _tracker(self, row: Row) -> TextTracker:
         return TextTracker(self.tok, row, self.tok.eos_token_id)
@@ -169,15 +205,24 @@ class ChatModel:
         futures = [loop.create_future() for _ in rows]
         for row, done in zip(rows, futures, strict=True):
             self.waiting.put(_Entry(row, self._tracker(row), loop, done=done))
-        return list(await asyncio.gather(*futures))
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:  # the client went away: free the rows' slots at the next step
+            for row in rows:
+                row.cancelled = True
+            raise
 
     async def stream(self, row: Row) -> AsyncIterator[dict[str, Any]]:
-        """Yields ``{"delta": text}`` as tokens arrive, then ``{"finish_reason": ..., "tokens": n}``."""
+        """Yields ``{"delta": text}`` as tokens arrive, then ``{"finish_reason": ..., "tokens": n}``, or
+        ``{"error": why}`` when this request failed. A stream closed early (its client went away) cancels its row."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.waiting.put(_Entry(row, self._tracker(row), loop, deltas=deltas))
-        while (item := await deltas.get()) is not None:
-            yield item
+        try:
+            while (item := await deltas.get()) is not None:
+                yield item
+        finally:
+            row.cancelled = True  # no-op once the row has finished
 
 
 @serve.deployment(name="RewardModels")
@@ -221,6 +266,11 @@ class Metrics:
         )
         self.errors = Counter("paddock_serve_errors", "Error responses by status code.", tag_keys=("code",))
         self.tokens = Counter("paddock_serve_tokens_generated", "Completion tokens generated.")
+        self.streams = Counter(
+            "paddock_serve_streams",
+            "Streamed responses by how they ended: finished, error or cancelled (the client went away).",
+            tag_keys=("outcome",),
+        )
         self.ttft = Histogram(
             "paddock_serve_time_to_first_token_s", "Seconds to the first streamed token.", LATENCY_BUCKETS
         )
@@ -236,10 +286,48 @@ class Metrics:
 
 
 app = FastAPI(title="paddock", description="OpenAI-compatible chat and reward endpoints for paddock models.")
+DOCS_PATHS = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+# This replica's settings for the routes FastAPI serves itself (the schema and docs): set by ``Ingress``.
+_docs: dict[str, Any] = {"on": False, "key": None}
+
+
+def _key_matches(header: str, key: str) -> bool:
+    """Constant-time comparison of an Authorization header with ``Bearer <key>``."""
+    return hmac.compare_digest(header.encode(), f"Bearer {key}".encode())
+
+
+@app.middleware("http")
+async def _guard_docs(request: Request, call_next: Any) -> Any:
+    if request.url.path in DOCS_PATHS:
+        if not _docs["on"]:
+            return JSONResponse(error_body("not found", "invalid_request_error", code="not_found"), 404)
+        key = _docs["key"]
+        if key is not None and not _key_matches(request.headers.get("authorization", ""), key):
+            return JSONResponse(
+                error_body("missing or wrong API key", "authentication_error", code="invalid_api_key"), 401
+            )
+    return await call_next(request)
 
 
 def _error(exc: RequestError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _too_large(size: int, limit: int) -> RequestError:
+    return RequestError(
+        413, f"the request body is {size} bytes; this endpoint takes at most {limit}", code="body_too_large"
+    )
+
+
+@dataclass
+class Limits:
+    """What one request may ask of the ingress (``ServeConfig``'s fields of the same names)."""
+
+    max_body_bytes: int = 1 << 20
+    max_messages: int = 64
+    max_prompt_chars: int = 32_000
+    docs: bool = False
+    reward_api_key: str | None = None
 
 
 @serve.deployment(name="Ingress")
@@ -252,6 +340,7 @@ class Ingress:
         model: dict[str, str],
         api_key: str | None = None,
         default_max_tokens: int = 256,
+        limits: dict[str, Any] | None = None,
     ):
         from transformers import AutoConfig
 
@@ -264,15 +353,20 @@ class Ingress:
         self.context = int(config.max_position_embeddings)
         self.api_key = api_key or os.environ.get("PADDOCK_API_KEY") or None
         self.default_max_tokens = default_max_tokens
+        self.limits = Limits(**(limits or {}))
+        self.reward_key = (
+            self.limits.reward_api_key or os.environ.get("PADDOCK_REWARD_API_KEY") or self.api_key
+        )
+        _docs.update(on=self.limits.docs, key=self.api_key)
         self.metrics = Metrics()
 
     # -- plumbing ----------------------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
+    def _authorize(self, request: Request, key: str | None = None) -> None:
+        key = key or self.api_key
+        if key is None:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
+        if not _key_matches(request.headers.get("authorization", ""), key):
             raise RequestError(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -283,7 +377,15 @@ class Ingress:
     async def _body(self, request: Request, model: type[Any]) -> Any:
         from pydantic import ValidationError
 
-        raw = await request.body()
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        raw = b""
+        async for part in request.stream():  # read no further than the limit, whatever the header said
+            raw += part
+            if len(raw) > limit:
+                raise _too_large(len(raw), limit)
         try:
             data = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -300,6 +402,24 @@ class Ingress:
             given = f", got {first['input']!r}" if first["type"] != "missing" else ""
             message = f"{param}: {first['msg'].removeprefix('Value error, ')}{given}"
             raise RequestError(400, message, param=param) from None
+
+    def _check_size(self, texts: list[str], param: str) -> None:
+        """Message count and characters, before anything is tokenised."""
+        if param == "messages" and len(texts) > self.limits.max_messages:
+            raise RequestError(
+                400,
+                f"messages: {len(texts)} messages; this endpoint takes at most {self.limits.max_messages}",
+                param=param,
+                code="too_many_messages",
+            )
+        chars = sum(len(t) for t in texts)
+        if chars > self.limits.max_prompt_chars:
+            raise RequestError(
+                400,
+                f"{param}: {chars} characters; this endpoint takes at most {self.limits.max_prompt_chars}",
+                param=param,
+                code="prompt_too_long",
+            )
 
     def _check_model(self, requested: str | None) -> None:
         if requested and requested not in (self.model.name, f"{self.model.name}/{self.model.version}"):
@@ -335,14 +455,27 @@ class Ingress:
             rows.append(Row(list(prompt_ids), params))
         return rows
 
-    async def _handle(self, route: str, request: Request, work: Any) -> Any:
+    async def _handle(self, route: str, request: Request, work: Any, key: str | None = None) -> Any:
+        from ray.serve.exceptions import BackPressureError
+
         start = time.perf_counter()
         try:
-            self._authorize(request)
+            self._authorize(request, key)
             response = await work()
             code = getattr(response, "status_code", 200)
         except RequestError as exc:
             response, code = _error(exc), exc.status
+        except BackPressureError:  # the model deployment's queue is full
+            response = JSONResponse(
+                error_body(
+                    "the model is at capacity (its request queue is full); retry shortly",
+                    "server_error",
+                    code="overloaded",
+                ),
+                status_code=503,
+                headers={"Retry-After": "2"},
+            )
+            code = 503
         except RayActorError as exc:  # the model replica died (or is dying); Serve starts another
             response = JSONResponse(
                 error_body(
@@ -373,8 +506,21 @@ class Ingress:
     # -- routes ------------------------------------------------------------------------------------
 
     @app.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model.name, "version": self.model.version}
+    async def healthz(self) -> Any:
+        """Healthy when a model replica answers (within 5 s): the ingress alone is not the service."""
+        try:
+            state = await asyncio.wait_for(self.chat.ping.remote(), timeout=5)
+        except Exception as exc:
+            return JSONResponse(
+                {
+                    "status": "unavailable",
+                    "model": self.model.name,
+                    "reason": f"{type(exc).__name__}: {exc}"[:300],
+                },
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+        return {"status": "ok", "model": self.model.name, "version": self.model.version, **state}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Any:
@@ -400,6 +546,7 @@ class Ingress:
 
         async def work() -> Any:
             req = await self._body(request, ChatCompletionRequest)
+            self._check_size([m.content for m in req.messages], "messages")
             self._check_model(req.model)
             system, turns = req.dialog()
             return await self._answer(req, encode_prompt(self.tok, turns, system), chat=True)
@@ -410,6 +557,7 @@ class Ingress:
     async def completions(self, request: Request) -> Any:
         async def work() -> Any:
             req = await self._body(request, CompletionRequest)
+            self._check_size([req.prompt], "prompt")
             self._check_model(req.model)
             from paddock.data.chat import TAGS
 
@@ -472,21 +620,39 @@ class Ingress:
             }
             return f"data: {json.dumps(body)}\n\n"
 
+        def failed(message: str) -> str:
+            # OpenAI's streaming error shape: an error event, and no [DONE] (the answer is not complete)
+            return f"data: {json.dumps(error_body(message, 'server_error', code='generation_failed'))}\n\n"
+
         async def events() -> AsyncIterator[str]:
             start = time.perf_counter()
-            if chat:
-                yield chunk(None, None, first=True)
-            got_first = False
-            async for item in handle.stream.remote(row):
-                if "delta" in item:
-                    if not got_first:
-                        metrics.ttft.observe(time.perf_counter() - start)
-                        got_first = True
-                    yield chunk(item["delta"], None)
-                else:
-                    metrics.tokens.inc(item["tokens"])
-                    yield chunk(None, item["finish_reason"])
-            yield "data: [DONE]\n\n"
+            outcome = "cancelled"  # unless it ends below: the client went away
+            try:
+                if chat:
+                    yield chunk(None, None, first=True)
+                got_first = False
+                async for item in handle.stream.remote(row):
+                    if "delta" in item:
+                        if not got_first:
+                            metrics.ttft.observe(time.perf_counter() - start)
+                            got_first = True
+                        yield chunk(item["delta"], None)
+                    elif "error" in item:
+                        outcome = "error"
+                        logger.error("stream %s failed: %s", rid, item["error"])
+                        yield failed(f"generation failed: {item['error']}")
+                        return
+                    else:
+                        metrics.tokens.inc(item["tokens"])
+                        yield chunk(None, item["finish_reason"])
+                outcome = "finished"
+                yield "data: [DONE]\n\n"
+            except Exception as exc:  # the model replica died or refused mid-stream
+                outcome = "error"
+                logger.exception("stream %s failed", rid)
+                yield failed(f"generation failed: {type(exc).__name__}: {exc}"[:300])
+            finally:
+                metrics.streams.inc(tags={"outcome": outcome})
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -494,13 +660,18 @@ class Ingress:
     async def reward(self, request: Request) -> Any:
         async def work() -> Any:
             if self.rewards is None:
-                raise RequestError(404, "no reward models are served by this endpoint", code="not_served")
+                raise RequestError(
+                    404,
+                    "no reward models are served by this endpoint (serve.reward_route is off)",
+                    code="not_served",
+                )
             req = await self._body(request, RewardRequest)
+            self._check_size([m.content for m in req.messages], "messages")
             prompt, answer = req.prompt_and_answer()
             scores = await self.rewards.score.remote(prompt, answer, req.is_safety)
             return {"object": "reward", "model": self.model.name, **scores}
 
-        return await self._handle("/v1/reward", request, work)
+        return await self._handle("/v1/reward", request, work, key=self.reward_key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,6 +687,7 @@ def build_app(args: dict[str, Any]) -> Any:
     from paddock.config import ServeConfig
 
     cfg = ServeConfig.model_validate(args.get("serve", {}))
+    check_exposure(cfg)
     model = dict(args["model"])
     if not Path(model.get("path") or "").is_dir():
         if not model.get("uri"):
@@ -532,19 +704,59 @@ def build_app(args: dict[str, Any]) -> Any:
         "target_ongoing_requests": cfg.target_ongoing_requests,
     }
     chat = ChatModel.options(  # type: ignore[attr-defined]
-        ray_actor_options=actor, autoscaling_config=autoscaling, max_ongoing_requests=cfg.max_ongoing_requests
+        ray_actor_options=actor,
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
     ).bind(model["path"], cfg.threads, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.dtype)
     rewards = None
-    if args.get("reward_helpfulness") and args.get("reward_safety"):
+    if cfg.reward_route and args.get("reward_helpfulness") and args.get("reward_safety"):
         rewards = RewardModels.options(  # type: ignore[attr-defined]
             ray_actor_options={"num_cpus": cfg.cpus_per_replica / 2}
         ).bind(args["reward_helpfulness"], args["reward_safety"], cfg.reward_seq_len, cfg.threads, cfg.dtype)
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(  # type: ignore[attr-defined]
+    limits = {
+        "max_body_bytes": cfg.max_body_bytes,
+        "max_messages": cfg.max_messages,
+        "max_prompt_chars": cfg.max_prompt_chars,
+        "docs": cfg.docs,
+        "reward_api_key": cfg.reward_api_key,
+    }
+    return Ingress.options(  # type: ignore[attr-defined]
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=cfg.max_ongoing_requests * max(1, cfg.max_replicas),
+        max_queued_requests=cfg.max_queued_requests,
+    ).bind(
         chat,
         rewards,
         {"name": model["name"], "version": str(model["version"]), "path": model["path"]},
         cfg.api_key,
         cfg.default_max_tokens,
+        limits,
+    )
+
+
+class ExposureError(ValueError):
+    """A Serve app that would listen beyond this machine with no API key."""
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(cfg: Any) -> None:
+    """Fail closed: a non-loopback bind needs an API key (``serve.api_key`` or PADDOCK_API_KEY)."""
+    if is_loopback(cfg.host) or cfg.api_key or os.environ.get("PADDOCK_API_KEY"):
+        return
+    raise ExposureError(
+        f"serve.host is {cfg.host!r}, reachable beyond this machine, and no API key is set: export "
+        "PADDOCK_API_KEY=<a long random string> (or set serve.api_key), or bind 127.0.0.1"
     )
 
 

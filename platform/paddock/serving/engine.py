@@ -36,7 +36,9 @@ class Row:
     params: SamplingParams
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
+    error: BaseException | None = None  # why this row alone failed (finish_reason "error")
+    cancelled: bool = False  # set by the caller (its client went away): the row leaves at the next step
 
 
 MIN_TEMPERATURE = 1e-4
@@ -112,10 +114,22 @@ class Batch:
         self.generators += generators
 
     def pick(self) -> list[int]:
-        """Each live row's next token (appended to its ``tokens``; EOS and ``max_tokens`` end the row)."""
+        """Each live row's next token (appended to its ``tokens``; EOS and ``max_tokens`` end the row).
+
+        A row whose choice fails ends alone with ``finish_reason`` "error" (its ``error`` says why); a cancelled
+        row ends with "cancelled". Either way the other rows' tokens are what they would have been."""
         step = []
         for i, r in enumerate(self.rows):
-            token = pick(self.logits[i], r.params, self.generators[i])
+            if r.cancelled:
+                r.finish_reason = "cancelled"
+                step.append(-1)
+                continue
+            try:
+                token = pick(self.logits[i], r.params, self.generators[i])
+            except Exception as exc:
+                r.error, r.finish_reason = exc, "error"
+                step.append(-1)
+                continue
             r.tokens.append(token)
             if token == self.eos_id:
                 r.finish_reason = "stop"

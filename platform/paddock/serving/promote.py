@@ -96,7 +96,7 @@ def write_serve_config(job: PromoteJob, args: dict[str, Any]) -> Path:
     args = args | {"serve": args["serve"] | {"api_key": None}}
     config = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": job.serve.host, "port": job.serve.port},
+        "http_options": http_options(job),
         "applications": [
             {
                 "name": job.serve.app_name,
@@ -121,8 +121,13 @@ def deploy(job: PromoteJob, args: dict[str, Any]) -> None:
 
     from paddock.serving.app import build_app
 
-    serve.start(http_options={"host": job.serve.host, "port": job.serve.port})
-    serve.run(build_app(args), name=job.serve.app_name, route_prefix="/", blocking=False)
+    app = build_app(args)  # refuses an exposed bind without a key before anything starts
+    serve.start(http_options=http_options(job))
+    serve.run(app, name=job.serve.app_name, route_prefix="/", blocking=False)
+
+
+def http_options(job: PromoteJob) -> dict[str, Any]:
+    return {"host": job.serve.host, "port": job.serve.port, "request_timeout_s": job.serve.request_timeout_s}
 
 
 def promote(
@@ -199,7 +204,7 @@ def serve_forever(job: PromoteJob, name: str | None, alias: str) -> None:
     url = f"http://{job.serve.host}:{job.serve.port}"
     print(
         f"[serve] {name} v{version} ({alias}) at {url}/v1/chat/completions"
-        + (", /v1/reward" if "reward_safety" in args else "")
+        + (", /v1/reward" if job.serve.reward_route and "reward_safety" in args else "")
         + (" (API key required)" if job.serve.api_key or _env_key() else "")
         + "; Ctrl-C to stop",
         flush=True,
@@ -208,8 +213,8 @@ def serve_forever(job: PromoteJob, name: str | None, alias: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    print("[serve] shutting down", flush=True)
-    serve.shutdown()
+    print(f"[serve] deleting the application {job.serve.app_name!r}", flush=True)
+    serve.delete(job.serve.app_name)  # paddock's own: other applications on the cluster keep running
 
 
 def _env_key() -> bool:

@@ -15,6 +15,8 @@ from paddock.data.chat import ChatFormatError, check_turns
 
 MAX_N = 8
 MAX_STOP = 4
+# A request's n rows draw from seeds seed .. seed + n - 1; torch generators take seeds below 2^63 here.
+MAX_SEED = 2**63 - 1 - MAX_N
 
 
 class RequestError(Exception):
@@ -76,7 +78,7 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
 
     @field_validator("stop")
