@@ -291,19 +291,28 @@ def test_an_exposed_bind_without_a_key_refuses_to_start(monkeypatch):
 
 
 def test_docs_and_schema_are_off_by_default_and_behind_the_key_when_on():
-    from fastapi.testclient import TestClient
-    from paddock.serving import app as served
+    import asyncio
+    import json
+    from types import SimpleNamespace
 
-    client = TestClient(served.app)
-    try:
-        served._docs.update(on=False, key=None)
-        assert client.get("/openapi.json").status_code == 404 and client.get("/docs").status_code == 404
-        served._docs.update(on=True, key="sk-test")
-        denied = client.get("/openapi.json")
-        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
-        wrong = client.get("/openapi.json", headers={"Authorization": "Bearer sk-tesT"})
-        assert wrong.status_code == 401
-        schema = client.get("/openapi.json", headers={"Authorization": "Bearer sk-test"})
-        assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
-    finally:
-        served._docs.update(on=False, key=None)
+    from paddock.serving.app import Ingress, Limits
+
+    cls = Ingress.func_or_class
+    fake = SimpleNamespace(api_key="sk-test", metrics=SimpleNamespace(observe=lambda *a: None))
+    fake._authorize = lambda request, key=None: cls._authorize(fake, request, key)
+    fake._handle = lambda route, request, work, key=None: cls._handle(fake, route, request, work, key)
+    fake._docs_on = lambda: cls._docs_on(fake)
+
+    def get(headers: dict[str, str]) -> tuple[int, dict]:
+        response = asyncio.run(cls.openapi_schema(fake, SimpleNamespace(headers=headers)))
+        return response.status_code, json.loads(response.body)
+
+    fake.limits = Limits(docs=False)
+    code, body = get({"authorization": "Bearer sk-test"})
+    assert code == 404 and body["error"]["code"] == "not_found"
+    fake.limits = Limits(docs=True)
+    code, body = get({})
+    assert code == 401 and body["error"]["code"] == "invalid_api_key"
+    assert get({"authorization": "Bearer sk-tesT"})[0] == 401
+    code, body = get({"authorization": "Bearer sk-test"})
+    assert code == 200 and "/v1/chat/completions" in body["paths"] and "/openapi.json" not in body["paths"]

@@ -285,28 +285,19 @@ class Metrics:
         self.latency.observe(seconds, tags={"route": route})
 
 
-app = FastAPI(title="paddock", description="OpenAI-compatible chat and reward endpoints for paddock models.")
-DOCS_PATHS = ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
-# This replica's settings for the routes FastAPI serves itself (the schema and docs): set by ``Ingress``.
-_docs: dict[str, Any] = {"on": False, "key": None}
+# The schema and docs are Ingress routes (behind serve.docs and the key), not FastAPI's own open ones.
+app = FastAPI(
+    title="paddock",
+    description="OpenAI-compatible chat and reward endpoints for paddock models.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 def _key_matches(header: str, key: str) -> bool:
     """Constant-time comparison of an Authorization header with ``Bearer <key>``."""
     return hmac.compare_digest(header.encode(), f"Bearer {key}".encode())
-
-
-@app.middleware("http")
-async def _guard_docs(request: Request, call_next: Any) -> Any:
-    if request.url.path in DOCS_PATHS:
-        if not _docs["on"]:
-            return JSONResponse(error_body("not found", "invalid_request_error", code="not_found"), 404)
-        key = _docs["key"]
-        if key is not None and not _key_matches(request.headers.get("authorization", ""), key):
-            return JSONResponse(
-                error_body("missing or wrong API key", "authentication_error", code="invalid_api_key"), 401
-            )
-    return await call_next(request)
 
 
 def _error(exc: RequestError) -> JSONResponse:
@@ -357,7 +348,6 @@ class Ingress:
         self.reward_key = (
             self.limits.reward_api_key or os.environ.get("PADDOCK_REWARD_API_KEY") or self.api_key
         )
-        _docs.update(on=self.limits.docs, key=self.api_key)
         self.metrics = Metrics()
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -521,6 +511,32 @@ class Ingress:
                 headers={"Retry-After": "5"},
             )
         return {"status": "ok", "model": self.model.name, "version": self.model.version, **state}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(self, request: Request) -> Any:
+        """The OpenAPI schema, when ``serve.docs`` is on (behind the API key)."""
+
+        async def work() -> Any:
+            self._docs_on()
+            return JSONResponse(app.openapi())
+
+        return await self._handle("/openapi.json", request, work)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Any:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        async def work() -> Any:
+            self._docs_on()
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="paddock")
+
+        return await self._handle("/docs", request, work)
+
+    def _docs_on(self) -> None:
+        if not self.limits.docs:
+            raise RequestError(
+                404, "the schema and docs are not served here (serve.docs is off)", code="not_found"
+            )
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Any:
