@@ -5,7 +5,8 @@ the hub; every rank reads the rows from the object store, shuffles them with the
 slice of each mini-batch: one optimiser step per mini-batch for the policy (clipped surrogate) and for the value
 model (clipped value loss). Then every rank joins the gather of the weights, one layer at a time under ZeRO-3,
 and rank 0 puts them in buckets in the object store and publishes the buckets' refs as one version.
-Checkpoints hold both DeepSpeed engines, the iteration and the driver's reward statistics; a restarted worker group resumes from the newest one.
+Checkpoints hold both DeepSpeed engines, the iteration and the driver's reward statistics; a restarted worker
+group resumes from the newest one.
 
 Ray touches this loop at named points only: ``get_context``, ``get_checkpoint``, ``report`` and the two actors
 (hub and buffer) it finds by name.
