@@ -331,7 +331,7 @@ def ppo_part(
         {
             "role": "whole PPO iteration, colocated",
             "measured_gib": sum(r["weights_gib"] for r in meter.rows.values()) if gpu else None,
-            "device_peak_gib": total,
+            "device_peak_gib": total,  # during the learners' step, with every copy resident: the iteration's peak
             "answers": len(samples),
             "response_tokens": sum(len(s.response_ids) for s in samples),
             "publish_s": publish_s,
