@@ -262,54 +262,22 @@ def ppo_part(
     engine.load_buckets(rollout, policy_buckets)
     publish_s = time.perf_counter() - t0
 
+    lm, scalar = plan.ModelShape.of(rollout.config), plan.ModelShape.of(reward.config, scalar=True)
+
+    def copy_plan(role: str, shape: Any, generates: bool) -> Any:
+        gpus = 1.0 if gpu else 0.0
+        return plan.inference_role(
+            role, 1, gpus, shape, _name(dtype), budget, generates=generates, keys=[], seq_len=p.seq_len
+        )
+
     planned = {
-        "rollout worker": plan.inference_role(
-            "rollout worker",
-            1,
-            1.0 if gpu else 0.0,
-            plan.ModelShape.of(rollout.config),
-            _name(dtype),
-            budget,
-            generates=True,
-            keys=[],
-            seq_len=p.seq_len,
-        ),
-        "reference scorer": plan.inference_role(
-            "reference scorer",
-            1,
-            1.0 if gpu else 0.0,
-            plan.ModelShape.of(reference.config),
-            _name(dtype),
-            budget,
-            generates=False,
-            keys=[],
-            seq_len=p.seq_len,
-        ),
-        "reward scorer": plan.inference_role(
-            "reward scorer",
-            1,
-            1.0 if gpu else 0.0,
-            plan.ModelShape.of(reward.config, scalar=True),
-            _name(dtype),
-            budget,
-            generates=False,
-            keys=[],
-            seq_len=p.seq_len,
-        ),
-        "value scorer": plan.inference_role(
-            "value scorer",
-            1,
-            1.0 if gpu else 0.0,
-            plan.ModelShape.of(reward.config, scalar=True),
-            _name(dtype),
-            budget,
-            generates=False,
-            keys=[],
-            seq_len=p.seq_len,
-        ),
+        "rollout worker": copy_plan("rollout worker", lm, True),
+        "reference scorer": copy_plan("reference scorer", lm, False),
+        "reward scorer": copy_plan("reward scorer", scalar, False),
+        "value scorer": copy_plan("value scorer", scalar, False),
         "learner (policy + value)": plan.learner_role(
             "learner (policy + value)",
-            [plan.ModelShape.of(rollout.config), plan.ModelShape.of(reward.config, scalar=True)],
+            [lm, scalar],
             tc,
             p.seq_len,
             logits_tokens=p.max_new_tokens,
