@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 from _world import bench_world, write_result
+from gpu_mfu import peak_flops  # the dense bf16 peaks by device name
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
-PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
 class Meter:
@@ -126,7 +126,7 @@ def sft_part(
     m = plan.ModelShape.of(eng.module.config)
     planned = plan.learner_role("SFT learner", [m], tc, args.seq_len)
     row = meter.rows["SFT learner"]
-    peak = args.peak_flops or next((v for k, v in PEAKS.items() if k in _device_name(device)), None)
+    peak = args.peak_flops or peak_flops(_device_name(device))
     return {
         "role": "SFT learner",
         "plan_gib": planned.device_gib if gpu else planned.host_gib,

@@ -295,7 +295,8 @@ def test_docs_and_schema_are_off_by_default_and_behind_the_key_when_on():
     import json
     from types import SimpleNamespace
 
-    from paddock.serving.app import Ingress, Limits
+    from paddock.config import ServeConfig
+    from paddock.serving.app import Ingress
 
     cls = Ingress.func_or_class
     fake = SimpleNamespace(api_key="sk-test", metrics=SimpleNamespace(observe=lambda *a: None))
@@ -307,10 +308,10 @@ def test_docs_and_schema_are_off_by_default_and_behind_the_key_when_on():
         response = asyncio.run(cls.openapi_schema(fake, SimpleNamespace(headers=headers)))
         return response.status_code, json.loads(response.body)
 
-    fake.limits = Limits(docs=False)
+    fake.limits = ServeConfig(docs=False)
     code, body = get({"authorization": "Bearer sk-test"})
     assert code == 404 and body["error"]["code"] == "not_found"
-    fake.limits = Limits(docs=True)
+    fake.limits = ServeConfig(docs=True)
     code, body = get({})
     assert code == 401 and body["error"]["code"] == "invalid_api_key"
     assert get({"authorization": "Bearer sk-tesT"})[0] == 401

@@ -310,17 +310,6 @@ def _too_large(size: int, limit: int) -> RequestError:
     )
 
 
-@dataclass
-class Limits:
-    """What one request may ask of the ingress (``ServeConfig``'s fields of the same names)."""
-
-    max_body_bytes: int = 1 << 20
-    max_messages: int = 64
-    max_prompt_chars: int = 32_000
-    docs: bool = False
-    reward_api_key: str | None = None
-
-
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -331,7 +320,7 @@ class Ingress:
         model: dict[str, str],
         api_key: str | None = None,
         default_max_tokens: int = 256,
-        limits: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,  # a ServeConfig's fields: body, message and prompt caps, docs
     ):
         from transformers import AutoConfig
 
@@ -344,7 +333,9 @@ class Ingress:
         self.context = int(config.max_position_embeddings)
         self.api_key = api_key or os.environ.get("PADDOCK_API_KEY") or None
         self.default_max_tokens = default_max_tokens
-        self.limits = Limits(**(limits or {}))
+        from paddock.config import ServeConfig
+
+        self.limits = ServeConfig.model_validate(limits or {})
         self.reward_key = (
             self.limits.reward_api_key or os.environ.get("PADDOCK_REWARD_API_KEY") or self.api_key
         )
@@ -730,13 +721,6 @@ def build_app(args: dict[str, Any]) -> Any:
         rewards = RewardModels.options(  # type: ignore[attr-defined]
             ray_actor_options={"num_cpus": cfg.cpus_per_replica / 2}
         ).bind(args["reward_helpfulness"], args["reward_safety"], cfg.reward_seq_len, cfg.threads, cfg.dtype)
-    limits = {
-        "max_body_bytes": cfg.max_body_bytes,
-        "max_messages": cfg.max_messages,
-        "max_prompt_chars": cfg.max_prompt_chars,
-        "docs": cfg.docs,
-        "reward_api_key": cfg.reward_api_key,
-    }
     return Ingress.options(  # type: ignore[attr-defined]
         ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=cfg.max_ongoing_requests * max(1, cfg.max_replicas),
@@ -747,7 +731,7 @@ def build_app(args: dict[str, Any]) -> Any:
         {"name": model["name"], "version": str(model["version"]), "path": model["path"]},
         cfg.api_key,
         cfg.default_max_tokens,
-        limits,
+        cfg.model_dump(mode="json"),
     )
 
 

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +85,12 @@ def is_partitioned(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def gathered_state(
-    module: torch.nn.Module, rank: int, dtype: torch.dtype | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+def gathered_state(module: torch.nn.Module, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Every entry of ``module.state_dict()`` as (name, host tensor) at rank 0, in state-dict order.
 
     Under ZeRO-3 each submodule's own parameters are gathered in turn (every rank must iterate this to the end,
     in lockstep), so a device holds at most one layer's full weights beyond its partition. Tensors keep their
-    dtype unless ``dtype`` is given; other ranks yield nothing."""
+    dtype; other ranks yield nothing."""
     import deepspeed
 
     zero3 = is_partitioned(module)
@@ -105,27 +103,22 @@ def gathered_state(
         ]
         if not own and not buffers:
             continue
-        ctx = deepspeed.zero.GatheredParameters(own, modifier_rank=None) if zero3 and own else _nothing()
-        with ctx:
+        gather = (
+            deepspeed.zero.GatheredParameters(own, modifier_rank=None) if zero3 and own else nullcontext()
+        )
+        with gather:
             if rank != 0:
                 continue
             for name, t in [*sub._parameters.items(), *buffers]:
                 if t is None:
                     continue
                 key = f"{prefix}.{name}" if prefix else name
-                yield key, t.detach().to("cpu", dtype or t.dtype, copy=True)
+                yield key, t.detach().to("cpu", copy=True)
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
-def full_state(
-    module: torch.nn.Module, rank: int, dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor] | None:
+def full_state(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
     """The state dict on the host at rank 0 (None elsewhere), gathered one submodule at a time."""
-    state = dict(gathered_state(module, rank, dtype))
+    state = dict(gathered_state(module, rank))
     return state if rank == 0 else None
 
 
