@@ -145,6 +145,7 @@ def ppo_part(
     from paddock import plan
     from paddock.config import OptimConfig, PPOConfig, TrainConfig
     from paddock.models import build_causal_lm, inference_dtype, load_causal_lm, load_scalar_model
+    from paddock.ppo import sync
     from paddock.ppo.experience import build_experience
     from paddock.ppo.learner import Learner, LearnerSpec
     from paddock.rollout.core import (
@@ -207,6 +208,8 @@ def ppo_part(
         buffer="none",
         namespace="none",
         seed=0,
+        # no group here: the publication below hands its buckets over in-process
+        channel=sync.Channel("127.0.0.1", 0, "nccl" if gpu else "gloo", sync.dtype_name(dtype), 60.0),
     )
     learner = meter.load("learner (policy + value)", lambda: Learner(spec, 0, 1))
 
@@ -258,8 +261,10 @@ def ppo_part(
     experience = build_experience(rows, ref, vals, r_h.tolist(), r_h.tolist(), p)
     stats = meter.work("learner (policy + value)", lambda: learner.train_iteration(experience.rows, 0))
     t0 = time.perf_counter()
-    policy_buckets, _, nbytes = learner.publish_weights(lambda b: b, 256 * 2**20)
-    engine.load_buckets(rollout, policy_buckets)
+    # The publication's buckets (paddock.ppo.sync), handed over in-process: no group, the copies only.
+    lay = sync.module_layout(learner.policy.module, 256 * 2**20, dtype)
+    tensors = engine.gathered_state(learner.policy.module, 0, to_host=False)
+    nbytes = sync.load_into(rollout, sync.unflatten(lay, sync.flat_buckets(lay, tensors, dtype, device)))
     publish_s = time.perf_counter() - t0
 
     lm, scalar = plan.ModelShape.of(rollout.config), plan.ModelShape.of(reward.config, scalar=True)

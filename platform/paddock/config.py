@@ -573,7 +573,13 @@ class PPOConfig(Strict):
     publish_bucket_mb: int = Field(
         256,
         ge=1,
-        description="Weight publication puts the learners' weights in object-store buckets of about this many MiB.",
+        description="Weight publication streams the learners' weights in buckets of about this many MiB.",
+    )
+    weight_sync_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="A publication's stream fails when its receivers have not all joined (or a bucket has not "
+        "arrived) in this time; the learners go on and the next version reaches everyone alive.",
     )
     spill: bool = Field(
         False, description="Write every experience batch to Parquet under the run's directory."

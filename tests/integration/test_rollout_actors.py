@@ -1,4 +1,4 @@
-"""Rollout workers and scorers as Ray actors: weights published by version, scores, restart after a kill."""
+"""Rollout workers and scorers as Ray actors: weights streamed by version, scores, restart after a kill."""
 
 import os
 import signal
@@ -48,9 +48,18 @@ def test_worker_generates_and_loads_published_weights(ray_cluster, checkpoints: 
     for r, lp in zip(rows, ref_lp, strict=True):
         assert lp == pytest.approx(r["behaviour_logprobs"], abs=1e-4)
 
-    # Publish other weights as version 1: the worker's log-probs now differ from the reference's.
-    state = load_causal_lm(checkpoints / "other").state_dict()
-    assert ray.get(worker.load_weights.remote(1, [ray.put(state)])) == 1
+    # Publish other weights as version 1 over a gloo group (this process sends, as learner rank 0 does): the
+    # worker's log-probs now differ from the reference's.
+    import torch
+    from paddock.ppo import sync
+
+    store = sync.rendezvous("127.0.0.1", 60.0)
+    channel = sync.Channel("127.0.0.1", store.port, "gloo", "float32", 60.0).sub("pub1/policy", 2)
+    other = load_causal_lm(checkpoints / "other")
+    lay = sync.module_layout(other, 64 * 1024, torch.float32)
+    received = worker.receive.remote(channel, lay, 1, 1)
+    assert sync.send_module(channel, other, lay, 0, torch.device("cpu")) == sync.nbytes(lay, torch.float32)
+    assert ray.get(received) == 1 and ray.get(worker.version.remote()) == 1
     rows1 = ray.get(worker.generate.remote(PROMPTS, seed=0))
     assert all(r["policy_version"] == 1 for r in rows1)
     ref_lp1 = ray.get(

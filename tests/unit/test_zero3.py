@@ -66,8 +66,18 @@ def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
             "same_state": set(state) == set(reference)
             and all(torch.equal(state[k], reference[k]) for k in reference),
         }
-    # Publication in buckets, loaded into an unpartitioned copy elsewhere.
-    refs, total = engine.weight_buckets(model, rank, lambda bucket: bucket, BUCKET)
+    # Publication: the layout comes from the partitioned model without gathering it; the buckets are filled one
+    # gathered layer at a time (every rank iterates) and loaded into an unpartitioned copy.
+    from paddock.ppo import sync
+
+    lay = sync.module_layout(model, BUCKET, torch.float32)
+    tensors = engine.gathered_state(model, rank, to_host=False)
+    copy = load_causal_lm(ckpt) if rank == 0 else None
+    if copy is not None:
+        flats = sync.flat_buckets(lay, tensors, torch.float32, torch.device("cpu"))
+        total = sync.load_into(copy, sync.unflatten(lay, flats))
+    for _ in tensors:
+        pass
     fresh_state = engine.full_state(fresh, rank)
     decay_groups = [len(g["params"]) for g in adamw(model, optim).param_groups]
     eng, _ = engine.initialize(model, optim, tc, world, total_steps=4)
@@ -77,17 +87,12 @@ def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
     eng.step()
     export = Path(out).parent / "export"
     engine.export_hf(eng.module, export, str(Path(ckpt)), rank)
-    if rank == 0:
-        copy = load_causal_lm(ckpt)
-        engine.load_buckets(copy, refs)
-        sizes = [sum(t.numel() * t.element_size() for t in b.values()) for b in refs]
-        biggest_tensor = max(t.numel() * t.element_size() for b in refs for t in b.values())
+    if copy is not None:
         assert fresh_state is not None
         result |= {
-            "buckets": len(refs),
+            "buckets": len(lay),
             "bucket_total": total,
-            "bucket_max": max(sizes),
-            "bucket_bound": BUCKET + biggest_tensor,
+            "layout_whole": lay == sync.module_layout(load_causal_lm(ckpt), BUCKET, torch.float32),
             "buckets_same": all(torch.equal(copy.state_dict()[k], reference[k]) for k in reference),
             "fresh_embed_std": fresh_state["model.embed_tokens.weight"].std().item(),
             "decay_groups": decay_groups,
@@ -129,10 +134,10 @@ def test_gathering_holds_one_layer_at_a_time_and_gives_the_exact_weights(zero3):
     assert 0 < r["most_whole"] <= r["largest_module"] < r["full"] / 3
 
 
-def test_publication_buckets_are_bounded_and_load_back_exactly(zero3):
+def test_publication_streams_the_partitioned_weights_exactly(zero3):
     r, _ = zero3
+    assert r["layout_whole"]  # full shapes (ds_shape), as an unpartitioned model's
     assert r["buckets"] > 10 and r["bucket_total"] == r["full"] * 4
-    assert r["bucket_max"] <= r["bucket_bound"]
     assert r["buckets_same"]
 
 

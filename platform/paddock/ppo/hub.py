@@ -1,9 +1,10 @@
-"""The policy hub: where learners publish weights by version and the PPO driver picks them up.
+"""The policy hub: where learners announce weights by version and the PPO driver picks them up.
 
-Rank 0 of the learners ``ray.put``s the policy and value state dicts once per iteration and hands the hub
-their refs (wrapped in lists, so the tensors never pass through this actor). Versions count publications and
-only go up, also across a learner restart: a restarted learner group publishes the weights of the checkpoint it
-resumed from as a new version, and the rollout buffer drops experience sampled by the lost ones.
+Rank 0 of the learners announces each publication here (its version, the layout of the policy's and the value
+model's tensors) and then streams the weights over that version's process groups (``paddock.ppo.sync``), which
+the driver has the receivers join: no tensor passes through this actor or the object store. Versions count
+publications and only go up, also across a learner restart: a restarted learner group publishes the weights of
+the checkpoint it resumed from as a new version, and the rollout buffer drops experience sampled by the lost ones.
 
 The hub also carries what learners and driver tell each other: each iteration's learner statistics, a stop
 request (early stopping, KL limit) and the driver's small state that a checkpoint must keep (running reward
@@ -19,15 +20,16 @@ from typing import Any
 
 import ray
 
+from paddock.ppo.sync import Layout
+
 
 @dataclass
 class Publication:
     version: int
     iteration: int  # optimisation iterations the weights have seen
-    policy: list[ray.ObjectRef]
-    value: list[ray.ObjectRef]
-    nbytes: int
-    publish_s: float  # rank 0's gather + put time
+    policy: Layout  # what the "pub{version}/policy" group carries
+    value: Layout  # and "pub{version}/value"
+    nbytes: int  # both, in the inference precision
     published_at: float = field(default_factory=time.time)
     stats: dict[str, float] = field(default_factory=dict)  # the learners' statistics of that iteration
 
@@ -41,24 +43,22 @@ class PolicyHub:
         self.finished = False
         self.driver_state: dict[str, Any] = {}
         self.batches: dict[int, list[Any] | None] = {}
-        self.acked = 0
 
     async def publish(
         self,
         iteration: int,
-        policy: list[ray.ObjectRef],
-        value: list[ray.ObjectRef],
+        policy: Layout,
+        value: Layout,
         nbytes: int,
-        publish_s: float,
         stats: dict[str, float] | None = None,
     ) -> int:
-        """Record new weights; returns their version (one more than the last, whoever published it)."""
+        """Announce new weights; returns their version (one more than the last, whoever published it)."""
         async with self.changed:
             version = 1 if self.latest is None else self.latest.version + 1
             # A (re)started learner group begins at ``iteration``: batches handed out from there on are void.
             for stale in [i for i in self.batches if i >= iteration]:
                 del self.batches[stale]
-            self.latest = Publication(version, iteration, policy, value, nbytes, publish_s, stats=stats or {})
+            self.latest = Publication(version, iteration, policy, value, nbytes, stats=stats or {})
             self.changed.notify_all()
             return version
 
@@ -78,33 +78,12 @@ class PolicyHub:
                 return self.latest
             return None
 
-    async def ack(self, version: int) -> None:
-        """The driver is done with ``version``'s refs (loaded, evaluated, saved): its owner may go."""
-        async with self.changed:
-            self.acked = max(self.acked, version)
-            self.changed.notify_all()
-
-    async def wait_ack(self, version: int, timeout_s: float) -> bool:
-        async with self.changed:
-            try:
-                await asyncio.wait_for(self.changed.wait_for(lambda: self.acked >= version), timeout_s)
-            except asyncio.TimeoutError:
-                return False
-            return True
-
     def version(self) -> int:
         return 0 if self.latest is None else self.latest.version
 
     async def request_stop(self, reason: str) -> None:
         async with self.changed:
             self.stop_reason = self.stop_reason or reason
-            self.changed.notify_all()
-
-    async def abandon(self, reason: str) -> None:
-        """The driver is gone: stop, and release every wait for an acknowledgement."""
-        async with self.changed:
-            self.stop_reason = self.stop_reason or reason
-            self.acked = 1 << 62
             self.changed.notify_all()
 
     def stop_requested(self) -> str | None:

@@ -3,8 +3,9 @@
 Each iteration, rank 0 takes one batch of experience from the rollout buffer (refs only) and leaves the refs on
 the hub; every rank reads the rows from the object store, shuffles them with the iteration's seed, and keeps its
 slice of each mini-batch: one optimiser step per mini-batch for the policy (clipped surrogate) and for the value
-model (clipped value loss). Then every rank joins the gather of the weights, one layer at a time under ZeRO-3,
-and rank 0 puts them in buckets in the object store and publishes the buckets' refs as one version.
+model (clipped value loss). Then rank 0 announces the new version on the hub and every rank joins the gather of
+the weights, one layer at a time under ZeRO-3, while rank 0 streams them in buckets over the version's process
+groups to the rollout workers and the value scorer (``paddock.ppo.sync``).
 Checkpoints hold both DeepSpeed engines, the iteration and the driver's reward statistics; a restarted worker
 group resumes from the newest one.
 
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from paddock.config import OptimConfig, PPOConfig, TrainConfig
 from paddock.models import load_causal_lm, load_scalar_model, set_gradient_checkpointing
+from paddock.ppo import sync
 from paddock.ppo.experience import learner_batch
 from paddock.rlhf.ppo import entropy_from_logprobs, ppo_policy_loss, value_loss
 from paddock.rollout.core import TokenValues, pick_logprobs, response_logits
@@ -48,6 +50,7 @@ class LearnerSpec(BaseModel):
     buffer: str
     namespace: str
     seed: int
+    channel: sync.Channel  # the run's rendezvous; each publication's groups are named after its version
 
 
 def _broadcast_flag(flag: bool) -> bool:
@@ -77,13 +80,29 @@ class Learner:
         set_gradient_checkpointing(scalar, tc.gradient_checkpointing)
         self.policy, _ = ds.initialize(policy, spec.optim, tc, world, steps)
         self.value, _ = ds.initialize(TokenValues(scalar), spec.value_optim, tc, world, steps)
+        wire, bucket = spec.channel.torch_dtype, ppo.publish_bucket_mb * 2**20
+        self.layouts = (
+            sync.module_layout(self.policy.module, bucket, wire),
+            sync.module_layout(self.value.module, bucket, wire),
+        )
 
-    def publish_weights(self, put: Any, bucket_bytes: int) -> tuple[list[Any], list[Any], int]:
-        """(policy buckets, value buckets, policy bytes) put with ``put`` at rank 0, gathered one layer at a
-        time in the learners' dtype; every rank must call it."""
-        policy, nbytes = ds.weight_buckets(self.policy.module, self.rank, put, bucket_bytes)
-        value, _ = ds.weight_buckets(self.value.module, self.rank, put, bucket_bytes)
-        return policy, value, nbytes
+    def stream_weights(self, version: int) -> list[str]:
+        """Send the policy to the rollout workers and the value model to the value scorer over ``version``'s
+        groups; every rank must call it (they gather in lockstep under ZeRO-3), rank 0 sends. Returns what
+        failed (a receiver gone, none joined in time), at rank 0."""
+        ch, failed = self.spec.channel, []
+        streams = [
+            ("policy", self.policy.module, self.layouts[0], self.spec.ppo.rollout_workers + 1),
+            ("value", self.value.module, self.layouts[1], 2),
+        ]
+        for name, module, lay, size in streams:
+            try:
+                sync.send_module(
+                    ch.sub(f"pub{version}/{name}", size), module, lay, self.rank, self.policy.device
+                )
+            except Exception as exc:  # the group's failure: gloo/NCCL errors, a store timeout
+                failed.append(f"{name}: {type(exc).__name__}: {exc}")
+        return failed
 
     def train_iteration(self, rows: list[dict[str, Any]], iteration: int) -> dict[str, float]:
         """One PPO update over the iteration's rows (every rank holds them all and keeps its slices)."""
@@ -182,22 +201,24 @@ def learner_worker(config: dict[str, Any]) -> None:
             ray.get(hub.set_driver_state.remote(driver_state))
             print(f"[ppo] learners resumed from the checkpoint of iteration {start}", flush=True)
 
-    def publish(iteration: int, stats: dict[str, float]) -> int:
-        """Every rank joins the gather; rank 0 puts the weights in buckets and announces them. Returns the
-        version."""
-        t0 = time.perf_counter()
-        policy_refs, value_refs, nbytes = learner.publish_weights(ray.put, ppo.publish_bucket_mb * 2**20)
-        version = 0
+    def publish(iteration: int, stats: dict[str, float]) -> None:
+        """Rank 0 announces the version; every rank joins the gather while rank 0 streams it.
+
+        A stream that fails (a receiver gone, none joined in time) is reported and training goes on: the driver
+        repairs a restarted rollout worker from a peer, and the next version reaches everyone alive."""
+        version = 0  # known at rank 0, the only one that joins the groups
         if rank == 0:
-            publish_s = time.perf_counter() - t0
-            published: Any = hub.publish.remote(iteration, policy_refs, value_refs, nbytes, publish_s, stats)
+            wire = spec.channel.torch_dtype
+            nbytes = sum(sync.nbytes(lay, wire) for lay in learner.layouts)
+            published: Any = hub.publish.remote(iteration, *learner.layouts, nbytes, stats)
             version = int(ray.get(published))
             ray.get(buffer.publish_version.remote(version))
+        for failure in learner.stream_weights(version):
+            print(f"[ppo] streaming version {version} failed, {failure}", flush=True)
         if dist.is_initialized():
             dist.barrier()  # no rank looks for a batch before the hub forgot those of a lost attempt
-        return version
 
-    version = publish(start, {})
+    publish(start, {})
     batch_rows = ppo.batch_prompts
     done = start
     for iteration in range(start, ppo.iterations):
@@ -222,7 +243,7 @@ def learner_worker(config: dict[str, Any]) -> None:
         stats = learner.train_iteration(rows, iteration)
         stats["ppo/batch_version_min"] = float(min(staleness))
         done = iteration + 1
-        version = publish(done, stats)
+        publish(done, stats)
         if rank == 0:
             ray.get(hub.drop_batch.remote(iteration))
         if done % ppo.checkpoint_every == 0 and done < ppo.iterations:
@@ -233,8 +254,6 @@ def learner_worker(config: dict[str, Any]) -> None:
 
     if rank == 0:
         ray.get(buffer.close.remote())
-        # The driver still reads the last publication (evaluation, best policy): its owner waits for it.
-        ray.get(hub.wait_ack.remote(version, ppo.take_timeout_s))
     with tempfile.TemporaryDirectory() as tmp:
         ds.export_hf(learner.policy.module, Path(tmp) / "hf", spec.tokenizer_dir, rank)
         if rank == 0:

@@ -2,8 +2,9 @@
 
 Roles (ARCHITECTURE.md, "Distributed PPO"):
 
-- the learners (``paddock.ppo.learner``, Ray Train + DeepSpeed) publish weights on the hub by version;
-- this driver loads each publication into the rollout workers and the value scorer (timed: the weight sync),
+- the learners (``paddock.ppo.learner``, Ray Train + DeepSpeed) announce weights on the hub by version and stream
+  them over that version's process groups (``paddock.ppo.sync``, whose rendezvous this driver hosts);
+- this driver has the rollout workers and the value scorer join those groups (timed: the weight sync),
   samples the iteration's prompts, scores them with the reference and both reward models, builds the experience
   (``paddock.ppo.experience``) and puts it in the buffer;
 - every ``eval_every`` iterations it scores held-out prompts, keeps the best policy on disk and stops early
@@ -11,7 +12,8 @@ Roles (ARCHITECTURE.md, "Distributed PPO"):
 
 Synchronous mode generates iteration k's batch with the weights of iteration k; asynchronous mode may run up to
 ``max_staleness`` iterations ahead, so that generation overlaps training. A rollout worker that comes back from
-a crash holds its start weights: the version stamped on its rows shows it, and it is reloaded and asked again.
+a crash holds its start weights: the version stamped on its rows shows it, and it gets the weights from a peer
+that holds them and is asked again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from paddock.config import PPOJob, paddock_home, resolve_path
 from paddock.data.validate import load_dataset
 from paddock.evaluate import evaluate_policy
 from paddock.metrics import record_ppo
+from paddock.models import inference_dtype
+from paddock.ppo import sync
 from paddock.ppo.buffer import RolloutBuffer
 from paddock.ppo.experience import build_experience, to_table
 from paddock.ppo.hub import PolicyHub, Publication
@@ -72,11 +76,16 @@ def _load_prompts(path: str, work: Path, name: str) -> tuple[list[dict[str, Any]
     return rows, report
 
 
+class WeightsLost(RuntimeError):
+    """No receiver holds the weights of a publication (its stream broke, or their holders restarted)."""
+
+
 class Actors:
     """The rollout workers and scorers of one PPO run."""
 
-    def __init__(self, job: PPOJob, policy: str, rm_h: str, rm_s: str, value: str):
+    def __init__(self, job: PPOJob, policy: str, rm_h: str, rm_s: str, value: str, channel: sync.Channel):
         p = job.ppo
+        self.channel = channel
         opts = actor_options(p.cpus_per_actor, p.gpus_per_actor)
         inf = job.inference.model_dump()
         self.workers = workers_from(policy, p, job.inference)
@@ -84,15 +93,49 @@ class Actors:
         self.rm_h = Scorer.options(**opts).remote(rm_h, "reward", seq_len=p.seq_len, **inf)  # type: ignore[attr-defined]
         self.rm_s = Scorer.options(**opts).remote(rm_s, "reward", seq_len=p.seq_len, **inf)  # type: ignore[attr-defined]
         self.value = Scorer.options(**opts).remote(value, "value", **inf)  # type: ignore[attr-defined]
-        self.reloads = 0
+        self.reloads = 0  # rollout workers given their weights again by a peer
 
     def all(self) -> list[Any]:
         return [*self.workers, self.reference, self.rm_h, self.rm_s, self.value]
 
     def load(self, pub: Publication) -> None:
-        calls = [w.load_weights.remote(pub.version, pub.policy) for w in self.workers]
-        calls.append(self.value.load_weights.remote(pub.version, pub.value))
-        ray.get(calls)
+        """Every rollout worker and the value scorer join ``pub``'s groups and receive its weights.
+
+        Raises ``WeightsLost`` when no rollout worker or not the value scorer got them (the learner sending them
+        died, or they restarted on the way); a worker that alone failed is repaired from a peer when needed."""
+        policy = self.channel.sub(f"pub{pub.version}/policy", len(self.workers) + 1)
+        calls = [w.receive.remote(policy, pub.policy, i + 1, pub.version) for i, w in enumerate(self.workers)]
+        value = self.value.receive.remote(
+            self.channel.sub(f"pub{pub.version}/value", 2), pub.value, 1, pub.version
+        )
+        failures = {}
+        for name, ref in [
+            *((f"rollout worker {i}", c) for i, c in enumerate(calls)),
+            ("value scorer", value),
+        ]:
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                failures[name] = exc
+        if failures:
+            print(f"[ppo] version {pub.version} did not reach {sorted(failures)}", flush=True)
+        if "value scorer" in failures or len(failures) > len(self.workers) - 1:
+            raise WeightsLost(f"version {pub.version} reached too few receivers: {sorted(failures)}")
+
+    def repair(self, worker: int, pub: Publication) -> None:
+        """Give rollout worker ``worker`` the weights of ``pub`` from a peer that holds them."""
+        versions = ray.get([w.version.remote() for w in self.workers])
+        peers = [i for i, v in enumerate(versions) if v == pub.version and i != worker]
+        if not peers:
+            raise WeightsLost(f"no rollout worker holds version {pub.version} any more")
+        self.reloads += 1
+        channel = self.channel.sub(f"pub{pub.version}/repair{self.reloads}", 2)
+        ray.get(
+            [
+                self.workers[peers[0]].send_held.remote(channel, pub.policy),
+                self.workers[worker].receive.remote(channel, pub.policy, 1, pub.version),
+            ]
+        )
 
     def generate(self, pub: Publication, prompts: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
         """Sample the prompts split over the workers; a worker stamping another version is reloaded and asked again."""
@@ -107,8 +150,7 @@ class Actors:
             for i, ref in calls.items():
                 got = ray.get(ref)
                 if any(r["policy_version"] != pub.version for r in got):
-                    self.reloads += 1
-                    ray.get(self.workers[i % n].load_weights.remote(pub.version, pub.policy))
+                    self.repair(i % n, pub)
                     pending.append(i)
                 else:
                     rows[i] = got
@@ -119,15 +161,13 @@ class Actors:
         )
 
     def values(self, pub: Publication, rows: list[dict[str, Any]]) -> list[list[float]]:
-        for _attempt in range(3):
-            version, values = ray.get(
-                self.value.values.remote([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
-            )
-            if version == pub.version:
-                return values
-            self.reloads += 1
-            ray.get(self.value.load_weights.remote(pub.version, pub.value))
-        raise RuntimeError(f"the value scorer kept answering with the wrong version (want {pub.version})")
+        version, values = ray.get(
+            self.value.values.remote([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
+        )
+        if version != pub.version:
+            # Only the learners hold the value model besides this scorer: its next publication restores it.
+            raise WeightsLost(f"the value scorer holds version {version}, not {pub.version} (restarted?)")
+        return values
 
     def kill(self) -> None:
         for a in self.all():
@@ -192,6 +232,9 @@ class Driver:
         self.next_batch = 0  # the iteration the next sampled batch feeds
         self.last_eval = -1
         self.eval_s = 0.0
+        self.seen = 0  # the newest version taken, received or not
+        self.broken = False  # the receivers hold no usable version until the next one arrives
+        self.sync_s = 0.0  # the last weight sync's seconds
 
     def prompt_batch(self, b: int) -> list[dict[str, Any]]:
         """The prompts of batch ``b``: epochs over the training prompts, each shuffled with the seed."""
@@ -307,8 +350,8 @@ class Driver:
     def keep_best(self, pub: Publication, digest: str) -> bool:
         """Save the evaluated weights as ``best``; False (and ``best`` untouched) when that is impossible.
 
-        A rollout worker writes the weights it was evaluated with, so neither the publication's refs (lost when
-        their learner dies) nor a full model on the driver are needed; the written checkpoint must carry the
+        A rollout worker writes the weights it was evaluated with, so neither the learner that sent them (it may
+        have died since) nor a full model on the driver are needed; the written checkpoint must carry the
         evaluated digest. A worker restarted since the evaluation holds other weights and refuses."""
         out = self.work / "best"
         files = {"ITERATION": str(pub.iteration), "DIGEST": digest}
@@ -324,13 +367,15 @@ class Driver:
         return True
 
     def take(self, pub: Publication) -> None:
-        """A new publication: load it everywhere (timed), log the learners' iteration, evaluate, acknowledge."""
+        """A new publication: receive it everywhere (timed), log the learners' iteration, evaluate."""
         p = self.job.ppo
+        self.seen, self.broken = pub.version, True
         t0 = time.perf_counter()
         if self.first_publication is None:
             self.first_publication = t0
         self.actors.load(pub)
-        sync = time.perf_counter() - t0
+        self.broken = False
+        self.sync_s = time.perf_counter() - t0
         if self.loaded is not None and pub.iteration <= self.loaded.iteration:
             self.learner_restarts += 1
             print(
@@ -345,18 +390,13 @@ class Driver:
             self.record(pub.iteration - 1, pub.stats)
         self.record(
             pub.iteration,
-            {
-                "ppo/weight_sync_s": pub.publish_s + sync,
-                "ppo/weight_sync_load_s": sync,
-                "ppo/weight_sync_bytes": float(pub.nbytes),
-            },
+            {"ppo/weight_sync_s": self.sync_s, "ppo/weight_sync_gb": pub.nbytes / 1e9},
         )
         self.progress(pub)
         due = pub.iteration % p.eval_every == 0 or pub.iteration >= p.iterations
         if due and pub.iteration != self.last_eval:
             self.evaluate(pub)
             self.last_eval = pub.iteration
-        ray.get(self.hub.ack.remote(pub.version))
 
     def loop(self, fit: threading.Thread) -> None:
         """Until the learners are done: take each new publication, and sample the batches it may feed.
@@ -364,31 +404,28 @@ class Driver:
         Batch b is sampled with weights of iteration >= b - max_staleness: in sync mode exactly b's.
         """
         p = self.job.ppo
-        lost = (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
         while True:
             loaded = self.loaded
             can_generate = (
                 loaded is not None
+                and not self.broken
                 and self.next_batch < p.iterations
                 and self.next_batch <= loaded.iteration + p.staleness
                 and ray.get(self.hub.stop_requested.remote()) is None
             )
-            version = loaded.version if loaded else 0
-            pub = ray.get(self.hub.wait_newer.remote(version, 0.01 if can_generate else 2.0))
+            pub = ray.get(self.hub.wait_newer.remote(self.seen, 0.01 if can_generate else 2.0))
             if pub is not None:
                 try:
                     self.take(pub)
-                except lost:
-                    print(
-                        f"[ppo] version {pub.version} was lost with its learner; waiting for the next",
-                        flush=True,
-                    )
+                except WeightsLost as exc:
+                    print(f"[ppo] {exc}; waiting for the next version", flush=True)
             elif can_generate and loaded is not None:
                 try:
                     self.rollout(loaded, self.next_batch)
                     self.next_batch += 1
-                except lost:
-                    print(f"[ppo] version {loaded.version} was lost with its learner mid-batch", flush=True)
+                except WeightsLost as exc:
+                    self.broken = True
+                    print(f"[ppo] {exc} mid-batch; waiting for the next version", flush=True)
             elif not fit.is_alive():
                 return
 
@@ -404,7 +441,7 @@ class Driver:
         print(
             f"[ppo] iteration {pub.iteration}/{p.iterations} | reward {h.get('ppo/reward_combined', float('nan')):.4f} "
             f"| kl {h.get('ppo/kl', float('nan')):.4f} | clipfrac {h.get('ppo/clipfrac', float('nan')):.3f} "
-            f"| value loss {h.get('ppo/value_loss', float('nan')):.4f} | sync {pub.publish_s:.2f}s",
+            f"| value loss {h.get('ppo/value_loss', float('nan')):.4f} | sync {self.sync_s:.2f}s",
             flush=True,
         )
 
@@ -440,8 +477,19 @@ def run(job: PPOJob) -> PPOResult:
             str(work / "spill" / run.run_id[:8]) if p.spill else None,
         )
         hub = PolicyHub.options(name="hub", namespace=namespace).remote()  # type: ignore[attr-defined]
-        actors = Actors(job, str(policy), str(rm_h), str(rm_s), str(value))
         tc = job.train
+        # Where each publication's process groups meet: served from this process for the run.
+        host = ray.util.get_node_ip_address()
+        store = sync.rendezvous(host, p.weight_sync_timeout_s)
+        on_gpu = p.gpus_per_actor > 0
+        channel = sync.Channel(
+            host=host,
+            port=store.port,
+            backend="nccl" if on_gpu and tc.use_gpu else "gloo",
+            dtype=sync.dtype_name(inference_dtype(job.inference.dtype, on_gpu)),
+            timeout_s=p.weight_sync_timeout_s,
+        )
+        actors = Actors(job, str(policy), str(rm_h), str(rm_s), str(value), channel)
         value_optim = job.optim.model_copy(update={"lr": p.value_lr or job.optim.lr * 10})
         spec = LearnerSpec(
             ppo=p,
@@ -455,6 +503,7 @@ def run(job: PPOJob) -> PPOResult:
             buffer="buffer",
             namespace=namespace,
             seed=job.seed,
+            channel=channel,
         )
         trainer = torch_trainer(
             learner_worker, {"spec": spec.model_dump(mode="json")}, tc, f"{name}-{run.run_id[:8]}"
@@ -471,10 +520,11 @@ def run(job: PPOJob) -> PPOResult:
         try:
             driver.loop(thread)
         except BaseException as exc:
-            # Wake the learners (they may be waiting for experience or an acknowledgement) and let them end.
+            # Wake the learners (they may be waiting for experience or for receivers) and let them end.
             print(f"[ppo] the driver failed ({type(exc).__name__}: {exc}); stopping the learners", flush=True)
-            ray.get(hub.abandon.remote(f"driver failed: {type(exc).__name__}: {exc}"))
+            ray.get(hub.request_stop.remote(f"driver failed: {type(exc).__name__}: {exc}"))
             ray.get(buffer.close.remote())
+            del store  # a stream waiting for its receivers fails now rather than at its timeout
             thread.join()
             raise
         thread.join()

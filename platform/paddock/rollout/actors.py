@@ -1,7 +1,8 @@
 """Rollout workers and scorers as Ray actors: thin shells around ``paddock.rollout.core``.
 
-A ``RolloutWorker`` holds an inference copy of the policy and the version of the weights it holds; it loads
-new weights from the object store (``load_weights``) before its next batch. A ``Scorer`` holds a frozen model:
+A ``RolloutWorker`` holds an inference copy of the policy and the version of the weights it holds; it receives
+new weights over the publication's process group (``receive``, ``paddock.ppo.sync``) before its next batch, or
+from a peer (``send_held``) when it lost them. A ``Scorer`` holds a frozen model:
 the reference policy (log-probs for the KL penalty) or a reward model (sigmoid-scale scores). Both run on
 fractional CPU or one GPU, and are created with restarts so that a killed process comes back; a task that
 fails is retried a bounded number of times, and then the caller sees the error: no default reward is made up.
@@ -17,6 +18,7 @@ import torch
 
 from paddock.cluster import actor_device
 from paddock.models import inference_dtype, load_causal_lm, load_scalar_model, model_digest, save_checkpoint
+from paddock.ppo import sync
 from paddock.rlhf.ppo import combine_rewards
 from paddock.rollout.core import (
     LOGITS_CHUNK,
@@ -33,7 +35,6 @@ from paddock.rollout.core import (
     unalign,
 )
 from paddock.tokenizer import load_tokenizer
-from paddock.train.engine import load_buckets
 
 # A killed actor process is restarted up to 3 times; a failed call is retried twice, then raises.
 
@@ -75,11 +76,24 @@ class RolloutWorker:
         self.policy_version = 0
         self.digest: str | None = None  # of the weights held, taken when first asked
 
-    def load_weights(self, policy_version: int, buckets: list[ray.ObjectRef]) -> int:
-        """Load published weights: the refs of their buckets (in a list, so each is fetched here, one at a time)."""
-        load_buckets(self.model, (ray.get(ref) for ref in buckets))
-        self.policy_version, self.digest = policy_version, None
+    def receive(self, channel: sync.Channel, layout: sync.Layout, rank: int, policy_version: int) -> int:
+        """Join a publication's group as ``rank`` and load the weights bucket by bucket; returns the version.
+
+        While they arrive the worker holds no version (-1): a stream cut off half way leaves weights that no
+        caller may take for any version's."""
+        self.policy_version, self.digest = -1, None
+        sync.receive_into(channel, self.model, layout, rank, self.device)
+        self.policy_version = policy_version
         return policy_version
+
+    def send_held(self, channel: sync.Channel, layout: sync.Layout) -> int:
+        """Stream the weights held to a peer that lost them (rank 0 of ``channel``); returns their version."""
+        sync.send_held(channel, self.model, layout, self.device)
+        return self.policy_version
+
+    def version(self) -> int:
+        """The policy version held (-1 while weights arrive or after a stream broke)."""
+        return self.policy_version
 
     def weights(self) -> tuple[int, str]:
         """(policy version, digest) of the weights held: what an evaluation on this worker measured."""
@@ -155,7 +169,7 @@ class Scorer:
 
     ``kind="reference"``: log-probs of responses under the start policy (the KL anchor); ``"reward"``:
     sigmoid-scale scores; ``"value"``: per-token values of the PPO value model, whose weights the learners
-    publish by version like the policy's (``load_weights``).
+    publish by version like the policy's (``receive``).
     """
 
     def __init__(
@@ -188,10 +202,11 @@ class Scorer:
         self.model.eval().to(device)
         self.version = 0
 
-    def load_weights(self, version: int, buckets: list[ray.ObjectRef]) -> int:
+    def receive(self, channel: sync.Channel, layout: sync.Layout, rank: int, version: int) -> int:
         if self.kind != "value":
             raise ValueError("only the value scorer takes published weights; the others are frozen")
-        load_buckets(self.model, (ray.get(ref) for ref in buckets))
+        self.version = -1
+        sync.receive_into(channel, self.model, layout, rank, device_of(self.model))
         self.version = version
         return version
 

@@ -7,8 +7,9 @@
 - ``initialize``: a DeepSpeed engine with paddock's AdamW and schedule;
 - ``gathered_state``: the module's weights, one submodule's parameters gathered at a time (a decoder layer
   under ZeRO-3, never the whole model), copied to the host in their own dtype at rank 0;
-- ``weight_buckets`` and ``export_hf``: those weights cut into object-store buckets (weight publication) or
-  written as a Hugging Face safetensors checkpoint;
+- ``state_shapes``: the names and full shapes of that state without gathering it (what weight publication,
+  ``paddock.ppo.sync``, tells its receivers before it streams);
+- ``export_hf``: those weights written as a Hugging Face safetensors checkpoint;
 - ``torch_trainer``: the driver side, one ``TorchTrainer`` for any of these worker functions.
 """
 
@@ -23,9 +24,6 @@ import torch
 
 from paddock.config import OptimConfig, TrainConfig
 from paddock.train.optim import adamw, deepspeed_config, scheduler, skip_cpu_shm_comm_op
-
-# Weight publication puts the state in buckets of about this many bytes: a receiver holds one at a time.
-BUCKET_BYTES = 256 * 2**20
 
 # transformers reads the active ZeRO-3 configuration through a weak reference: it lives here while models
 # are created (``partitioned``).
@@ -85,80 +83,61 @@ def is_partitioned(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def gathered_state(module: torch.nn.Module, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every entry of ``module.state_dict()`` as (name, host tensor) at rank 0, in state-dict order.
-
-    Under ZeRO-3 each submodule's own parameters are gathered in turn (every rank must iterate this to the end,
-    in lockstep), so a device holds at most one layer's full weights beyond its partition. Tensors keep their
-    dtype; other ranks yield nothing."""
-    import deepspeed
-
-    zero3 = is_partitioned(module)
+def _state_entries(
+    module: torch.nn.Module,
+) -> Iterator[tuple[str, list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]]:
+    """(prefix, own parameters, persistent buffers) of each submodule holding state, in state-dict order."""
     for prefix, sub in module.named_modules():
-        own = [p for p in sub._parameters.values() if p is not None]
+        params = [(n, p) for n, p in sub._parameters.items() if p is not None]
         buffers = [
             (n, b)
             for n, b in sub._buffers.items()
             if b is not None and n not in sub._non_persistent_buffers_set
         ]
-        if not own and not buffers:
-            continue
+        if params or buffers:
+            yield prefix, params, buffers
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def state_shapes(module: torch.nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, full shape) of every entry of ``gathered_state``, in its order, without gathering anything."""
+    for prefix, params, buffers in _state_entries(module):
+        for name, t in [*params, *buffers]:
+            yield _key(prefix, name), tuple(getattr(t, "ds_shape", t.shape))
+
+
+def gathered_state(
+    module: torch.nn.Module, rank: int, to_host: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every entry of ``module.state_dict()`` as (name, tensor) at rank 0, in state-dict order.
+
+    Under ZeRO-3 each submodule's own parameters are gathered in turn (every rank must iterate this to the end,
+    in lockstep), so a device holds at most one layer's full weights beyond its partition. Tensors keep their
+    dtype and are copied to the host; with ``to_host=False`` they stay where they are, valid only until the
+    next item (a gathered parameter is released then). Other ranks yield nothing."""
+    import deepspeed
+
+    zero3 = is_partitioned(module)
+    for prefix, params, buffers in _state_entries(module):
+        own = [p for _, p in params]
         gather = (
             deepspeed.zero.GatheredParameters(own, modifier_rank=None) if zero3 and own else nullcontext()
         )
         with gather:
             if rank != 0:
                 continue
-            for name, t in [*sub._parameters.items(), *buffers]:
-                if t is None:
-                    continue
-                key = f"{prefix}.{name}" if prefix else name
-                yield key, t.detach().to("cpu", copy=True)
+            for name, t in [*params, *buffers]:
+                t = t.detach()
+                yield _key(prefix, name), t.to("cpu", copy=True) if to_host else t
 
 
 def full_state(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
     """The state dict on the host at rank 0 (None elsewhere), gathered one submodule at a time."""
     state = dict(gathered_state(module, rank))
     return state if rank == 0 else None
-
-
-def weight_buckets(
-    module: torch.nn.Module,
-    rank: int,
-    put: Callable[[dict[str, torch.Tensor]], Any],
-    bucket_bytes: int = BUCKET_BYTES,
-) -> tuple[list[Any], int]:
-    """Cut the gathered weights into buckets of about ``bucket_bytes`` and ``put`` each (``ray.put``) as it
-    fills, so neither a device nor the host ever holds the whole model for publication. Returns (what ``put``
-    returned per bucket, total bytes) at rank 0; ([], 0) elsewhere. Every rank must call it under ZeRO-3."""
-    refs: list[Any] = []
-    bucket: dict[str, torch.Tensor] = {}
-    size = total = 0
-    for name, t in gathered_state(module, rank):
-        bucket[name] = t
-        n = t.numel() * t.element_size()
-        size, total = size + n, total + n
-        if size >= bucket_bytes:
-            refs.append(put(bucket))
-            bucket, size = {}, 0
-    if bucket:
-        refs.append(put(bucket))
-    return refs, total
-
-
-def load_buckets(model: torch.nn.Module, buckets: Iterator[dict[str, torch.Tensor]] | list[Any]) -> None:
-    """Load published buckets into ``model`` one at a time; every key of its state dict must arrive once."""
-    expected = set(model.state_dict())
-    seen: set[str] = set()
-    for bucket in buckets:
-        unexpected = sorted(set(bucket) - expected)
-        if unexpected:
-            raise KeyError(f"published weights hold keys this model lacks: {unexpected[:5]}")
-        model.load_state_dict(bucket, strict=False)
-        seen |= set(bucket)
-    missing = sorted(expected - seen)
-    if missing:
-        raise KeyError(f"published weights miss {len(missing)} keys of this model: {missing[:5]}")
 
 
 def export_hf(module: torch.nn.Module, out_dir: Path, tokenizer_dir: str, rank: int) -> None:

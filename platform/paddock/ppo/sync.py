@@ -1,0 +1,239 @@
+"""Weight publication over a torch.distributed group made for it (ARCHITECTURE.md, "Distributed PPO").
+
+After each iteration the learners' rank 0 streams the policy to every rollout worker, and the value model to the
+value scorer, over process groups that exist only for that publication: gloo on CPU, NCCL on GPU. The driver
+hosts one ``TCPStore`` for the run where the groups meet (its address reaches the learners in their spec and the
+receivers in the publication); each publication's groups carry its version in their prefix, so a rollout worker
+restarted since the last one simply joins the next. A worker that lost its weights between publications gets
+them from a peer that holds the same version, over a group of two made the same way.
+
+The weights travel as flat buckets of about ``bucket_bytes`` in the inference precision. Under ZeRO-3 the sender
+gathers one module at a time (``engine.gathered_state``) and a bucket is broadcast while the next is filled;
+receivers copy each bucket into their parameters as it arrives, so nobody holds a second whole model. The order
+and shapes of the tensors (the ``Layout``) come from the module without gathering it and travel with the
+publication; a receiver refuses a layout that names keys its model lacks or misses keys it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from paddock.train.engine import gathered_state, state_shapes
+
+# (name, shape) of every tensor, cut into buckets: what a receiver allocates before a broadcast.
+Layout = list[list[tuple[str, tuple[int, ...]]]]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in _DTYPES.items() if v == dtype)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Where one group meets and what flows in it: a receiver needs nothing else to join."""
+
+    host: str
+    port: int
+    backend: str  # "gloo" or "nccl"
+    dtype: str  # of the flat buckets on the wire: the inference precision
+    timeout_s: float
+    prefix: str = ""  # unique per group, e.g. "pub7/policy"; empty for the run's rendezvous itself
+    size: int = 0  # the sender (rank 0) and the receivers
+
+    def sub(self, prefix: str, size: int) -> Channel:
+        """One group of the run's rendezvous."""
+        return dataclasses.replace(self, prefix=prefix, size=size)
+
+    def join(self, rank: int) -> Any:
+        """This process's handle on the group (blocks until all ``size`` members have joined, or times out)."""
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timeout)
+        prefixed = dist.PrefixStore(self.prefix, store)
+        if not self.prefix or self.size < 2:
+            raise ValueError(f"a weight-sync group needs a prefix and two members or more: {self}")
+        if self.backend == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            return dist.ProcessGroupNCCL(prefixed, rank, self.size, options)
+        if self.backend != "gloo":
+            raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {self.backend!r}")
+        return dist.ProcessGroupGloo(prefixed, rank, self.size, timeout)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def buffer_device(self, device: torch.device) -> torch.device:
+        """Where flat buckets live: on the device for NCCL, on the host for gloo."""
+        return device if self.backend == "nccl" else torch.device("cpu")
+
+
+def rendezvous(host: str, timeout_s: float) -> Any:
+    """The run's store (the driver keeps it for the run); its port is picked free."""
+    return dist.TCPStore(
+        host, 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+
+
+def layout(shapes: Iterable[tuple[str, tuple[int, ...]]], bucket_bytes: int, dtype: torch.dtype) -> Layout:
+    """Cut (name, shape) pairs, in order, into buckets of about ``bucket_bytes`` (a tensor larger than that is a
+    bucket of its own)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    buckets: Layout = [[]]
+    filled = 0
+    for name, shape in shapes:
+        if filled >= bucket_bytes:
+            buckets.append([])
+            filled = 0
+        buckets[-1].append((name, tuple(shape)))
+        filled += _numel(shape) * size
+    return [b for b in buckets if b]
+
+
+def module_layout(module: torch.nn.Module, bucket_bytes: int, dtype: torch.dtype) -> Layout:
+    """The layout in which ``engine.gathered_state`` yields ``module``'s state (full shapes, also under ZeRO-3)."""
+    return layout(state_shapes(module), bucket_bytes, dtype)
+
+
+def nbytes(lay: Layout, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(_numel(shape) for bucket in lay for _, shape in bucket) * size
+
+
+def flat_buckets(
+    lay: Layout, tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Copy ``tensors`` (in layout order) into one flat ``dtype`` tensor per bucket. Two buffers take turns: a
+    yielded bucket's memory is filled again two buckets later (one in flight while the next fills)."""
+    sizes = [sum(_numel(shape) for _, shape in bucket) for bucket in lay]
+    buffers = [
+        torch.empty(max(sizes, default=0), dtype=dtype, device=device) for _ in range(min(2, len(lay)))
+    ]
+    for i, (bucket, numel) in enumerate(zip(lay, sizes, strict=True)):
+        flat = buffers[i % 2][:numel]
+        offset = 0
+        for name, shape in bucket:
+            got, t = next(tensors)
+            if got != name or tuple(t.shape) != shape:
+                raise ValueError(
+                    f"weights out of layout: expected {name} {shape}, got {got} {tuple(t.shape)}"
+                )
+            n = t.numel()
+            flat[offset : offset + n].copy_(t.reshape(-1))
+            offset += n
+        yield flat
+
+
+def unflatten(lay: Layout, flats: Iterable[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) of every tensor of each bucket as it arrives; a view is valid until the next bucket."""
+    for bucket, flat in zip(lay, flats, strict=True):
+        offset = 0
+        for name, shape in bucket:
+            n = _numel(shape)
+            yield name, flat[offset : offset + n].view(shape)
+            offset += n
+
+
+def check_layout(model: torch.nn.Module, lay: Layout) -> None:
+    """Refuse weights that do not fit ``model`` before any byte moves: foreign, missing or reshaped keys."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    sent = {name: shape for bucket in lay for name, shape in bucket}
+    unexpected = sorted(set(sent) - set(own))
+    if unexpected:
+        raise KeyError(f"published weights hold keys this model lacks: {unexpected[:5]}")
+    missing = sorted(set(own) - set(sent))
+    if missing:
+        raise KeyError(f"published weights miss {len(missing)} keys of this model: {missing[:5]}")
+    reshaped = [k for k in sent if sent[k] != own[k]]
+    if reshaped:
+        k = reshaped[0]
+        raise ValueError(f"published weights have {k} as {sent[k]}, this model as {own[k]}")
+
+
+@torch.no_grad()
+def load_into(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Copy received tensors into ``model``'s own (casting to its dtype). Returns bytes received."""
+    state = model.state_dict()
+    total = 0
+    for name, t in tensors:
+        state[name].copy_(t)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def send(group: Any, flats: Iterator[torch.Tensor]) -> int:
+    """Broadcast each flat bucket from rank 0, the next one filling while the last is in flight. Returns bytes."""
+    pending = None
+    total = 0
+    for flat in flats:
+        if pending is not None:
+            pending.wait()
+        pending = group.broadcast(flat, 0)
+        total += flat.numel() * flat.element_size()
+    if pending is not None:
+        pending.wait()
+    return total
+
+
+def receive(group: Any, lay: Layout, dtype: torch.dtype, device: torch.device) -> Iterator[torch.Tensor]:
+    """The flat buckets of ``lay`` as rank 0 broadcasts them."""
+    for bucket in lay:
+        flat = torch.empty(sum(_numel(shape) for _, shape in bucket), dtype=dtype, device=device)
+        group.broadcast(flat, 0).wait()
+        yield flat
+
+
+def send_module(
+    channel: Channel, module: torch.nn.Module, lay: Layout, rank: int, device: torch.device
+) -> int:
+    """The learners' side: every rank gathers (ZeRO-3) in lockstep, rank 0 streams. Returns bytes sent at rank 0.
+
+    A failure of the group (a receiver gone) stops the stream but not the gather, so that the other ranks are
+    not left waiting; it is raised at rank 0 once the gather is done."""
+    tensors = gathered_state(module, rank, to_host=False)
+    if rank != 0:
+        for _ in tensors:
+            pass
+        return 0
+    group = None
+    try:
+        group = channel.join(0)
+        return send(group, flat_buckets(lay, tensors, channel.torch_dtype, channel.buffer_device(device)))
+    finally:
+        for _ in tensors:  # drain the gather whatever happened above
+            pass
+        del group
+
+
+def send_held(channel: Channel, model: torch.nn.Module, lay: Layout, device: torch.device) -> int:
+    """A receiver's weights, passed on to a peer that lost them (rank 0 of a group of two)."""
+    state = model.state_dict()
+    group = channel.join(0)
+    names = ((name, state[name]) for bucket in lay for name, _ in bucket)
+    return send(group, flat_buckets(lay, names, channel.torch_dtype, channel.buffer_device(device)))
+
+
+def receive_into(
+    channel: Channel, model: torch.nn.Module, lay: Layout, rank: int, device: torch.device
+) -> int:
+    """Join ``channel`` as ``rank`` and load every bucket into ``model`` as it arrives. Returns bytes."""
+    check_layout(model, lay)
+    group = channel.join(rank)
+    flats = receive(group, lay, channel.torch_dtype, channel.buffer_device(device))
+    return load_into(model, unflatten(lay, flats))
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -1,0 +1,140 @@
+"""Weight publication over a process group (``paddock.ppo.sync``): layouts, buckets, gloo groups of processes.
+
+The group tests run three processes (torch.multiprocessing, no Ray) around a rendezvous this test process hosts,
+as the PPO driver does: a sender streaming a model to two receivers, a receiver passing its weights to a peer
+that lost them, and a publication that one receiver never joins.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from paddock.models import build_causal_lm
+from paddock.ppo import sync
+
+pytestmark = pytest.mark.slow
+
+BUCKET = 64 * 1024
+
+
+def test_layout_cuts_buckets_by_bytes_in_the_wire_precision():
+    shapes = [("a", (10,)), ("b", (5,)), ("c", (100,)), ("d", (1,))]
+    # fp32: a is 40 bytes, under 48, so b joins it; c (400 bytes) starts a bucket and fills it alone.
+    assert sync.layout(shapes, 48, torch.float32) == [
+        [("a", (10,)), ("b", (5,))],
+        [("c", (100,))],
+        [("d", (1,))],
+    ]
+    # bf16 halves every size: a, b and c fit under 48 bytes only until c, which then fills the bucket past 48.
+    assert sync.layout(shapes, 48, torch.bfloat16) == [
+        [("a", (10,)), ("b", (5,)), ("c", (100,))],
+        [("d", (1,))],
+    ]
+    assert sync.nbytes(sync.layout(shapes, 48, torch.float32), torch.float32) == 116 * 4
+
+
+def _roundtrip(source: torch.nn.Module, target: torch.nn.Module, dtype: torch.dtype) -> int:
+    from paddock.train.engine import gathered_state
+
+    lay = sync.module_layout(source, BUCKET, dtype)
+    flats = sync.flat_buckets(lay, gathered_state(source, 0, to_host=False), dtype, torch.device("cpu"))
+    return sync.load_into(target, sync.unflatten(lay, flats))
+
+
+def test_buckets_carry_the_exact_weights_in_the_wire_precision():
+    source, target = build_causal_lm("tiny", seed=0), build_causal_lm("tiny", seed=1)
+    lay = sync.module_layout(source, BUCKET, torch.float32)
+    assert len(lay) > 10  # many buckets, so the double buffers are reused many times
+    assert _roundtrip(source, target, torch.float32) == sync.nbytes(lay, torch.float32) == 1_827_968 * 4
+    want = source.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in target.state_dict().items())
+    # bf16 on the wire (the GPU inference precision): half the bytes, each weight rounded once.
+    target = build_causal_lm("tiny", seed=1)
+    assert _roundtrip(source, target, torch.bfloat16) == 1_827_968 * 2
+    assert all(torch.equal(t, want[k].bfloat16().float()) for k, t in target.state_dict().items())
+    assert not all(torch.equal(t, want[k]) for k, t in target.state_dict().items())
+
+
+def test_a_receiver_refuses_weights_of_another_shape_before_anything_moves():
+    model = build_causal_lm("tiny", seed=0)
+    lay = sync.module_layout(model, BUCKET, torch.float32)
+    foreign = [[*lay[0], ("score.weight", (1, 128))], *lay[1:]]
+    with pytest.raises(KeyError, match=r"lacks.*score\.weight"):
+        sync.check_layout(model, foreign)
+    with pytest.raises(KeyError, match="miss 1 keys"):
+        sync.check_layout(model, [lay[0][1:], *lay[1:]])
+    name, shape = lay[0][0]
+    with pytest.raises(ValueError, match=f"{name}"):
+        sync.check_layout(model, [[(name, (shape[0] + 1, *shape[1:])), *lay[0][1:]], *lay[1:]])
+
+
+def _member(rank: int, port: int, out: str) -> None:
+    """Rank 0 sends; ranks 1 and 2 receive. Three publications in turn, as the PPO driver would run them."""
+    torch.set_num_threads(1)
+    base = sync.Channel("127.0.0.1", port, "gloo", "float32", timeout_s=20.0)
+    cpu = torch.device("cpu")
+    source = build_causal_lm("tiny", seed=0)
+    lay = sync.module_layout(source, BUCKET, torch.float32)
+    result: dict = {}
+    model = source if rank == 0 else build_causal_lm("tiny", seed=rank)
+    want = source.state_dict()
+
+    def same() -> bool:
+        return all(torch.equal(t, want[k]) for k, t in model.state_dict().items())
+
+    # 1. A publication: rank 0 streams to both receivers.
+    if rank == 0:
+        result["sent"] = sync.send_module(base.sub("pub1/policy", 3), source, lay, 0, cpu)
+    else:
+        result["before"] = same()
+        result["received"] = sync.receive_into(base.sub("pub1/policy", 3), model, lay, rank, cpu)
+        result["after"] = same()
+    # 2. Rank 2 lost its weights (a restart): rank 1 passes on what it holds over a group of two.
+    if rank == 2:
+        model = build_causal_lm("tiny", seed=5)
+        result["lost"] = not same()
+        sync.receive_into(base.sub("pub1/repair1", 2), model, lay, 1, cpu)
+        result["repaired"] = same()
+    elif rank == 1:
+        sync.send_held(base.sub("pub1/repair1", 2), model, lay, cpu)
+    # 3. A publication that rank 2 never joins: the sender and the receiver that came fail at their timeout.
+    if rank < 2:
+        short = sync.Channel("127.0.0.1", port, "gloo", "float32", timeout_s=3.0).sub("pub2/policy", 3)
+        try:
+            if rank == 0:
+                sync.send_module(short, source, lay, 0, cpu)
+            else:
+                sync.receive_into(short, model, lay, 1, cpu)
+            result["unjoined"] = "completed"
+        except Exception as exc:
+            result["unjoined"] = type(exc).__name__
+    Path(out, f"{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    out = tmp_path_factory.mktemp("sync")
+    store = sync.rendezvous("127.0.0.1", 30.0)  # this process hosts it, as the PPO driver does
+    mp.spawn(_member, args=(store.port, str(out)), nprocs=3)
+    return {r: json.loads((out / f"{r}.json").read_text()) for r in range(3)}
+
+
+def test_a_publication_reaches_every_receiver_exactly(members):
+    nbytes = 1_827_968 * 4
+    assert members[0]["sent"] == nbytes
+    for r in (1, 2):
+        assert (
+            members[r]["before"] is False and members[r]["received"] == nbytes and members[r]["after"] is True
+        )
+
+
+def test_a_receiver_that_lost_its_weights_gets_them_from_a_peer(members):
+    assert members[2]["lost"] is True and members[2]["repaired"] is True
+
+
+def test_a_publication_missing_a_receiver_fails_at_its_timeout_instead_of_hanging(members):
+    assert members[0]["unjoined"] != "completed" and members[1]["unjoined"] != "completed"
