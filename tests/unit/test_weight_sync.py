@@ -23,17 +23,16 @@ BUCKET = 64 * 1024
 
 def test_layout_cuts_buckets_by_bytes_in_the_wire_precision():
     shapes = [("a", (10,)), ("b", (5,)), ("c", (100,)), ("d", (1,))]
-    # fp32: a is 40 bytes, under 48, so b joins it; c (400 bytes) starts a bucket and fills it alone.
-    assert sync.layout(shapes, 48, torch.float32) == [
-        [("a", (10,)), ("b", (5,))],
-        [("c", (100,))],
-        [("d", (1,))],
+    # fp32: a is 40 bytes, under 48, so b joins it; c (400 bytes) is a bucket's worth and travels alone.
+    alone = [[("a", (10,)), ("b", (5,))], [("c", (100,))], [("d", (1,))]]
+    assert sync.layout(shapes, 48, torch.float32) == alone
+    # bf16 halves every size; c (200 bytes) is still at least a bucket.
+    assert sync.layout(shapes, 48, torch.bfloat16) == alone
+    # 1000 bytes: a (40), b (20) and c (400) fill one bucket to 460; d joins them.
+    assert sync.layout(shapes, 1000, torch.float32) == [
+        [("a", (10,)), ("b", (5,)), ("c", (100,)), ("d", (1,))]
     ]
-    # bf16 halves every size: a, b and c fit under 48 bytes only until c, which then fills the bucket past 48.
-    assert sync.layout(shapes, 48, torch.bfloat16) == [
-        [("a", (10,)), ("b", (5,)), ("c", (100,))],
-        [("d", (1,))],
-    ]
+    assert sync.layout(shapes, 400, torch.float32) == alone
     assert sync.nbytes(sync.layout(shapes, 48, torch.float32), torch.float32) == 116 * 4
 
 
@@ -57,6 +56,21 @@ def test_buckets_carry_the_exact_weights_in_the_wire_precision():
     assert _roundtrip(source, target, torch.bfloat16) == 1_827_968 * 2
     assert all(torch.equal(t, want[k].bfloat16().float()) for k, t in target.state_dict().items())
     assert not all(torch.equal(t, want[k]) for k, t in target.state_dict().items())
+
+
+def test_a_tensor_of_a_whole_bucket_is_sent_from_the_parameter_itself_when_nothing_moves_it():
+    from paddock.train.engine import gathered_state
+
+    model = build_causal_lm("tiny", seed=0)
+    lay = sync.module_layout(model, BUCKET, torch.float32)
+    embed = model.model.embed_tokens.weight  # 2 MB: a bucket of its own
+    for stable in (True, False):
+        tensors = gathered_state(model, 0, to_host=False)
+        for bucket, flat in zip(
+            lay, sync.flat_buckets(lay, tensors, torch.float32, torch.device("cpu"), stable), strict=True
+        ):
+            if bucket == [("model.embed_tokens.weight", tuple(embed.shape))]:
+                assert (flat.data_ptr() == embed.data_ptr()) is stable and torch.equal(flat, embed.view(-1))
 
 
 def test_a_receiver_refuses_weights_of_another_shape_before_anything_moves():
@@ -101,9 +115,19 @@ def _member(rank: int, port: int, out: str) -> None:
         result["repaired"] = same()
     elif rank == 1:
         sync.send_held(base.sub("pub1/repair1", 2), model, lay, cpu)
-    # 3. A publication that rank 2 never joins: the sender and the receiver that came fail at their timeout.
+    # 3. bf16 on the wire (the GPU inference precision) into fp32 receivers: each weight rounded once, copied in.
+    half = sync.Channel("127.0.0.1", port, "gloo", "bfloat16", timeout_s=20.0).sub("pub2/policy", 3)
+    lay16 = sync.module_layout(source, BUCKET, torch.bfloat16)
+    if rank == 0:
+        result["sent_bf16"] = sync.send_module(half, source, lay16, 0, cpu)
+    else:
+        sync.receive_into(half, model, lay16, rank, cpu)
+        result["rounded"] = all(
+            torch.equal(t, want[k].bfloat16().float()) for k, t in model.state_dict().items()
+        )
+    # 4. A publication that rank 2 never joins: the sender and the receiver that came fail at their timeout.
     if rank < 2:
-        short = sync.Channel("127.0.0.1", port, "gloo", "float32", timeout_s=3.0).sub("pub2/policy", 3)
+        short = sync.Channel("127.0.0.1", port, "gloo", "float32", timeout_s=3.0).sub("pub3/policy", 3)
         try:
             if rank == 0:
                 sync.send_module(short, source, lay, 0, cpu)
@@ -134,6 +158,11 @@ def test_a_publication_reaches_every_receiver_exactly(members):
 
 def test_a_receiver_that_lost_its_weights_gets_them_from_a_peer(members):
     assert members[2]["lost"] is True and members[2]["repaired"] is True
+
+
+def test_a_publication_in_bf16_sends_half_the_bytes_and_rounds_each_weight_once(members):
+    assert members[0]["sent_bf16"] == 1_827_968 * 2
+    assert members[1]["rounded"] is True and members[2]["rounded"] is True
 
 
 def test_a_publication_missing_a_receiver_fails_at_its_timeout_instead_of_hanging(members):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from paddock.train.engine import gathered_state, state_shapes
+from paddock.train.engine import gathered_state, is_partitioned, state_shapes
 
 # (name, shape) of every tensor, cut into buckets: what a receiver allocates before a broadcast.
 Layout = list[list[tuple[str, tuple[int, ...]]]]
@@ -85,17 +85,18 @@ def rendezvous(host: str, timeout_s: float) -> Any:
 
 
 def layout(shapes: Iterable[tuple[str, tuple[int, ...]]], bucket_bytes: int, dtype: torch.dtype) -> Layout:
-    """Cut (name, shape) pairs, in order, into buckets of about ``bucket_bytes`` (a tensor larger than that is a
-    bucket of its own)."""
+    """Cut (name, shape) pairs, in order, into buckets of about ``bucket_bytes``. A tensor of at least that size
+    travels alone, straight from the sender's parameter into the receivers' where the precisions match."""
     size = torch.empty((), dtype=dtype).element_size()
     buckets: Layout = [[]]
     filled = 0
     for name, shape in shapes:
-        if filled >= bucket_bytes:
+        n = _numel(shape) * size
+        if buckets[-1] and (filled >= bucket_bytes or n >= bucket_bytes):
             buckets.append([])
             filled = 0
         buckets[-1].append((name, tuple(shape)))
-        filled += _numel(shape) * size
+        filled += n
     return [b for b in buckets if b]
 
 
@@ -110,27 +111,48 @@ def nbytes(lay: Layout, dtype: torch.dtype) -> int:
 
 
 def flat_buckets(
-    lay: Layout, tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device
+    lay: Layout,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+    stable: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Copy ``tensors`` (in layout order) into one flat ``dtype`` tensor per bucket. Two buffers take turns: a
-    yielded bucket's memory is filled again two buckets later (one in flight while the next fills)."""
-    sizes = [sum(_numel(shape) for _, shape in bucket) for bucket in lay]
-    buffers = [
-        torch.empty(max(sizes, default=0), dtype=dtype, device=device) for _ in range(min(2, len(lay)))
-    ]
-    for i, (bucket, numel) in enumerate(zip(lay, sizes, strict=True)):
-        flat = buffers[i % 2][:numel]
+    yielded bucket's memory is filled again two buckets later (one in flight while the next fills).
+
+    With ``stable`` (the tensors stay valid and unchanged until the stream ends: not ZeRO-3's gathered ones), a
+    bucket of one tensor already in ``dtype`` on ``device`` is that tensor itself, not a copy."""
+    buffers: list[torch.Tensor] = [torch.empty(0, dtype=dtype, device=device)] * 2
+    turn = 0
+    for bucket in lay:
+        picked = [_next_in_layout(tensors, name, shape) for name, shape in bucket]
+        if stable and len(picked) == 1 and _fits(picked[0], dtype, device):
+            yield picked[0].view(-1)
+            continue
+        numel = sum(t.numel() for t in picked)
+        if buffers[turn].numel() < numel:  # its last bucket went two copies ago: done
+            buffers[turn] = torch.empty(numel, dtype=dtype, device=device)
+        flat = buffers[turn][:numel]
+        turn ^= 1
         offset = 0
-        for name, shape in bucket:
-            got, t = next(tensors)
-            if got != name or tuple(t.shape) != shape:
-                raise ValueError(
-                    f"weights out of layout: expected {name} {shape}, got {got} {tuple(t.shape)}"
-                )
+        for t in picked:
             n = t.numel()
             flat[offset : offset + n].copy_(t.reshape(-1))
             offset += n
         yield flat
+
+
+def _next_in_layout(
+    tensors: Iterator[tuple[str, torch.Tensor]], name: str, shape: tuple[int, ...]
+) -> torch.Tensor:
+    got, t = next(tensors)
+    if got != name or tuple(t.shape) != shape:
+        raise ValueError(f"weights out of layout: expected {name} {shape}, got {got} {tuple(t.shape)}")
+    return t
+
+
+def _fits(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> bool:
+    return t.dtype == dtype and t.device == device and t.is_contiguous()
 
 
 def unflatten(lay: Layout, flats: Iterable[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -184,12 +206,39 @@ def send(group: Any, flats: Iterator[torch.Tensor]) -> int:
     return total
 
 
-def receive(group: Any, lay: Layout, dtype: torch.dtype, device: torch.device) -> Iterator[torch.Tensor]:
-    """The flat buckets of ``lay`` as rank 0 broadcasts them."""
+@torch.no_grad()
+def receive_model(
+    group: Any, model: torch.nn.Module, lay: Layout, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Receive every bucket of ``lay`` from rank 0 into ``model``. Returns bytes.
+
+    A bucket of one tensor that ``model`` holds in ``dtype`` on ``device`` arrives straight in the parameter;
+    others arrive in a flat buffer and are copied in (casting) while the next bucket is already arriving."""
+    state = model.state_dict()
+    total = 0
+    pending: tuple[Any, list[tuple[str, tuple[int, ...]]], torch.Tensor | None] | None = None
+
+    def finish(work: Any, bucket: list[tuple[str, tuple[int, ...]]], flat: torch.Tensor | None) -> None:
+        work.wait()
+        if flat is not None:
+            for name, view in unflatten([bucket], [flat]):
+                state[name].copy_(view)
+
     for bucket in lay:
-        flat = torch.empty(sum(_numel(shape) for _, shape in bucket), dtype=dtype, device=device)
-        group.broadcast(flat, 0).wait()
-        yield flat
+        numel = sum(_numel(shape) for _, shape in bucket)
+        total += numel * torch.empty((), dtype=dtype).element_size()
+        own = state[bucket[0][0]]
+        if len(bucket) == 1 and _fits(own, dtype, device):
+            work, flat = group.broadcast(own.view(-1), 0), None
+        else:
+            flat = torch.empty(numel, dtype=dtype, device=device)
+            work = group.broadcast(flat, 0)
+        if pending is not None:
+            finish(*pending)
+        pending = (work, bucket, flat)
+    if pending is not None:
+        finish(*pending)
+    return total
 
 
 def send_module(
@@ -205,9 +254,11 @@ def send_module(
             pass
         return 0
     group = None
+    stable = not is_partitioned(module)  # ZeRO-3's gathered tensors live only until the gather moves on
     try:
         group = channel.join(0)
-        return send(group, flat_buckets(lay, tensors, channel.torch_dtype, channel.buffer_device(device)))
+        flats = flat_buckets(lay, tensors, channel.torch_dtype, channel.buffer_device(device), stable)
+        return send(group, flats)
     finally:
         for _ in tensors:  # drain the gather whatever happened above
             pass
@@ -219,7 +270,9 @@ def send_held(channel: Channel, model: torch.nn.Module, lay: Layout, device: tor
     state = model.state_dict()
     group = channel.join(0)
     names = ((name, state[name]) for bucket in lay for name, _ in bucket)
-    return send(group, flat_buckets(lay, names, channel.torch_dtype, channel.buffer_device(device)))
+    return send(
+        group, flat_buckets(lay, names, channel.torch_dtype, channel.buffer_device(device), stable=True)
+    )
 
 
 def receive_into(
@@ -228,8 +281,7 @@ def receive_into(
     """Join ``channel`` as ``rank`` and load every bucket into ``model`` as it arrives. Returns bytes."""
     check_layout(model, lay)
     group = channel.join(rank)
-    flats = receive(group, lay, channel.torch_dtype, channel.buffer_device(device))
-    return load_into(model, unflatten(lay, flats))
+    return receive_model(group, model, lay, channel.torch_dtype, channel.buffer_device(device))
 
 
 def _numel(shape: Iterable[int]) -> int:
