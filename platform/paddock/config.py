@@ -527,6 +527,12 @@ class PPOConfig(Strict):
         description="sync: on-policy, generate then train (the paper); async: generation of iteration k+1 "
         "overlaps training on k, bounded by max_staleness.",
     )
+    placement: Literal["split", "colocated"] = Field(
+        "split",
+        description="split: the reference, both reward models and the value model in a scorer actor each "
+        "(their own devices on a cluster); colocated: the four in one scorer actor with the four's CPUs and GPU "
+        "share together (one process instead of four on a small machine).",
+    )
     iterations: int = Field(200, ge=1, description="PPO iterations (200-400 in the paper, early-stopped).")
     batch_prompts: int = Field(512, ge=1, description="Prompts sampled per iteration (512).")
     mini_batch: int = Field(64, ge=1, description="Samples per optimiser step; one step per mini-batch (64).")

@@ -368,9 +368,11 @@ def test_ppo_logs_its_metrics_plot_and_registered_model(ppo):
     assert len(set(synced.values())) == 1 and 0.005 < synced[0] < 0.05
 
 
-def test_async_ppo_overlaps_generation_with_training_within_the_staleness_limit(
+def test_async_colocated_ppo_overlaps_generation_with_training_within_the_staleness_limit(
     rs, world_dir: Path, tokenizer_dir: Path
 ):
+    """Async mode with the four scorers in one actor (``ppo.placement: colocated``): the value model's weights
+    reach it over the publication's group like a separate scorer's."""
     from paddock.ppo.loop import run
 
     result = run(
@@ -379,6 +381,7 @@ def test_async_ppo_overlaps_generation_with_training_within_the_staleness_limit(
             tokenizer_dir,
             "registry_prefix=async",
             "ppo.mode=async",
+            "ppo.placement=colocated",
             "ppo.iterations=4",
             "ppo.batch_prompts=32",
             "ppo.mini_batch=16",

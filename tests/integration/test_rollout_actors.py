@@ -80,6 +80,30 @@ def test_worker_generates_and_loads_published_weights(ray_cluster, checkpoints: 
         assert r["behaviour_logprobs"] == pytest.approx(r0["behaviour_logprobs"], abs=1e-5)
 
 
+def test_colocated_scorers_score_as_separate_ones(ray_cluster, checkpoints: Path):
+    import ray
+    from paddock.rollout.actors import Member, Scorer, Scorers
+
+    prompt_ids, response_ids = [[1, 5, 9, 11], [1, 7]], [[20, 21, 2], [30, 2]]
+    turns = [p["turns"] for p in PROMPTS]
+    answers = ["Paris is the capital of France.", "I can't help with that."]
+    members = {
+        "reference": {"checkpoint": str(checkpoints / "policy"), "kind": "reference"},
+        "rm": {"checkpoint": str(checkpoints / "rm"), "kind": "reward", "seq_len": 128},
+    }
+    together = Scorers.options(num_cpus=0.5).remote(members)
+    ref, rm = Member(together, "reference"), Member(together, "rm")
+    alone = {n: Scorer.options(num_cpus=0.25).remote(**kw) for n, kw in members.items()}
+    assert ray.get(ref.ref_logprobs.remote(prompt_ids, response_ids)) == ray.get(
+        alone["reference"].ref_logprobs.remote(prompt_ids, response_ids)
+    )
+    assert ray.get(rm.rewards.remote(turns, answers)) == ray.get(alone["rm"].rewards.remote(turns, answers))
+    with pytest.raises(ray.exceptions.RayTaskError, match="rewards needs a reward scorer"):
+        ray.get(ref.rewards.remote(turns, answers))
+    for a in (together, *alone.values()):
+        ray.kill(a)
+
+
 @pytest.mark.reliability
 def test_reward_scorer_and_restart_after_kill(ray_cluster, checkpoints: Path):
     import ray

@@ -43,7 +43,15 @@ from paddock.ppo.experience import build_experience, to_table
 from paddock.ppo.hub import PolicyHub, Publication
 from paddock.ppo.learner import LearnerSpec, learner_worker
 from paddock.rlhf.ppo import RunningMoments
-from paddock.rollout.actors import Scorer, StaleWeightsError, actor_options, held_weights, workers_from
+from paddock.rollout.actors import (
+    Member,
+    Scorer,
+    Scorers,
+    StaleWeightsError,
+    actor_options,
+    held_weights,
+    workers_from,
+)
 from paddock.tokenizer import check_matches, load_tokenizer
 from paddock.train.engine import torch_trainer
 from paddock.train.stage import fit_in_thread
@@ -89,14 +97,27 @@ class Actors:
         opts = actor_options(p.cpus_per_actor, p.gpus_per_actor)
         inf = job.inference.model_dump()
         self.workers = workers_from(policy, p, job.inference)
-        self.reference = Scorer.options(**opts).remote(policy, "reference", temperature=p.temperature, **inf)  # type: ignore[attr-defined]
-        self.rm_h = Scorer.options(**opts).remote(rm_h, "reward", seq_len=p.seq_len, **inf)  # type: ignore[attr-defined]
-        self.rm_s = Scorer.options(**opts).remote(rm_s, "reward", seq_len=p.seq_len, **inf)  # type: ignore[attr-defined]
-        self.value = Scorer.options(**opts).remote(value, "value", **inf)  # type: ignore[attr-defined]
+        members = {
+            "reference": {"checkpoint": policy, "kind": "reference", "temperature": p.temperature, **inf},
+            "rm_h": {"checkpoint": rm_h, "kind": "reward", "seq_len": p.seq_len, **inf},
+            "rm_s": {"checkpoint": rm_s, "kind": "reward", "seq_len": p.seq_len, **inf},
+            "value": {"checkpoint": value, "kind": "value", **inf},
+        }
+        if p.placement == "colocated":
+            # One process holds the four models; its CPUs and GPU share are the four scorers' together.
+            threads = max(1, int(4 * p.cpus_per_actor))
+            together = {n: kw | {"threads": threads} for n, kw in members.items()}
+            options = actor_options(4 * p.cpus_per_actor, 4 * p.gpus_per_actor)
+            self.scorers = [Scorers.options(**options).remote(together)]  # type: ignore[attr-defined]
+            handles = {n: Member(self.scorers[0], n) for n in members}
+        else:
+            self.scorers = [Scorer.options(**opts).remote(**kw) for kw in members.values()]  # type: ignore[attr-defined]
+            handles = dict(zip(members, self.scorers, strict=True))
+        self.reference, self.rm_h, self.rm_s, self.value = (handles[n] for n in members)
         self.reloads = 0  # rollout workers given their weights again by a peer
 
     def all(self) -> list[Any]:
-        return [*self.workers, self.reference, self.rm_h, self.rm_s, self.value]
+        return [*self.workers, *self.scorers]
 
     def load(self, pub: Publication) -> None:
         """Every rollout worker and the value scorer join ``pub``'s groups and receive its weights.

@@ -163,9 +163,8 @@ class RolloutWorker:
         ]
 
 
-@ray.remote(max_restarts=3, max_task_retries=2)
-class Scorer:
-    """One frozen model that scores samples.
+class ScorerModel:
+    """One model that scores samples (the body of a ``Scorer`` actor, or one member of a ``Scorers`` actor).
 
     ``kind="reference"``: log-probs of responses under the start policy (the KL anchor); ``"reward"``:
     sigmoid-scale scores; ``"value"``: per-token values of the PPO value model, whose weights the learners
@@ -239,6 +238,38 @@ class Scorer:
         if self.kind != "reward":
             raise ValueError("rewards needs a reward scorer")
         return reward_scores(self.model, self.tok, prompts, answers, self.seq_len, self.token_budget).tolist()
+
+
+Scorer: Any = ray.remote(max_restarts=3, max_task_retries=2)(ScorerModel)
+
+
+@ray.remote(max_restarts=3, max_task_retries=2)
+class Scorers:
+    """Several scorers in one process (``ppo.placement: colocated``): on a small machine one Python, torch and
+    Ray runtime instead of one per model, and the models take turns on its cores instead of competing for them."""
+
+    def __init__(self, members: Mapping[str, Mapping[str, Any]]):
+        self.members = {name: ScorerModel(**kwargs) for name, kwargs in members.items()}
+
+    def call(self, name: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.members[name], method)(*args, **kwargs)
+
+
+class Member:
+    """One scorer of a ``Scorers`` actor, called as a ``Scorer`` actor is: ``member.rewards.remote(...)``."""
+
+    def __init__(self, actor: Any, name: str):
+        self.actor, self.name = actor, name
+
+    def __getattr__(self, method: str) -> Any:
+        actor, name = self.actor, self.name
+
+        class _Method:
+            @staticmethod
+            def remote(*args: Any, **kwargs: Any) -> Any:
+                return actor.call.remote(name, method, *args, **kwargs)
+
+        return _Method
 
 
 def actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict[str, float]:
