@@ -9,7 +9,9 @@ them from a peer that holds the same version, over a group of two made the same 
 
 The weights travel as flat buckets of about ``bucket_bytes`` in the inference precision. Under ZeRO-3 the sender
 gathers one module at a time (``engine.gathered_state``) and a bucket is broadcast while the next is filled;
-receivers copy each bucket into their parameters as it arrives, so nobody holds a second whole model. The order
+receivers copy each bucket into their parameters as it arrives (while the next one arrives), so nobody holds a
+second whole model. A tensor of a whole bucket or more travels alone: broadcast from the sender's parameter itself
+when nothing moves it during the stream, received straight into the receiver's when the precisions match. The order
 and shapes of the tensors (the ``Layout``) come from the module without gathering it and travel with the
 publication; a receiver refuses a layout that names keys its model lacks or misses keys it has.
 """
@@ -55,17 +57,17 @@ class Channel:
 
     def join(self, rank: int) -> Any:
         """This process's handle on the group (blocks until all ``size`` members have joined, or times out)."""
+        if not self.prefix or self.size < 2:
+            raise ValueError(f"a weight-sync group needs a prefix and two members or more: {self}")
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {self.backend!r}")
         timeout = datetime.timedelta(seconds=self.timeout_s)
         store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timeout)
         prefixed = dist.PrefixStore(self.prefix, store)
-        if not self.prefix or self.size < 2:
-            raise ValueError(f"a weight-sync group needs a prefix and two members or more: {self}")
         if self.backend == "nccl":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             return dist.ProcessGroupNCCL(prefixed, rank, self.size, options)
-        if self.backend != "gloo":
-            raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {self.backend!r}")
         return dist.ProcessGroupGloo(prefixed, rank, self.size, timeout)
 
     @property
