@@ -531,7 +531,7 @@ class PPOConfig(Strict):
         "split",
         description="split: the reference, both reward models and the value model in a scorer actor each "
         "(their own devices on a cluster); colocated: the four in one scorer actor with the four's CPUs and GPU "
-        "share together (one process instead of four on a small machine).",
+        "shares together, at most one GPU (one process instead of four on a small machine).",
     )
     iterations: int = Field(200, ge=1, description="PPO iterations (200-400 in the paper, early-stopped).")
     batch_prompts: int = Field(512, ge=1, description="Prompts sampled per iteration (512).")

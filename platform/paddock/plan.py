@@ -334,6 +334,21 @@ def inference_role(
     )
 
 
+def together(name: str, roles: list[Role], keys: Iterable[str]) -> Role:
+    """Inference copies in one process (``ppo.placement: colocated``), taking turns: their weights add up, their
+    working memory is the largest one's, and the process holds their GPU shares together, one GPU at most (it
+    uses one device)."""
+    gpus = min(1.0, sum(r.gpus_per_process for r in roles))
+    weights = sum(r.weights_gib for r in roles)
+    if gpus > 0:
+        device = weights + max(r.device_gib - r.weights_gib for r in roles)
+        host = max(r.host_gib for r in roles)  # each is loaded on the host, then moved to the device
+    else:
+        device, host = 0.0, weights + max(r.host_gib - r.weights_gib for r in roles)
+    all_keys = list(dict.fromkeys([*keys, *(k for r in roles for k in r.keys)]))
+    return Role(name, 1, gpus, device, host, keys=all_keys, weights_gib=weights)
+
+
 # --------------------------------------------------------------------------------------------------
 # Clusters
 
@@ -580,10 +595,15 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
             )
         )
         roles.append(sampler("rollout worker", job.policy, p.rollout_workers, p.gpus_per_actor, "ppo"))
-        roles.append(scorer("reference scorer", job.policy, p.gpus_per_actor, False))
-        roles.append(scorer("helpfulness RM scorer", job.reward_helpfulness, p.gpus_per_actor, True))
-        roles.append(scorer("safety RM scorer", job.reward_safety, p.gpus_per_actor, True))
-        roles.append(scorer("value scorer", job.value_from or job.reward_helpfulness, p.gpus_per_actor, True))
+        scorers = [
+            scorer("reference scorer", job.policy, p.gpus_per_actor, False),
+            scorer("helpfulness RM scorer", job.reward_helpfulness, p.gpus_per_actor, True),
+            scorer("safety RM scorer", job.reward_safety, p.gpus_per_actor, True),
+            scorer("value scorer", job.value_from or job.reward_helpfulness, p.gpus_per_actor, True),
+        ]
+        if p.placement == "colocated":
+            scorers = [together("scorers (reference, both RMs, value)", scorers, ["ppo.placement"])]
+        roles += scorers
     elif isinstance(job, c.FinetuneJob):
         key = {c.RejectionJob: "rejection", c.GAttJob: "gatt", c.DistillJob: "distill"}[type(job)]
         section = getattr(job, key)

@@ -119,6 +119,20 @@ def test_zero3_learners_are_planned_partitioned_on_the_host():
     assert z2.host_gib == pytest.approx(6 * m.params / gib, abs=0.01)  # loaded whole in fp32 first
 
 
+def test_colocated_scorers_are_planned_as_one_process_whose_models_take_turns(capsys):
+    config = str(REPO / "jobs/configs/llama2-7b/ppo.yaml")
+    _, split = _plan(["--config", config], capsys)
+    code, colocated = _plan(["--config", config, "--set", "ppo.placement=colocated"], capsys)
+    scorers = [r for r in split["roles"] if r["role"].endswith("scorer")]
+    assert len(scorers) == 4
+    (one,) = [r for r in colocated["roles"] if r["role"].startswith("scorers")]
+    assert code == 0 and one["count"] == 1
+    assert one["gpus_per_process"] == 1 == min(1, sum(r["gpus_per_process"] for r in scorers))  # one device
+    # the weights add up; the working memory is the largest scorer's, not the four's
+    assert max(r["device_gib"] for r in scorers) < one["device_gib"] < sum(r["device_gib"] for r in scorers)
+    assert not [r for r in colocated["roles"] if r["role"].endswith("scorer")]
+
+
 def test_the_tiny_pipeline_fits_this_machine(capsys):
     code, result = _plan(
         ["--config", str(REPO / "jobs/configs/tiny/ppo.yaml"), "--set", "plan.shape=tiny"], capsys

@@ -104,10 +104,11 @@ class Actors:
             "value": {"checkpoint": value, "kind": "value", **inf},
         }
         if p.placement == "colocated":
-            # One process holds the four models; its CPUs and GPU share are the four scorers' together.
+            # One process holds the four models; its CPUs and GPU share are the four scorers' together (one GPU
+            # at most: it uses one device; paddock.plan checks that the four fit on it).
             threads = max(1, int(4 * p.cpus_per_actor))
             together = {n: kw | {"threads": threads} for n, kw in members.items()}
-            options = actor_options(4 * p.cpus_per_actor, 4 * p.gpus_per_actor)
+            options = actor_options(4 * p.cpus_per_actor, min(1.0, 4 * p.gpus_per_actor))
             self.scorers = [Scorers.options(**options).remote(together)]  # type: ignore[attr-defined]
             handles = {n: Member(self.scorers[0], n) for n in members}
         else:
