@@ -141,7 +141,8 @@ class Actors:
                 failures[name] = exc
         if failures:
             print(f"[ppo] version {pub.version} did not reach {sorted(failures)}", flush=True)
-        if "value scorer" in failures or len(failures) > len(self.workers) - 1:
+        reached = len(self.workers) - len([f for f in failures if f.startswith("rollout")])
+        if "value scorer" in failures or reached == 0:
             raise WeightsLost(f"version {pub.version} reached too few receivers: {sorted(failures)}")
 
     def repair(self, worker: int, pub: Publication) -> None:
@@ -160,7 +161,7 @@ class Actors:
         )
 
     def generate(self, pub: Publication, prompts: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-        """Sample the prompts split over the workers; a worker stamping another version is reloaded and asked again."""
+        """Sample the prompts split over the workers; a worker stamping another version is repaired and asked again."""
         n = len(self.workers)
         size = -(-len(prompts) // n)
         chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
