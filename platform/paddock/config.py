@@ -85,8 +85,38 @@ AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 TOKEN_BUDGET = 32768  # paddock.rollout.core's default too
 
 
+class VllmConfig(Strict):
+    """The vLLM engine's settings (``inference.engine: vllm``; paddock.rollout.vllm_engine)."""
+
+    memory_share: float | None = Field(
+        None,
+        gt=0,
+        le=0.95,
+        description="Share of the device's memory vLLM may take for weights and KV cache (its "
+        "gpu_memory_utilization; on the CPU backend, of the host's memory); null: 0.85 on GPU, 0.1 on CPU.",
+    )
+    tensor_parallel: int = Field(
+        1,
+        ge=1,
+        le=1,
+        description="GPUs one engine spans. paddock runs one engine per rollout worker on one device for now "
+        "(34B/70B rollouts need tensor parallelism: README, status table).",
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest prompt + answer an engine holds; null: the model's context length."
+    )
+    enforce_eager: bool = Field(False, description="Skip CUDA graph capture (faster start, slower decode).")
+
+
 class InferenceConfig(Strict):
     """How every forward pass outside training runs: rollout workers, scorers, evaluation."""
+
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What rollout workers generate with (PPO, rejection sampling, GAtt, context distillation, "
+        "evaluation): transformers' generate, or vLLM (an optional extra). Scorers always run transformers.",
+    )
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="The vLLM engine's settings.")
 
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Precision of inference copies; auto: bf16 on GPU, fp32 on CPU."

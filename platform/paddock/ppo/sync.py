@@ -212,35 +212,44 @@ def send(group: Any, flats: Iterator[torch.Tensor]) -> int:
 def receive_model(
     group: Any, model: torch.nn.Module, lay: Layout, dtype: torch.dtype, device: torch.device
 ) -> int:
-    """Receive every bucket of ``lay`` from rank 0 into ``model``. Returns bytes.
+    """Receive every bucket of ``lay`` from rank 0 into ``model``. Returns bytes."""
+    for _ in landed(group, model, lay, dtype, device):
+        pass
+    return nbytes(lay, dtype)
+
+
+def landed(
+    group: Any, model: torch.nn.Module, lay: Layout, dtype: torch.dtype, device: torch.device
+) -> Iterator[list[str]]:
+    """Receive the buckets of ``lay`` from rank 0 into ``model``, yielding each bucket's names once its tensors
+    hold the new values (an engine behind ``model`` can load them while the next bucket arrives).
 
     A bucket of one tensor that ``model`` holds in ``dtype`` on ``device`` arrives straight in the parameter;
     others arrive in a flat buffer and are copied in (casting) while the next bucket is already arriving."""
     state = model.state_dict()
-    total = 0
     pending: tuple[Any, list[tuple[str, tuple[int, ...]]], torch.Tensor | None] | None = None
 
-    def finish(work: Any, bucket: list[tuple[str, tuple[int, ...]]], flat: torch.Tensor | None) -> None:
+    def finish(work: Any, bucket: list[tuple[str, tuple[int, ...]]], flat: torch.Tensor | None) -> list[str]:
         work.wait()
-        if flat is not None:
-            for name, view in unflatten([bucket], [flat]):
-                state[name].copy_(view)
+        with torch.no_grad():
+            if flat is not None:
+                for name, view in unflatten([bucket], [flat]):
+                    state[name].copy_(view)
+        return [name for name, _ in bucket]
 
     for bucket in lay:
         numel = sum(_numel(shape) for _, shape in bucket)
-        total += numel * torch.empty((), dtype=dtype).element_size()
         own = state[bucket[0][0]]
         if len(bucket) == 1 and _fits(own, dtype, device):
-            work, flat = group.broadcast(own.view(-1), 0), None
+            work, flat = group.broadcast(own.detach().view(-1), 0), None
         else:
             flat = torch.empty(numel, dtype=dtype, device=device)
             work = group.broadcast(flat, 0)
         if pending is not None:
-            finish(*pending)
+            yield finish(*pending)
         pending = (work, bucket, flat)
     if pending is not None:
-        finish(*pending)
-    return total
+        yield finish(*pending)
 
 
 def send_module(
@@ -284,6 +293,20 @@ def receive_into(
     check_layout(model, lay)
     group = channel.join(rank)
     return receive_model(group, model, lay, channel.torch_dtype, channel.buffer_device(device))
+
+
+def stream_into(
+    channel: Channel, model: torch.nn.Module, lay: Layout, rank: int, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``receive_into`` as a stream: (name, tensor of ``model``) for every tensor, bucket by bucket as each lands,
+    for an engine that loads from ``model`` while the next bucket arrives. The layout is checked and the group
+    joined on the first ``next``."""
+    check_layout(model, lay)
+    group = channel.join(rank)
+    state = model.state_dict()
+    for names in landed(group, model, lay, channel.torch_dtype, channel.buffer_device(device)):
+        for name in names:
+            yield name, state[name]
 
 
 def _numel(shape: Iterable[int]) -> int:

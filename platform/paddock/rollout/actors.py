@@ -17,12 +17,14 @@ import ray
 import torch
 
 from paddock.cluster import actor_device
+from paddock.data.tokenize import encode_prompt
 from paddock.models import inference_dtype, load_causal_lm, load_scalar_model, model_digest, save_checkpoint
 from paddock.ppo import sync
 from paddock.rlhf.ppo import combine_rewards
 from paddock.rollout.core import (
     LOGITS_CHUNK,
     TOKEN_BUDGET,
+    Sample,
     TokenValues,
     answer_nll,
     answer_text,
@@ -65,14 +67,29 @@ class RolloutWorker:
         token_budget: int = TOKEN_BUDGET,
         logits_chunk: int = LOGITS_CHUNK,
         attn_implementation: str = "auto",
+        engine: str = "transformers",
+        vllm: Mapping[str, Any] | None = None,
     ):
         torch.set_num_threads(threads)
         self.device, self.dtype = _inference(dtype)
         self.attn = attn_implementation
         self.token_budget, self.logits_chunk = token_budget, logits_chunk
-        self.model = load_causal_lm(checkpoint, self.dtype, self.attn).eval().to(self.device)
         self.tok = load_tokenizer(checkpoint)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.engine: Any = None
+        if engine == "vllm":
+            from paddock.rollout.vllm_engine import VllmEngine
+
+            # vLLM holds the weights on the device; ``model`` is the host mirror in the Hugging Face layout
+            # (what the worker saves, digests and passes to peers), loaded into vLLM whenever it changes.
+            on_gpu = self.device.type == "cuda"
+            self.device = torch.device("cpu")
+            self.engine = VllmEngine(
+                checkpoint, dtype=self.dtype, eos_id=self.tok.eos_token_id, on_gpu=on_gpu, **(vllm or {})
+            )
+        elif engine != "transformers":
+            raise ValueError(f"inference.engine must be 'transformers' or 'vllm', got {engine!r}")
+        self.model = load_causal_lm(checkpoint, self.dtype, self.attn).eval().to(self.device)
         self.policy_version = 0
         self.digest: str | None = None  # of the weights held, taken when first asked
 
@@ -80,9 +97,14 @@ class RolloutWorker:
         """Join a publication's group as ``rank`` and load the weights bucket by bucket; returns the version.
 
         While they arrive the worker holds no version (-1): a stream cut off half way leaves weights that no
-        caller may take for any version's."""
+        caller may take for any version's. Under vLLM each bucket goes on into the engine as it lands in the
+        host mirror, in one in-place reload."""
         self.policy_version, self.digest = -1, None
-        sync.receive_into(channel, self.model, layout, rank, self.device)
+        if self.engine is not None:
+            wire = torch.device("cuda") if channel.backend == "nccl" else self.device  # NCCL lands on the GPU
+            self.engine.reload(sync.stream_into(channel, self.model, layout, rank, wire))
+        else:
+            sync.receive_into(channel, self.model, layout, rank, self.device)
         self.policy_version = policy_version
         return policy_version
 
@@ -121,6 +143,8 @@ class RolloutWorker:
         callers compare the versions stamped on its rows to notice."""
         self.model = load_causal_lm(checkpoint, self.dtype, self.attn).eval().to(self.device)
         self.tok = load_tokenizer(checkpoint)
+        if self.engine is not None:
+            self.engine.reload_from(self.model.state_dict())
         self.policy_version, self.digest = policy_version, None
         return policy_version
 
@@ -136,18 +160,22 @@ class RolloutWorker:
 
         ``temperature`` overrides the worker's for this call (0: greedy, as evaluation uses).
         """
-        samples = sample(
-            self.model,
-            self.tok,
-            [p["turns"] for p in prompts],
-            seed=seed,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature if temperature is None else temperature,
-            top_p=self.top_p,
-            systems=[p.get("system") for p in prompts],
-            token_budget=self.token_budget,
-            logits_chunk=self.logits_chunk,
-        )
+        temperature = self.temperature if temperature is None else temperature
+        if self.engine is not None:
+            samples = self._engine_samples(prompts, seed, temperature)
+        else:
+            samples = sample(
+                self.model,
+                self.tok,
+                [p["turns"] for p in prompts],
+                seed=seed,
+                max_new_tokens=self.max_new_tokens,
+                temperature=temperature,
+                top_p=self.top_p,
+                systems=[p.get("system") for p in prompts],
+                token_budget=self.token_budget,
+                logits_chunk=self.logits_chunk,
+            )
         return [
             {
                 "prompt_id": p["id"],
@@ -162,13 +190,27 @@ class RolloutWorker:
             for p, s in zip(prompts, samples, strict=True)
         ]
 
+    def _engine_samples(
+        self, prompts: Sequence[Mapping[str, Any]], seed: int, temperature: float
+    ) -> list[Sample]:
+        """Samples from the vLLM engine. Their behaviour log-probs are the engine's; PPO's learners recompute
+        them with the policy's own forward pass and log the difference (``rollout/logprob_drift``)."""
+        ids = [encode_prompt(self.tok, p["turns"], p.get("system")) for p in prompts]
+        out = self.engine.generate(
+            ids, max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p, seed=seed
+        )
+        return [
+            Sample(p, g.response_ids, g.engine_logprobs, g.finished) for p, g in zip(ids, out, strict=True)
+        ]
+
 
 class ScorerModel:
     """One model that scores samples (the body of a ``Scorer`` actor, or one member of a ``Scorers`` actor).
 
     ``kind="reference"``: log-probs of responses under the start policy (the KL anchor); ``"reward"``:
     sigmoid-scale scores; ``"value"``: per-token values of the PPO value model, whose weights the learners
-    publish by version like the policy's (``receive``).
+    publish by version like the policy's (``receive``). Scorers run forward passes only, always on transformers
+    (``engine`` and ``vllm``, the rollout engine's settings, are accepted and not used).
     """
 
     def __init__(
@@ -183,6 +225,8 @@ class ScorerModel:
         token_budget: int = TOKEN_BUDGET,
         logits_chunk: int = LOGITS_CHUNK,
         attn_implementation: str = "auto",
+        engine: str = "transformers",
+        vllm: Mapping[str, Any] | None = None,
     ):
         if kind not in ("reference", "reward", "value"):
             raise ValueError(f"scorer kind must be 'reference', 'reward' or 'value', got {kind!r}")
