@@ -31,7 +31,7 @@ from paddock.models import load_causal_lm, load_scalar_model, set_gradient_check
 from paddock.ppo import sync
 from paddock.ppo.experience import learner_batch
 from paddock.rlhf.ppo import entropy_from_logprobs, ppo_policy_loss, value_loss
-from paddock.rollout.core import TokenValues, pick_logprobs, response_logits
+from paddock.rollout.core import TokenValues, chunked_logprobs, pick_logprobs, response_logits, unalign
 from paddock.train import engine as ds
 from paddock.train.loop import all_sum, collective_device, quiet_worker
 
@@ -51,6 +51,9 @@ class LearnerSpec(BaseModel):
     namespace: str
     seed: int
     channel: sync.Channel  # the run's rendezvous; each publication's groups are named after its version
+    # The rollout engine's log-probs are not the policy's own (vLLM's kernels, precision): the learners recompute
+    # the behaviour log-probs before the update, so that PPO's first ratio is 1, and log the difference.
+    recompute_logprobs: bool = False
 
 
 def _broadcast_flag(flag: bool) -> bool:
@@ -111,6 +114,7 @@ class Learner:
         sums: dict[str, float] = {}
         steps, tokens = 0, 0
         start = time.perf_counter()
+        drift = self.recompute_logprobs(rows) if self.spec.recompute_logprobs else None
         for epoch in range(ppo.epochs):
             g = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + iteration * 101 + epoch)
             order = torch.randperm(len(rows), generator=g).tolist()
@@ -132,7 +136,35 @@ class Learner:
         out["ppo/train_tokens_per_s"] = mean[-2] * self.world
         out["ppo/train_s"] = mean[-1]
         out["ppo/optimizer_steps"] = float(ppo.epochs * (len(rows) // ppo.mini_batch))
+        if drift is not None:
+            out["rollout/logprob_drift"] = drift
         return out
+
+    @torch.no_grad()
+    def recompute_logprobs(self, rows: list[dict[str, Any]]) -> float:
+        """Replace each row's behaviour log-probs (the rollout engine's) with the policy's own, from a forward
+        pass in the learners' precision before any step; returns the mean absolute difference per token (the
+        engine's drift). Each rank computes every ``world``-th row, in lockstep (ZeRO-3 gathers per forward),
+        and all ranks end with all rows."""
+        ppo, device = self.spec.ppo, self.policy.device
+        mine = list(range(self.rank, len(rows), self.world))
+        computed: dict[int, list[float]] = {}
+        for k in range(0, len(mine), self.micro):
+            idx = mine[k : k + self.micro]
+            packed = learner_batch([rows[i] for i in idx]).packed.to(device)
+            logp = chunked_logprobs(self.policy.module, packed, ppo.temperature)
+            computed |= dict(zip(idx, unalign(logp.float().cpu(), packed.response_mask.cpu()), strict=True))
+        if dist.is_initialized() and self.world > 1:
+            parts: list[Any] = [None] * self.world
+            dist.all_gather_object(parts, computed)
+            computed = {i: lp for part in parts for i, lp in part.items()}
+        diff, count = 0.0, 0
+        for i, row in enumerate(rows):
+            own = computed[i]
+            diff += sum(abs(a - b) for a, b in zip(row["behaviour_logprobs"], own, strict=True))
+            count += len(own)
+            row["behaviour_logprobs"] = own
+        return diff / max(1, count)
 
     def _micro_step(self, b: Any) -> dict[str, float]:
         ppo = self.spec.ppo

@@ -527,6 +527,7 @@ def run(job: PPOJob) -> PPOResult:
             namespace=namespace,
             seed=job.seed,
             channel=channel,
+            recompute_logprobs=job.inference.engine != "transformers",
         )
         trainer = torch_trainer(
             learner_worker, {"spec": spec.model_dump(mode="json")}, tc, f"{name}-{run.run_id[:8]}"
