@@ -735,6 +735,12 @@ class ServeConfig(Strict):
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Precision of the replicas' models; auto: bf16 on GPU, fp32 on CPU."
     )
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What the chat replicas decode with: paddock's own continuous batching on transformers, or "
+        "vLLM's (an optional extra; the same routes, streams and errors).",
+    )
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="The vLLM engine's settings.")
     reward_seq_len: int = Field(512, ge=16, description="Reward models read at most this many tokens.")
 
     @model_validator(mode="after")

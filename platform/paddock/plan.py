@@ -476,7 +476,7 @@ def _place(roles: list[Role], cluster: Cluster) -> None:
             if biggest and r.weights_gib > USABLE * biggest:
                 r.reason += (
                     f"; its weights alone ({r.weights_gib:.1f} GiB) exceed one GPU: this role needs tensor-parallel "
-                    "inference, which paddock does not have yet (the vLLM engine, issue 18)"
+                    "inference, which paddock does not have yet (its vLLM engine runs on one GPU)"
                 )
             continue
         holders.sort(key=lambda t: t.gpu_gib or 0)
@@ -574,9 +574,15 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
         )
 
     def sampler(name: str, ref: str, count: int, gpus: float, prefix: str) -> Role:
-        return copy(
+        role = copy(
             name, ref, count, gpus, False, True, [f"{prefix}.rollout_workers", f"{prefix}.gpus_per_actor"]
         )
+        if inf.engine == "vllm":
+            # vLLM's copy (weights and KV cache) where the transformers model would be, and the worker's host
+            # mirror of the weights in the Hugging Face layout beside it (paddock.rollout.vllm_engine)
+            role.host_gib += role.weights_gib
+            role.keys += ["inference.engine", "inference.vllm.memory_share"]
+        return role
 
     def scorer(name: str, ref: str, gpus: float, scalar: bool) -> Role:
         return copy(name, ref, 1, gpus, scalar, False, [])

@@ -333,7 +333,11 @@ def start_workers(
     inference: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     """``count`` rollout workers holding ``checkpoint``, with one sampling setup; ``inference`` is a job's
-    ``InferenceConfig`` as a dict (precision, token budget)."""
+    ``InferenceConfig`` as a dict (precision, token budget, engine)."""
+    if (inference or {}).get("engine") == "vllm":
+        from paddock.rollout.vllm_engine import check_installed
+
+        check_installed()
     return [
         RolloutWorker.options(**actor_options(num_cpus, num_gpus)).remote(  # type: ignore[attr-defined]
             checkpoint,

