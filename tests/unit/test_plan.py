@@ -146,3 +146,14 @@ def test_a_gpu_node_type_without_its_memory_label_is_an_error(tmp_path):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(plan.PlanError, match="gpu-memory-gib"):
         plan.Cluster.from_yaml(tmp_path / "c.yaml")
+
+
+def test_vllm_rollout_workers_are_planned_with_their_host_mirror(capsys):
+    config = str(REPO / "jobs/configs/llama2-7b/ppo.yaml")
+    _, hf = _plan(["--config", config], capsys)
+    code, vl = _plan(["--config", config, "--set", "inference.engine=vllm"], capsys)
+    (w_hf,) = [r for r in hf["roles"] if r["role"] == "rollout worker"]
+    (w_vl,) = [r for r in vl["roles"] if r["role"] == "rollout worker"]
+    weights = plan.ModelShape.named("7b").params * 2 / (1 << 30)  # bf16 on a GPU
+    assert code == 0 and w_vl["device_gib"] == w_hf["device_gib"]
+    assert w_vl["host_gib"] == pytest.approx(w_hf["host_gib"] + weights, abs=0.01)
