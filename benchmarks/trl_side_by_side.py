@@ -22,6 +22,7 @@ Quality is the mean combined reward of greedy answers to held-out prompts.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing as mp
 import os
 import queue
@@ -96,9 +97,16 @@ def paddock_stage(kind: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def paddock_ppo(
-    policy: str, rm: str, tok_dir: Path, world: Path, updates: int, placement: str
+    policy: str,
+    rm: str,
+    tok_dir: Path,
+    world: Path,
+    updates: int,
+    placement: str,
+    engine: str = "transformers",
 ) -> dict[str, Any]:
-    """The tiny PPO config from ``policy``, with ``rm`` as both reward models; evaluation at the start and end."""
+    """The tiny PPO config from ``policy``, with ``rm`` as both reward models; evaluation at the start and end.
+    ``engine``: the rollout workers' (``vllm`` where this environment has it, ``make venv-vllm``)."""
     from paddock.config import PPOJob, load_config
     from paddock.ppo.loop import run
 
@@ -124,7 +132,13 @@ def paddock_ppo(
             f"ppo.checkpoint_every={updates * 10}",
             f"optim.lr={RL_LR}",
             f"ppo.placement={placement}",
-            f"registry_prefix=bench-trl-{placement}",
+            f"registry_prefix=bench-trl-{placement}-{engine}",
+            f"inference.engine={engine}",
+            *(
+                ["inference.vllm.memory_share=0.05", "inference.vllm.max_model_len=512"]
+                if engine == "vllm"
+                else []
+            ),
         ],
     )
     start = time.monotonic()
@@ -495,24 +509,29 @@ def main() -> None:
     rl_test = pq.read_table(world / "prompts" / "test.parquet").to_pylist()[:100]
     ppo = paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "split")
     colocated = paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "colocated")
+    on_vllm = importlib.util.find_spec("vllm") is not None
+    colocated_vllm = (
+        paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "colocated", "vllm")
+        if on_vllm
+        else None
+    )
     rl_data = rl_prompts(world, tok_dir) | {"reward_model": rm_dir}
     rloo = trl_run("rl", rl_data, rm_init, tok_dir, home / "trl-rloo", args.rl_updates)
     # TRL again, for as long as paddock's PPO loop ran (its set-up excluded, as TRL's is): quality in equal time.
     rloo_timed = trl_run("rl", rl_data, rm_init, tok_dir, home / "trl-rloo-timed", 10**6, ppo["loop_s"])
     start_reward = held_out_reward(rm_init, rm_dir, tok_dir, rl_test)
-    for side, r in (
-        ("paddock PPO, split", ppo),
-        ("paddock PPO, colocated", colocated),
-        ("TRL RLOO", rloo),
-        ("TRL RLOO, PPO's time", rloo_timed),
-    ):
+    runs = [("paddock PPO, split", ppo), ("paddock PPO, colocated", colocated)]
+    if colocated_vllm is not None:
+        runs.append(("paddock PPO, colocated, vLLM engine", colocated_vllm))
+    for side, r in (*runs, ("TRL RLOO", rloo), ("TRL RLOO, PPO's time", rloo_timed)):
         r["quality"] = held_out_reward(r.pop("checkpoint"), rm_dir, tok_dir, rl_test)
         rows.append({"name": f"online RL, {side}", "quality_metric": "held-out greedy reward", **r})
-    for r in (rows[4], rows[5]):
-        r["samples_per_s_vs_trl"] = r["samples_per_s"] / rloo["samples_per_s"]
-    for a, b in ((rows[0], rows[1]), (rows[2], rows[3]), (rows[4], rows[6]), (rows[5], rows[6])):
+    trl_row = rows[4 + len(runs)]
+    for a, b in ((rows[0], rows[1]), (rows[2], rows[3]), *((r, trl_row) for r in rows[4 : 4 + len(runs)])):
         a["tokens_per_s_vs_trl"] = a["tokens_per_s"] / b["tokens_per_s"]
         a["wall_vs_trl"] = a["wall_s"] / b["wall_s"]
+    for r in rows[4 : 4 + len(runs)]:
+        r["samples_per_s_vs_trl"] = r["samples_per_s"] / rloo["samples_per_s"]
 
     meta = {
         "trl": trl.__version__,
@@ -523,6 +542,7 @@ def main() -> None:
         "rl_updates": args.rl_updates,
         "rl_answers_per_update": RL_BATCH,
         "rl_start_reward": start_reward,
+        "vllm_row": "measured" if on_vllm else "skipped: vLLM is not installed here (run in .venv-vllm)",
     }
     write_result(args.out, "trl_side_by_side", meta, rows)
     print(f"online RL starts from held-out greedy reward {start_reward:.3f}; RL rows count new tokens")
