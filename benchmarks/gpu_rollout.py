@@ -13,7 +13,8 @@ against a raw device copy of the same bytes (one short run, < 8 minutes on one G
 
 Without CUDA it writes a skipped result and exits 0. vLLM is not in paddock's main environment: without it the
 vLLM rows say so and the transformers rows are still measured. ``--smoke`` runs the same path on the CPU with the
-tiny shape (in ``.venv-vllm`` for the vLLM half): a check of the script, not a measurement.
+tiny shape (in ``.venv-vllm`` for the vLLM half) and writes ``gpu_rollout_smoke.json``: a check of the script, not a
+measurement.
 
     python benchmarks/gpu_rollout.py [--shape 1b] [--prompts 256] [--new-tokens 128] [--smoke] [--out benchmarks/results]
 """
@@ -181,7 +182,7 @@ def main() -> None:
             print(
                 f"weight load: {nbytes / 1e9:.2f} GB in {load_s:.3f} s, raw copy {raw_s:.4f} s ({load_s / raw_s:.1f}x)"
             )
-    path = write_result(args.out, "gpu_rollout", meta, rows)
+    path = write_result(args.out, "gpu_rollout_smoke" if args.smoke else "gpu_rollout", meta, rows)
     print(f"wrote {path}")
 
 

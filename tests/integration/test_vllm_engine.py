@@ -353,3 +353,12 @@ def test_the_serve_app_on_vllm_answers_the_openai_client_as_the_transformers_eng
         assert stopped.choices[0].finish_reason == "stop" and cut not in stopped.choices[0].message.content
     finally:
         serve.delete("paddock-vllm")
+
+
+def test_the_rollout_device_script_runs_both_engines_on_the_cpu(tmp_path: Path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "unit"))
+    from test_gpu_check import test_the_rollout_device_script_runs_its_path_on_the_cpu
+
+    test_the_rollout_device_script_runs_its_path_on_the_cpu(tmp_path)

@@ -57,3 +57,30 @@ def test_the_device_check_measures_every_role_on_a_gpu(tmp_path: Path):
         if "plan_gib" in row:
             assert row["measured_gib"] > 0 and row["measured_vs_plan"] > 0
     assert result["meta"]["wall_s"] < 480
+
+
+def test_the_rollout_device_script_runs_its_path_on_the_cpu(tmp_path: Path):
+    """benchmarks/gpu_rollout.py --smoke: transformers rollouts measured; without vLLM its rows say so (the vLLM
+    half runs in .venv-vllm: tests/integration/test_vllm_engine.py)."""
+    import importlib.util
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(
+        [sys.executable, "gpu_rollout.py", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO / "benchmarks",
+        env=env,
+        check=True,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
+    rows = json.loads((tmp_path / "gpu_rollout_smoke.json").read_text())["rows"]
+    hf = next(r for r in rows if r["engine"] == "transformers")
+    assert hf["tokens"] == 16 * 16 and hf["tokens_per_s"] > 0
+    vl = next(r for r in rows if r["engine"] == "vllm")
+    if importlib.util.find_spec("vllm") is None:
+        assert vl == {"part": "rollouts", "engine": "vllm", "skipped": "vLLM is not installed here"}
+    else:
+        assert vl["tokens"] == 16 * 16 and vl["vs_transformers"] > 0
+        load = next(r for r in rows if r["part"] == "weight load")
+        assert load["vs_raw"] > 0
