@@ -51,7 +51,7 @@ class LearnerSpec(BaseModel):
     namespace: str
     seed: int
     channel: sync.Channel  # the run's rendezvous; each publication's groups are named after its version
-    # The rollout engine's log-probs are not the policy's own (vLLM's kernels, precision): the learners recompute
+    # The rollout engine's log-probs are not the policy's own (vLLM's kernels, a bf16 copy): the learners recompute
     # the behaviour log-probs before the update, so that PPO's first ratio is 1, and log the difference.
     recompute_logprobs: bool = False
 

@@ -527,7 +527,9 @@ def run(job: PPOJob) -> PPOResult:
             namespace=namespace,
             seed=job.seed,
             channel=channel,
-            recompute_logprobs=job.inference.engine != "transformers",
+            # vLLM's kernels, or a rollout copy in another precision than fp32 (bf16 on GPUs), give log-probs that
+            # are not the learners' own; transformers in fp32 (the CPU default) computes exactly theirs
+            recompute_logprobs=job.inference.engine != "transformers" or channel.dtype != "float32",
         )
         trainer = torch_trainer(
             learner_worker, {"spec": spec.model_dump(mode="json")}, tc, f"{name}-{run.run_id[:8]}"
