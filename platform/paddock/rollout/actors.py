@@ -77,16 +77,13 @@ class RolloutWorker:
         self.tok = load_tokenizer(checkpoint)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.engine: Any = None
+        self.checkpoint, self.vllm = checkpoint, dict(vllm or {})
         if engine == "vllm":
-            from paddock.rollout.vllm_engine import VllmEngine
-
             # vLLM holds the weights on the device; ``model`` is the host mirror in the Hugging Face layout
             # (what the worker saves, digests and passes to peers), loaded into vLLM whenever it changes.
-            on_gpu = self.device.type == "cuda"
+            self.on_gpu = self.device.type == "cuda"
             self.device = torch.device("cpu")
-            self.engine = VllmEngine(
-                checkpoint, dtype=self.dtype, eos_id=self.tok.eos_token_id, on_gpu=on_gpu, **(vllm or {})
-            )
+            self.engine = self._start_engine(checkpoint)
         elif engine != "transformers":
             raise ValueError(f"inference.engine must be 'transformers' or 'vllm', got {engine!r}")
         self.model = load_causal_lm(checkpoint, self.dtype, self.attn).eval().to(self.device)
@@ -102,11 +99,29 @@ class RolloutWorker:
         self.policy_version, self.digest = -1, None
         if self.engine is not None:
             wire = torch.device("cuda") if channel.backend == "nccl" else self.device  # NCCL lands on the GPU
-            self.engine.reload(sync.stream_into(channel, self.model, layout, rank, wire))
+            self._reload(sync.stream_into(channel, self.model, layout, rank, wire))
         else:
             sync.receive_into(channel, self.model, layout, rank, self.device)
         self.policy_version = policy_version
         return policy_version
+
+    def _start_engine(self, checkpoint: str) -> Any:
+        from paddock.rollout.vllm_engine import VllmEngine
+
+        eos = self.tok.eos_token_id
+        return VllmEngine(checkpoint, dtype=self.dtype, eos_id=eos, on_gpu=self.on_gpu, **self.vllm)
+
+    def _reload(self, weights: Any) -> None:
+        """Load weights into vLLM in place. A reload cut off half way (a stream whose sender died) leaves vLLM's
+        model half swapped and unusable, which another reload does not mend: the engine and the mirror start
+        again from the worker's checkpoint, still holding no version, and the error goes to the caller."""
+        try:
+            self.engine.reload(weights)
+        except BaseException:
+            self.engine.close()
+            self.model = load_causal_lm(self.checkpoint, self.dtype, self.attn).eval().to(self.device)
+            self.engine = self._start_engine(self.checkpoint)
+            raise
 
     def send_held(self, channel: sync.Channel, layout: sync.Layout) -> int:
         """Stream the weights held to a peer that lost them (rank 0 of ``channel``); returns their version."""
@@ -144,7 +159,9 @@ class RolloutWorker:
         self.model = load_causal_lm(checkpoint, self.dtype, self.attn).eval().to(self.device)
         self.tok = load_tokenizer(checkpoint)
         if self.engine is not None:
-            self.engine.reload_from(self.model.state_dict())
+            self.policy_version = -1
+            self.checkpoint = checkpoint  # what a broken reload starts again from
+            self._reload(iter(self.model.state_dict().items()))
         self.policy_version, self.digest = policy_version, None
         return policy_version
 

@@ -17,7 +17,7 @@ does not import it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,8 +175,17 @@ class VllmEngine:
         self.llm.reset_prefix_cache()
         return n
 
-    def reload_from(self, state: Mapping[str, torch.Tensor]) -> int:
-        return self.reload(iter(state.items()))
+    def close(self) -> None:
+        """Shut the engine down and free what it holds (its device memory, its KV cache)."""
+        import gc
+
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class VllmBatch:
