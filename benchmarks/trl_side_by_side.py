@@ -134,11 +134,7 @@ def paddock_ppo(
             f"ppo.placement={placement}",
             f"registry_prefix=bench-trl-{placement}-{engine}",
             f"inference.engine={engine}",
-            *(
-                ["inference.vllm.memory_share=0.05", "inference.vllm.max_model_len=512"]
-                if engine == "vllm"
-                else []
-            ),
+            *(["inference.vllm.memory_share=0.05"] if engine == "vllm" else []),
         ],
     )
     start = time.monotonic()

@@ -110,3 +110,16 @@ def test_starting_vllm_workers_without_vllm_fails_before_any_actor_starts(monkey
             num_cpus=0.5,
             inference={"engine": "vllm"},
         )
+
+
+@pytest.mark.reliability
+def test_a_vllm_context_beyond_the_models_is_refused_before_any_worker_starts(tmp_path: Path):
+    import json
+
+    from paddock.rollout.vllm_engine import check_settings
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 256}))
+    check_settings(str(tmp_path), {"max_model_len": 256})
+    check_settings(str(tmp_path), {"max_model_len": None})
+    with pytest.raises(ValueError, match=r"max_model_len \(512\) is beyond the model's context \(256"):
+        check_settings(str(tmp_path), {"max_model_len": 512})

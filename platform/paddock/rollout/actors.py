@@ -352,9 +352,10 @@ def start_workers(
     """``count`` rollout workers holding ``checkpoint``, with one sampling setup; ``inference`` is a job's
     ``InferenceConfig`` as a dict (precision, token budget, engine)."""
     if (inference or {}).get("engine") == "vllm":
-        from paddock.rollout.vllm_engine import check_installed
+        from paddock.rollout.vllm_engine import check_installed, check_settings
 
         check_installed()
+        check_settings(checkpoint, (inference or {}).get("vllm") or {})
     return [
         RolloutWorker.options(**actor_options(num_cpus, num_gpus)).remote(  # type: ignore[attr-defined]
             checkpoint,

@@ -65,6 +65,24 @@ def check_installed() -> None:
         raise ImportError(MISSING)
 
 
+def check_settings(checkpoint: str, vllm: dict[str, Any]) -> None:
+    """Refuse settings vLLM would refuse inside every worker, before any starts: a ``max_model_len`` beyond the
+    checkpoint's context."""
+    import json
+    from pathlib import Path
+
+    want = vllm.get("max_model_len")
+    config = Path(checkpoint) / "config.json"
+    if want is None or not config.is_file():
+        return
+    context = json.loads(config.read_text()).get("max_position_embeddings")
+    if context is not None and want > context:
+        raise ValueError(
+            f"inference.vllm.max_model_len ({want}) is beyond the model's context ({context}, max_position_embeddings "
+            f"in {config}); leave it unset for the model's own"
+        )
+
+
 def _import_vllm() -> Any:
     try:
         import vllm
