@@ -132,7 +132,9 @@ def sampling_params(
     stop at EOS (kept in the answer), token ids only."""
     from vllm import SamplingParams
 
-    greedy = temperature < 1e-4
+    from paddock.serving.engine import MIN_TEMPERATURE
+
+    greedy = temperature < MIN_TEMPERATURE
     return SamplingParams(
         n=1,
         temperature=0.0 if greedy else temperature,
