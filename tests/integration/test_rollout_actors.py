@@ -158,3 +158,51 @@ def test_workers_compute_the_evaluation_perplexity_and_save_the_weights_they_hol
     assert not (tmp_path / "other").exists()
     for w in workers:
         ray.kill(w)
+
+
+@pytest.mark.reliability
+def test_ppo_stops_at_once_when_every_rollout_worker_is_dead_for_good(ray_cluster):
+    """Rollout workers whose constructor fails every time (Ray's restarts used up) end the run's weight load at
+    once with their error, instead of waiting on a value scorer whose stream waits for them (the learners' 900 s
+    weight-sync timeout, then the driver's wait for a next version). A worker Ray is restarting is waited for."""
+    import time
+    from types import SimpleNamespace
+
+    import ray
+    from paddock.ppo.loop import Actors, ActorsDead
+
+    @ray.remote(num_cpus=0.05, max_restarts=1, max_task_retries=2)
+    class Broken:
+        def __init__(self) -> None:
+            raise ValueError("vllm.max_model_len 512 is beyond the checkpoint's 256 positions")
+
+        def version(self) -> int:
+            return 0
+
+        def receive(self, *args) -> None:
+            return None
+
+    @ray.remote(num_cpus=0.05, max_restarts=1, max_task_retries=2)
+    class Blocked:  # a receiver waiting for group members that never come
+        def version(self) -> int:
+            return 0
+
+        def receive(self, *args) -> None:
+            time.sleep(300)
+
+    actors = object.__new__(Actors)
+    actors.workers = [Broken.remote() for _ in range(2)]
+    actors.value = Blocked.remote()
+    actors.channel = SimpleNamespace(timeout_s=600.0, sub=lambda prefix, size: None)
+    pub = SimpleNamespace(version=1, policy=None, value=None)
+    start = time.monotonic()
+    with pytest.raises(ActorsDead, match=r"all 2 rollout workers are dead.*max_model_len 512 is beyond"):
+        actors.load(pub)
+    assert time.monotonic() - start < 200  # not the blocked receiver's 300 s (nor the channel's 600)
+
+    alive = Blocked.remote()
+    ray.get(alive.version.remote())
+    ray.kill(alive, no_restart=False)  # Ray restarts it: not dead, the check waits for it
+    actors.workers = [alive]
+    actors.check_alive(wait_s=60)
+    ray.kill(actors.value)

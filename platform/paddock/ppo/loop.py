@@ -88,6 +88,16 @@ class WeightsLost(RuntimeError):
     """No receiver holds the weights of a publication (its stream broke, or their holders restarted)."""
 
 
+class ActorsDead(RuntimeError):
+    """Every rollout worker, or the value scorer, is dead for good (Ray's restarts are used up): the run cannot go on."""
+
+
+def _why_dead(exc: BaseException) -> str:
+    """The last lines of a dead actor's error: its constructor's exception when that is what killed it."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return " | ".join(lines[-3:])[:600]
+
+
 class Actors:
     """The rollout workers and scorers of one PPO run."""
 
@@ -139,11 +149,33 @@ class Actors:
                 ray.get(ref)
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
                 failures[name] = exc
+            if name == f"rollout worker {len(calls) - 1}" and len(failures) == len(calls):
+                # Before waiting on the value scorer (whose stream waits for them): are they gone for good?
+                self.check_alive()
         if failures:
             print(f"[ppo] version {pub.version} did not reach {sorted(failures)}", flush=True)
         reached = len(self.workers) - len([f for f in failures if f.startswith("rollout")])
         if "value scorer" in failures or reached == 0:
             raise WeightsLost(f"version {pub.version} reached too few receivers: {sorted(failures)}")
+
+    def check_alive(self, wait_s: float | None = None) -> None:
+        """Raises ``ActorsDead`` when every rollout worker is dead for good. A call to a worker that Ray is
+        restarting waits for it (up to ``wait_s``, default the weight-sync timeout); a dead one fails at once."""
+        wait_s = self.channel.timeout_s if wait_s is None else wait_s
+        refs = [w.version.remote() for w in self.workers]
+        dead: dict[int, BaseException] = {}
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=wait_s)
+            except ray.exceptions.ActorDiedError as exc:
+                dead[i] = exc
+            except ray.exceptions.GetTimeoutError:
+                pass  # slow to come back, not dead
+        if len(dead) == len(self.workers):
+            raise ActorsDead(
+                f"all {len(dead)} rollout workers are dead and Ray's restarts are used up; worker 0: "
+                f"{_why_dead(dead[0])}"
+            )
 
     def repair(self, worker: int, pub: Publication) -> None:
         """Give rollout worker ``worker`` the weights of ``pub`` from a peer that holds them."""
