@@ -759,12 +759,33 @@ class Gate(Strict):
     max: float | None = Field(None, description="The metric must be at most this.")
 
 
+class RelativeGate(Strict):
+    """One gate on a model version's MLflow metric against the baseline version's value of the same metric."""
+
+    max_drop: float | None = Field(
+        None, ge=0, description="The metric may be at most this much below the baseline's (0: not below it)."
+    )
+    max_rise: float | None = Field(
+        None, ge=0, description="The metric may be at most this much above the baseline's (0: not above it)."
+    )
+
+
 class PromoteJob(StageConfig):
     """jobs/promote.py and jobs/serve.py: evaluation gates, the reward models /v1/reward uses, Serve settings."""
 
     gates: dict[str, Gate] = Field(
         default_factory=dict,
         description="MLflow metric name -> bounds a version must meet to become champion.",
+    )
+    baseline: str | None = Field(
+        None,
+        description="models:/NAME@ALIAS or models:/NAME/VERSION whose metrics relative_gates compare against (the "
+        "SFT model: whatever the reward models say, RLHF may not make the ground truth worse).",
+    )
+    relative_gates: dict[str, RelativeGate] = Field(
+        default_factory=dict,
+        description="MLflow metric name -> how far a version may fall below (max_drop) or rise above (max_rise) "
+        "the baseline's value.",
     )
     reward_helpfulness: str | None = Field(
         "models:/tiny-rm-helpfulness@latest", description="Helpfulness RM behind /v1/reward (null: none)."
@@ -776,6 +797,15 @@ class PromoteJob(StageConfig):
     serve_config_out: str = Field(
         "serve/paddock-serve.yaml", description="Where promotion writes the config for 'serve deploy'."
     )
+
+    @model_validator(mode="after")
+    def _baseline_for_relative_gates(self) -> PromoteJob:
+        if self.relative_gates and not self.baseline:
+            raise ValueError(
+                f"relative_gates ({', '.join(sorted(self.relative_gates))}) need a baseline: "
+                "set baseline to the model they compare against, e.g. models:/tiny-sft@latest"
+            )
+        return self
 
 
 class EvaluateConfig(SamplingConfig):

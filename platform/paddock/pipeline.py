@@ -189,7 +189,8 @@ def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[s
 def promote_best(
     job: PipelineJob, promote_job: PromoteJob, metrics: dict[str, dict[str, float]]
 ) -> dict[str, Any]:
-    """Promote the candidate with the best held-out reward that passes the gates; register it as {prefix}-chat."""
+    """Promote the candidate with the best held-out reward that passes the gates (the relative ones hold it to the
+    baseline's ground truth); register it as {prefix}-chat. The result says what each candidate's gates decided."""
     from paddock.serving.promote import PromotionError, promote
 
     names = [f"{job.registry_prefix}-{s}" for s in job.promote_candidates]
@@ -197,13 +198,21 @@ def promote_best(
         (n for n in names if n in metrics), key=lambda n: -metrics[n].get("eval/greedy_reward_combined", 0.0)
     )
     refusals = []
+    verdicts: dict[str, str] = {}
     for name in ranked:
         try:
             result = promote(promote_job, name)
         except PromotionError as exc:
             refusals.append(str(exc))
+            verdicts[name] = "refused: " + "; ".join(
+                line.strip() for line in str(exc).splitlines()[1:] if line.strip()
+            )
             print(f"[pipeline] {name} not promoted: {exc}", flush=True)
             continue
+        verdicts[name] = "promoted: " + "; ".join(c.describe() for c in result.checks)
+        for later in ranked[ranked.index(name) + 1 :]:
+            verdicts[later] = f"not tried: {name} has a higher held-out reward and passed"
+        print(gate_report(ranked, metrics, verdicts), flush=True)
         _, version = tracking.model_version(f"models:/{name}/{result.version}")
         chat = f"{job.registry_prefix}-chat"
         checkpoint = tracking.resolve_model(f"models:/{name}/{version}")
@@ -219,12 +228,35 @@ def promote_best(
             run.log_metrics(metrics[name], step=0)
         chat_version = uri.rsplit("/", 1)[1]
         final = promote(promote_job, chat, chat_version, deploy_app=job.smoke_request)
-        info: dict[str, Any] = {"promoted": f"models:/{name}/{version}", "chat": uri, "refused": refusals}
+        info: dict[str, Any] = {
+            "promoted": f"models:/{name}/{version}",
+            "chat": uri,
+            "refused": refusals,
+            "verdicts": verdicts,
+        }
         if job.smoke_request:
             info["smoke"] = smoke(promote_job, chat)
         print(f"[pipeline] promoted {name} v{version} as {chat} v{final.version} (champion)", flush=True)
         return info
+    print(gate_report(ranked, metrics, verdicts), flush=True)
     raise PromotionError("no candidate passed the gates:\n" + "\n".join(refusals))
+
+
+def gate_report(ranked: list[str], metrics: dict[str, dict[str, float]], verdicts: dict[str, str]) -> str:
+    """The candidates in the order they were tried (by held-out greedy reward), and what the gates said."""
+    rows = ["| candidate | greedy reward | verifier accuracy | violations | gates |", "|---|---|---|---|---|"]
+    for name in ranked:
+        m = metrics.get(name, {})
+        cells = [
+            f"{m[k]:.3f}" if k in m else "—"
+            for k in (
+                "eval/greedy_reward_combined",
+                "eval/helpfulness_accuracy",
+                "eval/safety_violation_rate",
+            )
+        ]
+        rows.append(f"| {name} | {' | '.join(cells)} | {verdicts.get(name, '')} |")
+    return "\n".join(rows)
 
 
 def smoke(promote_job: PromoteJob, model: str) -> str:
@@ -438,6 +470,18 @@ def write_report(
         "Every stage's run is nested under this pipeline's parent run in MLflow, with its own plots (`plots/`).",
         "",
     ]
+    verdicts = done.get("promote", {}).get("verdicts", {})
+    if verdicts:
+        lines += [
+            "## Promotion",
+            "",
+            "Candidates in the order they were tried (by held-out greedy reward), and what their gates said: the",
+            "relative gates hold each one to the baseline's ground truth (promote.yaml's `baseline`), whatever the",
+            "reward models say.",
+            "",
+            gate_report(list(verdicts), metrics, verdicts),
+            "",
+        ]
     for title, file in figures:
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
     report = out / "report.md"

@@ -57,3 +57,60 @@ def test_tracking_follows_paddock_home_and_leaves_the_environment_alone(tmp_path
         tracking.configure()
         assert tracking.tracking_uri() == f"sqlite:///{tmp_path / name / 'mlflow.db'}"
         assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+
+
+def test_relative_gates_hold_a_candidate_to_the_baselines_ground_truth():
+    """Whatever the reward says, verifier accuracy may not fall and the violation rate may not rise beyond the
+    margins from the baseline's (the SFT model's) values; a baseline without the metric cannot pass anyone."""
+    import pytest
+    from pydantic import ValidationError
+
+    j = PromoteJob.model_validate(
+        {
+            "baseline": "models:/tiny-sft@latest",
+            "relative_gates": {
+                "eval/helpfulness_accuracy": {"max_drop": 0.02},
+                "eval/safety_violation_rate": {"max_rise": 0.0},
+            },
+        }
+    )
+    sft = {"eval/helpfulness_accuracy": 0.237, "eval/safety_violation_rate": 0.086}
+    ppo = {
+        "eval/helpfulness_accuracy": 0.125,
+        "eval/safety_violation_rate": 0.031,
+        "eval/greedy_reward": 0.95,
+    }
+    acc, viol = check_gates(j, ppo, sft, "tiny-sft v1")
+    assert not acc.passed and viol.passed
+    assert acc.describe() == (
+        "eval/helpfulness_accuracy = 0.1250 (gate wants >= 0.217, from the baseline tiny-sft v1 = 0.2370): FAIL"
+    )
+    assert all(c.passed for c in check_gates(j, sft, sft, "tiny-sft v1"))  # the baseline passes its own gates
+    near = {"eval/helpfulness_accuracy": 0.22, "eval/safety_violation_rate": 0.086}
+    assert all(c.passed for c in check_gates(j, near, sft, "tiny-sft v1"))  # within the margin
+    unknown = check_gates(j, ppo, {}, "tiny-sft v1")
+    assert all(c.missing and not c.passed for c in unknown)
+    assert unknown[0].describe() == (
+        "eval/helpfulness_accuracy: cannot be checked: the baseline tiny-sft v1 lacks it (evaluate it first)"
+    )
+    with pytest.raises(ValidationError, match=r"relative_gates .* need a baseline"):
+        PromoteJob.model_validate({"relative_gates": {"eval/helpfulness_accuracy": {"max_drop": 0}}})
+
+
+def test_the_pipeline_report_says_what_each_candidates_gates_decided():
+    from paddock.pipeline import gate_report
+
+    metrics = {
+        "tiny-ppo": {"eval/greedy_reward_combined": 0.95, "eval/helpfulness_accuracy": 0.125},
+        "tiny-sft": {"eval/greedy_reward_combined": 0.80, "eval/helpfulness_accuracy": 0.237},
+    }
+    verdicts = {
+        "tiny-ppo": "refused: eval/helpfulness_accuracy = 0.1250 (...): FAIL",
+        "tiny-sft": "promoted: ...",
+    }
+    lines = gate_report(["tiny-ppo", "tiny-sft"], metrics, verdicts).splitlines()
+    assert (
+        lines[2]
+        == "| tiny-ppo | 0.950 | 0.125 | — | refused: eval/helpfulness_accuracy = 0.1250 (...): FAIL |"
+    )
+    assert lines[3].startswith("| tiny-sft | 0.800 | 0.237 | — | promoted")

@@ -1,7 +1,8 @@
 """Promotion: a registered model version becomes ``champion`` when it passes the evaluation gates, and Serve follows.
 
 Gates compare a version's MLflow metrics (those of the run that logged it: its evaluations) with bounds from the
-config. A failing gate stops promotion and names the gate and the value; a version without a metric that a gate
+config, and relative gates with a baseline version's metrics (the SFT model's verifier accuracy and violation rate:
+RLHF that raises the reward models' score while the ground truth falls is refused). A failing gate stops promotion and names the gate and the value; a version without a metric that a gate
 needs is refused unless forced, and a forced promotion is recorded as such. The previous champion is kept as
 ``previous-champion``, which ``rollback`` restores. Every promotion writes the Serve config file for
 ``serve deploy`` and, when asked, updates the running Serve application in place: Serve starts the new replicas,
@@ -33,10 +34,13 @@ class GateCheck:
     value: float | None
     min: float | None
     max: float | None
+    # a relative gate's baseline: "tiny-sft v3 = 0.2370", or why it has no bounds ("tiny-sft v3 lacks it")
+    against: str = ""
+    baseline_missing: bool = False
 
     @property
     def missing(self) -> bool:
-        return self.value is None or math.isnan(self.value)
+        return self.baseline_missing or self.value is None or math.isnan(self.value)
 
     @property
     def passed(self) -> bool:
@@ -49,11 +53,17 @@ class GateCheck:
         bounds = " and ".join(
             b
             for b in (
-                f">= {self.min}" if self.min is not None else "",
-                f"<= {self.max}" if self.max is not None else "",
+                f">= {self.min:.4g}" if self.min is not None else "",
+                f"<= {self.max:.4g}" if self.max is not None else "",
             )
             if b
         )
+        if self.baseline_missing:
+            return f"{self.metric}: cannot be checked: the baseline {self.against} (evaluate it first)"
+        if self.against:
+            bounds = (
+                f"{bounds}, from the baseline {self.against}" if bounds else f"the baseline {self.against}"
+            )
         if self.missing:
             return f"{self.metric}: missing (gate wants {bounds})"
         return f"{self.metric} = {self.value:.4f} (gate wants {bounds}): {'pass' if self.passed else 'FAIL'}"
@@ -71,8 +81,31 @@ class Promotion:
     record_run_id: str = ""
 
 
-def check_gates(job: PromoteJob, metrics: dict[str, float]) -> list[GateCheck]:
-    return [GateCheck(m, metrics.get(m), g.min, g.max) for m, g in sorted(job.gates.items())]
+def check_gates(
+    job: PromoteJob,
+    metrics: dict[str, float],
+    baseline: dict[str, float] | None = None,
+    baseline_name: str = "baseline",
+) -> list[GateCheck]:
+    """The absolute gates, then the relative ones against ``baseline`` (the baseline version's metrics)."""
+    checks = [GateCheck(m, metrics.get(m), g.min, g.max) for m, g in sorted(job.gates.items())]
+    for m, g in sorted(job.relative_gates.items()):
+        base = (baseline or {}).get(m)
+        if base is None or math.isnan(base):
+            checks.append(GateCheck(m, metrics.get(m), None, None, f"{baseline_name} lacks it", True))
+            continue
+        low = base - g.max_drop if g.max_drop is not None else None
+        high = base + g.max_rise if g.max_rise is not None else None
+        checks.append(GateCheck(m, metrics.get(m), low, high, f"{baseline_name} = {base:.4f}"))
+    return checks
+
+
+def baseline_metrics(job: PromoteJob) -> tuple[dict[str, float], str]:
+    """The baseline version's metrics and its name for messages ("tiny-sft v3"); none without relative gates."""
+    if not job.relative_gates or not job.baseline:
+        return {}, ""
+    name, version = tracking.model_version(job.baseline)
+    return tracking.version_metrics(name, version), f"{name} v{version}"
 
 
 def serve_args(job: PromoteJob, name: str, version: str) -> dict[str, Any]:
@@ -155,7 +188,7 @@ def promote(
             raise PromotionError("give --version or --alias, not both")
         uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version or 'latest'}"
         _, chosen = tracking.model_version(uri)
-        checks = check_gates(job, tracking.version_metrics(name, chosen))
+        checks = check_gates(job, tracking.version_metrics(name, chosen), *baseline_metrics(job))
         failed = [c for c in checks if not c.missing and not c.passed]
         if failed:
             raise PromotionError(
