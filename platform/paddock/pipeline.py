@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from paddock import tracking
+from paddock import atomic, tracking
 from paddock.config import (
     JOBS,
     PIPELINE_STAGES,
@@ -79,8 +79,7 @@ class State:
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"done": {}}
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=2))
+        atomic.write_text(self.path, json.dumps(self.data, indent=2))
 
     def done(self, stage: str) -> bool:
         return stage in self.data["done"]

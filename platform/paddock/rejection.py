@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from paddock import plan, tracking
+from paddock import atomic, plan, tracking
 from paddock.cluster import connect
 from paddock.config import RejectionJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
@@ -124,6 +124,12 @@ def sample_and_score(
 
 
 def run(job: RejectionJob) -> RejectionResult:
+    """One run at a time per output directory (``paddock.atomic.locked``)."""
+    with atomic.locked(paddock_home() / "runs" / f"{job.registry_prefix}-rs", "rejection_sampling") as lock:
+        return _run(job, lock)
+
+
+def _run(job: RejectionJob, lock: atomic.Lock) -> RejectionResult:
     rc = job.rejection
     finetune_sft_job(job, None, "rs")  # a bad SFT config fails before sampling
     connect()
@@ -141,6 +147,7 @@ def run(job: RejectionJob) -> RejectionResult:
         job.model_dump(mode="json"),
         tags={"paddock.upstream": job.policy},
     ) as run:
+        lock.note(f"rejection_sampling, MLflow run {run.run_id}")
         run.log_dataset(resolve_path(rc.prompts), "prompts", "sampling", report.total, report.n_bad)
         samples, combined = sample_and_score(job, prompts)
         maxima, medians = best_of_n_curve(combined)
@@ -174,7 +181,7 @@ def run(job: RejectionJob) -> RejectionResult:
             if r["prompt_id"] not in pool or r["reward"] > pool[r["prompt_id"]]["reward"]:
                 pool[r["prompt_id"]] = r
         work.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(earlier + best_rows, schema=POOL_SCHEMA), pool_path)
+        atomic.write_parquet(pa.Table.from_pylist(earlier + best_rows, schema=POOL_SCHEMA), pool_path)
         kept = [
             {
                 "id": f"rs-{r['prompt_id']}",
@@ -187,7 +194,7 @@ def run(job: RejectionJob) -> RejectionResult:
         random.Random(job.seed).shuffle(kept)
         dataset = work / f"round{rc.round}" / "kept.parquet"
         dataset.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(kept, schema=DIALOGS), dataset)
+        atomic.write_parquet(pa.Table.from_pylist(kept, schema=DIALOGS), dataset)
         mean_all = combined.mean().item()
         mean_best = sum(r["reward"] for r in pool.values()) / max(1, len(pool))
         run.log_metrics(

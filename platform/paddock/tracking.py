@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import traceback
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -275,14 +276,31 @@ def resolve_model(uri_or_path: str) -> Path:
     cache = paddock_home() / "models" / name / f"v{version}"
     checkpoint = _logged_checkpoint(cache)
     if checkpoint is None:
-        shutil.rmtree(cache, ignore_errors=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(cache))
+        _download(f"models:/{name}/{version}", cache)
         checkpoint = _logged_checkpoint(cache)
     if checkpoint is None:
         raise UpstreamModelError(
             f"upstream model {uri_or_path}: version {version} carries no checkpoint artifact"
         )
     return checkpoint
+
+
+def _download(uri: str, cache: Path) -> None:
+    """Download a model version beside ``cache`` and rename it into place whole: a reader never sees a partial
+    download, and of two processes resolving the same version, the second to finish keeps the first's copy."""
+    if cache.exists():  # a cache directory without a whole model in it: an interrupted download of old
+        shutil.rmtree(cache, ignore_errors=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
+        try:
+            tmp.rename(cache)
+        except OSError:
+            if _logged_checkpoint(cache) is None:  # not another process's whole copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _logged_checkpoint(model_dir: Path) -> Path | None:

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from paddock import atomic
 from paddock.data.chat import ChatFormatError, check_turns
 from paddock.data.schemas import PREFERENCE_KINDS, RATINGS, SAFETY_BINS, schema_for
 
@@ -159,7 +160,7 @@ def write_quarantine(report: ValidationReport, path: Path) -> Path:
     rows = [
         {"row": i, "reason": r, "data": json.dumps(_jsonable(row), default=str)} for i, r, row in report.bad
     ]
-    pq.write_table(pa.Table.from_pylist(rows, schema=QUARANTINE), path)
+    atomic.write_parquet(pa.Table.from_pylist(rows, schema=QUARANTINE), path)
     report.quarantine_path = path
     return path
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import ray
 
+from paddock import atomic
+
 EXPERIENCE_FIELDS = (
     "prompt_id",
     "prompt_ids",
@@ -81,10 +83,8 @@ class RolloutBuffer:
                 return -1
             ref = wrapped_ref[0]
             if self.spill_dir is not None:
-                import pyarrow.parquet as pq
-
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
-                pq.write_table(
+                atomic.write_parquet(
                     await ref, self.spill_dir / f"batch-{self.batches_in:06d}-v{policy_version}.parquet"
                 )
             self.entries.append(_Entry(ref, rows, policy_version))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import threading
 import time
 import uuid
@@ -30,7 +29,7 @@ from typing import Any
 
 import ray
 
-from paddock import plan, tracking
+from paddock import atomic, plan, tracking
 from paddock.cluster import connect
 from paddock.config import PPOJob, paddock_home, resolve_path
 from paddock.data.validate import load_dataset
@@ -502,6 +501,12 @@ class Driver:
 
 
 def run(job: PPOJob) -> PPOResult:
+    """One run at a time per output directory (``paddock.atomic.locked``)."""
+    with atomic.locked(paddock_home() / "runs" / f"{job.registry_prefix}-ppo", "ppo") as lock:
+        return _run(job, lock)
+
+
+def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
     p = job.ppo
     name = f"{job.registry_prefix}-ppo"
     work = paddock_home() / "runs" / name
@@ -520,6 +525,7 @@ def run(job: PPOJob) -> PPOResult:
     namespace = f"paddock-ppo-{uuid.uuid4().hex[:8]}"
     tags = {"paddock.registered_name": name, "paddock.upstream": job.policy}
     with tracking.stage_run(job.experiment, "ppo", job.model_dump(mode="json"), tags=tags) as run:
+        lock.note(f"ppo, MLflow run {run.run_id}")
         run.log_dataset(resolve_path(p.prompts), "prompts-train", "training", report.total, report.n_bad)
         run.log_dataset(
             resolve_path(p.eval_prompts), "prompts-test", "eval", eval_report.total, eval_report.n_bad
@@ -596,8 +602,7 @@ def run(job: PPOJob) -> PPOResult:
 
         final_dir = work / "last"
         with result.checkpoint.as_directory() as ckpt:
-            shutil.rmtree(final_dir, ignore_errors=True)
-            shutil.copytree(Path(ckpt) / "hf", final_dir)
+            atomic.copy_dir(Path(ckpt) / "hf", final_dir)
             iterations = json.loads((Path(ckpt) / "state.json").read_text())["iteration"]
         # The registered policy is the best evaluation's, saved by the rollout worker that was evaluated; the
         # learners' final export only when nothing was evaluated. Either way its digest must be the evaluated one.
@@ -606,8 +611,7 @@ def run(job: PPOJob) -> PPOResult:
         measured = driver.digests.get(driver.best[1] if driver.best is not None else iterations)
         out_dir = resolve_path(job.output_dir) if job.output_dir else work / "final"
         if out_dir != chosen:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            shutil.copytree(chosen, out_dir)
+            atomic.copy_dir(chosen, out_dir)
 
         history = [driver.history[i] for i in sorted(driver.history)]
         if history:

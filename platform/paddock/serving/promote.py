@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from paddock import tracking
+from paddock import atomic, tracking
 from paddock.config import PromoteJob, resolve_path
 
 
@@ -144,7 +144,7 @@ def write_serve_config(job: PromoteJob, args: dict[str, Any]) -> Path:
         "# Paths are local to the machine that promoted; on a cluster put checkpoints on shared storage or let\n"
         "# replicas resolve model.uri through MLFLOW_TRACKING_URI.\n"
     )
-    out.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    atomic.write_text(out, header + yaml.safe_dump(config, sort_keys=False))
     return out
 
 

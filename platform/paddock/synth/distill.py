@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
-from paddock import plan, tracking
+from paddock import atomic, plan, tracking
 from paddock.cluster import connect
 from paddock.config import DistillJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
@@ -38,6 +37,12 @@ class DistillResult:
 
 
 def run(job: DistillJob) -> DistillResult:
+    """One run at a time per output directory (``paddock.atomic.locked``)."""
+    with atomic.locked(paddock_home() / "runs" / f"{job.registry_prefix}-cd", "context_distillation"):
+        return _run(job)  # its fine-tune (run_supervised) notes the MLflow run on the lock
+
+
+def _run(job: DistillJob) -> DistillResult:
     d = job.distill
     finetune_sft_job(job, None, "cd")  # a bad SFT config fails before sampling
     policy = str(tracking.resolve_model(job.policy))
@@ -102,7 +107,7 @@ def run(job: DistillJob) -> DistillResult:
     random.Random(job.seed).shuffle(kept)
     dataset = work / "distilled.parquet"
     dataset.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(kept, schema=DIALOGS), dataset)
+    atomic.write_parquet(pa.Table.from_pylist(kept, schema=DIALOGS), dataset)
     finetune = run_supervised(finetune_sft_job(job, dataset, "cd"), "context_distillation")
     tracking.tag_run(
         finetune.run_id,

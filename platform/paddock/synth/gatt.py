@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
-from paddock import plan, tracking
+from paddock import atomic, plan, tracking
 from paddock.cluster import connect
 from paddock.config import GAttJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
@@ -124,6 +123,12 @@ def synthesize(
 
 
 def run(job: GAttJob) -> GAttResult:
+    """One run at a time per output directory (``paddock.atomic.locked``)."""
+    with atomic.locked(paddock_home() / "runs" / f"{job.registry_prefix}-gatt", "gatt"):
+        return _run(job)  # its fine-tune (run_supervised) notes the MLflow run on the lock
+
+
+def _run(job: GAttJob) -> GAttResult:
     g = job.gatt
     finetune_sft_job(job, None, "gatt")  # a bad SFT config fails before sampling
     policy = str(tracking.resolve_model(job.policy))
@@ -157,7 +162,7 @@ def run(job: GAttJob) -> GAttResult:
     random.Random(job.seed).shuffle(examples)
     dataset = work / "gatt.parquet"
     dataset.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(examples, schema=DIALOGS), dataset)
+    atomic.write_parquet(pa.Table.from_pylist(examples, schema=DIALOGS), dataset)
     sft_job = finetune_sft_job(job, dataset, "gatt", "train_on=last_answer")
     finetune = run_supervised(sft_job, "gatt_finetune")
     return GAttResult(len(dialogs), len(examples), dataset, followed, finetune)

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
+from paddock import atomic
 from paddock.data.pairs import bin_index, encode_answer, rating_index
 from paddock.data.tokenize import (
     PACKED_COLUMNS,
@@ -104,7 +105,7 @@ def validated_parquet(
         return path, report
     clean = work_dir / "clean" / f"{path.parent.name}-{path.name}"
     clean.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(report.good, clean)
+    atomic.write_parquet(report.good, clean)
     return clean, report
 
 

@@ -29,7 +29,7 @@ from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from paddock import plan, tracking
+from paddock import atomic, plan, tracking
 from paddock.cluster import connect
 from paddock.config import (
     FinetuneJob,
@@ -149,7 +149,7 @@ def _prepare(
             )
             mixed = work_dir / "data" / f"{split}-{job.reward.kind}.parquet"
             mixed.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(rows, schema=report.good.schema), mixed)
+            atomic.write_parquet(pa.Table.from_pylist(rows, schema=report.good.schema), mixed)
             inputs.append(
                 (
                     path,
@@ -353,11 +353,19 @@ def release_process_group() -> None:
 
 
 def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
-    """Train one supervised stage end to end and register its model as ``{prefix}-{suffix}``."""
+    """Train one supervised stage end to end and register its model as ``{prefix}-{suffix}``; one run at a time
+    per output directory (``paddock.atomic.locked``)."""
+    work = paddock_home() / "runs" / f"{job.registry_prefix}-{registry_suffix(job)}"
+    with atomic.locked(work, stage) as lock:
+        return _run_supervised(job, stage, lock)
+
+
+def _run_supervised(job: SupervisedJob, stage: str, lock: atomic.Lock) -> StageResult:
     p = prepare(job, stage)
     tc, total = job.train, p.spec.total_steps
     tags = {"paddock.registered_name": p.name, "paddock.upstream": job.model.init_from or ""}
     with tracking.stage_run(job.experiment, stage, job.model_dump(mode="json"), tags=tags) as run:
+        lock.note(f"{stage}, MLflow run {run.run_id}")
         for path, ds_name, context, n, bad in p.inputs:
             run.log_dataset(path, ds_name, context, n, bad)
         run.log_params(
@@ -380,8 +388,7 @@ def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
             resolve_path(job.output_dir) if job.output_dir else paddock_home() / "runs" / p.name / "final"
         )
         with result.checkpoint.as_directory() as ckpt:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            shutil.copytree(Path(ckpt) / "hf", out_dir)
+            atomic.copy_dir(Path(ckpt) / "hf", out_dir)
         if tc.num_workers == 0:  # the loop's own temporary directory, not Ray Train's storage
             shutil.rmtree(result.checkpoint.path, ignore_errors=True)
         run.log_figure(loss_curve(history, f"{p.name}: loss"), "plots/loss.png")
@@ -449,7 +456,7 @@ def with_replay(job: FinetuneJob, dataset: Path, suffix: str) -> Path:
     ]
     rng.shuffle(mixed)
     out = dataset.with_suffix(".replay.parquet")
-    pq.write_table(pa.Table.from_pylist(mixed, schema=DIALOGS), out)
+    atomic.write_parquet(pa.Table.from_pylist(mixed, schema=DIALOGS), out)
     print(
         f"[{suffix}] fine-tune data: {len(own)} new dialogs + {len(drawn)} replayed from {', '.join(sets)}",
         flush=True,

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from paddock import atomic
 from paddock.config import SAFETY_PREPROMPT, WorldConfig, resolve_path
 from paddock.data.schemas import DIALOGS, PREFERENCES, PRETRAIN, PROMPTS
 from paddock.world import styles
@@ -105,7 +105,7 @@ def _assistant(text: str) -> dict[str, str]:
 
 def _write(rows: list[dict], schema: pa.Schema, path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    atomic.write_parquet(pa.Table.from_pylist(rows, schema=schema), path)
     return len(rows)
 
 
