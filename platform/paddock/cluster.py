@@ -78,4 +78,6 @@ def actor_device() -> Any:
     """The GPU Ray gave this actor or Serve replica (``num_gpus``), else the CPU: where its model and inputs go."""
     import torch
 
-    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    # Outside Ray (a replica class driven in-process) ray.get_gpu_ids() would start a local Ray instance.
+    given = ray.is_initialized() and ray.get_gpu_ids()
+    return torch.device("cuda") if given and torch.cuda.is_available() else torch.device("cpu")

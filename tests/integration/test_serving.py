@@ -391,3 +391,112 @@ def test_hostile_requests_get_their_4xx_and_a_stream_beside_them_keeps_its_token
         raise AssertionError("the schema was served without the key")
     except urllib.error.HTTPError as e:
         assert e.code == 401
+
+
+@pytest.mark.reliability
+@pytest.mark.timeout(600)
+def test_a_full_queue_gets_an_openai_503_and_a_gone_client_frees_its_slot_within_a_step(
+    served, tokenizer_dir, tmp_path
+):
+    """A second app on the same Serve proxy, built tight: one request at a time per replica, one queued. A
+    long stream A decodes, stream B waits in the chat model's queue, and a third request C gets a 503 in OpenAI's
+    error shape with a Retry-After (the chat model's queue, not the ingress's, is what fills). Then A's client hangs
+    up: its row leaves the batch at the decode loop's next step, and B, queued behind it, starts decoding. While
+    the queue is full, /healthz says so (503, "at capacity"): it asks the model replica through the same queue."""
+    from paddock.models import build_causal_lm
+    from paddock.serving.app import build_app
+    from paddock.tokenizer import load_tokenizer
+    from ray import serve
+
+    base, _ = served
+    tok = load_tokenizer(tokenizer_dir)
+    policy = tmp_path / "random-small"
+    # Random weights: answers run on (to max_tokens) at ~20M parameters' decode speed, so A is still
+    # decoding when it is cut off.
+    build_causal_lm("small", vocab_size=len(tok), max_seq_len=1024, seed=0).save_pretrained(policy)
+    tok.save_pretrained(policy)
+    app = build_app(
+        {
+            "model": {"name": "tight", "version": "1", "path": str(policy)},
+            "serve": {
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+                "max_batch_size": 4,
+                "cpus_per_replica": 0.5,
+                "default_max_tokens": 8,
+            },
+        }
+    )
+    serve.run(app, name="tight", route_prefix="/tight", blocking=False)
+    tight = f"{base}/tight"
+    url = f"{tight}/v1/chat/completions"
+    messages = [{"role": "user", "content": "What is the capital of Peru?"}]
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{tight}/healthz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+
+        def open_stream() -> Any:
+            body = {"messages": messages, "max_tokens": 960, "temperature": 0, "stream": True}
+            req = urllib.request.Request(
+                url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            )
+            try:
+                return urllib.request.urlopen(req, timeout=120)
+            except urllib.error.HTTPError as e:
+                raise AssertionError(f"the stream was refused: {e.code} {e.read()!r}") from None
+
+        def first_content(stream: Any) -> str:
+            for raw in stream:
+                line = raw.decode().strip()
+                assert "error" not in line and line != "data: [DONE]", line
+                if line.startswith("data: {"):
+                    content = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                    if content:
+                        return content
+            raise AssertionError("the stream ended before any content")
+
+        def health() -> dict[str, Any]:
+            with urllib.request.urlopen(f"{tight}/healthz", timeout=10) as r:
+                return json.loads(r.read())
+
+        a = open_stream()
+        first_content(a)  # A decodes
+        b = open_stream()  # B's headers come at once; its row waits in the chat model's queue
+        time.sleep(0.5)  # B reaches the chat model's queue
+
+        def third() -> tuple[int, Any, dict[str, Any]]:
+            body = json.dumps({"messages": messages, "max_tokens": 4}).encode()
+            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    return r.status, r.headers, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers, json.loads(e.read())
+
+        code, headers, out = third()
+        assert code == 503 and headers["Retry-After"] == "2", (code, out)
+        error = out["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "overloaded", error
+        try:  # the health check asks the model replica, whose queue is full too
+            health()
+            raise AssertionError("/healthz answered 200 with the model's queue full")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and json.loads(e.read())["status"] == "at capacity"
+
+        a.close()  # A's client goes away mid-answer
+        b_first = first_content(b)  # B gets the freed slot
+        assert b_first
+        b.close()
+        deadline = time.monotonic() + 60
+        while (state := health())["cancelled"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert state["cancelled"] == 2, state
+        assert state["most_steps_after_cancel"] <= 1, state  # each row left at the next decode step
+    finally:
+        serve.delete("tight")

@@ -1,5 +1,7 @@
 """The serving decode loop and request checks: greedy matches transformers, seeds, limits, stop strings, errors."""
 
+import time
+
 import pytest
 import torch
 from paddock.serving.engine import Batch, Row, SamplingParams, TextTracker, complete, decode, pick
@@ -317,3 +319,132 @@ def test_docs_and_schema_are_off_by_default_and_behind_the_key_when_on():
     assert get({"authorization": "Bearer sk-tesT"})[0] == 401
     code, body = get({"authorization": "Bearer sk-test"})
     assert code == 200 and "/v1/chat/completions" in body["paths"] and "/openapi.json" not in body["paths"]
+
+
+def test_a_replica_fails_a_broken_row_alone_and_frees_a_gone_clients_row_within_a_step(
+    model, tok, tmp_path, monkeypatch
+):
+    """The chat replica's decode loop, in-process: three streams share its batch; one row's sampling fails at
+    its third token, one client goes away after its first delta. The failing stream gets an error item (and no
+    finish), the gone client's row leaves at the loop's next step, and the third stream's text is what it is alone."""
+    import asyncio
+
+    from paddock.serving import engine
+    from paddock.serving.app import ChatModel
+
+    path = tmp_path / "policy"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    replica = ChatModel.func_or_class(str(path), max_batch_size=8, batch_wait_timeout_s=0.05)
+    ask = prompt(tok, "Name a colour.")
+
+    async def collect(row: Row, stop_after: int | None = None) -> list[dict]:
+        items = []
+        stream = replica.stream(row)
+        async for item in stream:
+            items.append(item)
+            if stop_after is not None and len(items) >= stop_after:
+                break
+        await stream.aclose()  # as Serve closes it when the client goes away: its finally cancels the row
+        return items
+
+    async def alone() -> list[dict]:
+        return await collect(Row(list(ask), SamplingParams(max_tokens=24, temperature=0.0)))
+
+    solo = asyncio.run(alone())
+    real = engine.pick
+
+    def failing(logits, params, generator):
+        if params.seed == 7 and len(failing.calls) == 2:
+            raise OverflowError("Overflow when unpacking long long")
+        if params.seed == 7:
+            failing.calls.append(1)
+        return real(logits, params, generator)
+
+    failing.calls = []
+    monkeypatch.setattr(engine, "pick", failing)
+
+    async def together() -> tuple[list[dict], ...]:
+        good = Row(list(ask), SamplingParams(max_tokens=24, temperature=0.0))
+        bad = Row(list(ask), SamplingParams(max_tokens=24, temperature=1.0, seed=7))
+        gone = Row(list(ask), SamplingParams(max_tokens=120, temperature=1.0, seed=3))
+        out = await asyncio.gather(collect(good), collect(bad), collect(gone, stop_after=1))
+        return (*out, gone)
+
+    good, bad, gone_items, gone = asyncio.run(together())
+    text = lambda items: "".join(i.get("delta", "") for i in items)  # noqa: E731
+    assert text(good) == text(solo) and good[-1] == solo[-1] and "finish_reason" in good[-1]
+    assert "error" in bad[-1] and "OverflowError" in bad[-1]["error"]
+    assert not any("finish_reason" in i for i in bad)
+    assert len(gone_items) == 1 and gone.cancelled
+    deadline = time.monotonic() + 30
+    while replica.ping()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    state = replica.ping()
+    assert state == {"waiting": 0, "running": 0, "cancelled": 1, "most_steps_after_cancel": 1}, state
+    assert gone.finish_reason == "cancelled" and len(gone.tokens) < 120
+
+
+def test_a_stream_that_fails_ends_with_an_error_event_and_no_done():
+    """The ingress's server-sent events: a normal stream ends with its finish chunk and [DONE]; a row that fails
+    (an error item) or a replica that raises mid-stream ends with one event in OpenAI's error shape and no [DONE];
+    the streams metric counts each by how it ended."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from paddock.serving.app import Ingress
+
+    def fake_ingress(items: list[dict], raise_after: bool = False) -> SimpleNamespace:
+        async def stream(row: Row):
+            for item in items:
+                yield item
+            if raise_after:
+                raise RuntimeError("replica gone")
+
+        outcomes: list[str] = []
+        handle = SimpleNamespace(stream=SimpleNamespace(remote=stream))
+        metrics = SimpleNamespace(
+            ttft=SimpleNamespace(observe=lambda s: None),
+            tokens=SimpleNamespace(inc=lambda n: None),
+            streams=SimpleNamespace(inc=lambda tags: outcomes.append(tags["outcome"])),
+        )
+        return SimpleNamespace(
+            chat=SimpleNamespace(options=lambda stream: handle),
+            metrics=metrics,
+            model=SimpleNamespace(name="tiny"),
+            outcomes=outcomes,
+        )
+
+    async def events(ingress: SimpleNamespace) -> list[str]:
+        response = Ingress.func_or_class._stream(ingress, "chatcmpl-1", "chat.completion.chunk", None)
+        return [e async for e in response.body_iterator]
+
+    finished = fake_ingress([{"delta": "Lima"}, {"finish_reason": "stop", "tokens": 3}])
+    out = asyncio.run(events(finished))
+    assert out[-1] == "data: [DONE]\n\n" and json.loads(out[-2][6:])["choices"][0]["finish_reason"] == "stop"
+    assert finished.outcomes == ["finished"]
+
+    for ingress, why in (
+        (fake_ingress([{"delta": "Lima"}, {"error": "OverflowError: seed"}]), "OverflowError: seed"),
+        (fake_ingress([{"delta": "Lima"}], raise_after=True), "RuntimeError: replica gone"),
+    ):
+        out = asyncio.run(events(ingress))
+        assert json.loads(out[1][6:])["choices"][0]["delta"] == {"content": "Lima"}
+        assert all("[DONE]" not in e for e in out)
+        error = json.loads(out[-1].removeprefix("data: "))["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] == "generation_failed" and why in error["message"]
+        assert ingress.outcomes == ["error"]
+
+
+def test_the_chat_models_queue_fills_before_the_ingress_queue():
+    """A full server answers in OpenAI's shape: the ingress takes every request the chat replicas and their queue
+    can hold (and more), so the chat model's queue overflows first (BackPressureError: 503 + Retry-After, tested
+    above), not the ingress's (Serve's plain-text 503)."""
+    from paddock.config import ServeConfig
+    from paddock.serving.app import ingress_capacity
+
+    for cfg in (ServeConfig(), ServeConfig(max_ongoing_requests=2, max_queued_requests=1, max_replicas=3)):
+        chat_holds = cfg.max_ongoing_requests * cfg.max_replicas + cfg.max_queued_requests
+        assert ingress_capacity(cfg) > chat_holds

@@ -122,6 +122,10 @@ class ChatModel:
             self.model = load_causal_lm(path, _dtype(dtype, device)).eval().to(device)
         self.max_batch_size, self.wait_s = max_batch_size, batch_wait_timeout_s
         self.waiting: queue.Queue[_Entry] = queue.Queue()
+        # What the decode loop reports through ping (and /healthz): its step count, rows in the running batch,
+        # rows whose client went away, and the most decode steps such a row took to leave after it was cancelled.
+        self.steps = self.running = self.cancelled = self.most_steps_after_cancel = 0
+        self.cancelled_at: dict[int, int] = {}  # id(row) -> self.steps when its client went away
         self.thread = threading.Thread(target=self._loop, name="paddock-decode", daemon=True)
         self.thread.start()
 
@@ -132,7 +136,25 @@ class ChatModel:
 
     def ping(self) -> dict[str, Any]:
         self.check_health()
-        return {"waiting": self.waiting.qsize()}
+        return {
+            "waiting": self.waiting.qsize(),
+            "running": self.running,
+            "cancelled": self.cancelled,
+            "most_steps_after_cancel": self.most_steps_after_cancel,
+        }
+
+    def _cancel(self, rows: list[Row]) -> None:
+        """The rows' client went away: they leave the batch at the decode loop's next step."""
+        for row in rows:
+            if row.finish_reason is None and not row.cancelled:
+                self.cancelled_at[id(row)] = self.steps
+                row.cancelled = True
+
+    def _freed(self, row: Row) -> None:
+        """A cancelled row has left (or never joined) the batch."""
+        self.cancelled += 1
+        since = self.steps - self.cancelled_at.pop(id(row), self.steps)
+        self.most_steps_after_cancel = max(self.most_steps_after_cancel, since)
 
     def _batch(self) -> Any:
         """A fresh decode batch: paddock's own (transformers) or one over the vLLM engine (``serve.engine``)."""
@@ -155,6 +177,9 @@ class ChatModel:
                     new.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
+            for e in new:
+                if e.row.cancelled:
+                    self._freed(e.row)
             new = [e for e in new if not e.row.cancelled]
             if new:
                 try:
@@ -164,14 +189,18 @@ class ChatModel:
                     logger.exception("admitting %d request(s) failed", len(new))
                     for e in new:
                         self._finish(e, exc)
+            self.running = len(batch)
             if not batch:
                 continue
             try:
                 batch.pick()
+                self.steps += 1
                 for row in batch.rows:
                     if row.finish_reason in ("error", "cancelled"):
                         if row.error is not None:
                             logger.error("request row failed alone: %r", row.error)
+                        if row.finish_reason == "cancelled":
+                            self._freed(row)
                         self._finish(entries.pop(id(row)), row.error)
                         continue
                     self._emit(entries[id(row)])
@@ -179,9 +208,11 @@ class ChatModel:
                     if row.finish_reason is not None and id(row) in entries:
                         self._finish(entries.pop(id(row)), None)
                 batch.advance()
+                self.running = len(batch)
             except BaseException as exc:  # a failed forward step fails the batch's requests, not the replica
                 logger.exception("a decode step failed; failing the %d request(s) in the batch", len(entries))
                 for e in entries.values():
+                    self.cancelled_at.pop(id(e.row), None)
                     self._finish(e, exc)
                 entries.clear()
                 if hasattr(batch, "close"):
@@ -229,8 +260,7 @@ class ChatModel:
         try:
             return list(await asyncio.gather(*futures))
         except asyncio.CancelledError:  # the client went away: free the rows' slots at the next step
-            for row in rows:
-                row.cancelled = True
+            self._cancel(rows)
             raise
 
     async def stream(self, row: Row) -> AsyncIterator[dict[str, Any]]:
@@ -243,7 +273,7 @@ class ChatModel:
             while (item := await deltas.get()) is not None:
                 yield item
         finally:
-            row.cancelled = True  # no-op once the row has finished
+            self._cancel([row])  # no-op once the row has finished
 
 
 @serve.deployment(name="RewardModels")
@@ -510,8 +540,20 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self) -> Any:
         """Healthy when a model replica answers (within 5 s): the ingress alone is not the service."""
+        from ray.serve.exceptions import BackPressureError
+
         try:
             state = await asyncio.wait_for(self.chat.ping.remote(), timeout=5)
+        except BackPressureError:  # healthy, and full: a balancer should send the next request elsewhere
+            return JSONResponse(
+                {
+                    "status": "at capacity",
+                    "model": self.model.name,
+                    "reason": "the model's request queue is full",
+                },
+                status_code=503,
+                headers={"Retry-After": "2"},
+            )
         except Exception as exc:
             return JSONResponse(
                 {
@@ -752,7 +794,7 @@ def build_app(args: dict[str, Any]) -> Any:
         ).bind(args["reward_helpfulness"], args["reward_safety"], cfg.reward_seq_len, cfg.threads, cfg.dtype)
     return Ingress.options(  # type: ignore[attr-defined]
         ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=cfg.max_ongoing_requests * max(1, cfg.max_replicas),
+        max_ongoing_requests=ingress_capacity(cfg),
         max_queued_requests=cfg.max_queued_requests,
     ).bind(
         chat,
@@ -762,6 +804,14 @@ def build_app(args: dict[str, Any]) -> Any:
         cfg.default_max_tokens,
         cfg.model_dump(mode="json"),
     )
+
+
+def ingress_capacity(cfg: Any) -> int:
+    """Requests the ingress replica handles at once: every chat replica's ongoing requests, the chat model's
+    queue and room for the routes that do not decode. So a full server is the chat model's full queue, which the
+    ingress answers with a 503 in OpenAI's error shape and a Retry-After; the ingress's own queue (Serve's plain
+    503) fills only beyond that."""
+    return cfg.max_ongoing_requests * max(1, cfg.max_replicas) + cfg.max_queued_requests + 16
 
 
 class ExposureError(ValueError):
