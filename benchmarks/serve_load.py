@@ -7,13 +7,15 @@ over the weights, which batching shares between requests. ``--shape tiny`` shows
 per-request HTTP and Serve overhead of a 2-core machine outweighs decoding. For each mode
 (``serve.max_batch_size`` 16, then 1: requests join the replica's running decode batch, or wait for the one
 ahead of them) and each concurrency level, N client threads send a bounded number of non-streaming chat requests;
-at 8 batched clients the same load runs again beside 2 hostile clients (oversized bodies, huge seeds, malformed
-JSON, streams dropped mid-answer), whose every answer must be a 4xx; reported per row:
-requests/s, generated tokens/s, p50/p99 latency, and the time to first token of a streaming probe request sent
+at 8 batched clients the same load runs again beside 2 hostile clients in their own processes (oversized bodies,
+huge seeds, malformed JSON, streams dropped mid-answer), first at ``--hostile-rate`` requests/s each (the hostile-mix
+row, goal: the well-formed clients keep at least 0.8x their calm tokens/s), then as fast as they can (the flood row:
+on a 2-core machine that measures CPU starvation more than isolation); every hostile answer must be a 4xx. Reported per
+row: requests/s, generated tokens/s, p50/p99 latency, and the time to first token of a streaming probe request sent
 while the clients load the server. The summary line is batching's tokens/s ratio at 8 clients (goal: at least 2x).
 
     python benchmarks/serve_load.py [--shape small|tiny] [--clients 1 4 8 16] [--requests 4] [--max-tokens 32]
-                                    [--out benchmarks/results]
+                                    [--hostile-rate 4] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -79,9 +81,10 @@ def first_token(base: str, max_tokens: int) -> float:
     return ttft
 
 
-def hostile(base: str, stop: threading.Event, codes: dict[str, list[int]]) -> None:
-    """One hostile client until ``stop``: a body over the limit, a seed past what generators take, malformed
-    JSON, and a stream dropped after its first chunk, in turn. Records each kind's HTTP status (0: dropped)."""
+def hostile(base: str, rate: float, stop: Any, out: Any) -> None:
+    """One hostile client, in its own process, until ``stop`` is set: a body over the limit, a seed past what generators
+    take, malformed JSON, and a stream dropped after its first event, in turn, ``rate`` requests a second (0: as fast
+    as it can). Puts each kind's HTTP statuses (0: the connection was dropped) on the ``out`` queue at the end."""
     import urllib.error
 
     huge = json.dumps({"messages": MESSAGES, "pad": "x" * (2 << 20)}).encode()
@@ -90,7 +93,18 @@ def hostile(base: str, stop: threading.Event, codes: dict[str, list[int]]) -> No
         "huge_seed": json.dumps({"messages": MESSAGES, "seed": 2**64, "max_tokens": 8}).encode(),
         "malformed": b'{"messages": [{"role": "user", "content": "hi"',
     }
-    while not stop.is_set():
+    codes: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    sent = 0
+
+    def pace() -> bool:
+        nonlocal sent
+        sent += 1
+        if rate > 0:
+            time.sleep(max(0.0, start + sent / rate - time.perf_counter()))
+        return not stop.is_set()
+
+    while True:
         for kind, data in kinds.items():
             req = urllib.request.Request(
                 f"{base}/v1/chat/completions", data=data, headers={"Content-Type": "application/json"}
@@ -103,10 +117,52 @@ def hostile(base: str, stop: threading.Event, codes: dict[str, list[int]]) -> No
             except OSError:  # the server may close on an oversized body before reading it all
                 code = 0
             codes.setdefault(kind, []).append(code)
+            if not pace():
+                out.put(codes)
+                return
         req = chat_request(base, {"messages": MESSAGES, "max_tokens": 64, "stream": True, "seed": 3})
         with urllib.request.urlopen(req, timeout=60) as r:
             r.readline()  # the first event, then hang up mid-answer
         codes.setdefault("dropped_stream", []).append(0)
+        if not pace():
+            out.put(codes)
+            return
+
+
+def beside_hostile(
+    base: str, clients: int, requests: int, max_tokens: int, rate: float, calm: float
+) -> dict[str, Any]:
+    """The well-formed load again, beside 2 hostile clients in their own processes (so that they share no
+    interpreter lock with the well-formed clients): the well-formed tokens/s against the calm run's."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out, stop = ctx.Queue(), ctx.Event()
+    bad = [ctx.Process(target=hostile, args=(base, rate, stop, out), daemon=True) for _ in range(2)]
+    for p in bad:
+        p.start()
+    time.sleep(2.0)  # the hostile clients are up and sending before the measured load starts
+    try:
+        mixed = load(base, clients, requests, max_tokens)
+    finally:
+        stop.set()
+    codes: dict[str, list[int]] = {}
+    for _ in bad:
+        for k, v in out.get(timeout=120).items():
+            codes.setdefault(k, []).extend(v)
+    for p in bad:
+        p.join()
+    expected = {"oversized": {413, 0}, "huge_seed": {400}, "malformed": {400}, "dropped_stream": {0}}
+    wrong = {k: sorted(set(v) - expected[k]) for k, v in codes.items() if set(v) - expected[k]}
+    if wrong:
+        raise RuntimeError(f"hostile requests got answers other than their 4xx: {wrong}")
+    return mixed | {
+        "hostile_clients": 2,
+        "hostile_rate_per_s": rate,
+        "hostile_codes": {k: sorted(set(v)) for k, v in codes.items()},
+        "hostile_requests": sum(len(v) for v in codes.values()),
+        "tokens_per_s_vs_calm": mixed["tokens_per_s"] / calm,
+    }
 
 
 def load(base: str, clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
@@ -157,6 +213,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--shape", default="small", choices=["tiny", "small"], help="paddock.models shape")
     ap.add_argument("--batch-wait", type=float, default=0.02, help="serve.batch_wait_timeout_s")
+    ap.add_argument(
+        "--hostile-rate",
+        type=float,
+        default=4.0,
+        help="requests/s of each of the 2 hostile clients in the hostile-mix row (the flood row sends as fast as it can)",
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
 
@@ -205,33 +267,19 @@ def main() -> None:
                 flush=True,
             )
             if mode == "batched" and clients == 8:
-                # The same 8 well-formed clients beside 2 hostile ones: their tokens/s against the calm run's.
-                stop, codes = threading.Event(), {}
-                bad = [threading.Thread(target=hostile, args=(base, stop, codes)) for _ in range(2)]
-                for t in bad:
-                    t.start()
-                try:
-                    mixed = load(base, clients, args.requests, args.max_tokens)
-                finally:
-                    stop.set()
-                    for t in bad:
-                        t.join()
-                calm = row["tokens_per_s"]
-                rows.append(
-                    {"mode": "batched+hostile", "max_batch_size": batch}
-                    | mixed
-                    | {
-                        "hostile_clients": 2,
-                        "hostile_codes": {k: sorted(set(v)) for k, v in codes.items()},
-                        "hostile_requests": sum(len(v) for v in codes.values()),
-                        "tokens_per_s_vs_calm": mixed["tokens_per_s"] / calm,
-                    }
-                )
-                print(
-                    f"hostile mix at 8 clients: {mixed['tokens_per_s']:.1f} tok/s, "
-                    f"{rows[-1]['tokens_per_s_vs_calm']:.2f}x the calm run; hostile answers {rows[-1]['hostile_codes']}",
-                    flush=True,
-                )
+                # The same 8 well-formed clients beside 2 hostile ones: at a request rate, then flooding.
+                for label, rate in (("batched+hostile", args.hostile_rate), ("batched+flood", 0.0)):
+                    mixed = beside_hostile(
+                        base, clients, args.requests, args.max_tokens, rate, row["tokens_per_s"]
+                    )
+                    rows.append({"mode": label, "max_batch_size": batch} | mixed)
+                    pace = f"{rate:g} requests/s each" if rate else "as fast as they can"
+                    print(
+                        f"{label} (2 hostile clients, {pace}) at 8 clients: {mixed['tokens_per_s']:.1f} tok/s, "
+                        f"{mixed['tokens_per_s_vs_calm']:.2f}x the calm run; "
+                        f"{mixed['hostile_requests']} hostile requests answered {mixed['hostile_codes']}",
+                        flush=True,
+                    )
         serve.delete("bench")
     serve.shutdown()
 
@@ -258,12 +306,15 @@ def main() -> None:
             f"{r['latency_p50_s']:>6.2f} {r['latency_p99_s']:>6.2f} {r['ttft_s']:>7.2f} "
             f"{r['tokens_per_s_vs_unbatched']:>7.2f}"
         )
-    mixed = by.get(("batched+hostile", 8))
-    if mixed:
-        print(
-            f"hostile mix: the 8 well-formed clients keep {mixed['tokens_per_s_vs_calm']:.2f}x their calm tokens/s "
-            f"(goal >= 0.8); hostile requests answered {mixed['hostile_codes']}"
-        )
+    for label in ("batched+hostile", "batched+flood"):
+        mixed = by.get((label, 8))
+        if mixed:
+            rate = mixed["hostile_rate_per_s"]
+            print(
+                f"{label}: the 8 well-formed clients keep {mixed['tokens_per_s_vs_calm']:.2f}x their calm tokens/s "
+                f"beside 2 hostile clients at {f'{rate:g} requests/s each' if rate else 'full speed'}"
+                f"{' (goal >= 0.8)' if rate else ''}; hostile requests answered {mixed['hostile_codes']}"
+            )
     at8 = by.get(("batched", 8))
     if at8:
         print(
