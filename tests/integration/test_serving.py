@@ -40,6 +40,18 @@ def post(url: str, body: Any, key: str | None = API_KEY, raw: bytes | None = Non
         return e.code, json.loads(e.read())
 
 
+def wait_healthy(base: str, seconds: float) -> None:
+    """Until the app's /healthz answers 200 (its model replica is up), for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def job(chain, home: Path):
     from paddock.config import PromoteJob, load_config
@@ -67,14 +79,7 @@ def served(job, chain):
 
     result = promote(job, "tiny-sft", "1", force=True, deploy_app=True)
     base = f"http://{job.serve.host}:{job.serve.port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
+    wait_healthy(base, 120)
     yield base, result
     serve.delete(job.serve.app_name)
 
@@ -432,14 +437,7 @@ def test_a_full_queue_gets_an_openai_503_and_a_gone_client_frees_its_slot_within
     url = f"{tight}/v1/chat/completions"
     messages = [{"role": "user", "content": "What is the capital of Peru?"}]
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{tight}/healthz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_healthy(tight, 180)
 
         def open_stream() -> Any:
             body = {"messages": messages, "max_tokens": 960, "temperature": 0, "stream": True}
