@@ -288,6 +288,8 @@ def resolve_model(uri_or_path: str) -> Path:
 def _download(uri: str, cache: Path) -> None:
     """Download a model version beside ``cache`` and rename it into place whole: a reader never sees a partial
     download, and of two processes resolving the same version, the second to finish keeps the first's copy."""
+    if _logged_checkpoint(cache) is not None:  # another process renamed its whole copy in meanwhile
+        return
     if cache.exists():  # a cache directory without a whole model in it: an interrupted download of old
         shutil.rmtree(cache, ignore_errors=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +312,12 @@ def _logged_checkpoint(model_dir: Path) -> Path | None:
     mlmodel = model_dir / "MLmodel"
     if not mlmodel.is_file():
         return None
-    meta = yaml.safe_load(mlmodel.read_text())
+    try:
+        meta = yaml.safe_load(mlmodel.read_text())
+    except yaml.YAMLError:
+        return None
+    if not isinstance(meta, dict):  # a half-written file
+        return None
     rel = (
         meta.get("flavors", {})
         .get("python_function", {})

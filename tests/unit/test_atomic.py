@@ -81,3 +81,44 @@ def test_a_second_run_of_a_stage_is_refused_naming_the_first_and_a_killed_holder
         except atomic.LockedError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_the_model_cache_takes_whole_downloads_only(tmp_path, monkeypatch):
+    """A version is downloaded beside the cache and renamed in whole; an interrupted download of old is replaced;
+    a copy another process renamed in first is kept, and the second download is thrown away."""
+    import mlflow
+    import yaml
+    from paddock import tracking
+
+    def write_model(root, marker: str) -> None:
+        (root / "artifacts" / "checkpoint").mkdir(parents=True)
+        (root / "artifacts" / "checkpoint" / "config.json").write_text(marker)
+        flavor = {"python_function": {"artifacts": {"checkpoint": {"path": "artifacts/checkpoint"}}}}
+        (root / "MLmodel").write_text(yaml.safe_dump({"flavors": flavor}))
+
+    cache = tmp_path / "models" / "tiny-sft" / "v1"
+    cache.mkdir(parents=True)
+    (cache / "MLmodel").write_text("half a download")  # interrupted, by the code before atomic downloads
+    seen: list[str] = []
+
+    def download(artifact_uri: str, dst_path: str) -> str:
+        seen.append(dst_path)
+        assert not dst_path.endswith("/v1")  # never into the cache itself
+        write_model(tmp_path / dst_path, "ours")
+        return dst_path
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
+    tracking._download("models:/tiny-sft/1", cache)
+    assert (cache / "artifacts/checkpoint/config.json").read_text() == "ours"
+
+    other = tmp_path / "models" / "tiny-sft" / "v2"
+
+    def raced(artifact_uri: str, dst_path: str) -> str:
+        write_model(other, "theirs")  # another process finishes first
+        write_model(tmp_path / dst_path, "ours")
+        return dst_path
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", raced)
+    tracking._download("models:/tiny-sft/2", other)
+    assert (other / "artifacts/checkpoint/config.json").read_text() == "theirs"
+    assert leftovers(cache.parent) == []

@@ -88,7 +88,7 @@ class WeightsLost(RuntimeError):
 
 
 class ActorsDead(RuntimeError):
-    """Every rollout worker, or the value scorer, is dead for good (Ray's restarts are used up): the run cannot go on."""
+    """Every rollout worker is dead for good (Ray's restarts are used up): the run cannot go on."""
 
 
 def _why_dead(exc: BaseException) -> str:
@@ -140,17 +140,18 @@ class Actors:
             self.channel.sub(f"pub{pub.version}/value", 2), pub.value, 1, pub.version
         )
         failures = {}
-        for name, ref in [
-            *((f"rollout worker {i}", c) for i, c in enumerate(calls)),
-            ("value scorer", value),
-        ]:
+
+        def wait(name: str, ref: Any) -> None:
             try:
                 ray.get(ref)
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
                 failures[name] = exc
-            if name == f"rollout worker {len(calls) - 1}" and len(failures) == len(calls):
-                # Before waiting on the value scorer (whose stream waits for them): are they gone for good?
-                self.check_alive()
+
+        for i, call in enumerate(calls):
+            wait(f"rollout worker {i}", call)
+        if len(failures) == len(calls):
+            self.check_alive()  # before waiting on the value scorer, whose stream waits for them
+        wait("value scorer", value)
         if failures:
             print(f"[ppo] version {pub.version} did not reach {sorted(failures)}", flush=True)
         reached = len(self.workers) - len([f for f in failures if f.startswith("rollout")])
