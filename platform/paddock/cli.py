@@ -38,6 +38,7 @@ def run_stage(
     config_cls: type[T], stage: Callable[[T], Any], description: str, argv: list[str] | None = None
 ) -> int:
     """Parse the command line, validate the config, run the stage; 2 on a user error."""
+    from paddock.atomic import LockedError
     from paddock.data.validate import DatasetError
     from paddock.models import ModelLoadError
     from paddock.plan import PlanError
@@ -47,6 +48,7 @@ def run_stage(
     user_errors: tuple[type[Exception], ...] = (
         *USER_ERRORS,
         DatasetError,
+        LockedError,
         ModelLoadError,
         PlanError,
         TokenizerError,

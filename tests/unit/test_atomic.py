@@ -83,6 +83,47 @@ def test_a_second_run_of_a_stage_is_refused_naming_the_first_and_a_killed_holder
             time.sleep(0.1)
 
 
+def test_a_second_sft_job_on_the_same_home_is_refused_before_it_starts(tmp_path):
+    """jobs/sft.py as a user runs it, while another run of SFT holds runs/tiny-sft: exit 2 at once, the error
+    naming the holder, nothing written or started."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env |= {"PADDOCK_HOME": str(home)}
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from paddock import atomic\n"
+            f"with atomic.locked({str(home / 'runs' / 'tiny-sft')!r}, 'sft') as lock:\n"
+            "    lock.note('sft, MLflow run 4567ef01')\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(300)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run(
+            [sys.executable, "jobs/sft.py", "--config", "jobs/configs/tiny/sft.yaml"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert "is in use by another run of sft: sft, MLflow run 4567ef01" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert sorted(p.name for p in (home / "runs" / "tiny-sft").iterdir()) == [".paddock.lock"]
+
+
 def test_the_model_cache_takes_whole_downloads_only(tmp_path, monkeypatch):
     """A version is downloaded beside the cache and renamed in whole; an interrupted download of old is replaced;
     a copy another process renamed in first is kept, and the second download is thrown away."""
