@@ -14,6 +14,25 @@ def leftovers(directory):
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
+def hold_lock(directory, note: str) -> subprocess.Popen:
+    """Another process holding ``directory``'s lock for SFT (until killed), with ``note`` as its holder."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from paddock import atomic\n"
+            f"with atomic.locked({str(directory)!r}, 'sft') as lock:\n"
+            f"    lock.note({note!r})\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(300)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_file_written_whole_or_not_at_all(tmp_path):
     state = tmp_path / "state.json"
     atomic.write_text(state, '{"done": {"sft": 1}}')
@@ -47,21 +66,8 @@ def test_a_directory_replaced_whole_or_not_at_all(tmp_path):
 
 def test_a_second_run_of_a_stage_is_refused_naming_the_first_and_a_killed_holder_frees_it(tmp_path):
     work = tmp_path / "runs" / "tiny-sft"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from paddock import atomic\n"
-            f"with atomic.locked({str(work)!r}, 'sft') as lock:\n"
-            "    lock.note('sft, MLflow run 0123abcd')\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(300)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_lock(work, "sft, MLflow run 0123abcd")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with (
             pytest.raises(
                 atomic.LockedError, match=r"in use by another run of sft: sft, MLflow run 0123abcd"
@@ -92,21 +98,8 @@ def test_a_second_sft_job_on_the_same_home_is_refused_before_it_starts(tmp_path)
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     env |= {"PADDOCK_HOME": str(home)}
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time; from paddock import atomic\n"
-            f"with atomic.locked({str(home / 'runs' / 'tiny-sft')!r}, 'sft') as lock:\n"
-            "    lock.note('sft, MLflow run 4567ef01')\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(300)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_lock(home / "runs" / "tiny-sft", "sft, MLflow run 4567ef01")
     try:
-        assert holder.stdout.readline().strip() == "held"
         second = subprocess.run(
             [sys.executable, "jobs/sft.py", "--config", "jobs/configs/tiny/sft.yaml"],
             cwd=repo,
