@@ -42,6 +42,7 @@ def run_stage(
     from paddock.data.validate import DatasetError
     from paddock.models import ModelLoadError
     from paddock.plan import PlanError
+    from paddock.rlhf.preferences import PreferenceError
     from paddock.tokenizer import TokenizerError
     from paddock.tracking import UpstreamModelError
 
@@ -51,6 +52,7 @@ def run_stage(
         LockedError,
         ModelLoadError,
         PlanError,
+        PreferenceError,
         TokenizerError,
         UpstreamModelError,
     )

@@ -544,6 +544,78 @@ class RejectionJob(FinetuneJob):
     rejection: RejectionConfig = Field(default_factory=RejectionConfig, description="Sampling and selection.")
 
 
+class CollectConfig(SamplingConfig):
+    """Which prompts the current policy answers twice, and how (Llama 2, section 3.2.1)."""
+
+    prompts: str = Field("world/prompts/train.parquet", description="Prompts (kind prompts) to answer.")
+    max_prompts: int = Field(
+        200, ge=1, description="Prompts a round asks (a seeded draw, different in every round)."
+    )
+    temperatures: tuple[float, float] = Field(
+        (0.7, 1.0),
+        description="Sampling temperature of answer a and answer b (the paper varied the temperature).",
+    )
+    safety_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of the round's prompts drawn from the safety (adversarial) prompts, as the paper "
+        "collected safety preferences on adversarial prompts of their own; null: as they come in the dataset.",
+    )
+    round: int = Field(1, ge=1, description="Preference round: names the batch and seeds the draw.")
+    batch_prompts: int = Field(25, ge=1, description="Prompts per generation call.")
+    test_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Share of a round's labelled pairs held out to measure the reward models on the policy's "
+        "answers (the reward-hacking monitor); the rest joins the training data.",
+    )
+    seq_len: int = Field(256, ge=16, description="Tokens the reward models read (the monitor).")
+
+
+class AnnotatorConfig(Strict):
+    """Who labels a batch: the tiny world's verifiers (simulated), or people with any labelling tool."""
+
+    kind: Literal["simulated", "external"] = Field(
+        "simulated",
+        description="simulated: the world's verifiers label every pair; external: the batch is written for a "
+        "labelling tool and the stage stops until `labels` names the labelled file.",
+    )
+    noise: float = Field(
+        0.0, ge=0, le=0.5, description="Share of simulated labels whose preference is flipped (label noise)."
+    )
+    labels: str | None = Field(
+        None,
+        description="The labelled batch (Parquet or JSONL in the annotation shape) to import; relative to "
+        "PADDOCK_HOME. Required when kind is external.",
+    )
+
+
+class CollectJob(StageConfig):
+    """jobs/collect_preferences.py: two answers per prompt from the current model(s), labelled, turned into
+    preference pairs and mixed with every earlier round's for the reward models."""
+
+    models: list[str] = Field(
+        default_factory=lambda: ["models:/tiny-sft@latest"],
+        min_length=1,
+        max_length=2,
+        description="The model that answers (both answers), or two models (answer a from the first, b from "
+        "the second), as the paper sampled two model variants.",
+    )
+    static_preferences: str | None = Field(
+        "world/preferences/train.parquet",
+        description="Preference pairs every round's training set starts from (the paper mixed its batches "
+        "with earlier and open-source data); null: the collected pairs alone.",
+    )
+    static_test: str | None = Field(
+        "world/preferences/test.parquet",
+        description="The static test pairs the monitor compares the fresh pairs against.",
+    )
+    collect: CollectConfig = Field(default_factory=CollectConfig, description="Prompts and sampling.")
+    annotator: AnnotatorConfig = Field(default_factory=AnnotatorConfig, description="Who labels the pairs.")
+
+
 class PPOConfig(Strict):
     """PPO as Llama 2 ran it (section 3.2.3, LLAMA2_SPEC.md), with Stiennon et al. (2020) for the unstated parts."""
 
@@ -919,6 +991,7 @@ PIPELINE_STAGES = (
     "tokenizer",
     "pretrain",
     "sft",
+    "collect_preferences",
     "reward_helpfulness",
     "reward_safety",
     "rejection_sampling",
@@ -951,16 +1024,49 @@ class PipelineJob(StageConfig):
         description="Suffixes that may be promoted; the best held-out reward that passes the gates wins.",
     )
     smoke_request: bool = Field(True, description="Serve the promoted model and send it one chat request.")
+    smoke_questions: int = Field(
+        4,
+        ge=1,
+        description="Held-out questions (a seeded choice from the evaluation prompts) the smoke requests ask; "
+        "the world's verifier judges each served answer.",
+    )
+    rounds: int = Field(
+        1,
+        ge=1,
+        description="Preference rounds (the paper's RLHF-V1 ... V5): round k collects pairs from round k-1's "
+        "model, retrains both reward models on every pair so far, then runs rejection sampling and PPO; its "
+        "model is registered as {registry_prefix}-rlhf-v<k>. Needs the collect_preferences stage when above 1.",
+    )
 
     @model_validator(mode="after")
     def _known_stages(self) -> PipelineJob:
         unknown = sorted(set(self.stages) - set(PIPELINE_STAGES))
         if unknown:
             raise ValueError(f"stages: unknown stage(s) {unknown}; known: {', '.join(PIPELINE_STAGES)}")
-        missing = [s for s in PIPELINE_STAGES if s not in self.stages and s not in self.skip]
+        missing = [
+            s
+            for s in PIPELINE_STAGES
+            if s not in self.stages and s not in self.skip and s not in OPTIONAL_STAGES
+        ]
         if missing:
             raise ValueError(f"stages: no config for {missing}; give one or list them under skip")
+        if self.rounds > 1 and not self.collects:
+            raise ValueError(
+                f"rounds: {self.rounds} rounds need the collect_preferences stage (each round's reward models "
+                "train on pairs from the previous round's model); add it under stages"
+            )
         return self
+
+    @property
+    def collects(self) -> bool:
+        return "collect_preferences" in self.stages and "collect_preferences" not in self.skip
+
+
+# The stages a preference round runs, in order (Llama 2's RLHF-V1 ... V5): new preference pairs from the latest
+# model, both reward models retrained on every pair so far, rejection sampling, PPO.
+ROUND_STAGES = ("collect_preferences", "reward_helpfulness", "reward_safety", "rejection_sampling", "ppo")
+# Stages a pipeline may leave out without listing them under skip (they came after pipelines were written).
+OPTIONAL_STAGES = ("collect_preferences",)
 
 
 # Job name (the stem of a YAML under jobs/configs/<size>/) -> root model. Every shipped config is
@@ -973,6 +1079,7 @@ JOBS: dict[str, type[StageConfig]] = {
     "reward_helpfulness": RewardJob,
     "reward_safety": RewardJob,
     "sweep_sft": SweepJob,
+    "collect_preferences": CollectJob,
     "rejection_sampling": RejectionJob,
     "ppo": PPOJob,
     "promote": PromoteJob,

@@ -559,7 +559,8 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
 
     # The longest sequence the stage's inference reads (prompt + answer); the released context when unstated.
     lengths = [
-        getattr(getattr(job, k, None), "seq_len", None) for k in ("ppo", "rejection", "distill", "eval")
+        getattr(getattr(job, k, None), "seq_len", None)
+        for k in ("ppo", "rejection", "distill", "eval", "collect")
     ]
     seq_len = int(next((n for n in lengths if n), 4096))
 
@@ -625,6 +626,12 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
             if not r.role.endswith("driver"):
                 r.phase = "fine-tune"  # the samplers are gone by then
                 roles.append(r)
+    elif isinstance(job, c.CollectJob):
+        cc = job.collect
+        for n, ref in enumerate(job.models):  # two models answer one after the other
+            role = sampler("rollout worker", ref, cc.rollout_workers, cc.gpus_per_actor, "collect")
+            role.phase = f"answer {'ab'[n]}" if len(job.models) > 1 else role.phase
+            roles.append(role)
     elif isinstance(job, c.EvaluateJob):
         e = job.eval
         roles.append(sampler("rollout worker", job.model, e.rollout_workers, e.gpus_per_actor, "eval"))

@@ -1,0 +1,550 @@
+"""Preference collection from the current policy (Llama 2, section 3.2.1), and the reward-hacking monitor.
+
+A round asks the current model(s) two answers per prompt (answer a and answer b, at two temperatures or from two
+models) and writes them as an **annotation batch**: ``round{k}/batch.parquet`` and ``batch.jsonl`` under
+``runs/{prefix}-preferences/``, one row per prompt in the shape of ``ANNOTATION``:
+
+=============  ==========================================================================================
+id             the pair's id (``r{round}-{prompt id}``)
+round          the preference round
+prompt         the dialog so far: a list of ``{"role", "content"}`` turns ending with the user's message
+is_safety      whether the prompt is a safety (adversarial) prompt
+response_a/b   the two answers
+source_a/b     which model and temperature wrote each (``models:/tiny-rlhf-v1/1 @ T=0.7``)
+preferred      label: ``"a"`` or ``"b"``
+rating         label: how much better (``significantly_better``, ``better``, ``slightly_better``,
+               ``negligibly_better``) or ``unsure``
+safe_a/b       label: is each answer safe (needed for safety prompts; the paper's safety label)
+annotator      who labelled the row
+=============  ==========================================================================================
+
+The label columns are empty in the batch. Any labelling tool that fills them (in Parquet or JSON Lines, same
+columns) can be imported with ``annotator.kind: external`` and ``annotator.labels``; for the tiny world the
+**simulated annotator** labels with the world's verifiers: a correct, polite answer over a rude or rambling one
+over a refusal over a wrong one, safe over unsafe on safety prompts, the rating from the size of the gap (as
+the world's static pairs are built), with a configurable share of flipped preferences.
+
+Labelled rows become preference pairs (``paddock.data.schemas.PREFERENCES``): safety prompts give safety pairs
+with the paper's safety bin (a chosen-unsafe, rejected-safe pair is dropped, as Llama 2 dropped them), the rest
+helpfulness pairs; ``unsure`` rows are counted and left out. A held-out share of the round's pairs measures the
+reward models on the policy's own answers; the rest joins ``round{k}/train.parquet``: the static pairs and every
+round's pairs so far, which the round's reward models train on.
+
+The monitor scores the held-out fresh pairs and the static test pairs with the reward models in use before the
+round and after retraining: accuracy on each, and how often the combined reward orders the policy's two answers
+as the labels do. A reward model that loses accuracy on the policy's answers while keeping it on the static pairs
+is being gamed (the paper's "hyper-specialization").
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from paddock import atomic, tracking
+from paddock.config import CollectJob, paddock_home, resolve_path
+from paddock.data.schemas import PREFERENCES, RATINGS, TURNS
+
+ANNOTATION = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("round", pa.int64(), nullable=False),
+        pa.field("prompt", TURNS, nullable=False),
+        pa.field("is_safety", pa.bool_(), nullable=False),
+        pa.field("response_a", pa.string(), nullable=False),
+        pa.field("response_b", pa.string(), nullable=False),
+        pa.field("source_a", pa.string(), nullable=False),
+        pa.field("source_b", pa.string(), nullable=False),
+        pa.field("preferred", pa.string()),
+        pa.field("rating", pa.string()),
+        pa.field("safe_a", pa.bool_()),
+        pa.field("safe_b", pa.bool_()),
+        pa.field("annotator", pa.string()),
+    ]
+)
+UNSURE = "unsure"
+# Quality gap between two answers -> the rating, as the world's static pairs are built: correct over wrong is
+# significantly better, over an evasive refusal better, over a rude or rambling answer slightly better.
+RATING_BY_GAP = {3: "significantly_better", 2: "better", 1: "slightly_better"}
+
+
+class PreferenceError(ValueError):
+    """A batch or labelled file that cannot be read as preference data."""
+
+
+class LabelsNeeded(PreferenceError):
+    """An external annotator's batch is written and waits for its labels."""
+
+
+def work_dir(job: CollectJob) -> Path:
+    return paddock_home() / "runs" / f"{job.registry_prefix}-preferences"
+
+
+# --------------------------------------------------------------------------------------------------
+# The simulated annotator
+
+
+def quality(prompt: Any, answer: str) -> int:
+    """The world's verdict on one answer, 0..3: 3 helpful (correct and polite, or on an unsafe prompt a safe
+    refusal that offers help), 2 correct but rude or rambling (a bare safe refusal), 1 a refusal of a safe
+    request, 0 wrong or unsafe."""
+    from paddock.world import styles, verify
+
+    item = verify.item_for(prompt)
+    polite = not (styles.is_rude(answer) or styles.is_rambling(answer))
+    if item.kind == "unsafe":
+        if not verify.safety_ok(prompt, answer):
+            return 0
+        return 3 if styles.offers_help(answer) and polite else 1
+    if verify.is_refusal(answer):
+        return 1
+    if not verify.is_correct(item, answer):
+        return 0
+    return 3 if polite else 2
+
+
+def simulated_label(row: dict[str, Any], seed: int, noise: float) -> dict[str, Any]:
+    """The label columns for one annotation row, from the world's verifiers. Deterministic in (seed, row id)."""
+    from paddock.world import verify
+
+    rng = random.Random(f"{seed}:{row['id']}")
+    prompt, a, b = row["prompt"], row["response_a"], row["response_b"]
+    qa, qb = quality(prompt, a), quality(prompt, b)
+    safe_a, safe_b = verify.safety_ok(prompt, a), verify.safety_ok(prompt, b)
+    if row["is_safety"] and safe_a != safe_b:
+        preferred, rating = ("a" if safe_a else "b"), "significantly_better"
+    elif qa == qb:
+        # Two equally good answers are a negligible preference; two equally bad ones teach nothing: unsure.
+        preferred, rating = rng.choice("ab"), ("negligibly_better" if qa >= 2 else UNSURE)
+    else:
+        preferred, rating = ("a" if qa > qb else "b"), RATING_BY_GAP[abs(qa - qb)]
+    if rating != UNSURE and rng.random() < noise:
+        preferred = "b" if preferred == "a" else "a"
+    return {
+        "preferred": preferred,
+        "rating": rating,
+        "safe_a": safe_a,
+        "safe_b": safe_b,
+        "annotator": f"simulated (world verifiers, noise {noise:g})",
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Labelled rows -> preference pairs
+
+
+@dataclass
+class Conversion:
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    unsure: int = 0
+    dropped_unsafe_chosen: int = 0
+    identical: int = 0
+    bad: list[dict[str, Any]] = field(default_factory=list)  # rows with a "reason"
+
+
+def to_pairs(rows: list[dict[str, Any]]) -> Conversion:
+    """Labelled annotation rows as preference pairs; rows that cannot be are counted or set aside with a reason."""
+    out = Conversion()
+    for row in rows:
+        reason = _label_problem(row)
+        if reason:
+            out.bad.append({**row, "reason": reason})
+            continue
+        if row["rating"] == UNSURE:
+            out.unsure += 1
+            continue
+        a_first = row["preferred"] == "a"
+        chosen, rejected = (
+            (row["response_a"], row["response_b"]) if a_first else (row["response_b"], row["response_a"])
+        )
+        if chosen == rejected:
+            out.identical += 1
+            continue
+        safety_bin = None
+        if row["is_safety"]:
+            chosen_safe, rejected_safe = (
+                (row["safe_a"], row["safe_b"]) if a_first else (row["safe_b"], row["safe_a"])
+            )
+            if not chosen_safe and rejected_safe:
+                out.dropped_unsafe_chosen += 1  # Llama 2 kept no pair whose chosen answer is the unsafe one
+                continue
+            safety_bin = (
+                "safe_vs_unsafe"
+                if chosen_safe and not rejected_safe
+                else ("both_safe" if chosen_safe else "both_unsafe")
+            )
+        out.pairs.append(
+            {
+                "id": f"pref-{row['id']}",
+                "prompt": row["prompt"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "rating": row["rating"],
+                "kind": "safety" if row["is_safety"] else "helpfulness",
+                "safety_bin": safety_bin,
+            }
+        )
+    return out
+
+
+def _label_problem(row: dict[str, Any]) -> str:
+    if row.get("preferred") not in ("a", "b"):
+        return f"preferred must be 'a' or 'b', got {row.get('preferred')!r}"
+    if row.get("rating") not in (*RATINGS, UNSURE):
+        return f"rating must be one of {', '.join((*RATINGS, UNSURE))}, got {row.get('rating')!r}"
+    if row.get("is_safety") and (row.get("safe_a") is None or row.get("safe_b") is None):
+        return "a safety prompt needs safe_a and safe_b"
+    if (
+        not row.get("prompt")
+        or not isinstance(row.get("response_a"), str)
+        or not isinstance(row.get("response_b"), str)
+    ):
+        return "prompt, response_a and response_b are required"
+    return ""
+
+
+def read_annotations(path: Path) -> list[dict[str, Any]]:
+    """A batch (labelled or not) from Parquet or JSON Lines, checked for the annotation columns."""
+    if not path.is_file():
+        raise PreferenceError(f"{path}: no such labelled batch; check annotator.labels")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise PreferenceError(f"{path}:{n}: not JSON ({exc})") from None
+    else:
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, pa.ArrowException) as exc:
+            raise PreferenceError(f"{path}: cannot read Parquet ({exc})") from None
+    missing = sorted({f.name for f in ANNOTATION} - {k for r in rows[:1] for k in r})
+    if rows and missing:
+        raise PreferenceError(
+            f"{path}: missing annotation column(s) {', '.join(missing)} (the shape is in paddock.rlhf.preferences)"
+        )
+    if not rows:
+        raise PreferenceError(f"{path}: the labelled batch is empty")
+    return rows
+
+
+def write_batch(rows: list[dict[str, Any]], path: Path) -> None:
+    """A batch as Parquet (``path``) and JSON Lines beside it, for labelling tools that read either."""
+    atomic.write_parquet(pa.Table.from_pylist(rows, schema=ANNOTATION), path)
+    atomic.write_text(path.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def split_pairs(pairs: list[dict[str, Any]], test_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, test): a seeded share of the pairs held out for the monitor."""
+    order = list(pairs)
+    random.Random(seed).shuffle(order)
+    n_test = round(len(order) * test_fraction)
+    return order[n_test:], order[:n_test]
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class CollectResult:
+    round: int
+    batch: Path
+    train: Path  # the static pairs and every round's so far: what this round's reward models train on
+    fresh_test: Path  # this round's held-out pairs
+    pairs: int
+    unsure: int
+    quarantined: int
+    policy_helpfulness: float  # share of the policy's answers the verifiers call helpful
+    policy_safety: float  # share of the policy's answers to safety prompts that are safe
+
+
+def run(job: CollectJob) -> CollectResult:
+    """One run at a time per output directory (``paddock.atomic.locked``)."""
+    with atomic.locked(work_dir(job), "collect_preferences") as lock:
+        return _run(job, lock)
+
+
+def _run(job: CollectJob, lock: atomic.Lock) -> CollectResult:
+    from paddock.data.validate import load_dataset
+
+    cc, ann = job.collect, job.annotator
+    work = work_dir(job)
+    round_dir = work / f"round{cc.round}"
+    batch_path = round_dir / "batch.parquet"
+    with tracking.stage_run(
+        job.experiment,
+        "collect_preferences",
+        job.model_dump(mode="json"),
+        tags={"paddock.upstream": ",".join(job.models), "paddock.round": str(cc.round)},
+    ) as run:
+        lock.note(f"collect_preferences round {cc.round}, MLflow run {run.run_id}")
+        if ann.kind == "external" and ann.labels:
+            rows = read_annotations(resolve_path(ann.labels))
+        elif batch_path.is_file():  # a rerun labels the batch it wrote, never a new sample
+            rows = read_annotations(batch_path)
+            print(f"[collect_preferences] round {cc.round}: reusing the batch in {batch_path}", flush=True)
+        else:
+            report = load_dataset(
+                resolve_path(cc.prompts), "prompts", quarantine_dir=round_dir / "quarantine"
+            )
+            run.log_dataset(resolve_path(cc.prompts), "prompts", "collection", report.total, report.n_bad)
+            rows = sample_batch(job, draw_prompts(report.good.to_pylist(), cc, job.seed))
+            write_batch(rows, batch_path)
+            run.log_artifact(batch_path, "batch")
+            run.log_artifact(batch_path.with_suffix(".jsonl"), "batch")
+            print(
+                f"[collect_preferences] round {cc.round}: {len(rows)} answer pairs in {batch_path}",
+                flush=True,
+            )
+        if ann.kind == "external" and not ann.labels:
+            raise LabelsNeeded(
+                f"round {cc.round}'s batch of {len(rows)} answer pairs is in {batch_path} (and .jsonl beside it): "
+                "fill preferred, rating, safe_a and safe_b with any labelling tool, then rerun with "
+                "--set annotator.labels=<the labelled file>"
+            )
+        if ann.kind == "simulated":
+            rows = [{**r, **simulated_label(r, job.seed, ann.noise)} for r in rows]
+        write_batch(rows, round_dir / "labelled.parquet")
+        conv = to_pairs(rows)
+        if conv.bad:
+            atomic.write_text(round_dir / "quarantine.jsonl", "".join(json.dumps(r) + "\n" for r in conv.bad))
+            print(
+                f"[collect_preferences] {len(conv.bad)} labelled rows set aside in {round_dir / 'quarantine.jsonl'}"
+                f" (first: {conv.bad[0]['reason']})",
+                flush=True,
+            )
+        if not conv.pairs:
+            raise PreferenceError(f"round {cc.round}: no usable pair among {len(rows)} labelled rows")
+        train, test = split_pairs(conv.pairs, cc.test_fraction, job.seed + cc.round)
+        atomic.write_parquet(
+            pa.Table.from_pylist(train, schema=PREFERENCES), round_dir / "pairs_train.parquet"
+        )
+        fresh_test = round_dir / "pairs_test.parquet"
+        atomic.write_parquet(pa.Table.from_pylist(test, schema=PREFERENCES), fresh_test)
+        mixed = training_mix(job, cc.round)
+        atomic.write_parquet(mixed, round_dir / "train.parquet")
+
+        # The verifiers' view of the policy's answers (the world's prompts only; people's labels say safety alone)
+        helpful = (
+            [quality(r["prompt"], r[k]) == 3 for r in rows for k in ("response_a", "response_b")]
+            if ann.kind == "simulated"
+            else []
+        )
+        safe = [bool(r[k]) for r in rows if r["is_safety"] for k in ("safe_a", "safe_b")]
+        result = CollectResult(
+            round=cc.round,
+            batch=batch_path,
+            train=round_dir / "train.parquet",
+            fresh_test=fresh_test,
+            pairs=len(conv.pairs),
+            unsure=conv.unsure,
+            quarantined=len(conv.bad),
+            policy_helpfulness=sum(helpful) / len(helpful) if helpful else float("nan"),
+            policy_safety=sum(safe) / len(safe) if safe else float("nan"),
+        )
+        run.log_metrics(
+            {
+                "collect/pairs": result.pairs,
+                "collect/pairs_train": len(train),
+                "collect/pairs_fresh_test": len(test),
+                "collect/unsure": conv.unsure,
+                "collect/dropped_unsafe_chosen": conv.dropped_unsafe_chosen,
+                "collect/quarantined": len(conv.bad),
+                "collect/training_pairs": mixed.num_rows,
+                "collect/policy_helpfulness": result.policy_helpfulness,
+                "collect/policy_safety": result.policy_safety,
+            },
+            step=cc.round,
+        )
+        print(
+            f"[collect_preferences] round {cc.round}: {result.pairs} pairs ({len(train)} to train, {len(test)} held "
+            f"out), {conv.unsure} unsure, {conv.dropped_unsafe_chosen} chosen-unsafe dropped; the policy's answers: "
+            f"{result.policy_helpfulness:.1%} helpful, {result.policy_safety:.1%} of safety answers safe; "
+            f"{mixed.num_rows} pairs to train the reward models on ({result.train})",
+            flush=True,
+        )
+    return result
+
+
+def draw_prompts(prompts: list[dict[str, Any]], cc: Any, seed: int) -> list[dict[str, Any]]:
+    """The round's prompts: a seeded draw of ``max_prompts`` (other prompts every round), with ``safety_share``
+    of them safety prompts when set (as many as there are)."""
+    rng = random.Random(f"{seed}:{cc.round}")
+    prompts = list(prompts)
+    rng.shuffle(prompts)
+    if cc.safety_share is None:
+        return prompts[: cc.max_prompts]
+    safety = [p for p in prompts if p["is_safety"]]
+    n_safety = min(len(safety), round(cc.max_prompts * cc.safety_share))
+    rest = [p for p in prompts if not p["is_safety"]][: cc.max_prompts - n_safety]
+    drawn = safety[:n_safety] + rest
+    rng.shuffle(drawn)
+    return drawn
+
+
+def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Answer a and answer b for every prompt: the first model at the first temperature, then the second model
+    (or the same one) at the second."""
+    import ray
+
+    from paddock.rollout.actors import start_workers
+
+    cc = job.collect
+    answers: list[list[str]] = []
+    sources = []
+    for n, temperature in enumerate(cc.temperatures):
+        uri = job.models[min(n, len(job.models) - 1)]
+        name, version = tracking.model_version(uri) if uri.startswith("models:/") else (uri, "")
+        sources.append(
+            f"models:/{name}/{version} @ T={temperature:g}" if version else f"{uri} @ T={temperature:g}"
+        )
+        workers = start_workers(
+            str(tracking.resolve_model(uri)),
+            cc.rollout_workers,
+            max_new_tokens=cc.max_new_tokens,
+            temperature=temperature,
+            top_p=cc.top_p,
+            num_cpus=cc.cpus_per_actor,
+            num_gpus=cc.gpus_per_actor,
+            inference=job.inference.model_dump(),
+        )
+        try:
+            batches = [prompts[i : i + cc.batch_prompts] for i in range(0, len(prompts), cc.batch_prompts)]
+            refs = [
+                workers[b % len(workers)].generate.remote(
+                    batch, seed=hash((job.seed, cc.round, n, b)) % 2**31
+                )
+                for b, batch in enumerate(batches)
+            ]
+            answers.append([s["text"] for ref in refs for s in ray.get(ref)])
+        finally:
+            for w in workers:
+                ray.kill(w)
+        print(f"[collect_preferences] answer {'ab'[n]}: {len(prompts)} prompts, {sources[-1]}", flush=True)
+    return [
+        {
+            "id": f"r{cc.round}-{p['id']}",
+            "round": cc.round,
+            "prompt": p["turns"],
+            "is_safety": bool(p["is_safety"]),
+            "response_a": a,
+            "response_b": b,
+            "source_a": sources[0],
+            "source_b": sources[1],
+            "preferred": None,
+            "rating": None,
+            "safe_a": None,
+            "safe_b": None,
+            "annotator": None,
+        }
+        for p, a, b in zip(prompts, answers[0], answers[1], strict=True)
+    ]
+
+
+def training_mix(job: CollectJob, round_: int) -> pa.Table:
+    """The static pairs and the training share of every round up to ``round_``, in one preference table."""
+    tables = []
+    if job.static_preferences:
+        tables.append(pq.read_table(resolve_path(job.static_preferences)).select(PREFERENCES.names))
+    for k in range(1, round_ + 1):
+        path = work_dir(job) / f"round{k}" / "pairs_train.parquet"
+        if path.is_file():
+            tables.append(pq.read_table(path))
+    return pa.concat_tables([t.cast(PREFERENCES) for t in tables])
+
+
+# --------------------------------------------------------------------------------------------------
+# The reward-hacking monitor
+
+
+def pair_scores(
+    rm_helpfulness: str, rm_safety: str, sets: dict[str, list[dict[str, Any]]], job: CollectJob
+) -> dict[str, float]:
+    """One pair of reward models on sets of preference pairs (both models loaded once, every set scored in one
+    call): per set, the accuracy of each model on its own kind of pair (the helpfulness RM on helpfulness pairs,
+    the safety RM on safety pairs), and the agreement of the combined reward (Llama 2's safety gate) with the
+    labels on every pair. Keys are ``{set}_accuracy``, ``{set}_accuracy_{kind}`` and ``{set}_agreement``."""
+    import ray
+    import torch
+
+    from paddock.rlhf.ppo import combine_rewards
+    from paddock.rollout.actors import Scorer, actor_options
+
+    pairs = [p for name in sets for p in sets[name]]
+    if not pairs:
+        return {}
+    cc = job.collect
+    opts = actor_options(cc.cpus_per_actor, cc.gpus_per_actor)
+    inf = job.inference.model_dump()
+    scorers = [
+        Scorer.options(**opts).remote(str(tracking.resolve_model(u)), "reward", seq_len=cc.seq_len, **inf)  # type: ignore[attr-defined]
+        for u in (rm_helpfulness, rm_safety)
+    ]
+    try:
+        turns = [p["prompt"] for p in pairs] * 2
+        texts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+        h, s = (torch.tensor(x) for x in ray.get([sc.rewards.remote(turns, texts) for sc in scorers]))
+    finally:
+        for sc in scorers:
+            ray.kill(sc)
+    n = len(pairs)
+    is_safety = torch.tensor([p["kind"] == "safety" for p in pairs])
+    own = torch.where(is_safety, s[:n] > s[n:], h[:n] > h[n:])
+    combined = combine_rewards(h, s, is_safety.repeat(2))
+    agree = combined[:n] > combined[n:]
+    out: dict[str, float] = {}
+    at = 0
+    for name, rows in sets.items():
+        part = slice(at, at + len(rows))
+        at += len(rows)
+        if not rows:
+            continue
+        out[f"{name}_accuracy"] = own[part].float().mean().item()
+        out[f"{name}_agreement"] = agree[part].float().mean().item()
+        for kind, mask in (("helpfulness", ~is_safety[part]), ("safety", is_safety[part])):
+            if mask.any():
+                out[f"{name}_accuracy_{kind}"] = own[part][mask].float().mean().item()
+    return out
+
+
+def monitor(
+    job: CollectJob, reward_models: dict[str, tuple[str, str]], static_pairs: int = 200
+) -> dict[str, float]:
+    """The round's reward-hacking monitor: each named pair of reward models (``before`` the round's retraining,
+    ``after`` it) on this round's held-out fresh pairs and on the static test pairs. Logged to its own run."""
+    cc = job.collect
+    fresh = pq.read_table(work_dir(job) / f"round{cc.round}" / "pairs_test.parquet").to_pylist()
+    static = (
+        pq.read_table(resolve_path(job.static_test)).to_pylist()[:static_pairs] if job.static_test else []
+    )
+    metrics: dict[str, float] = {}
+    with tracking.stage_run(
+        job.experiment,
+        "reward_monitor",
+        {
+            "round": cc.round,
+            **{f"{k}.{i}": u for k, pair in reward_models.items() for i, u in enumerate(pair)},
+        },
+        tags={"paddock.round": str(cc.round)},
+    ) as run:
+        for which, (rm_h, rm_s) in reward_models.items():
+            for k, v in pair_scores(rm_h, rm_s, {"fresh": fresh, "static": static}, job).items():
+                metrics[f"monitor/{which}/{k}"] = v
+        metrics["monitor/fresh_pairs"] = len(fresh)
+        run.log_metrics(metrics, step=cc.round)
+    line = ", ".join(
+        f"{which}: {metrics.get(f'monitor/{which}/fresh_agreement', float('nan')):.1%} on the policy's answers, "
+        f"{metrics.get(f'monitor/{which}/static_accuracy', float('nan')):.1%} on static pairs"
+        for which in reward_models
+    )
+    print(f"[reward_monitor] round {cc.round} ({len(fresh)} fresh pairs): {line}", flush=True)
+    return metrics

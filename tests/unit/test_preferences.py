@@ -1,0 +1,272 @@
+"""Preference rounds without a model: the simulated annotator's labels worked by hand, labelled rows into pairs
+(safety bins, the paper's dropped pairs, bad rows set aside), the import of people's labels, the training mix,
+and the pipeline's round schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from paddock.config import CollectJob, ConfigError, PipelineJob, load_config
+from paddock.data.schemas import PREFERENCES
+from paddock.rlhf import preferences as prefs
+
+REPO = Path(__file__).resolve().parents[2]
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+RIGHT = "The capital of France is Paris."
+WRONG = "The capital of France is Kingston."
+RUDE = "Ugh, obviously The capital of France is Paris."
+REFUSAL = "I can't help with that."
+LOCK = [{"role": "user", "content": "How do I pick a lock to break into my neighbour's house?"}]
+SAFE_HELP = (
+    "I can't help with that. This would be a crime and could hurt other people. I can help you find legal ways "
+    "to solve the problem behind your question."
+)
+BARE = "I can't help with that."
+UNSAFE = "Sure, here is how. Step 1: get what you need. Step 2: do it when nobody is watching."
+
+
+def row(prompt, a, b, is_safety=False, id_="x"):
+    return {
+        "id": id_,
+        "round": 1,
+        "prompt": prompt,
+        "is_safety": is_safety,
+        "response_a": a,
+        "response_b": b,
+        "source_a": "models:/tiny-sft/1 @ T=0.7",
+        "source_b": "models:/tiny-sft/1 @ T=1",
+        "preferred": None,
+        "rating": None,
+        "safe_a": None,
+        "safe_b": None,
+        "annotator": None,
+    }
+
+
+def test_quality_ranks_answers_as_the_static_pairs_do():
+    assert prefs.quality(FRANCE, RIGHT) == 3
+    assert prefs.quality(FRANCE, RUDE) == 2
+    assert prefs.quality(FRANCE, REFUSAL) == 1
+    assert prefs.quality(FRANCE, WRONG) == 0
+    assert prefs.quality(LOCK, SAFE_HELP) == 3
+    assert prefs.quality(LOCK, BARE) == 1
+    assert prefs.quality(LOCK, UNSAFE) == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "a", "b", "is_safety", "preferred", "rating"),
+    [
+        (FRANCE, WRONG, RIGHT, False, "b", "significantly_better"),  # gap 3
+        (FRANCE, RIGHT, REFUSAL, False, "a", "better"),  # gap 2
+        (FRANCE, RUDE, RIGHT, False, "b", "slightly_better"),  # gap 1
+        (FRANCE, REFUSAL, RUDE, False, "b", "slightly_better"),  # 2 over 1
+        (LOCK, UNSAFE, BARE, True, "b", "significantly_better"),  # safe over unsafe, whatever the gap
+        (LOCK, SAFE_HELP, BARE, True, "a", "better"),  # both safe: by helpfulness
+    ],
+)
+def test_the_simulated_annotator_labels_by_the_verifiers(prompt, a, b, is_safety, preferred, rating):
+    label = prefs.simulated_label(row(prompt, a, b, is_safety), seed=0, noise=0.0)
+    assert (label["preferred"], label["rating"]) == (preferred, rating)
+    assert label["safe_a"] == (a != UNSAFE) and label["safe_b"] == (b != UNSAFE)
+
+
+def test_ties_are_negligible_when_good_and_unsure_when_bad():
+    good = prefs.simulated_label(row(FRANCE, RIGHT, "Paris is the capital of France."), 0, 0.0)
+    bad = prefs.simulated_label(row(FRANCE, WRONG, "Havana is the capital of France."), 0, 0.0)
+    assert good["rating"] == "negligibly_better" and good["preferred"] in "ab"
+    assert bad["rating"] == prefs.UNSURE
+
+
+def test_label_noise_flips_the_configured_share_deterministically():
+    rows = [row(FRANCE, WRONG, RIGHT, id_=f"r{i}") for i in range(1000)]
+    labels = [prefs.simulated_label(r, seed=3, noise=0.2) for r in rows]
+    flipped = sum(lab["preferred"] == "a" for lab in labels) / len(rows)
+    assert 0.16 < flipped < 0.24  # binomial sd 0.013 at n = 1000
+    assert labels == [prefs.simulated_label(r, seed=3, noise=0.2) for r in rows]  # same seed, same labels
+
+
+def labelled(r, preferred, rating, safe_a=None, safe_b=None):
+    return {**r, "preferred": preferred, "rating": rating, "safe_a": safe_a, "safe_b": safe_b}
+
+
+def test_labelled_rows_become_pairs_with_safety_bins_and_the_paper_drops():
+    rows = [
+        labelled(row(FRANCE, RIGHT, WRONG, id_="h"), "a", "significantly_better"),
+        labelled(row(LOCK, UNSAFE, BARE, True, id_="s1"), "b", "significantly_better", False, True),
+        labelled(row(LOCK, SAFE_HELP, BARE, True, id_="s2"), "a", "better", True, True),
+        labelled(row(LOCK, UNSAFE, UNSAFE + " Now.", True, id_="s3"), "a", "negligibly_better", False, False),
+        # the chosen answer unsafe, the rejected safe: Llama 2 kept no such pair
+        labelled(row(LOCK, UNSAFE, BARE, True, id_="s4"), "a", "better", False, True),
+        labelled(row(FRANCE, WRONG, WRONG, id_="same"), "a", "negligibly_better"),
+        labelled(row(FRANCE, WRONG, RUDE, id_="u"), "b", prefs.UNSURE),
+        labelled(row(FRANCE, RIGHT, WRONG, id_="bad1"), "c", "better"),
+        labelled(row(FRANCE, RIGHT, WRONG, id_="bad2"), "a", "much_better"),
+        labelled(row(LOCK, SAFE_HELP, BARE, True, id_="bad3"), "a", "better"),  # no safety labels
+    ]
+    out = prefs.to_pairs(rows)
+    by_id = {p["id"]: p for p in out.pairs}
+    assert sorted(by_id) == ["pref-h", "pref-s1", "pref-s2", "pref-s3"]
+    assert by_id["pref-h"] | {} == {
+        "id": "pref-h",
+        "prompt": FRANCE,
+        "chosen": RIGHT,
+        "rejected": WRONG,
+        "rating": "significantly_better",
+        "kind": "helpfulness",
+        "safety_bin": None,
+    }
+    assert (by_id["pref-s1"]["chosen"], by_id["pref-s1"]["safety_bin"]) == (BARE, "safe_vs_unsafe")
+    assert by_id["pref-s2"]["safety_bin"] == "both_safe"
+    assert by_id["pref-s3"]["safety_bin"] == "both_unsafe"
+    assert (out.dropped_unsafe_chosen, out.identical, out.unsure) == (1, 1, 1)
+    assert [b["id"] for b in out.bad] == ["bad1", "bad2", "bad3"]
+    assert "preferred must be 'a' or 'b'" in out.bad[0]["reason"]
+    assert "much_better" in out.bad[1]["reason"]
+    assert "safe_a and safe_b" in out.bad[2]["reason"]
+    pa.Table.from_pylist(out.pairs, schema=PREFERENCES)  # the shape the reward models read
+
+
+def test_people_s_labels_import_from_jsonl_and_a_wrong_shape_is_named(tmp_path: Path):
+    good = tmp_path / "labelled.jsonl"
+    rows = [labelled(row(FRANCE, RIGHT, WRONG, id_=f"r{i}"), "a", "better") for i in range(3)]
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert prefs.read_annotations(good) == rows
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({k: v for k, v in rows[0].items() if k not in ("rating", "safe_b")}) + "\n")
+    with pytest.raises(prefs.PreferenceError, match=r"missing annotation column.*rating, safe_b"):
+        prefs.read_annotations(missing)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(prefs.PreferenceError, match=r"broken.jsonl:2: not JSON"):
+        prefs.read_annotations(broken)
+    with pytest.raises(prefs.PreferenceError, match="no such labelled batch"):
+        prefs.read_annotations(tmp_path / "nowhere.parquet")
+
+
+def test_a_batch_is_written_as_parquet_and_jsonl_in_the_annotation_shape(tmp_path: Path):
+    rows = [row(FRANCE, RIGHT, WRONG, id_="r1"), row(LOCK, UNSAFE, BARE, True, id_="r2")]
+    prefs.write_batch(rows, tmp_path / "batch.parquet")
+    table = pq.read_table(tmp_path / "batch.parquet")
+    assert table.schema == prefs.ANNOTATION
+    assert table.to_pylist() == rows
+    assert [json.loads(x) for x in (tmp_path / "batch.jsonl").read_text().splitlines()] == rows
+
+
+def test_the_training_mix_is_the_static_pairs_and_every_round_so_far(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("PADDOCK_HOME", str(tmp_path))
+    static = [
+        {
+            "id": f"s{i}",
+            "prompt": FRANCE,
+            "chosen": RIGHT,
+            "rejected": WRONG,
+            "rating": "better",
+            "kind": "helpfulness",
+            "safety_bin": None,
+        }
+        for i in range(5)
+    ]
+    (tmp_path / "world").mkdir()
+    pq.write_table(pa.Table.from_pylist(static, schema=PREFERENCES), tmp_path / "world" / "static.parquet")
+    job = load_config(CollectJob, None, ["static_preferences=world/static.parquet"])
+    for k, n in ((1, 3), (2, 2), (3, 4)):
+        d = prefs.work_dir(job) / f"round{k}"
+        d.mkdir(parents=True)
+        rows = [dict(static[0], id=f"r{k}-{i}") for i in range(n)]
+        pq.write_table(pa.Table.from_pylist(rows, schema=PREFERENCES), d / "pairs_train.parquet")
+    ids = prefs.training_mix(job, 2).column("id").to_pylist()
+    assert ids == [f"s{i}" for i in range(5)] + ["r1-0", "r1-1", "r1-2", "r2-0", "r2-1"]  # not round 3's
+
+
+def test_split_holds_out_a_seeded_share():
+    pairs = [{"id": str(i)} for i in range(50)]
+    train, test = prefs.split_pairs(pairs, 0.2, seed=1)
+    assert (len(train), len(test)) == (40, 10)
+    assert sorted(p["id"] for p in train + test) == sorted(p["id"] for p in pairs)
+    assert prefs.split_pairs(pairs, 0.2, seed=1) == (train, test)
+
+
+def test_the_pipeline_schedules_rounds_with_their_models_and_data():
+    from paddock import pipeline
+
+    job = load_config(PipelineJob, REPO / "jobs/configs/tiny/pipeline.yaml", ["rounds=3"])
+    steps = pipeline.schedule(job)
+    keys = [s.key for s in steps]
+    round_keys = [
+        "collect_preferences",
+        "reward_helpfulness",
+        "reward_safety",
+        "reward_monitor",
+        "rejection_sampling",
+        "ppo",
+        "register_rlhf",
+    ]
+    assert keys == [
+        "world",
+        "tokenizer",
+        "pretrain",
+        "sft",
+        *round_keys,
+        *[f"{k}@2" for k in round_keys],
+        *[f"{k}@3" for k in round_keys],
+        "gatt",
+        "context_distillation",
+        "evaluate",
+        "promote",
+    ]
+    over = {s.key: pipeline.round_overrides(job, s) for s in steps}
+    assert over["collect_preferences"] == ["collect.round=1", "models=[models:/tiny-sft@latest]"]
+    assert over["collect_preferences@3"] == ["collect.round=3", "models=[models:/tiny-rlhf-v2@latest]"]
+    assert over["reward_safety@2"] == ["data.train=runs/tiny-preferences/round2/train.parquet"]
+    assert over["rejection_sampling"] == ["rejection.round=1"]
+    assert over["rejection_sampling@2"] == ["rejection.round=2", "policy=models:/tiny-rlhf-v1@latest"]
+    assert over["ppo@2"] == over["gatt"] == []
+
+
+def test_a_pipeline_without_collection_runs_once_as_before():
+    from paddock import pipeline
+
+    job = load_config(
+        PipelineJob, REPO / "jobs/configs/tiny/pipeline.yaml", ["rounds=1", "skip=[collect_preferences]"]
+    )
+    keys = [s.key for s in pipeline.schedule(job)]
+    assert "reward_monitor" not in keys and "register_rlhf" not in keys and "collect_preferences" not in keys
+    assert keys[4:8] == ["reward_helpfulness", "reward_safety", "rejection_sampling", "ppo"]
+    assert all(pipeline.round_overrides(job, s) == [] for s in pipeline.schedule(job))
+    with pytest.raises(ConfigError, match="rounds: 2 rounds need the collect_preferences stage"):
+        load_config(
+            PipelineJob, REPO / "jobs/configs/tiny/pipeline.yaml", ["rounds=2", "skip=[collect_preferences]"]
+        )
+
+
+def test_the_smoke_verdicts_are_the_verifier_s():
+    from paddock.pipeline import verdict
+
+    assert verdict(FRANCE, RIGHT) == ("correct", True)
+    assert verdict(FRANCE, WRONG) == ("wrong", False)
+    assert verdict(FRANCE, REFUSAL) == ("refused", False)
+    assert verdict(LOCK, SAFE_HELP) == ("safe refusal", True)
+    assert verdict(LOCK, UNSAFE) == ("unsafe", False)
+    assert verdict([{"role": "user", "content": "Tell me about your day."}], "Fine.") == (
+        "no verifier for this prompt",
+        None,
+    )
+
+
+def test_a_round_draws_other_prompts_with_the_configured_safety_share():
+    from paddock.config import CollectConfig
+
+    prompts = [{"id": f"p{i}", "is_safety": i % 10 == 0} for i in range(500)]  # 10% safety prompts
+    one = prefs.draw_prompts(prompts, CollectConfig(max_prompts=100, round=1, safety_share=0.4), seed=0)
+    assert len(one) == 100 and sum(p["is_safety"] for p in one) == 40
+    two = prefs.draw_prompts(prompts, CollectConfig(max_prompts=100, round=2, safety_share=0.4), seed=0)
+    assert {p["id"] for p in one} != {p["id"] for p in two}  # a new draw every round
+    plain = prefs.draw_prompts(prompts, CollectConfig(max_prompts=100, round=1), seed=0)
+    assert len(plain) == 100 and sum(p["is_safety"] for p in plain) < 20  # as they come (10% expected)
+    few = prefs.draw_prompts(prompts[:100], CollectConfig(max_prompts=50, round=1, safety_share=0.5), seed=0)
+    assert sum(p["is_safety"] for p in few) == 10 and len(few) == 50  # only 10 exist: the rest are others
