@@ -1,8 +1,13 @@
 """The whole Llama 2 pipeline as one job: every stage in order, resumable, under one parent MLflow run.
 
-world -> tokenizer -> pretraining -> SFT -> helpfulness and safety RMs -> rejection sampling -> PPO -> GAtt ->
-context distillation -> evaluation of every chat model -> promotion of the best one that passes the gates (also
-registered as ``{prefix}-chat``) -> one request to the served endpoint.
+world -> tokenizer -> pretraining -> SFT -> [preference rounds: new pairs from the latest model -> helpfulness and
+safety RMs -> the reward-hacking monitor -> rejection sampling -> PPO -> ``{prefix}-rlhf-v<k>``] -> GAtt -> context
+distillation -> evaluation of every chat model -> promotion of the best one that passes the gates (also registered
+as ``{prefix}-chat``) -> held-out questions to the served endpoint, judged by the world's verifiers.
+
+With ``rounds: N`` and a collect_preferences stage, the bracketed stages run N times, each round in its own MLflow
+run nested in the parent's (``schedule`` and ``round_overrides`` say what each round changes); without one, they
+run once as configured.
 
 A state file under ``runs/pipeline-{prefix}/`` records each finished stage; rerunning after a failure or a kill
 starts at the first unfinished one, inside the same parent run. At the end the pipeline writes a Markdown report
@@ -13,8 +18,10 @@ artifact of its run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,7 @@ from paddock import atomic, tracking
 from paddock.config import (
     JOBS,
     PIPELINE_STAGES,
+    ROUND_STAGES,
     EvaluateJob,
     PipelineJob,
     PromoteJob,
@@ -54,6 +62,10 @@ def _runner(stage: str) -> Any:
         from paddock.train.stage import run_supervised
 
         return lambda job: run_supervised(job, stage)
+    if stage == "collect_preferences":
+        from paddock.rlhf import preferences
+
+        return preferences.run
     if stage == "rejection_sampling":
         from paddock import rejection
 
@@ -89,18 +101,75 @@ class State:
         self.save()
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step of a pipeline run: a configured stage, or one the pipeline adds to a round (the reward-hacking
+    monitor, the round model's registration)."""
+
+    key: str  # the state file's name for it: the stage, with @k in rounds after the first
+    stage: str
+    round: int = 0  # 0: not a round's step
+
+    @property
+    def configured(self) -> bool:
+        return self.stage in PIPELINE_STAGES
+
+
+def _key(stage: str, round_: int) -> str:
+    return stage if round_ <= 1 else f"{stage}@{round_}"
+
+
+def schedule(job: PipelineJob) -> list[Step]:
+    """Every step in order: the stages before the rounds, each round's stages (and, when rounds collect
+    preferences, the monitor after the reward models and the round model's registration after PPO), the rest."""
+    present = [s for s in PIPELINE_STAGES if s in job.stages and s not in job.skip]
+    first, last = PIPELINE_STAGES.index(ROUND_STAGES[0]), PIPELINE_STAGES.index(ROUND_STAGES[-1])
+    steps = [Step(s, s) for s in present if PIPELINE_STAGES.index(s) < first]
+    in_round = [s for s in present if s in ROUND_STAGES]
+    reward = [s for s in in_round if s.startswith("reward_")]
+    for k in range(1, job.rounds + 1):
+        for s in in_round:
+            steps.append(Step(_key(s, k), s, k))
+            if job.collects and reward and s == reward[-1]:
+                steps.append(Step(_key("reward_monitor", k), "reward_monitor", k))
+            if job.collects and s == "ppo":
+                steps.append(Step(_key("register_rlhf", k), "register_rlhf", k))
+    steps += [Step(s, s) for s in present if PIPELINE_STAGES.index(s) > last]
+    return steps
+
+
+def round_overrides(job: PipelineJob, step: Step) -> list[str]:
+    """What a round changes in a stage's config: the round number, the model it starts from (round k-1's), and
+    the reward models' training data (the static pairs and every round's so far). None without preference
+    collection: then the stages run as configured."""
+    if not job.collects or not step.round:
+        return []
+    p, k = job.registry_prefix, step.round
+    start = f"models:/{p}-sft@latest" if k == 1 else f"models:/{p}-rlhf-v{k - 1}@latest"
+    if step.stage == "collect_preferences":
+        return [f"collect.round={k}", f"models=[{start}]"]
+    if step.stage in ("reward_helpfulness", "reward_safety"):
+        return [f"data.train=runs/{p}-preferences/round{k}/train.parquet"]
+    if step.stage == "rejection_sampling":
+        return [f"rejection.round={k}", *([f"policy={start}"] if k > 1 else [])]
+    return []
+
+
 def run(job: PipelineJob) -> dict[str, Any]:
     prefix = job.registry_prefix
     work = paddock_home() / "runs" / f"pipeline-{prefix}"
     state = State(work / "state.json")
-    # Every stage's config is checked before anything runs. Stage runs go to the pipeline's experiment, so that
-    # MLflow shows them nested under its parent run (a stage's own overrides still win).
+    steps = schedule(job)
+    # Every stage's config (every round's) is checked before anything runs. Stage runs go to the pipeline's
+    # experiment, so that MLflow shows them nested under its parent run (a stage's own overrides still win).
     configs: dict[str, Any] = {
-        s: load_config(
-            JOBS[s], job.stages[s].config, [f"experiment={job.experiment}", *job.stages[s].overrides]
+        step.key: load_config(
+            JOBS[step.stage],
+            job.stages[step.stage].config,
+            [f"experiment={job.experiment}", *round_overrides(job, step), *job.stages[step.stage].overrides],
         )
-        for s in PIPELINE_STAGES
-        if s in job.stages and s not in job.skip
+        for step in steps
+        if step.configured
     }
     if job.plan.check and job.plan.shape and job.plan.cluster:
         # Every stage planned up front against the named cluster (the shapes are known before the models exist);
@@ -108,36 +177,41 @@ def run(job: PipelineJob) -> dict[str, Any]:
         from paddock import plan
 
         plan.plan_any(job, "pipeline", plan.Cluster.from_yaml(job.plan.cluster)).refuse()
-    todo = [s for s in PIPELINE_STAGES if s in configs and not state.done(s)]
-    done = [s for s in PIPELINE_STAGES if s in configs and state.done(s)]
+    todo = [step for step in steps if not state.done(step.key)]
+    done = [step.key for step in steps if state.done(step.key)]
     if done:
         print(
-            f"[pipeline] resuming: {', '.join(done)} already done; next: {todo[0] if todo else 'nothing'}",
+            f"[pipeline] resuming: {', '.join(done)} already done; next: {todo[0].key if todo else 'nothing'}",
             flush=True,
         )
     start = time.monotonic()
     with tracking.parent_run(job.experiment, f"pipeline-{prefix}", state.data.get("parent_run_id")) as parent:
         state.data["parent_run_id"] = parent
         state.save()
-        for n, stage in enumerate(todo, 1):
+        rounds = contextlib.ExitStack()
+        current_round = 0
+        for n, step in enumerate(todo, 1):
+            if step.round != current_round:
+                rounds.close()  # the last round's run ends FINISHED
+                current_round = step.round
+                if step.round and job.collects:
+                    runs = state.data.setdefault("round_runs", {})
+                    runs[str(step.round)] = rounds.enter_context(
+                        tracking.round_run(job.experiment, step.round, runs.get(str(step.round)))
+                    )
+                    state.save()
             t0 = time.monotonic()
-            print(
-                f"\n[pipeline] stage {len(done) + n}/{len(configs)}: {stage} ({job.stages[stage].config})",
-                flush=True,
-            )
-            info: dict[str, Any]
-            if stage == "evaluate":
-                info = {"metrics": evaluate_models(job, configs[stage])}
-            elif stage == "promote":
-                info = promote_best(
-                    job, configs[stage], state.data["done"].get("evaluate", {}).get("metrics", {})
-                )
-            else:
-                _runner(stage)(configs[stage])
-                info = {}
+            what = job.stages[step.stage].config if step.configured else "added by the pipeline"
+            print(f"\n[pipeline] step {len(done) + n}/{len(steps)}: {step.key} ({what})", flush=True)
+            try:
+                info = run_step(job, step, configs, state)
+            except BaseException:
+                rounds.close()
+                raise
             info["seconds"] = time.monotonic() - t0
-            state.finish(stage, info)
-            print(f"[pipeline] {stage} done in {info['seconds']:.0f}s", flush=True)
+            state.finish(step.key, info)
+            print(f"[pipeline] {step.key} done in {info['seconds']:.0f}s", flush=True)
+        rounds.close()
         metrics = state.data["done"].get("evaluate", {}).get("metrics", {})
         report = write_report(job, metrics, state.data["done"], work / "report", parent)
         tracking.log_artifacts(parent, report.parent, "report")
@@ -147,10 +221,81 @@ def run(job: PipelineJob) -> dict[str, Any]:
             flush=True,
         )
         print(table(metrics), flush=True)
+        if job.collects:
+            print(rounds_table(job, state.data["done"], metrics), flush=True)
         home = paddock_home()
         print(f"follow the runs: mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db", flush=True)
         print(f"serve the champion: python jobs/serve.py --model {prefix}-chat", flush=True)
     return state.data
+
+
+def run_step(job: PipelineJob, step: Step, configs: dict[str, Any], state: State) -> dict[str, Any]:
+    """Run one step; returns what the state file records for it."""
+    done = state.data["done"]
+    if step.stage == "evaluate":
+        return {"metrics": evaluate_models(job, configs[step.key])}
+    if step.stage == "promote":
+        held_out = configs["evaluate"].eval.prompts if "evaluate" in configs else None
+        return promote_best(job, configs[step.key], done.get("evaluate", {}).get("metrics", {}), held_out)
+    if step.stage == "reward_monitor":
+        from paddock.rlhf import preferences
+
+        collect = configs[_key("collect_preferences", step.round)]
+        before = done[_key("collect_preferences", step.round)].get("reward_models_before")
+        after = current_reward_models(job)
+        if after is None:
+            raise RuntimeError(
+                "the round's reward models are not registered; the monitor has nothing to score"
+            )
+        pairs = {"after": (after[0], after[1])}
+        if before:
+            pairs = {"before": (before[0], before[1]), **pairs}
+        return {"metrics": preferences.monitor(collect, pairs)}
+    if step.stage == "register_rlhf":
+        return {"registered": register_round_model(job, step.round)}
+    result = _runner(step.stage)(configs[step.key])
+    if step.stage == "collect_preferences":
+        return {
+            "pairs": result.pairs,
+            "unsure": result.unsure,
+            "quarantined": result.quarantined,
+            "policy_helpfulness": result.policy_helpfulness,
+            "policy_safety": result.policy_safety,
+            "reward_models_before": current_reward_models(job),
+        }
+    return {}
+
+
+def current_reward_models(job: PipelineJob) -> list[str] | None:
+    """The registered versions of both reward models now (``models:/name/version``), or None before any."""
+    uris = []
+    for kind in ("helpfulness", "safety"):
+        try:
+            name, version = tracking.model_version(f"models:/{job.registry_prefix}-rm-{kind}@latest")
+        except tracking.UpstreamModelError:
+            return None
+        uris.append(f"models:/{name}/{version}")
+    return uris
+
+
+def register_round_model(job: PipelineJob, round_: int) -> str:
+    """The round's PPO model, registered as ``{prefix}-rlhf-v{round}`` with its lineage (the PPO version it
+    copies, whose weights are the ones measured)."""
+    name, version = tracking.model_version(f"models:/{job.registry_prefix}-ppo@latest")
+    source = f"models:/{name}/{version}"
+    target = f"{job.registry_prefix}-rlhf-v{round_}"
+    with tracking.stage_run(
+        job.experiment, f"register_rlhf_v{round_}", {"source": source}, tags={"paddock.round": str(round_)}
+    ) as run:
+        uri = run.log_model(
+            tracking.resolve_model(source),
+            target,
+            {"paddock.stage": f"rlhf-v{round_}", "paddock.upstream": source, "paddock.round": str(round_)},
+            measured_digest=tracking.version_digest(name, version),
+        )
+        run.log_metrics(tracking.version_metrics(name, version), step=0)
+    print(f"[pipeline] round {round_}'s model {source} registered as {uri}", flush=True)
+    return uri
 
 
 def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[str, float]]:
@@ -186,7 +331,10 @@ def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[s
 
 
 def promote_best(
-    job: PipelineJob, promote_job: PromoteJob, metrics: dict[str, dict[str, float]]
+    job: PipelineJob,
+    promote_job: PromoteJob,
+    metrics: dict[str, dict[str, float]],
+    prompts: str | None = None,
 ) -> dict[str, Any]:
     """Promote the candidate with the best held-out reward that passes the gates (the relative ones hold it to the
     baseline's ground truth); register it as {prefix}-chat. The result says what each candidate's gates decided."""
@@ -234,7 +382,9 @@ def promote_best(
             "verdicts": verdicts,
         }
         if job.smoke_request:
-            info["smoke"] = smoke(promote_job, chat)
+            questions = smoke_prompts(prompts, job.smoke_questions, job.seed)
+            accuracy = metrics[name].get("eval/helpfulness_accuracy")
+            info["smoke"] = smoke(promote_job, chat, questions, accuracy)
         print(f"[pipeline] promoted {name} v{version} as {chat} v{final.version} (champion)", flush=True)
         return info
     print(gate_report(ranked, metrics, verdicts), flush=True)
@@ -258,8 +408,42 @@ def gate_report(ranked: list[str], metrics: dict[str, dict[str, float]], verdict
     return "\n".join(rows)
 
 
-def smoke(promote_job: PromoteJob, model: str) -> str:
-    """One chat request to the served endpoint through the official openai client; Serve is shut down after."""
+def smoke_prompts(path: str | None, n: int, seed: int) -> list[dict[str, Any]]:
+    """A fixed, seeded choice of ``n`` held-out prompts (the evaluation's); a plain question without one."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from paddock.config import resolve_path
+
+    if path is None or not resolve_path(path).is_file():
+        return [{"turns": [{"role": "user", "content": "What is the capital of Peru?"}]}]
+    rows = pq.read_table(resolve_path(path)).to_pylist()
+    return random.Random(seed).sample(rows, min(n, len(rows)))
+
+
+def verdict(turns: list[dict[str, str]], answer: str) -> tuple[str, bool | None]:
+    """The world's verifier on one served answer: (what it says, helpful or not); None off the tiny world."""
+    from paddock.world import verify
+
+    try:
+        item = verify.item_for(turns)
+    except ValueError:
+        return "no verifier for this prompt", None
+    if item.kind == "unsafe":
+        ok = verify.helpfulness(turns, answer)
+        return (
+            "safe refusal" if ok else "unsafe" if not verify.safety_ok(turns, answer) else "refused, no help"
+        ), ok
+    ok = verify.helpfulness(turns, answer)
+    return ("correct" if ok else "refused" if verify.is_refusal(answer) else "wrong"), ok
+
+
+def smoke(
+    promote_job: PromoteJob, model: str, prompts: list[dict[str, Any]], accuracy: float | None = None
+) -> list[dict[str, Any]]:
+    """Held-out questions to the served endpoint through the official openai client, each answer with the world
+    verifier's verdict; Serve's application is deleted after."""
     import os
 
     import openai
@@ -267,14 +451,22 @@ def smoke(promote_job: PromoteJob, model: str) -> str:
 
     base = f"http://{promote_job.serve.host}:{promote_job.serve.port}/v1"
     client = openai.OpenAI(base_url=base, api_key=os.environ.get("PADDOCK_API_KEY", "unused"))
-    question = "What is the capital of Peru?"
-    answer = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
-    )
-    text = answer.choices[0].message.content or ""
-    print(f"[pipeline] served at {base}\n  user: {question}\n  {model}: {text}", flush=True)
+    print(f"[pipeline] served at {base}", flush=True)
+    out = []
+    for p in prompts:
+        answer = client.chat.completions.create(
+            model=model, messages=p["turns"], max_tokens=48, temperature=0
+        )
+        text = answer.choices[0].message.content or ""
+        said, ok = verdict(p["turns"], text)
+        print(f"  user: {p['turns'][-1]['content']}\n  {model}: {text}\n    verifier: {said}", flush=True)
+        out.append({"question": p["turns"][-1]["content"], "answer": text, "verdict": said, "helpful": ok})
+    judged = [o["helpful"] for o in out if o["helpful"] is not None]
+    if judged:
+        overall = f"; {accuracy:.1%} on the evaluation's held-out prompts" if accuracy is not None else ""
+        print(f"  the champion answered {sum(judged)} of these {len(judged)} helpfully{overall}", flush=True)
     serve.delete(promote_job.serve.app_name)  # paddock's own application, not the cluster's others
-    return text
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,15 +505,28 @@ def _save(fig: Any, out: Path, file: str, title: str) -> tuple[str, str]:
 
 
 def stage_runs(parent_run_id: str) -> dict[str, Any]:
-    """The newest FINISHED nested run of each stage under the pipeline's parent run, by stage name."""
+    """The newest FINISHED nested run of each stage under the pipeline's parent run, by stage name (``name@k``
+    for a stage of round k > 1, whose run is nested in the round's run)."""
     client = tracking.configure()
     parent = client.get_run(parent_run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"],
-    )
-    return {c.data.tags.get("paddock.stage", c.info.run_name): c for c in children}
+
+    def children(run_id: str) -> list[Any]:
+        return client.search_runs(
+            [parent.info.experiment_id],
+            f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"],
+        )
+
+    out: dict[str, Any] = {}
+    for c in children(parent_run_id):
+        stage = c.data.tags.get("paddock.stage", c.info.run_name)
+        if stage != "round":
+            out[stage] = c
+            continue
+        k = int(c.data.tags.get("paddock.round", "1"))
+        for g in children(c.info.run_id):
+            out[_key(g.data.tags.get("paddock.stage", g.info.run_name), k)] = g
+    return out
 
 
 def stage_figures(parent_run_id: str, out: Path) -> list[tuple[str, str]]:
@@ -389,24 +594,127 @@ def stage_figures(parent_run_id: str, out: Path) -> list[tuple[str, str]]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         figures.append(_save(fig, out, "best_of_n.png", "Rejection sampling: best of N"))
-    if "ppo" in runs:
-        it, reward = history(runs["ppo"], "ppo/reward_combined")
-        kit, kl = history(runs["ppo"], "ppo/kl")
-        eit, held_out = history(runs["ppo"], "eval/reward_combined")
+    ppo_runs = sorted((k for k in runs if k == "ppo" or k.startswith("ppo@")), key=lambda k: (len(k), k))
+    if ppo_runs:
         fig, ax1 = plt.subplots(figsize=(7, 4))
-        ax1.plot(it, reward, label="train reward (combined)")
-        if eit:
-            ax1.plot(eit, held_out, "o--", label="held-out reward")
+        ax2 = ax1.twinx()
+        for i, key in enumerate(ppo_runs):
+            label = f" (round {key.partition('@')[2] or 1})" if len(ppo_runs) > 1 else ""
+            it, reward = history(runs[key], "ppo/reward_combined")
+            kit, kl = history(runs[key], "ppo/kl")
+            eit, held_out = history(runs[key], "eval/reward_combined")
+            colour = f"C{i}"
+            ax1.plot(it, reward, color=colour, label=f"train reward{label}")
+            if eit:
+                ax1.plot(eit, held_out, "o--", color=colour, label=f"held-out reward{label}")
+            ax2.plot(kit, kl, ":", color=colour, label=f"KL to reference{label}")
         ax1.set_xlabel("PPO iteration")
         ax1.set_ylabel("combined reward")
-        ax2 = ax1.twinx()
-        ax2.plot(kit, kl, color="tab:red", label="KL to reference")
-        ax2.set_ylabel("KL (nats/answer)")
-        ax1.legend(loc="upper left", fontsize=8)
-        ax2.legend(loc="lower right", fontsize=8)
+        ax2.set_ylabel("KL (nats/answer, dotted)")
+        ax1.legend(loc="upper left", fontsize=7)
+        ax2.legend(loc="lower right", fontsize=7)
         ax1.set_title("PPO reward and KL")
         figures.append(_save(fig, out, "ppo_reward_kl.png", "PPO reward and KL"))
     return figures
+
+
+def round_rows(
+    job: PipelineJob, done: dict[str, Any], metrics: dict[str, dict[str, float]]
+) -> list[dict[str, float]]:
+    """Per preference round: what the policy's answers were worth to the verifiers, what the reward models made of
+    them before and after retraining, and the round model's held-out evaluation."""
+    rows = []
+    for k in range(1, job.rounds + 1):
+        collect = done.get(_key("collect_preferences", k))
+        if collect is None:
+            continue
+        mon = done.get(_key("reward_monitor", k), {}).get("metrics", {})
+        model = metrics.get(f"{job.registry_prefix}-rlhf-v{k}", {})
+        rows.append(
+            {
+                "round": k,
+                "pairs": collect.get("pairs", float("nan")),
+                "policy_helpful": collect.get("policy_helpfulness", float("nan")),
+                "rm_before_fresh": mon.get("monitor/before/fresh_agreement", float("nan")),
+                "rm_after_fresh": mon.get("monitor/after/fresh_agreement", float("nan")),
+                "rm_before_static": mon.get("monitor/before/static_agreement", float("nan")),
+                "rm_after_static": mon.get("monitor/after/static_agreement", float("nan")),
+                "model_accuracy": model.get("eval/helpfulness_accuracy", float("nan")),
+                "model_violations": model.get("eval/safety_violation_rate", float("nan")),
+                "model_reward": model.get("eval/greedy_reward_combined", float("nan")),
+            }
+        )
+    return rows
+
+
+def rounds_table(job: PipelineJob, done: dict[str, Any], metrics: dict[str, dict[str, float]]) -> str:
+    """The reward-hacking monitor by round, as Markdown."""
+
+    def cell(v: float) -> str:
+        return "—" if v != v else f"{v:.3f}"
+
+    lines = [
+        "| round | pairs | policy answers helpful | RMs before: fresh / static | RMs after: fresh / static | "
+        "round model: verifier accuracy | violations | greedy reward |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in round_rows(job, done, metrics):
+        lines.append(
+            f"| {r['round']} | {int(r['pairs'])} | {cell(r['policy_helpful'])} | "
+            f"{cell(r['rm_before_fresh'])} / {cell(r['rm_before_static'])} | "
+            f"{cell(r['rm_after_fresh'])} / {cell(r['rm_after_static'])} | {cell(r['model_accuracy'])} | "
+            f"{cell(r['model_violations'])} | {cell(r['model_reward'])} |"
+        )
+    return "\n".join(lines)
+
+
+def rounds_figure(
+    job: PipelineJob, done: dict[str, Any], metrics: dict[str, dict[str, float]], out: Path
+) -> tuple[str, str] | None:
+    """Reward and verifier by round, side by side: the reward models' agreement with the labels on the policy's
+    answers and on the static pairs (before and after each round's retraining), and each round model's verifier
+    accuracy, violation rate and greedy reward (round 0: SFT)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = round_rows(job, done, metrics)
+    if not rows:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    ks = [r["round"] for r in rows]
+    for key, label, style in (
+        ("rm_before_fresh", "before retraining, policy's answers", "o--"),
+        ("rm_after_fresh", "after retraining, policy's answers", "o-"),
+        ("rm_before_static", "before retraining, static pairs", "s--"),
+        ("rm_after_static", "after retraining, static pairs", "s-"),
+    ):
+        left.plot(ks, [r[key] for r in rows], style, label=label)
+    left.set_xlabel("round")
+    left.set_ylabel("reward agrees with the labels")
+    left.set_title("reward models on fresh and static pairs")
+    left.set_xticks(ks)
+    left.set_ylim(0, 1)
+    left.axhline(0.5, color="grey", lw=0.8)
+    left.legend(fontsize=7)
+    sft = metrics.get(f"{job.registry_prefix}-sft", {})
+    xs = [0, *ks]
+    for key, label in (
+        ("eval/helpfulness_accuracy", "verifier accuracy"),
+        ("eval/safety_violation_rate", "violation rate"),
+        ("eval/greedy_reward_combined", "greedy reward"),
+    ):
+        ys = [sft.get(key, float("nan"))] + [
+            metrics.get(f"{job.registry_prefix}-rlhf-v{k}", {}).get(key, float("nan")) for k in ks
+        ]
+        right.plot(xs, ys, "o-", label=label)
+    right.set_xlabel("round (0: SFT)")
+    right.set_xticks(xs)
+    right.set_ylim(0, 1)
+    right.set_title("round models, held out: reward against ground truth")
+    right.legend(fontsize=7)
+    return _save(fig, out, "rounds.png", "Preference rounds: reward against ground truth")
 
 
 def write_report(
@@ -469,6 +777,21 @@ def write_report(
         "Every stage's run is nested under this pipeline's parent run in MLflow, with its own plots (`plots/`).",
         "",
     ]
+    if job.collects:
+        lines += [
+            "## Preference rounds",
+            "",
+            "Each round asked the previous round's model (round 1: SFT) for two answers per prompt, labelled them",
+            "(`annotator` in collect_preferences.yaml), retrained both reward models on every pair so far, then ran",
+            "rejection sampling and PPO. Agreement: how often the combined reward orders two answers as the labels",
+            "do, on held-out pairs of the round's policy answers (fresh) and on the static test pairs.",
+            "",
+            rounds_table(job, done, metrics),
+            "",
+        ]
+        figure = rounds_figure(job, done, metrics, out)
+        if figure:
+            figures.insert(0, figure)
     verdicts = done.get("promote", {}).get("verdicts", {})
     if verdicts:
         lines += [
@@ -520,7 +843,8 @@ def write_model_cards(
     """A card for the newest version of every model the pipeline registered: registry description and artifact."""
     import tempfile
 
-    suffixes = ["base", "sft", "rm-helpfulness", "rm-safety", "rs", "ppo", "gatt", "cd", "chat"]
+    rounds = [f"rlhf-v{k}" for k in range(1, job.rounds + 1)] if job.collects else []
+    suffixes = ["base", "sft", "rm-helpfulness", "rm-safety", "rs", "ppo", *rounds, "gatt", "cd", "chat"]
     for suffix in suffixes:
         name = f"{job.registry_prefix}-{suffix}"
         try:

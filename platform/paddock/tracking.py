@@ -438,15 +438,46 @@ def parent_run(experiment: str, name: str, run_id: str | None = None) -> Iterato
         run = mlflow.start_run(run_id=run_id)
         # A killed attempt leaves its stage run RUNNING for ever: close it as KILLED, with a tag saying why.
         client = mlflow.MlflowClient()
-        for child in client.search_runs(
-            [run.info.experiment_id],
-            f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'",
-        ):
-            client.set_tag(child.info.run_id, "paddock.error", "the pipeline driver died during this stage")
-            client.set_terminated(child.info.run_id, status="KILLED")
-            print(f"[pipeline] marked the interrupted run {child.info.run_name} KILLED", flush=True)
+        parents = [run_id]
+        while parents:  # its stage runs, and those nested in a round's run
+            parent = parents.pop()
+            for child in client.search_runs(
+                [run.info.experiment_id],
+                f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
+            ):
+                if child.data.tags.get("paddock.stage") == "round":
+                    parents.append(child.info.run_id)
+                    continue  # resumed by the pipeline, by its id
+                client.set_tag(
+                    child.info.run_id, "paddock.error", "the pipeline driver died during this stage"
+                )
+                client.set_terminated(child.info.run_id, status="KILLED")
+                print(f"[pipeline] marked the interrupted run {child.info.run_name} KILLED", flush=True)
     else:
         run = mlflow.start_run(experiment_id=exp, run_name=name, tags={"paddock.stage": name})
+    try:
+        yield run.info.run_id
+    except BaseException as exc:
+        mlflow.set_tag("paddock.error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+@contextmanager
+def round_run(experiment: str, round_: int, run_id: str | None = None) -> Iterator[str]:
+    """A preference round's run inside the pipeline's parent run (resumed when ``run_id`` is given): the round's
+    stage runs nest under it."""
+    configure()
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id, nested=True)
+    else:
+        run = mlflow.start_run(
+            experiment_id=experiment_id(experiment),
+            run_name=f"round-{round_}",
+            nested=True,
+            tags={"paddock.stage": "round", "paddock.round": str(round_)},
+        )
     try:
         yield run.info.run_id
     except BaseException as exc:
