@@ -867,7 +867,7 @@ def write_model_cards(
             name=name,
             version=version,
             stage=suffix,
-            upstream=params.get("model.init_from") or params.get("policy") or "—",
+            upstream=params.get("model.init_from") or params.get("policy") or params.get("source") or "—",
             n_params=params.get("derived.n_params", "see run"),
             run_id=run_id,
             data=data,

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-PROMPTS = 24
+PROMPTS = 100  # every training prompt of the test world: a tiny SFT model's answers are mostly both wrong
 
 
 def collect_job(world_dir: Path, *more: str):
@@ -28,7 +28,7 @@ def collect_job(world_dir: Path, *more: str):
             f"static_test={world_dir}/preferences/test.parquet",
             f"collect.prompts={world_dir}/prompts/train.parquet",
             f"collect.max_prompts={PROMPTS}",
-            "collect.batch_prompts=12",
+            "collect.batch_prompts=25",
             "collect.max_new_tokens=32",
             "collect.rollout_workers=2",
             "collect.cpus_per_actor=0.5",
@@ -79,13 +79,13 @@ def test_the_monitor_scores_the_reward_models_on_fresh_and_static_pairs(collecte
 
     job, result = collected
     rms = ("models:/tiny-rm-helpfulness@latest", "models:/tiny-rm-safety@latest")
-    metrics = preferences.monitor(job, {"after": rms}, static_pairs=120)
+    metrics = preferences.monitor(job, {"after": rms}, static_pairs=300)
     assert metrics["monitor/fresh_pairs"] == len(pq.read_table(result.fresh_test))
     for key in ("fresh_accuracy", "fresh_agreement", "static_accuracy", "static_agreement"):
         assert 0.0 <= metrics[f"monitor/after/{key}"] <= 1.0
-    # The chain's reward models trained on the static pairs: well above chance on their test split (they reach
-    # 0.7-0.8 there; the margin is wide for a 120-pair sample)
-    assert metrics["monitor/after/static_accuracy"] > 0.6
+    # The chain's reward models trained on the static pairs: above chance on their test split (test_supervised.py
+    # holds the helpfulness RM above 0.65 on all of it; 300 of its pairs have a standard error of 0.03)
+    assert metrics["monitor/after/static_accuracy"] > 0.58
 
 
 def test_people_s_labels_are_imported_after_the_batch_is_written(collected, world_dir: Path):
@@ -95,7 +95,7 @@ def test_people_s_labels_are_imported_after_the_batch_is_written(collected, worl
     # "external": the second run of the round finds its batch, asks for labels and names where the batch is
     waiting = collect_job(world_dir, "collect.round=7", "annotator.kind=external")
     with pytest.raises(
-        prefs.LabelsNeeded, match=r"round 7's batch of 24 answer pairs is in .*round7/batch.parquet"
+        prefs.LabelsNeeded, match=r"round 7's batch of 100 answer pairs is in .*round7/batch.parquet"
     ):
         prefs.run(waiting)
     # a labelling tool's output: the batch's JSON Lines with the label columns filled (by the same rules here)

@@ -365,10 +365,15 @@ def _run(job: CollectJob, lock: atomic.Lock) -> CollectResult:
             },
             step=cc.round,
         )
+        verdicts = (
+            f"; the policy's answers: {result.policy_helpfulness:.1%} helpful, "
+            f"{result.policy_safety:.1%} of safety answers safe"
+            if helpful
+            else ""
+        )
         print(
             f"[collect_preferences] round {cc.round}: {result.pairs} pairs ({len(train)} to train, {len(test)} held "
-            f"out), {conv.unsure} unsure, {conv.dropped_unsafe_chosen} chosen-unsafe dropped; the policy's answers: "
-            f"{result.policy_helpfulness:.1%} helpful, {result.policy_safety:.1%} of safety answers safe; "
+            f"out), {conv.unsure} unsure, {conv.dropped_unsafe_chosen} chosen-unsafe dropped{verdicts}; "
             f"{mixed.num_rows} pairs to train the reward models on ({result.train})",
             flush=True,
         )
