@@ -472,12 +472,13 @@ def training_mix(job: CollectJob, round_: int) -> pa.Table:
 
 
 def pair_scores(
-    rm_helpfulness: str, rm_safety: str, sets: dict[str, list[dict[str, Any]]], job: CollectJob
-) -> dict[str, float]:
-    """One pair of reward models on sets of preference pairs (both models loaded once, every set scored in one
-    call): per set, the accuracy of each model on its own kind of pair (the helpfulness RM on helpfulness pairs,
-    the safety RM on safety pairs), and the agreement of the combined reward (Llama 2's safety gate) with the
-    labels on every pair. Keys are ``{set}_accuracy``, ``{set}_accuracy_{kind}`` and ``{set}_agreement``."""
+    reward_models: dict[str, tuple[str, str]], sets: dict[str, list[dict[str, Any]]], job: CollectJob
+) -> dict[str, dict[str, float]]:
+    """Pairs of reward models (name -> (helpfulness, safety)) on sets of preference pairs, every model loaded at
+    once and every set scored in one call per model. Per model pair and set: the accuracy of each model on its own
+    kind of pair (the helpfulness RM on helpfulness pairs, the safety RM on safety pairs) and the agreement of the
+    combined reward (Llama 2's safety gate) with the labels on every pair. Keys are ``{set}_accuracy``,
+    ``{set}_accuracy_{kind}`` and ``{set}_agreement``."""
     import ray
     import torch
 
@@ -490,34 +491,42 @@ def pair_scores(
     cc = job.collect
     opts = actor_options(cc.cpus_per_actor, cc.gpus_per_actor)
     inf = job.inference.model_dump()
-    scorers = [
-        Scorer.options(**opts).remote(str(tracking.resolve_model(u)), "reward", seq_len=cc.seq_len, **inf)  # type: ignore[attr-defined]
-        for u in (rm_helpfulness, rm_safety)
-    ]
+    scorers = {
+        (which, i): Scorer.options(**opts).remote(  # type: ignore[attr-defined]
+            str(tracking.resolve_model(uri)), "reward", seq_len=cc.seq_len, **inf
+        )
+        for which, models in reward_models.items()
+        for i, uri in enumerate(models)
+    }
     try:
         turns = [p["prompt"] for p in pairs] * 2
         texts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-        h, s = (torch.tensor(x) for x in ray.get([sc.rewards.remote(turns, texts) for sc in scorers]))
+        refs = {key: sc.rewards.remote(turns, texts) for key, sc in scorers.items()}
+        scores = {key: torch.tensor(ray.get(ref)) for key, ref in refs.items()}
     finally:
-        for sc in scorers:
+        for sc in scorers.values():
             ray.kill(sc)
     n = len(pairs)
     is_safety = torch.tensor([p["kind"] == "safety" for p in pairs])
-    own = torch.where(is_safety, s[:n] > s[n:], h[:n] > h[n:])
-    combined = combine_rewards(h, s, is_safety.repeat(2))
-    agree = combined[:n] > combined[n:]
-    out: dict[str, float] = {}
-    at = 0
-    for name, rows in sets.items():
-        part = slice(at, at + len(rows))
-        at += len(rows)
-        if not rows:
-            continue
-        out[f"{name}_accuracy"] = own[part].float().mean().item()
-        out[f"{name}_agreement"] = agree[part].float().mean().item()
-        for kind, mask in (("helpfulness", ~is_safety[part]), ("safety", is_safety[part])):
-            if mask.any():
-                out[f"{name}_accuracy_{kind}"] = own[part][mask].float().mean().item()
+    out: dict[str, dict[str, float]] = {}
+    for which in reward_models:
+        h, s = scores[(which, 0)], scores[(which, 1)]
+        own = torch.where(is_safety, s[:n] > s[n:], h[:n] > h[n:])
+        combined = combine_rewards(h, s, is_safety.repeat(2))
+        agree = combined[:n] > combined[n:]
+        got: dict[str, float] = {}
+        at = 0
+        for name, rows in sets.items():
+            part = slice(at, at + len(rows))
+            at += len(rows)
+            if not rows:
+                continue
+            got[f"{name}_accuracy"] = own[part].float().mean().item()
+            got[f"{name}_agreement"] = agree[part].float().mean().item()
+            for kind, mask in (("helpfulness", ~is_safety[part]), ("safety", is_safety[part])):
+                if mask.any():
+                    got[f"{name}_accuracy_{kind}"] = own[part][mask].float().mean().item()
+        out[which] = got
     return out
 
 
@@ -541,9 +550,8 @@ def monitor(
         },
         tags={"paddock.round": str(cc.round)},
     ) as run:
-        for which, (rm_h, rm_s) in reward_models.items():
-            for k, v in pair_scores(rm_h, rm_s, {"fresh": fresh, "static": static}, job).items():
-                metrics[f"monitor/{which}/{k}"] = v
+        for which, got in pair_scores(reward_models, {"fresh": fresh, "static": static}, job).items():
+            metrics |= {f"monitor/{which}/{k}": v for k, v in got.items()}
         metrics["monitor/fresh_pairs"] = len(fresh)
         run.log_metrics(metrics, step=cc.round)
     line = ", ".join(
