@@ -430,6 +430,18 @@ def tag_run(run_id: str, tags: Mapping[str, str]) -> None:
 
 
 @contextmanager
+def _ending(run: Any) -> Iterator[str]:
+    """Ends the active run ``run`` FINISHED, or FAILED with the error's text as a tag."""
+    try:
+        yield run.info.run_id
+    except BaseException as exc:
+        mlflow.set_tag("paddock.error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+@contextmanager
 def parent_run(experiment: str, name: str, run_id: str | None = None) -> Iterator[str]:
     """The pipeline's parent run (resumed when ``run_id`` is given): every stage run inside it is nested."""
     configure()
@@ -455,13 +467,8 @@ def parent_run(experiment: str, name: str, run_id: str | None = None) -> Iterato
                 print(f"[pipeline] marked the interrupted run {child.info.run_name} KILLED", flush=True)
     else:
         run = mlflow.start_run(experiment_id=exp, run_name=name, tags={"paddock.stage": name})
-    try:
-        yield run.info.run_id
-    except BaseException as exc:
-        mlflow.set_tag("paddock.error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run(status="FINISHED")
+    with _ending(run) as run_id:
+        yield run_id
 
 
 @contextmanager
@@ -478,13 +485,8 @@ def round_run(experiment: str, round_: int, run_id: str | None = None) -> Iterat
             nested=True,
             tags={"paddock.stage": "round", "paddock.round": str(round_)},
         )
-    try:
-        yield run.info.run_id
-    except BaseException as exc:
-        mlflow.set_tag("paddock.error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run(status="FINISHED")
+    with _ending(run) as run_id:
+        yield run_id
 
 
 def log_artifacts(run_id: str, directory: Path, artifact_path: str | None = None) -> None:
