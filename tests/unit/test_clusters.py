@@ -27,6 +27,14 @@ def test_cluster_yaml_validates_against_rays_schema(path: Path):
     text = path.read_text()
     assert text.startswith("#") and "What it launches" in text, "each cluster YAML documents what it launches"
     assert "torch==2.13.0" in text and "dashboard-host=0.0.0.0" not in text
+    # Locked by default: Ray's token authentication on every node, the token copied from the user's machine, and
+    # no server bound to every interface
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert [c for c in starts if "ray start" in c] and all(
+        "RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c
+    )
+    assert "RAY_AUTH_MODE=disabled" not in text and "0.0.0.0" not in text
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
 
 
 def test_cluster_yamls_exist():
@@ -54,6 +62,9 @@ def test_kuberay_manifests_have_their_crds_required_fields(name: str, kind: str,
     assert (
         "rayStartParams" in spec["headGroupSpec"] and spec["headGroupSpec"]["template"]["spec"]["containers"]
     )
+    assert spec["authOptions"] == {"mode": "token"}  # KubeRay's token auth: its Secret, on every container
+    text = (REPO / "clusters" / "kuberay" / name).read_text()
+    assert "RAY_AUTH_MODE, value: disabled" not in text and "RAY_AUTH_MODE: disabled" not in text
     for group in spec.get("workerGroupSpecs", []):
         assert group["groupName"] and group["minReplicas"] <= group["maxReplicas"]
         assert "rayStartParams" in group
