@@ -202,7 +202,7 @@ def run(job: PipelineJob) -> dict[str, Any]:
                     state.save()
             t0 = time.monotonic()
             what = job.stages[step.stage].config if step.configured else "added by the pipeline"
-            print(f"\n[pipeline] step {len(done) + n}/{len(steps)}: {step.key} ({what})", flush=True)
+            print(f"\n[pipeline] stage {len(done) + n}/{len(steps)}: {step.key} ({what})", flush=True)
             try:
                 info = run_step(job, step, configs, state)
             except BaseException:
