@@ -188,30 +188,26 @@ def run(job: PipelineJob) -> dict[str, Any]:
     with tracking.parent_run(job.experiment, f"pipeline-{prefix}", state.data.get("parent_run_id")) as parent:
         state.data["parent_run_id"] = parent
         state.save()
-        rounds = contextlib.ExitStack()
-        current_round = 0
-        for n, step in enumerate(todo, 1):
-            if step.round != current_round:
-                rounds.close()  # the last round's run ends FINISHED
-                current_round = step.round
-                if step.round and job.collects:
-                    runs = state.data.setdefault("round_runs", {})
-                    runs[str(step.round)] = rounds.enter_context(
-                        tracking.round_run(job.experiment, step.round, runs.get(str(step.round)))
-                    )
-                    state.save()
-            t0 = time.monotonic()
-            what = job.stages[step.stage].config if step.configured else "added by the pipeline"
-            print(f"\n[pipeline] stage {len(done) + n}/{len(steps)}: {step.key} ({what})", flush=True)
-            try:
+        # A round's run stays open over its steps; a step's error reaches it through the stack, which ends it FAILED
+        with contextlib.ExitStack() as rounds:
+            current_round = 0
+            for n, step in enumerate(todo, 1):
+                if step.round != current_round:
+                    rounds.close()  # the previous round's run ends FINISHED
+                    current_round = step.round
+                    if step.round and job.collects:
+                        runs = state.data.setdefault("round_runs", {})
+                        runs[str(step.round)] = rounds.enter_context(
+                            tracking.round_run(job.experiment, step.round, runs.get(str(step.round)))
+                        )
+                        state.save()
+                t0 = time.monotonic()
+                what = job.stages[step.stage].config if step.configured else "added by the pipeline"
+                print(f"\n[pipeline] stage {len(done) + n}/{len(steps)}: {step.key} ({what})", flush=True)
                 info = run_step(job, step, configs, state)
-            except BaseException:
-                rounds.close()
-                raise
-            info["seconds"] = time.monotonic() - t0
-            state.finish(step.key, info)
-            print(f"[pipeline] {step.key} done in {info['seconds']:.0f}s", flush=True)
-        rounds.close()
+                info["seconds"] = time.monotonic() - t0
+                state.finish(step.key, info)
+                print(f"[pipeline] {step.key} done in {info['seconds']:.0f}s", flush=True)
         metrics = state.data["done"].get("evaluate", {}).get("metrics", {})
         report = write_report(job, metrics, state.data["done"], work / "report", parent)
         tracking.log_artifacts(parent, report.parent, "report")
