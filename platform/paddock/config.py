@@ -179,6 +179,105 @@ class WorldConfig(Strict):
     )
 
 
+ImportShape = Literal["auto", "messages", "sharegpt", "preference_messages", "hh_rlhf", "prompt", "text"]
+
+
+class ImportSource(Strict):
+    """One dataset in a public format, converted into one of paddock's four kinds (paddock.data.importers)."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Output name: <out_dir>/<name>/train.parquet.",
+    )
+    path: str = Field(
+        ...,
+        description="A local file or directory (absolute, or relative to the working directory): .jsonl, "
+        ".json, .csv, .parquet, .arrow or .txt, .jsonl.gz and .json.gz too; anything else is taken as a "
+        "Hugging Face hub dataset name (needs the hub to be reachable).",
+    )
+    kind: Literal["dialogs", "preferences", "prompts", "pretrain"] = Field(
+        ..., description="The paddock dataset kind the rows become (ARCHITECTURE.md, 'Datasets')."
+    )
+    shape: ImportShape = Field(
+        "auto",
+        description="The public shape: messages (OpenAI chat), sharegpt (conversations from/value), "
+        "preference_messages (chosen/rejected message lists or strings with a prompt, as UltraFeedback "
+        "binarized), hh_rlhf (Anthropic HH transcripts), prompt (a prompt string), text; auto: from the columns.",
+    )
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "arrow", "text"] = Field(
+        "auto", description="File format; auto: from the file name."
+    )
+    split: str = Field("train", description="The split to read of a hub dataset.")
+    id_column: str = Field(
+        "id", description="Column with row ids; rows without one get '<name>-<row>'. Ids must be unique."
+    )
+    tags: list[str] = Field(default_factory=list, description="Tags every imported dialog carries.")
+    preference_kind: Literal["helpfulness", "safety"] = Field(
+        "helpfulness", description="The preference kind of every pair, unless preference_kind_column is set."
+    )
+    preference_kind_column: str | None = Field(
+        None, description="Column holding each pair's kind (helpfulness or safety)."
+    )
+    score_columns: tuple[str, str] = Field(
+        ("score_chosen", "score_rejected"),
+        description="Columns with the chosen and rejected answers' scores (UltraFeedback binarized).",
+    )
+    rating_gaps: tuple[float, float, float] = Field(
+        (3.0, 2.0, 1.0),
+        description="Score gaps at or above which a pair is significantly_better, better, slightly_better; "
+        "below the last, negligibly_better. A 'rating' column, when present, wins.",
+    )
+    rating: Literal["significantly_better", "better", "slightly_better", "negligibly_better"] = Field(
+        "negligibly_better",
+        description="The rating of pairs without scores or a rating column (negligibly_better: no margin in "
+        "the ranking loss).",
+    )
+    is_safety: bool = Field(
+        False, description="Whether the prompts are adversarial, unless is_safety_column."
+    )
+    is_safety_column: str | None = Field(None, description="Column holding each prompt's is_safety (bool).")
+    text_column: str = Field("text", description="Column of pretraining text.")
+    sample_by: Literal["document", "paragraph", "line"] = Field(
+        "document", description="How plain .txt files split into pretraining rows."
+    )
+    test_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Seeded share of the good rows written to test.parquet instead."
+    )
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
+    max_bad_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Refuse the dataset (nothing written but the quarantine) above this share of bad rows.",
+    )
+
+    @model_validator(mode="after")
+    def _gaps_descend(self) -> ImportSource:
+        a, b, c = self.rating_gaps
+        if not a > b > c >= 0:
+            raise ValueError(f"rating_gaps: {list(self.rating_gaps)} must descend and end at or above 0")
+        return self
+
+
+class ImportJob(StageConfig):
+    """jobs/import_data.py: datasets in public formats converted into paddock's Parquet, with quarantine."""
+
+    out_dir: str = Field(
+        "imported", description="Where the converted datasets go (relative to PADDOCK_HOME)."
+    )
+    sources: list[ImportSource] = Field(..., min_length=1, description="The datasets to convert.")
+    max_chars: int = Field(20_000, ge=1, description="Rows with a text longer than this are quarantined.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ImportJob:
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: names must be unique, repeated: {dup}")
+        return self
+
+
 class TokenizerConfig(Strict):
     """SentencePiece BPE as in Llama 2: digits split, byte fallback, unk 0 / BOS 1 / EOS 2, no pad."""
 
@@ -988,6 +1087,7 @@ class DistillJob(FinetuneJob):
 
 PIPELINE_STAGES = (
     "world",
+    "import_data",
     "tokenizer",
     "pretrain",
     "sft",
@@ -1066,13 +1166,14 @@ class PipelineJob(StageConfig):
 # model, both reward models retrained on every pair so far, rejection sampling, PPO.
 ROUND_STAGES = ("collect_preferences", "reward_helpfulness", "reward_safety", "rejection_sampling", "ppo")
 # Stages a pipeline may leave out without listing them under skip (they came after pipelines were written).
-OPTIONAL_STAGES = ("collect_preferences",)
+OPTIONAL_STAGES = ("import_data", "collect_preferences")
 
 
 # Job name (the stem of a YAML under jobs/configs/<size>/) -> root model. Every shipped config is
 # validated against its entry by tests/unit/test_config.py.
 JOBS: dict[str, type[StageConfig]] = {
     "world": WorldJob,
+    "import_data": ImportJob,
     "tokenizer": TokenizerJob,
     "pretrain": PretrainJob,
     "sft": SFTJob,

@@ -54,6 +54,10 @@ TABLE_METRICS = (
 
 def _runner(stage: str) -> Any:
     """The library function that runs a stage's job."""
+    if stage == "import_data":
+        from paddock.data import importers
+
+        return importers.run
     if stage in ("world", "tokenizer"):
         from paddock import tokenizer, world
 

@@ -727,7 +727,7 @@ def plan_any(job: Any, stage: str, cluster: Cluster) -> Plan:
         return plan_job(job, shape_resolver(job), cluster, stage)
     roles: list[Role] = []
     for name, spec in job.stages.items():
-        if name in ("world", "tokenizer"):
+        if name in ("world", "import_data", "tokenizer"):
             continue
         sub = c.load_config(c.JOBS[name], spec.config, [*spec.overrides, *_inherited(job)])
         sub_roles = job_roles(sub, shape_resolver(sub))

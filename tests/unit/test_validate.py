@@ -61,7 +61,7 @@ def test_malformed_dialog_rows_are_quarantined_with_reasons(tmp_path: Path):
     assert reasons[2].startswith("invalid role order:")
     assert reasons[3].startswith("too long:") and "500 characters, limit 100" in reasons[3]
     assert reasons[4].startswith("chat tag in user text:")
-    assert reasons[5].startswith("invalid role order:") and "must end with a assistant turn" in reasons[5]
+    assert reasons[5].startswith("invalid role order:") and "must end with an assistant turn" in reasons[5]
     # Nothing lost: the quarantined rows keep their data.
     data = {r["row"]: json.loads(r["data"]) for r in pq.read_table(report.quarantine_path).to_pylist()}
     assert data[3]["id"] == "long" and set(report.good["id"].to_pylist()) == {"d1", "ok2"}

@@ -74,7 +74,8 @@ def _turns_error(name: str, turns: Any, max_chars: int, last: str | None) -> str
             return f"chat tag in user text: {name} {reason}"
         return f"invalid role order: {name} {reason}"
     if last is not None and turns[-1]["role"] != last:
-        return f"invalid role order: '{name}' must end with a {last} turn"
+        article = "an" if last == "assistant" else "a"
+        return f"invalid role order: '{name}' must end with {article} {last} turn"
     return None
 
 
