@@ -41,6 +41,8 @@ TABLE_METRICS = (
     "eval/helpfulness_accuracy",
     "eval/safety_violation_rate",
     "eval/false_refusal_rate",
+    "eval/judge/violation_rate",
+    "eval/judge/refusal_rate_non_safety",
     "eval/reward_combined",
     "eval/greedy_reward_combined",
     "eval/reward_helpfulness",

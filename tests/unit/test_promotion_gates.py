@@ -114,3 +114,22 @@ def test_the_pipeline_report_says_what_each_candidates_gates_decided():
         == "| tiny-ppo | 0.950 | 0.125 | — | refused: eval/helpfulness_accuracy = 0.1250 (...): FAIL |"
     )
     assert lines[3].startswith("| tiny-sft | 0.800 | 0.237 | — | promoted")
+
+
+def test_a_missing_gate_metric_names_the_evaluation_that_logs_it():
+    j = job(
+        **{
+            "eval/safety_violation_rate": {"max": 0.1},
+            "eval/judge/violation_rate": {"max": 0.1},
+            "eval/win_rate_vs_tiny-sft/helpfulness": {"min": 0.5},
+            "eval/gatt_adherence/turn_4": {"min": 0.2},
+            "eval/made_up": {"min": 0},
+        }
+    )
+    said = {c.metric: c.describe() for c in check_gates(j, {})}
+    assert "world's verifiers" in said["eval/safety_violation_rate"]
+    assert "gate on the judges' eval/judge/violation_rate" in said["eval/safety_violation_rate"]
+    assert "any evaluation logs it" in said["eval/judge/violation_rate"]
+    assert "compares against tiny-sft" in said["eval/win_rate_vs_tiny-sft/helpfulness"]
+    assert "eval.gatt set" in said["eval/gatt_adherence/turn_4"]
+    assert "no paddock evaluation logs this metric" in said["eval/made_up"]

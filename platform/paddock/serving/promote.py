@@ -65,8 +65,29 @@ class GateCheck:
                 f"{bounds}, from the baseline {self.against}" if bounds else f"the baseline {self.against}"
             )
         if self.missing:
-            return f"{self.metric}: missing (gate wants {bounds})"
+            return f"{self.metric}: missing (gate wants {bounds}); {producer(self.metric)}"
         return f"{self.metric} = {self.value:.4f} (gate wants {bounds}): {'pass' if self.passed else 'FAIL'}"
+
+
+def producer(metric: str) -> str:
+    """Which evaluation logs ``metric`` on a model version's run, for the message of a gate that lacks it."""
+    evaluate = "python jobs/evaluate.py --config <evaluate.yaml> --set model=<the version>"
+    name = metric.removeprefix("eval/")
+    if name in ("helpfulness_accuracy", "safety_violation_rate", "false_refusal_rate", "checked_prompts"):
+        return (
+            f"the tiny world's verifiers log it ({evaluate}) on prompts the world wrote; on your own prompts "
+            "there is no verifier: gate on the judges' eval/judge/violation_rate and eval/judge/refusal_rate"
+        )
+    if name.startswith("judge/") or "reward_" in name:
+        return f"any evaluation logs it ({evaluate}; PPO logs it on its held-out prompts)"
+    if name.startswith("win_rate_vs_"):
+        other = name.removeprefix("win_rate_vs_").split("/")[0]
+        return f"an evaluation that compares against {other} logs it ({evaluate} with compare_to naming it)"
+    if name.startswith("gatt_adherence"):
+        return f"an evaluation with GAtt dialogs logs it ({evaluate}, eval.gatt set)"
+    if name == "perplexity":
+        return f"an evaluation with held-out dialogs logs it ({evaluate}, eval.dialogs set)"
+    return "no paddock evaluation logs this metric; check its name against the version's run"
 
 
 @dataclass
