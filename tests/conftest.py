@@ -53,6 +53,17 @@ def tok(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def llama3_tokenizer_dir(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer in the shape of Llama 3's (byte-level BPE, its special tokens after the vocabulary, EOS
+    <|eot_id|>, its chat template), trained on the test world: a checkpoint's own tokenizer that is not paddock's."""
+    import pyarrow.parquet as pq
+    from paddock.tokenizer import train_llama3_style_tokenizer
+
+    texts = pq.read_table(world_dir / "pretrain" / "train.parquet")["text"].to_pylist()
+    return train_llama3_style_tokenizer(texts, tmp_path_factory.mktemp("llama3_tokenizer"), vocab_size=1000)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One embedded Ray instance for the whole integration tier."""
     import ray

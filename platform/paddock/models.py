@@ -22,9 +22,19 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-# The reward head reads the last non-pad token. Llama has no pad token, so paddock pads with unk (id 0),
-# which a byte-fallback tokenizer never emits.
+# The value paddock pads batches with. Llama has no pad token; with paddock's tokenizers id 0 is unk, which a
+# byte-fallback tokenizer never emits, and with others (Llama 3's id 0 is "!") it can be a real token: attention
+# masks therefore come from lengths (``right_padded_mask``), never from comparing ids with it, and every scored
+# sequence ends with EOS, so the reward head's "last token that is not padding" is the EOS.
 PAD_ID = 0
+
+
+def right_padded_mask(ids: torch.Tensor, pad: int = PAD_ID) -> torch.Tensor:
+    """The attention mask of right-padded rows that each end with a non-pad token (EOS): every position up to
+    the row's last non-pad token, whatever ids sit before it. Shape (batch, seq), long."""
+    positions = torch.arange(ids.shape[-1], device=ids.device)
+    last = (positions * (ids != pad)).argmax(-1, keepdim=True)
+    return (positions <= last).long()
 
 
 @dataclass(frozen=True)
@@ -68,8 +78,13 @@ class ModelLoadError(ValueError):
 
 
 def llama_config(
-    shape: str | Shape, vocab_size: int | None = None, max_seq_len: int | None = None
+    shape: str | Shape,
+    vocab_size: int | None = None,
+    max_seq_len: int | None = None,
+    bos_token_id: int | None = 1,
+    eos_token_id: int = 2,
 ) -> LlamaConfig:
+    """A Llama config of ``shape``; the special ids are the tokenizer's (Llama 2's 1 and 2 by default)."""
     s = SHAPES[shape] if isinstance(shape, str) else shape
     return LlamaConfig(
         vocab_size=vocab_size or s.vocab_size,
@@ -85,8 +100,8 @@ def llama_config(
         tie_word_embeddings=False,
         attention_bias=False,
         mlp_bias=False,
-        bos_token_id=1,
-        eos_token_id=2,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
         pad_token_id=None,
     )
 

@@ -94,8 +94,84 @@ def train_tokenizer(
     return out
 
 
+# Llama 3's tokenizer, as Meta released it (Meta-Llama-3.1-8B-Instruct, tokenizer.json and tokenizer_config.json):
+# byte-level BPE after this split, special tokens after the learned vocabulary in this order, EOS <|eot_id|>, no
+# pad token, and this chat template (Meta-Llama-3-8B-Instruct's).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+LLAMA3_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+)
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def train_llama3_style_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int) -> Path:
+    """A byte-level BPE tokenizer in the shape of Llama 3's (split, special tokens, EOS, chat template), trained
+    on ``texts`` and saved to ``out_dir``: for checking that paddock reads a foreign checkpoint's tokenizer, whose
+    ids differ from Llama 2's (id 0 is a real token, BOS and EOS sit after the vocabulary) and which renders
+    dialogs with its own template. Returns ``out_dir``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(LLAMA3_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(texts, trainer)
+    raw.add_special_tokens(list(LLAMA3_SPECIALS))
+    bos = raw.token_to_id("<|begin_of_text|>")
+    raw.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                special_tokens=[("<|begin_of_text|>", bos)],
+            ),
+        ]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local directory: one paddock trained, or a user's Llama 2 checkpoint.
+    """Load a tokenizer from a local directory: one paddock trained, or a checkpoint's own (Llama 2's SentencePiece
+    ``tokenizer.model``, or a ``tokenizer.json`` with any special ids and, for instance Llama 3's, a chat template).
 
     Only local directories are accepted (nothing is fetched from a hub), and remote code is never run.
     """
@@ -112,11 +188,30 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         )
     else:
         raise TokenizerError(f"{p} holds neither tokenizer.json nor tokenizer.model")
-    if tok.bos_token_id != BOS_ID or tok.eos_token_id != EOS_ID:
-        raise TokenizerError(
-            f"{p}: expected Llama ids BOS {BOS_ID} and EOS {EOS_ID}, got {tok.bos_token_id} and {tok.eos_token_id}"
-        )
+    check_special_ids(tok, p)
     return tok
+
+
+def check_special_ids(tok: PreTrainedTokenizerBase, where: str | Path) -> None:
+    """The special ids paddock reads from a tokenizer (never from constants) must be usable: an EOS that ends
+    every answer, a BOS unless a chat template renders the dialogs, and neither equal to the padding value."""
+    from paddock.models import PAD_ID
+
+    if tok.eos_token_id is None:
+        raise TokenizerError(
+            f"{where}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json"
+        )
+    if tok.bos_token_id is None and not tok.chat_template:
+        raise TokenizerError(
+            f"{where}: the tokenizer has neither a BOS token nor a chat template; the Llama 2 chat format starts "
+            "every exchange with BOS: set bos_token, or a chat_template, in its tokenizer_config.json"
+        )
+    for name in ("bos_token_id", "eos_token_id"):
+        if getattr(tok, name) == PAD_ID:
+            raise TokenizerError(
+                f"{where}: {name} is {PAD_ID}, the id paddock pads with (after the last EOS, never read); "
+                "a tokenizer whose BOS or EOS is id 0 is not supported"
+            )
 
 
 def check_matches(tok: PreTrainedTokenizerBase, model_dir: str | Path) -> None:

@@ -7,6 +7,12 @@ and ``IGNORE`` (-100) marks tokens that carry no loss. Masks (LLAMA2_SPEC.md):
 - SFT (``train_on="answers"``): the answer tokens and their EOS only, never the ``[INST] ... [/INST]`` prompt;
 - GAtt (``train_on="last_answer"``): only the last answer; every earlier turn carries no loss.
 
+Dialogs are rendered in the Llama 2 chat format (``paddock.data.chat``), or, when the tokenizer carries a chat
+template (a Llama 3 or other checkpoint's own), by ``tokenizer.apply_chat_template``: the ids are exactly the
+template's, and an answer's tokens are those between the template's generation prompt for that turn and the end
+of the turn as the template closes it (its end-of-turn token included), so the loss mask follows the template's
+own structure.
+
 Packing concatenates examples (each already BOS ... EOS) and cuts the stream into ``seq_len`` windows, as the
 paper packs SFT data; the last window is padded with ignored positions. Examples stay apart inside a window:
 position ids restart at each example, which the attention kernels read as sequence boundaries (FlashAttention's
@@ -19,9 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from paddock.data.chat import Segment, segments
+from paddock.data.chat import Segment, check_turns, segments
 
 IGNORE = -100
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids")  # what a packed window holds, each int[seq_len]
@@ -33,6 +39,49 @@ class TextEncoder(Protocol):
     eos_token_id: int
 
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+def uses_template(tok: object) -> bool:
+    """Does the tokenizer carry a chat template (rendering goes through it), or is it Llama 2's format?"""
+    return bool(getattr(tok, "chat_template", None))
+
+
+def template_messages(turns: Sequence[Mapping[str, str]], system: str | None = None) -> list[dict[str, str]]:
+    """The dialog as chat-template messages: the system prompt first when there is one."""
+    check_turns(turns, system)
+    head = [{"role": "system", "content": system}] if system is not None and system.strip() else []
+    return head + [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def render_template(tok: Any, messages: Sequence[Mapping[str, str]], generation_prompt: bool) -> str:
+    """``tok.apply_chat_template`` as text."""
+    return str(
+        tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    )
+
+
+def _encode_templated(
+    tok: Any, turns: Sequence[Mapping[str, str]], system: str | None, train_on: TrainOn
+) -> Example:
+    msgs = template_messages(turns, system)
+    first = len(msgs) - len(turns)
+    open_turn = turns[-1]["role"] == "user"
+    ids = _ids(tok, render_template(tok, msgs, open_turn))
+    answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    trained = set(answers[-1:] if train_on == "last_answer" else answers)
+    labels = list(ids) if train_on == "all" else [IGNORE] * len(ids)
+    if train_on == "all":
+        return Example(ids, labels)
+    for i in trained:
+        before = _ids(tok, render_template(tok, msgs[: first + i], True))
+        through = _ids(tok, render_template(tok, msgs[: first + i + 1], False))
+        if through[: len(before)] != before or ids[: len(through)] != through:
+            raise ValueError(
+                f"the chat template's rendering of turn {i} changes once later turns follow it, or the tokenizer "
+                "merges across the end of its generation prompt; cannot mask the loss on that answer"
+            )
+        labels[len(before) : len(through)] = ids[len(before) : len(through)]
+    return Example(ids, labels)
 
 
 @dataclass
@@ -86,7 +135,10 @@ def encode_dialog(
     system: str | None = None,
     train_on: TrainOn = "answers",
 ) -> Example:
-    """Ids and labels of a dialog in the Llama 2 chat format with the loss mask ``train_on``."""
+    """Ids and labels of a dialog with the loss mask ``train_on``: in the tokenizer's chat template when it has
+    one, else in the Llama 2 chat format. A dialog ending with the user's turn ends with the prompt to answer it."""
+    if uses_template(tok):
+        return _encode_templated(tok, turns, system, train_on)
     segs = segments(turns, system)
     ids: list[int] = []
     labels: list[int] = []
@@ -104,7 +156,8 @@ def encode_dialog(
 def encode_prompt(
     tok: TextEncoder, turns: Sequence[Mapping[str, str]], system: str | None = None
 ) -> list[int]:
-    """Ids to generate from: the dialog up to and including the open ``[INST] ... [/INST]`` of the last turn."""
+    """Ids to generate from: the dialog up to and including the open ``[INST] ... [/INST]`` of the last turn (with
+    a chat template: its rendering with the generation prompt, ``apply_chat_template``'s ids exactly)."""
     if turns and turns[-1].get("role") != "user":
         raise ValueError("a generation prompt must end with a user turn")
     return encode_dialog(tok, turns, system, train_on="answers").input_ids

@@ -16,7 +16,7 @@ import torch
 
 from paddock.data.pairs import encode_answer
 from paddock.data.tokenize import encode_prompt
-from paddock.models import PAD_ID
+from paddock.models import PAD_ID, right_padded_mask
 
 Turns = Sequence[Mapping[str, str]]
 
@@ -267,10 +267,8 @@ def sample(
             **sampling_kwargs(temperature, top_p),
         )
         for row in out[:, ids.shape[1] :].tolist():
-            if tok.eos_token_id in row:
+            if tok.eos_token_id in row:  # what follows the EOS is padding; a row without one ran to the limit
                 row = row[: row.index(tok.eos_token_id) + 1]
-            else:
-                row = [t for t in row if t != PAD_ID]
             responses.append(row)
     logprobs = sequence_logprobs(
         model, prompt_ids, responses, temperature if temperature > 0 else 1.0, token_budget, logits_chunk
@@ -330,6 +328,6 @@ def reward_scores(
         for row, i in enumerate(group):
             ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
         ids = ids.to(device_of(model))
-        logits = model(input_ids=ids, attention_mask=(ids != PAD_ID).long()).logits.squeeze(-1).float()
+        logits = model(input_ids=ids, attention_mask=right_padded_mask(ids)).logits.squeeze(-1).float()
         scores[group] = torch.sigmoid(logits).cpu()
     return scores

@@ -30,10 +30,10 @@ from paddock.data.schemas import RATINGS, SAFETY_BINS
 from paddock.data.tokenize import IGNORE, PACKED_COLUMNS
 from paddock.metrics import record_train
 from paddock.models import (
-    PAD_ID,
     build_causal_lm,
     load_causal_lm,
     load_scalar_model,
+    right_padded_mask,
     set_gradient_checkpointing,
 )
 from paddock.rlhf.reward import margin_ranking_loss
@@ -98,7 +98,7 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar rewards of chosen and rejected answers in one forward pass. Returns two (batch,) tensors."""
     ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]]).long()
-    scores = model(input_ids=ids, attention_mask=(ids != PAD_ID).long()).logits.squeeze(-1).float()
+    scores = model(input_ids=ids, attention_mask=right_padded_mask(ids)).logits.squeeze(-1).float()
     n = batch["chosen_ids"].shape[0]
     return scores[:n], scores[n:]
 

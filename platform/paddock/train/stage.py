@@ -251,7 +251,9 @@ def prepare(job: SupervisedJob, stage: str) -> Prepared:
     init_from = tracking.resolve_model(job.model.init_from) if job.model.init_from else None
     name = f"{job.registry_prefix}-{registry_suffix(job)}"
     if init_from is None:
-        model_config = llama_config(job.model.shape, len(tok), job.data.seq_len)
+        model_config = llama_config(
+            job.model.shape, len(tok), job.data.seq_len, tok.bos_token_id, tok.eos_token_id
+        )
     else:
         from transformers import AutoConfig
 
