@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from paddock.data.chat import Segment, check_turns, segments
+from paddock.data.chat import ChatFormatError, Segment, check_turns, segments
 
 IGNORE = -100
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids")  # what a packed window holds, each int[seq_len]
@@ -46,9 +46,25 @@ def uses_template(tok: object) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
-def template_messages(turns: Sequence[Mapping[str, str]], system: str | None = None) -> list[dict[str, str]]:
-    """The dialog as chat-template messages: the system prompt first when there is one."""
+def special_texts(tok: Any) -> list[str]:
+    """The texts that a tokenizer turns into its special tokens (``<|eot_id|>``, ``<|start_header_id|>``, ...)."""
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    return sorted({t.content for t in added.values() if getattr(t, "special", False) and t.content})
+
+
+def template_messages(
+    turns: Sequence[Mapping[str, str]], system: str | None = None, tok: Any = None
+) -> list[dict[str, str]]:
+    """The dialog as chat-template messages: the system prompt first when there is one. Text that holds one of
+    the tokenizer's special tokens is refused, as the Llama 2 format refuses its tags in user text: it would end
+    a turn or open one (prompt injection across roles)."""
     check_turns(turns, system)
+    specials = special_texts(tok) if tok is not None else []
+    for i, text in [(-1, system or ""), *((i, t["content"]) for i, t in enumerate(turns))]:
+        found = [s for s in specials if s in text]
+        if found:
+            where = "the system prompt" if i < 0 else f"turn {i}"
+            raise ChatFormatError(f"{where} contains the tokenizer's special token {found[0]!r}")
     head = [{"role": "system", "content": system}] if system is not None and system.strip() else []
     return head + [{"role": t["role"], "content": t["content"]} for t in turns]
 
@@ -63,7 +79,7 @@ def render_template(tok: Any, messages: Sequence[Mapping[str, str]], generation_
 def _encode_templated(
     tok: Any, turns: Sequence[Mapping[str, str]], system: str | None, train_on: TrainOn
 ) -> Example:
-    msgs = template_messages(turns, system)
+    msgs = template_messages(turns, system, tok)
     first = len(msgs) - len(turns)
     open_turn = turns[-1]["role"] == "user"
     ids = _ids(tok, render_template(tok, msgs, open_turn))

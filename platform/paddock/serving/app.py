@@ -612,6 +612,7 @@ class Ingress:
 
     @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Any:
+        from paddock.data.chat import ChatFormatError
         from paddock.data.tokenize import encode_prompt
 
         async def work() -> Any:
@@ -619,7 +620,11 @@ class Ingress:
             self._check_size([m.content for m in req.messages], "messages")
             self._check_model(req.model)
             system, turns = req.dialog()
-            return await self._answer(req, encode_prompt(self.tok, turns, system), chat=True)
+            try:
+                prompt_ids = encode_prompt(self.tok, turns, system)
+            except ChatFormatError as exc:  # text holding the chat template's special tokens
+                raise RequestError(400, f"messages: {exc}", "messages") from None
+            return await self._answer(req, prompt_ids, chat=True)
 
         return await self._handle("/v1/chat/completions", request, work)
 
@@ -630,10 +635,13 @@ class Ingress:
             self._check_size([req.prompt], "prompt")
             self._check_model(req.model)
             from paddock.data.chat import TAGS
+            from paddock.data.tokenize import special_texts
 
-            if any(tag in req.prompt for tag in TAGS):
+            if any(tag in req.prompt for tag in (*TAGS, *special_texts(self.tok))):
                 raise RequestError(
-                    400, "prompt: contains a chat tag; use /v1/chat/completions", param="prompt"
+                    400,
+                    "prompt: contains a chat tag or special token; use /v1/chat/completions",
+                    param="prompt",
                 )
             prompt_ids = [self.tok.bos_token_id, *self.tok.encode(req.prompt, add_special_tokens=False)]
             return await self._answer(req, prompt_ids, chat=False)
