@@ -73,9 +73,9 @@ test-integration: $(FUZZ_STAMP)
 test-reliability: $(FUZZ_STAMP)
 	PADDOCK_FUZZ_EXAMPLES=100 $(BIN)/python -m pytest -m "reliability and not gpu" tests
 
-# The test targets add schemathesis (the fuzz extra); make demo does without it.
+# The test targets add schemathesis (the fuzz extra) and peft (the lora extra); make demo does without them.
 $(FUZZ_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q --no-compile -e '.[fuzz]'
+	$(BIN)/python -m pip install -q --no-compile -e '.[fuzz,lora]'
 	touch $(FUZZ_STAMP)
 
 $(BENCH_STAMP): $(STAMP)

@@ -40,6 +40,7 @@ def run_stage(
     """Parse the command line, validate the config, run the stage; 2 on a user error."""
     from paddock.atomic import LockedError
     from paddock.data.validate import DatasetError
+    from paddock.lora import LoraError
     from paddock.models import ModelLoadError
     from paddock.plan import PlanError
     from paddock.rlhf.preferences import PreferenceError
@@ -50,6 +51,7 @@ def run_stage(
         *USER_ERRORS,
         DatasetError,
         LockedError,
+        LoraError,
         ModelLoadError,
         PlanError,
         PreferenceError,

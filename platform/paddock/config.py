@@ -303,6 +303,20 @@ class TokenizerConfig(Strict):
     )
 
 
+class LoraSettings(Strict):
+    """Low-rank adapters instead of full fine-tuning (paddock.lora; peft, the lora extra)."""
+
+    r: int = Field(16, ge=1, description="Rank of each adapter.")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is (alpha / r) B A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Projections that get adapters; every linear layer of the blocks by default, as QLoRA "
+        "(Dettmers et al. 2023) found adapters on all of them needed to match full fine-tuning.",
+    )
+
+
 class ModelConfig(Strict):
     """Which Llama 2 shape to build, or which checkpoint to start from."""
 
@@ -314,6 +328,11 @@ class ModelConfig(Strict):
     )
     max_seq_len: int | None = Field(
         None, ge=16, description="Context length; defaults to the shape's (4096 for the released sizes)."
+    )
+    lora: LoraSettings | None = Field(
+        None,
+        description="Train LoRA adapters on model.init_from instead of every weight; the export folds them in, "
+        "so the registered model is a plain checkpoint. null: full fine-tuning.",
     )
 
 
@@ -488,6 +507,19 @@ class SupervisedJob(StageConfig):
         None,
         description="Register as {registry_prefix}-{registry_suffix}; default base, sft, rm-<kind> by stage.",
     )
+
+    @model_validator(mode="after")
+    def _lora_fits(self) -> SupervisedJob:
+        if self.model.lora is None:
+            return self
+        if self.model.init_from is None:
+            raise ValueError("model.lora: adapters train on a starting checkpoint; set model.init_from")
+        if self.train.zero_stage == 3:
+            raise ValueError(
+                "model.lora with train.zero_stage 3: not supported yet (the export folds adapters into whole "
+                "weights); use zero_stage 2: with adapters the optimiser state is small anyway"
+            )
+        return self
 
 
 class PretrainJob(SupervisedJob):

@@ -142,9 +142,13 @@ def full_state(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | 
 
 def export_hf(module: torch.nn.Module, out_dir: Path, tokenizer_dir: str, rank: int) -> None:
     """Save ``module`` as a Hugging Face safetensors checkpoint with its tokenizer (rank 0 writes; every rank
-    must call it under ZeRO-3). Weights are gathered one submodule at a time and saved in their training dtype."""
+    must call it under ZeRO-3). Weights are gathered one submodule at a time and saved in their training dtype.
+    LoRA adapters are folded into their base weights first (in place: call it when training is over), so the
+    checkpoint is a plain model."""
+    from paddock import lora
     from paddock.tokenizer import load_tokenizer
 
+    module = lora.merged(module)
     state = full_state(module, rank)
     if rank == 0:
         assert state is not None

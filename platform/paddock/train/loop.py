@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
+from paddock import lora
 from paddock.config import ModelConfig, OptimConfig, TrainConfig
 from paddock.data.schemas import RATINGS, SAFETY_BINS
 from paddock.data.tokenize import IGNORE, PACKED_COLUMNS
@@ -67,15 +68,21 @@ class LoopSpec(BaseModel):
 def build_model(spec: LoopSpec) -> torch.nn.Module:
     """The stage's model; call it inside ``engine.partitioned`` so that ZeRO-3 creates it partitioned."""
     attn = spec.train.attn_implementation
+    model: torch.nn.Module
     if spec.objective == "reward":
         if spec.init_from is None:
             raise ValueError("a reward model needs model.init_from")
         # From a causal LM the scalar head is new, drawn from torch's RNG: seed it, or every run's RM differs.
         torch.manual_seed(spec.seed)
-        return load_scalar_model(spec.init_from, attn=attn)
-    if spec.init_from is not None:
-        return load_causal_lm(spec.init_from, attn=attn)
-    return build_causal_lm(spec.model.shape, spec.vocab_size, spec.seq_len, seed=spec.seed, attn=attn)
+        model = load_scalar_model(spec.init_from, attn=attn)
+    elif spec.init_from is not None:
+        model = load_causal_lm(spec.init_from, attn=attn)
+    else:
+        return build_causal_lm(spec.model.shape, spec.vocab_size, spec.seq_len, seed=spec.seed, attn=attn)
+    if spec.model.lora is not None:
+        torch.manual_seed(spec.seed)  # the adapters' A matrices are drawn from torch's RNG
+        model = lora.wrap(model, spec.model.lora, scalar=spec.objective == "reward")
+    return model
 
 
 def lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:

@@ -41,6 +41,8 @@ def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
     no_decay = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # LoRA trains matrices only: an empty group would be dropped by DeepSpeed and leave the schedule one short
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 

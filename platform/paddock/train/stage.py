@@ -248,6 +248,10 @@ def prepare(job: SupervisedJob, stage: str) -> Prepared:
     """
     tokenizer_dir = resolve_path(job.tokenizer)
     tok = load_tokenizer(tokenizer_dir)
+    if job.model.lora is not None:
+        from paddock import lora
+
+        lora.require_peft()  # before any worker starts
     init_from = tracking.resolve_model(job.model.init_from) if job.model.init_from else None
     name = f"{job.registry_prefix}-{registry_suffix(job)}"
     if init_from is None:
