@@ -131,8 +131,15 @@ class _CheckpointModel(PythonModel):
 class StageRun:
     """The MLflow run of one stage; every write goes through the driver."""
 
-    def __init__(self, run_id: str, client: MlflowClient):
-        self.run_id, self.client = run_id, client
+    def __init__(self, run_id: str, client: MlflowClient, parent_run_id: str | None = None):
+        self.run_id, self.client, self.parent_run_id = run_id, client, parent_run_id
+
+    @property
+    def attempt_key(self) -> str:
+        """What names the stage's own checkpoints (its Ray Train run): the parent run's id under a pipeline,
+        which a rerun after a kill keeps, so the rerun resumes from the stage's last checkpoint; a standalone
+        stage's own run id (each run its own)."""
+        return (self.parent_run_id or self.run_id)[:8]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if k != "step" and v == v}  # drop NaN
@@ -203,6 +210,7 @@ def stage_run(
     """An MLflow run around a stage. On any exception the run ends FAILED with the error text attached."""
     client = configure()
     exp = experiment_id(experiment)
+    parent = mlflow.active_run()
     run = mlflow.start_run(
         experiment_id=exp,
         run_name=run_name,
@@ -210,7 +218,7 @@ def stage_run(
         log_system_metrics=True,
         tags={"paddock.stage": run_name, **(tags or {})},
     )
-    handle = StageRun(run.info.run_id, client)
+    handle = StageRun(run.info.run_id, client, parent.info.run_id if parent is not None else None)
     try:
         handle.log_params(flatten(params))
         yield handle

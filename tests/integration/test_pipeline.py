@@ -2,7 +2,8 @@
 
 A small pipeline (world, tokenizer, pretraining, SFT; the other stages skipped) in its own PADDOCK_HOME, driven
 as a subprocess attached to the session's Ray instance the way `ray job submit` drivers are. The driver is
-killed once SFT is training; the rerun must start at SFT, leave the finished stages as they were, and finish.
+killed once SFT has checkpointed; the rerun must start at SFT from its last checkpoint, leave the finished stages as
+they were, and finish.
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ def small_pipeline(path: Path) -> Path:
             },
             "sft": {
                 "config": f"{tiny}/sft.yaml",
-                "overrides": [*SMALL, "train.max_steps=40", "train.eval_every=40", "train.log_every=5"],
+                "overrides": [
+                    *SMALL,
+                    "train.max_steps=40",
+                    "train.eval_every=40",
+                    "train.log_every=5",
+                    "train.checkpoint_every=5",
+                ],
             },
             **{s: {"config": f"{tiny}/{s}.yaml"} for s in SKIP},
         },
@@ -91,7 +98,7 @@ def test_killed_pipeline_resumes_at_the_unfinished_stage(ray_cluster, tmp_path: 
     lines = []
     for line in first.stdout:
         lines.append(line)
-        if line.startswith("[sft] step"):
+        if line.startswith("[sft] step 10/"):  # the checkpoint of step 5 is committed by then
             first.send_signal(signal.SIGKILL)  # no cleanup, as when the node running the driver dies
             break
     first.wait(timeout=60)
@@ -108,6 +115,12 @@ def test_killed_pipeline_resumes_at_the_unfinished_stage(ray_cluster, tmp_path: 
     assert second.returncode == 0, out[-4000:]
     assert "resuming: world, tokenizer, pretrain already done; next: sft" in out
     assert "stage 4/4: sft" in out and "[pretrain]" not in out and "[world]" not in out
+    # SFT goes on from its own last checkpoint (its Ray Train run is named by the pipeline run, which the rerun
+    # keeps), not from step 0
+    resumed = [
+        line for line in out.splitlines() if line.startswith("[sft] resumed from the checkpoint at step")
+    ]
+    assert resumed and int(resumed[0].split("step ")[1].split()[0]) >= 5, out[-4000:]
 
     state = json.loads(state_file.read_text())
     print("stage seconds:", {s: round(info["seconds"]) for s, info in state["done"].items()})

@@ -294,6 +294,18 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
+            state = Path(d) / "state.json"
+            if state.is_file() and json.loads(state.read_text()).get("final"):
+                # an earlier attempt finished training and its driver died before registering: hand its model back
+                done = int(json.loads(state.read_text())["step"])
+                tmp = Path(tempfile.mkdtemp(prefix="paddock-final-"))
+                if rank == 0:
+                    shutil.copytree(Path(d) / "hf", tmp / "hf")
+                    (tmp / "state.json").write_text(state.read_text())
+                report(
+                    {"step": done, "records": []}, Checkpoint.from_directory(str(tmp)) if rank == 0 else None
+                )
+                return
             _, client = engine.load_checkpoint(str(Path(d) / "ds"))
             start = int(client["step"])
 

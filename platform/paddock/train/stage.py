@@ -213,6 +213,12 @@ def _follow(
             while True:
                 report = queue.get(timeout=0.5)
                 for m in report.get("records", [report]):
+                    if not history and int(m["step"]) > 1:
+                        print(
+                            f"[{progress.stage}] resumed from the checkpoint at step {int(m['step']) - 1} "
+                            "(an earlier attempt of this stage)",
+                            flush=True,
+                        )
                     history.append(m)
                     run.log_metrics(m, step=int(m["step"]))
                     progress.update(m)
@@ -385,7 +391,10 @@ def _run_supervised(job: SupervisedJob, stage: str, lock: atomic.Lock) -> StageR
             flush=True,
         )
         queue = Queue(actor_options={"num_cpus": 0})
-        trainer = make_trainer(p, f"{p.name}-{run.run_id[:8]}", reports=queue)
+        # Under a pipeline the name outlives a killed driver: Ray Train resumes a run of the same name and storage
+        # from its last checkpoint (Train V2's driver fault tolerance), so a rerun loses at most checkpoint_every
+        # steps, not the stage.
+        trainer = make_trainer(p, f"{p.name}-{run.attempt_key}", reports=queue)
         history: list[dict[str, float]] = []
         start = time.monotonic()
         with in_driver() if tc.num_workers == 0 else nullcontext():
