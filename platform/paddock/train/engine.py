@@ -10,11 +10,14 @@
 - ``state_shapes``: the names and full shapes of that state without gathering it (what weight publication,
   ``paddock.ppo.sync``, tells its receivers before it streams);
 - ``export_hf``: those weights written as a Hugging Face safetensors checkpoint;
-- ``torch_trainer``: the driver side, one ``TorchTrainer`` for any of these worker functions.
+- ``torch_trainer``: the driver side, one ``TorchTrainer`` for any of these worker functions;
+- ``write_manifest`` / ``checkpoint_problem`` / ``resume_candidates``: resume points that say whether they are
+  whole, and the older ones to fall back to when the newest is not.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -194,3 +197,68 @@ def torch_trainer(
         ),
         **extra,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume points: DeepSpeed checkpoints that say whether they are whole
+
+
+def write_manifest(ds_dir: Path, rank: int) -> None:
+    """After ``engine.save_checkpoint``: this rank's files and their sizes, written last, so that a checkpoint
+    cut off while saving or copied to storage in part lacks a manifest or disagrees with one."""
+    files = {
+        str(p.relative_to(ds_dir)): p.stat().st_size
+        for p in sorted(ds_dir.rglob("*"))
+        if p.is_file() and not p.name.startswith("manifest-rank")
+    }
+    (ds_dir / f"manifest-rank{rank}.json").write_text(json.dumps(files))
+
+
+def checkpoint_problem(ds_dir: Path, world: int) -> str | None:
+    """Why the DeepSpeed checkpoint in ``ds_dir`` cannot be resumed from by ``world`` ranks, or None when every
+    rank's manifest is there and every file it lists has its size (checkpoints from before manifests: when
+    DeepSpeed's ``latest`` names a directory that exists)."""
+    latest = ds_dir / "latest"
+    if not latest.is_file():
+        return "DeepSpeed's 'latest' file is missing"
+    tag = latest.read_text().strip()
+    if not (ds_dir / tag).is_dir():
+        return f"'latest' names {tag!r}, which is not there"
+    manifests = sorted(ds_dir.glob("manifest-rank*.json"))
+    if not manifests:
+        return None
+    if len(manifests) != world:
+        return f"{len(manifests)} of {world} ranks' manifests (written when a rank's save completes)"
+    for m in manifests:
+        try:
+            files = json.loads(m.read_text())
+        except json.JSONDecodeError:
+            return f"{m.name} is not valid JSON"
+        for name, size in files.items():
+            p = ds_dir / name
+            if not p.is_file():
+                return f"{name} is missing"
+            if p.stat().st_size != size:
+                return f"{name} has {p.stat().st_size} bytes, {size} when saved"
+    return None
+
+
+def resume_candidates(checkpoint: Any) -> list[Any]:
+    """The checkpoint Ray Train hands a restarted run, then the older ones it keeps beside it, newest first."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    older = sorted(
+        (
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.Directory
+            and i.base_name.startswith("checkpoint_")
+            and i.path.rstrip("/") != checkpoint.path.rstrip("/")
+            and i.base_name < checkpoint.path.rstrip("/").rsplit("/", 1)[1]
+        ),
+        reverse=True,
+    )
+    return [checkpoint, *(Checkpoint(path=p, filesystem=checkpoint.filesystem) for p in older)]

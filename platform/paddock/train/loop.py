@@ -265,6 +265,29 @@ def quiet_worker() -> None:
     logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
 
 
+def resume(engine: Any, checkpoint: Any, world: int, rank: int) -> int:
+    """Load the newest whole DeepSpeed checkpoint of the run and return its step: the one Ray Train hands over,
+    else (cut off while saving, a file missing or short, DeepSpeed's ``latest`` gone) the newest older one kept
+    beside it, with a warning naming what was wrong; 0 when none is whole. Every rank judges the same files, so
+    the ranks agree without talking."""
+    for n, candidate in enumerate(ds.resume_candidates(checkpoint)):
+        with candidate.as_directory() as d:
+            problem = ds.checkpoint_problem(Path(d) / "ds", world)
+            if problem is None:
+                _, client = engine.load_checkpoint(str(Path(d) / "ds"))
+                if n and rank == 0:
+                    print(f"[paddock] resumed from an older checkpoint, {candidate.path}", flush=True)
+                return int(client["step"])
+            if rank == 0:
+                print(f"[paddock] warning: cannot resume from {candidate.path}: {problem}", flush=True)
+    if rank == 0:
+        print(
+            "[paddock] warning: no whole checkpoint to resume from; training starts again at step 0",
+            flush=True,
+        )
+    return 0
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker (``TorchTrainer(train_worker, train_loop_config=...)``)."""
     import deepspeed
@@ -306,8 +329,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     {"step": done, "records": []}, Checkpoint.from_directory(str(tmp)) if rank == 0 else None
                 )
                 return
-            _, client = engine.load_checkpoint(str(Path(d) / "ds"))
-            start = int(client["step"])
+        start = resume(engine, checkpoint, world, rank)
 
     keys = (
         PACKED_COLUMNS
@@ -385,6 +407,7 @@ def train_worker(config: dict[str, Any]) -> None:
         elif done % tc.checkpoint_every == 0 and not local:  # nothing restarts a local run: no resume points
             with tempfile.TemporaryDirectory() as ckpt:
                 engine.save_checkpoint(str(Path(ckpt) / "ds"), tag=f"step{done}", client_state={"step": done})
+                ds.write_manifest(Path(ckpt) / "ds", rank)
                 report(metrics, Checkpoint.from_directory(ckpt))
         elif done % tc.log_every == 0:
             report(metrics)
