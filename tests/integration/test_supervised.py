@@ -6,14 +6,13 @@ The seeded chain (pretrain -> SFT -> both RMs) is trained once per session (conf
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from chain import REPO, overrides
 from paddock.config import PretrainJob, load_config
+from ray.train import UserCallback
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -123,16 +122,42 @@ def test_local_mode_trains_like_two_workers(chain, world_dir: Path, tokenizer_di
 
 
 @pytest.mark.reliability
-def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Path, tokenizer_dir: Path):
-    """SIGKILL a Ray Train worker process after the first checkpoint: the run restarts from it and ends on the
-    same loss as an uninterrupted run of the same config (same seed, data order and steps)."""
-    import signal
+class DamageAndKill(UserCallback):
+    """On the controller, at a fixed point: once the checkpoint of ``step`` is reported, cut its model file short
+    (as a save cut off midway leaves it) and SIGKILL a Ray Train worker."""
 
-    import psutil
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, marker
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:  # type: ignore[no-untyped-def]
+        import signal
+
+        import psutil
+
+        if checkpoint is None or Path(self.marker).exists() or int(metrics[0]["step"]) != self.step:
+            return
+        model_file = Path(checkpoint.path) / "ds" / f"step{self.step}" / "mp_rank_00_model_states.pt"
+        model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+        # Ray titles worker processes "ray::RayTrainWorker..."; the embedded instance runs no State API.
+        workers = [
+            p
+            for p in psutil.process_iter(["pid", "cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+        ]
+        os.kill(workers[0].info["pid"], signal.SIGKILL)
+        Path(self.marker).write_text(str(workers[0].info["pid"]))
+
+
+@pytest.mark.reliability
+def test_killed_worker_resumes_to_the_same_loss(
+    chain, home: Path, world_dir: Path, tokenizer_dir: Path, tmp_path
+):
+    """SIGKILL a Ray Train worker right after the checkpoint of step 10 is reported, that checkpoint cut short:
+    the run passes over it for the whole one of step 5, restarts from there and ends on the same loss as an
+    uninterrupted run of the same config (same seed, data order and steps)."""
     from paddock.train.stage import run_supervised
 
     o = overrides(world_dir, tokenizer_dir)
-    # The kill lands after the first committed checkpoint (step 5) with most of the run still to go.
     short = [*o["pretrain"], "train.max_steps=40", "train.checkpoint_every=5", "train.eval_every=40"]
     clean = run_supervised(
         load_config(PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*short, "registry_prefix=clean"]),
@@ -141,37 +166,15 @@ def test_killed_worker_resumes_to_the_same_loss(chain, home: Path, world_dir: Pa
     job = load_config(
         PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*short, "registry_prefix=resume"]
     )
-    killed: list[int] = []
-
-    def kill_after_first_checkpoint() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not killed:
-            if list((home / "ray_results").glob("resume-base-*/checkpoint_manager_snapshot.json")):
-                # Ray titles worker processes "ray::RayTrainWorker..."; the embedded instance runs no State API.
-                workers = [
-                    p
-                    for p in psutil.process_iter(["pid", "cmdline"])
-                    if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
-                ]
-                if workers:
-                    os.kill(workers[0].info["pid"], signal.SIGKILL)
-                    killed.append(workers[0].info["pid"])
-                    return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    watcher.start()
-    resumed = run_supervised(job, "pretrain")
-    watcher.join(timeout=1)
-    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    marker = tmp_path / "killed"
+    resumed = run_supervised(job, "pretrain", callbacks=[DamageAndKill(10, str(marker))])
+    assert marker.exists(), "no worker was killed: the run ended before its second checkpoint"
     steps = [h["step"] for h in resumed.history]
-    # Records reach the driver with each report, so steps 1-5 arrived with the first checkpoint before the kill.
-    # A restart from that checkpoint runs them once; a restart from scratch would run them twice. Steps after
-    # it that were reported before the kill may repeat.
+    # Records reach the driver with each report: steps 1-10 arrived before the kill. A restart from the whole
+    # checkpoint of step 5 runs 6-10 again; from the damaged one of step 10 it would not; from scratch, step 1.
     assert sorted(set(steps)) == list(range(1, 41)), "every step ran, up to the last"
-    assert steps[:5] == [1, 2, 3, 4, 5] and steps.count(1) == 1, (
-        "the run restarted from its checkpoint, not step 0"
-    )
+    assert steps.count(1) == 1, "the run restarted from a checkpoint, not step 0"
+    assert steps.count(6) == 2 and steps.count(11) == 1, "it fell back to step 5 past the damaged step 10"
     assert resumed.history[-1]["train/loss"] == pytest.approx(clean.history[-1]["train/loss"], abs=1e-4)
     assert resumed.history[-1]["eval/loss"] == pytest.approx(clean.history[-1]["eval/loss"], abs=1e-4)
 

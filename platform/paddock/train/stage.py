@@ -364,15 +364,20 @@ def release_process_group() -> None:
         dist.destroy_process_group()
 
 
-def run_supervised(job: SupervisedJob, stage: str) -> StageResult:
+def run_supervised(
+    job: SupervisedJob, stage: str, callbacks: list[UserCallback] | None = None
+) -> StageResult:
     """Train one supervised stage end to end and register its model as ``{prefix}-{suffix}``; one run at a time
-    per output directory (``paddock.atomic.locked``)."""
+    per output directory (``paddock.atomic.locked``). ``callbacks`` go to Ray Train's controller (its
+    ``after_report`` sees every report and checkpoint)."""
     work = paddock_home() / "runs" / f"{job.registry_prefix}-{registry_suffix(job)}"
     with atomic.locked(work, stage) as lock:
-        return _run_supervised(job, stage, lock)
+        return _run_supervised(job, stage, lock, callbacks)
 
 
-def _run_supervised(job: SupervisedJob, stage: str, lock: atomic.Lock) -> StageResult:
+def _run_supervised(
+    job: SupervisedJob, stage: str, lock: atomic.Lock, callbacks: list[UserCallback] | None = None
+) -> StageResult:
     p = prepare(job, stage)
     tc, total = job.train, p.spec.total_steps
     tags = {"paddock.registered_name": p.name, "paddock.upstream": job.model.init_from or ""}
@@ -394,7 +399,7 @@ def _run_supervised(job: SupervisedJob, stage: str, lock: atomic.Lock) -> StageR
         # Under a pipeline the name outlives a killed driver: Ray Train resumes a run of the same name and storage
         # from its last checkpoint (Train V2's driver fault tolerance), so a rerun loses at most checkpoint_every
         # steps, not the stage.
-        trainer = make_trainer(p, f"{p.name}-{run.attempt_key}", reports=queue)
+        trainer = make_trainer(p, f"{p.name}-{run.attempt_key}", callbacks, reports=queue)
         history: list[dict[str, float]] = []
         start = time.monotonic()
         with in_driver() if tc.num_workers == 0 else nullcontext():
