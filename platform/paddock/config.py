@@ -279,7 +279,14 @@ class ImportJob(StageConfig):
 
 
 class TokenizerConfig(Strict):
-    """SentencePiece BPE as in Llama 2: digits split, byte fallback, unk 0 / BOS 1 / EOS 2, no pad."""
+    """SentencePiece BPE as in Llama 2 (digits split, byte fallback, unk 0 / BOS 1 / EOS 2, no pad), or a
+    byte-level BPE in the shape of Llama 3's (its split, special tokens and chat template)."""
+
+    style: Literal["llama2", "llama3"] = Field(
+        "llama2",
+        description="llama2: SentencePiece, dialogs in the Llama 2 chat format; llama3: byte-level BPE with "
+        "Llama 3's special tokens and chat template, dialogs rendered by the template.",
+    )
 
     out_dir: str = Field(
         "tokenizer", description="Where the tokenizer directory goes (relative to PADDOCK_HOME)."

@@ -262,10 +262,14 @@ def run(job: TokenizerJob) -> Path:
         raise FileNotFoundError(f"tokenizer.corpus: {corpus} does not exist; run jobs/world.py first")
     texts = pq.read_table(corpus, columns=["text"])["text"].to_pylist()
     print(
-        f"training a BPE tokenizer (vocab {cfg.vocab_size}) on {len(texts)} documents from {corpus}",
+        f"training a {cfg.style}-style BPE tokenizer (vocab {cfg.vocab_size}) on {len(texts)} documents from "
+        f"{corpus}",
         flush=True,
     )
-    train_tokenizer(texts, out, cfg.vocab_size, cfg.max_sentences, seed=job.seed)
+    if cfg.style == "llama3":
+        train_llama3_style_tokenizer(sample_lines(texts, cfg.max_sentences, job.seed), out, cfg.vocab_size)
+    else:
+        train_tokenizer(texts, out, cfg.vocab_size, cfg.max_sentences, seed=job.seed)
     tok = load_tokenizer(out)
     sample = "The capital of France is Paris. 12 + 35 = 47."
     n_chars = sum(len(t) for t in texts[:200])

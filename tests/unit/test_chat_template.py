@@ -115,3 +115,23 @@ def test_attention_masks_come_from_lengths_not_from_the_pad_value() -> None:
     # id 0 inside a sequence is a real token for a Llama-3-style vocabulary: it stays attended
     ids = torch.tensor([[5, 0, 7, 9, 0, 0], [0, 4, 9, 0, 0, 0]])
     assert right_padded_mask(ids).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]
+
+
+def test_the_tokenizer_job_trains_a_llama3_style_tokenizer(world_dir, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from paddock import tokenizer
+    from paddock.config import TokenizerJob, load_config
+
+    monkeypatch.setenv("PADDOCK_HOME", str(tmp_path))
+    job = load_config(
+        TokenizerJob,
+        None,
+        [
+            "tokenizer.style=llama3",
+            f"tokenizer.corpus={world_dir}/pretrain/train.parquet",
+            "tokenizer.vocab_size=800",
+            "tokenizer.out_dir=tok3",
+        ],
+    )
+    out = tokenizer.run(job)
+    tok = load_tokenizer(out)
+    assert tok.chat_template == LLAMA3_CHAT_TEMPLATE and tok.eos_token == "<|eot_id|>" and len(tok) <= 800
