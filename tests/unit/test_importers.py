@@ -377,3 +377,21 @@ def test_import_job_prints_rows_written_and_quarantined(tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode == 2 and "above max_bad_fraction" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_pipeline_runs_an_import_stage_after_the_world(tmp_path: Path) -> None:
+    from paddock import pipeline
+    from paddock.config import PipelineJob
+
+    config = {
+        "out_dir": str(tmp_path / "imported"),
+        "sources": [{"name": "hh", "path": str(FIXTURES / "hh_rlhf.jsonl"), "kind": "preferences"}],
+    }
+    (tmp_path / "import.yaml").write_text(yaml.safe_dump(config))
+    job = load_config(
+        PipelineJob,
+        ROOT / "jobs/configs/tiny/pipeline.yaml",
+        [f"stages.import_data={{config: {tmp_path / 'import.yaml'}}}", "rounds=1"],
+    )
+    keys = [s.key for s in pipeline.schedule(job)]
+    assert keys[:3] == ["world", "import_data", "tokenizer"]
