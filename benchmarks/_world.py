@@ -48,3 +48,33 @@ def write_result(out: str | Path, name: str, meta: dict, rows: list[dict]) -> Pa
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, **meta}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return path
+
+
+def rss() -> int:
+    """This process's resident memory now, in bytes."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (``ru_maxrss`` is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def single_rank(port: int, threads: int = 2) -> int:
+    """A one-rank gloo group for DeepSpeed in a fresh benchmark process; returns its resident memory after the
+    imports, the baseline a peak is measured against."""
+    import deepspeed
+    import torch
+    from paddock.train.optim import skip_cpu_shm_comm_op
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    skip_cpu_shm_comm_op()
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(threads)
+    return rss()

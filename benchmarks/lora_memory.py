@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -27,29 +25,16 @@ SEQ, STEPS = 256, 6
 MICROS = (1, 8)  # one sequence a step: weights and optimiser state dominate; eight: activations do
 
 
-def _rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def train(checkpoint: str, use_lora: bool, micro: int, out: Any) -> None:
     import deepspeed
     import torch
+    from _world import peak_rss, single_rank
     from paddock import lora
     from paddock.config import LoraSettings, OptimConfig, TrainConfig
     from paddock.models import load_causal_lm
-    from paddock.train.optim import adamw, deepspeed_config, skip_cpu_shm_comm_op
+    from paddock.train.optim import adamw, deepspeed_config
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    skip_cpu_shm_comm_op()
-    deepspeed.init_distributed(dist_backend="gloo")
-    torch.set_num_threads(2)
-    base = _rss()
+    base = single_rank(29541)
     tc = TrainConfig(num_workers=1, micro_batch_size=micro, zero_stage=2)
     optim = OptimConfig(lr=1e-4, warmup_steps=0)
     torch.manual_seed(0)
@@ -69,7 +54,7 @@ def train(checkpoint: str, use_lora: bool, micro: int, out: Any) -> None:
         engine.backward(loss)
         engine.step()
         times.append(time.perf_counter() - t0)
-    out.put({"trainable": trainable, "total": total, "peak": _peak() - base, "step_s": min(times[1:])})
+    out.put({"trainable": trainable, "total": total, "peak": peak_rss() - base, "step_s": min(times[1:])})
 
 
 def main() -> None:

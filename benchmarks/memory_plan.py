@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +21,15 @@ GIB = 1 << 30
 SEQ, MICRO, STEPS, BUDGET = 256, 8, 4, 8192
 
 
-def _rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def learner(shape: str, out: Any) -> None:
     import deepspeed
     import torch
+    from _world import peak_rss, single_rank
     from paddock.config import OptimConfig, TrainConfig
     from paddock.models import build_causal_lm
-    from paddock.train.optim import adamw, deepspeed_config, skip_cpu_shm_comm_op
+    from paddock.train.optim import adamw, deepspeed_config
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    skip_cpu_shm_comm_op()
-    deepspeed.init_distributed(dist_backend="gloo")
-    torch.set_num_threads(2)
-    base = _rss()
+    base = single_rank(29533)
     tc = TrainConfig(num_workers=1, micro_batch_size=MICRO, zero_stage=2)
     optim = OptimConfig(lr=1e-4, warmup_steps=0)
     model = build_causal_lm(shape, seed=0)
@@ -57,23 +42,24 @@ def learner(shape: str, out: Any) -> None:
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
-    out.put(_peak() - base)
+    out.put(peak_rss() - base)
 
 
 def scorer(shape: str, out: Any) -> None:
     import torch
+    from _world import peak_rss, rss
     from paddock.models import build_causal_lm
     from paddock.rollout.core import sequence_logprobs
 
     torch.set_num_threads(2)
-    base = _rss()
+    base = rss()
     model = build_causal_lm(shape, seed=0).eval()
     g = torch.Generator().manual_seed(0)
     rows = BUDGET // SEQ
     prompts = [torch.randint(3, 4000, (SEQ // 2,), generator=g).tolist() for _ in range(rows)]
     responses = [torch.randint(3, 4000, (SEQ // 2,), generator=g).tolist() for _ in range(rows)]
     sequence_logprobs(model, prompts, responses, token_budget=BUDGET)
-    out.put(_peak() - base)
+    out.put(peak_rss() - base)
 
 
 def planned(shape: str) -> dict[str, float]:
