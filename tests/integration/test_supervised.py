@@ -122,40 +122,45 @@ def test_local_mode_trains_like_two_workers(chain, world_dir: Path, tokenizer_di
 
 
 @pytest.mark.reliability
-class DamageAndKill(UserCallback):
-    """On the controller, at a fixed point: once the checkpoint of ``step`` is reported, cut its model file short
-    (as a save cut off midway leaves it) and SIGKILL a Ray Train worker."""
-
-    def __init__(self, step: int, marker: str):
-        self.step, self.marker = step, marker
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:  # type: ignore[no-untyped-def]
-        import signal
-
-        import psutil
-
-        if checkpoint is None or Path(self.marker).exists() or int(metrics[0]["step"]) != self.step:
-            return
-        model_file = Path(checkpoint.path) / "ds" / f"step{self.step}" / "mp_rank_00_model_states.pt"
-        model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
-        # Ray titles worker processes "ray::RayTrainWorker..."; the embedded instance runs no State API.
-        workers = [
-            p
-            for p in psutil.process_iter(["pid", "cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
-        ]
-        os.kill(workers[0].info["pid"], signal.SIGKILL)
-        Path(self.marker).write_text(str(workers[0].info["pid"]))
-
-
 @pytest.mark.reliability
 def test_killed_worker_resumes_to_the_same_loss(
     chain, home: Path, world_dir: Path, tokenizer_dir: Path, tmp_path
 ):
-    """SIGKILL a Ray Train worker right after the checkpoint of step 10 is reported, that checkpoint cut short:
-    the run passes over it for the whole one of step 5, restarts from there and ends on the same loss as an
+    """SIGKILL a Ray Train worker right after a checkpoint (step 10 or later) is registered, that checkpoint cut
+    short: the restart passes over it for the whole one before it, and the run ends on the same loss as an
     uninterrupted run of the same config (same seed, data order and steps)."""
     from paddock.train.stage import run_supervised
+
+    # Defined here, not at module level: the Train controller unpickles it, and a class local to a function is
+    # sent by value (the test module is not importable on the controller's side).
+    class DamageAndKill(UserCallback):
+        """On the controller, at a fixed point of the run's flow: once the first checkpoint at or after ``step`` is
+        registered (the one a restart is handed), cut its model file short, as a save cut off midway leaves it, and
+        SIGKILL a Ray Train worker. The marker file records the damaged checkpoint's step."""
+
+        def __init__(self, step: int, marker: str):
+            self.step, self.marker = step, marker
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:  # type: ignore[no-untyped-def]
+            import signal
+
+            import psutil
+
+            step = int(metrics[0]["step"])
+            if checkpoint is None or Path(self.marker).exists() or step < self.step:
+                return
+            if (Path(checkpoint.path) / "state.json").exists():  # the final export: nothing left to resume
+                return
+            model_file = Path(checkpoint.path) / "ds" / f"step{step}" / "mp_rank_00_model_states.pt"
+            model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+            # Ray titles worker processes "ray::RayTrainWorker..."; the embedded instance runs no State API.
+            workers = [
+                p
+                for p in psutil.process_iter(["pid", "cmdline"])
+                if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+            ]
+            os.kill(workers[0].info["pid"], signal.SIGKILL)
+            Path(self.marker).write_text(str(step))
 
     o = overrides(world_dir, tokenizer_dir)
     short = [*o["pretrain"], "train.max_steps=40", "train.checkpoint_every=5", "train.eval_every=40"]
@@ -168,13 +173,18 @@ def test_killed_worker_resumes_to_the_same_loss(
     )
     marker = tmp_path / "killed"
     resumed = run_supervised(job, "pretrain", callbacks=[DamageAndKill(10, str(marker))])
-    assert marker.exists(), "no worker was killed: the run ended before its second checkpoint"
+    assert marker.exists(), "no worker was killed: the run ended before a checkpoint at step 10 or later"
+    damaged = int(marker.read_text())
     steps = [h["step"] for h in resumed.history]
-    # Records reach the driver with each report: steps 1-10 arrived before the kill. A restart from the whole
-    # checkpoint of step 5 runs 6-10 again; from the damaged one of step 10 it would not; from scratch, step 1.
+    print(f"damaged the checkpoint of step {damaged}; steps seen: {steps}")
+    # Records reach the driver with each report, the damaged checkpoint's steps among them, before the kill.
+    # A restart from the whole checkpoint before it (damaged - 5) runs the step after that one again; from the
+    # damaged one it would not; from scratch, step 1 would run twice.
     assert sorted(set(steps)) == list(range(1, 41)), "every step ran, up to the last"
     assert steps.count(1) == 1, "the run restarted from a checkpoint, not step 0"
-    assert steps.count(6) == 2 and steps.count(11) == 1, "it fell back to step 5 past the damaged step 10"
+    assert steps.count(damaged - 4) == 2 and steps.count(damaged - 5) == 1, (
+        f"it fell back past the damaged checkpoint of step {damaged} to step {damaged - 5}"
+    )
     assert resumed.history[-1]["train/loss"] == pytest.approx(clean.history[-1]["train/loss"], abs=1e-4)
     assert resumed.history[-1]["eval/loss"] == pytest.approx(clean.history[-1]["eval/loss"], abs=1e-4)
 
