@@ -70,3 +70,12 @@ def test_the_fallbacks_are_the_older_checkpoints_kept_beside_it_newest_first(tmp
     handed = Checkpoint(path=str(run / names[1]), filesystem=pafs.LocalFileSystem())
     # the newer one beside it is not a fallback: Ray Train handed over the latest it knows was reported whole
     assert [Path(c.path).name for c in resume_candidates(handed)] == [names[1], names[0]]
+
+
+def test_a_final_export_is_no_resume_point(tmp_path: Path) -> None:
+    """The last report's checkpoint is the Hugging Face export (no DeepSpeed state): a restart handed it falls
+    back to the last training checkpoint before it instead of crashing."""
+    final = tmp_path / "checkpoint_final"
+    (final / "hf").mkdir(parents=True)
+    (final / "state.json").write_text(json.dumps({"step": 40, "final": True}))
+    assert checkpoint_problem(final / "ds", world=2) == "DeepSpeed's 'latest' file is missing"

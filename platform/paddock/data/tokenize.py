@@ -80,15 +80,13 @@ def _encode_templated(
     tok: Any, turns: Sequence[Mapping[str, str]], system: str | None, train_on: TrainOn
 ) -> Example:
     msgs = template_messages(turns, system, tok)
-    first = len(msgs) - len(turns)
-    open_turn = turns[-1]["role"] == "user"
-    ids = _ids(tok, render_template(tok, msgs, open_turn))
-    answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
-    trained = set(answers[-1:] if train_on == "last_answer" else answers)
-    labels = list(ids) if train_on == "all" else [IGNORE] * len(ids)
+    ids = _ids(tok, render_template(tok, msgs, generation_prompt=turns[-1]["role"] == "user"))
     if train_on == "all":
-        return Example(ids, labels)
-    for i in trained:
+        return Example(ids, list(ids))
+    first = len(msgs) - len(turns)  # the system message, when there is one
+    answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    labels = [IGNORE] * len(ids)
+    for i in answers[-1:] if train_on == "last_answer" else answers:
         before = _ids(tok, render_template(tok, msgs[: first + i], True))
         through = _ids(tok, render_template(tok, msgs[: first + i + 1], False))
         if through[: len(before)] != before or ids[: len(through)] != through:

@@ -316,19 +316,8 @@ def train_worker(config: dict[str, Any]) -> None:
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = Path(d) / "state.json"
-            if state.is_file() and json.loads(state.read_text()).get("final"):
-                # an earlier attempt finished training and its driver died before registering: hand its model back
-                done = int(json.loads(state.read_text())["step"])
-                tmp = Path(tempfile.mkdtemp(prefix="paddock-final-"))
-                if rank == 0:
-                    shutil.copytree(Path(d) / "hf", tmp / "hf")
-                    (tmp / "state.json").write_text(state.read_text())
-                report(
-                    {"step": done, "records": []}, Checkpoint.from_directory(str(tmp)) if rank == 0 else None
-                )
-                return
+        # a final export handed over (an attempt that finished training but died before registering) has no
+        # DeepSpeed state: resume passes over it like any unusable checkpoint, to the last one before it
         start = resume(engine, checkpoint, world, rank)
 
     keys = (
