@@ -144,15 +144,18 @@ def build_causal_lm(
     max_seq_len: int | None = None,
     seed: int = 0,
     attn: AttnImpl = "auto",
+    bos_token_id: int | None = 1,
+    eos_token_id: int = 2,
 ) -> LlamaForCausalLM:
-    """A freshly initialised Llama causal LM; the seed makes the weights reproducible.
+    """A freshly initialised Llama causal LM; the seed makes the weights reproducible. The special ids are the
+    tokenizer's (Llama 2's by default): they go into the config, which later stages check the tokenizer against.
 
     Built through ``_from_config``, so under an active ZeRO-3 configuration (``paddock.train.engine``) the
     parameters are created partitioned across the ranks, never whole on one."""
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; valid: {', '.join(SHAPES)}")
     torch.manual_seed(seed)
-    config = llama_config(shape, vocab_size, max_seq_len)
+    config = llama_config(shape, vocab_size, max_seq_len, bos_token_id, eos_token_id)
     return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation(attn))
 
 

@@ -64,6 +64,16 @@ def test_build_save_load_round_trip_and_reward_head(tmp_path: Path):
     )
 
 
+def test_a_new_model_carries_the_tokenizer_special_ids(tmp_path: Path):
+    # A model pretrained from scratch for a tokenizer whose BOS/EOS are not Llama 2's 1/2 (Llama 3's sit after
+    # the vocabulary) writes the tokenizer's ids into its config, which every later stage checks against.
+    model = build_causal_lm("tiny", vocab_size=300, max_seq_len=64, bos_token_id=297, eos_token_id=299)
+    model.save_pretrained(tmp_path / "lm")
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (297, 299)
+    assert build_causal_lm("tiny", vocab_size=300).config.eos_token_id == 2  # paddock's own tokenizers
+
+
 @pytest.mark.reliability
 def test_only_safetensors_checkpoints_load(tmp_path: Path):
     with pytest.raises(ModelLoadError, match="does not exist"):

@@ -53,6 +53,8 @@ class LoopSpec(BaseModel):
     init_from: str | None  # resolved local directory
     tokenizer_dir: str
     vocab_size: int
+    bos_token_id: int | None  # the tokenizer's, written into a new model's config
+    eos_token_id: int
     seq_len: int
     optim: OptimConfig
     train: TrainConfig
@@ -78,7 +80,15 @@ def build_model(spec: LoopSpec) -> torch.nn.Module:
     elif spec.init_from is not None:
         model = load_causal_lm(spec.init_from, attn=attn)
     else:
-        return build_causal_lm(spec.model.shape, spec.vocab_size, spec.seq_len, seed=spec.seed, attn=attn)
+        return build_causal_lm(
+            spec.model.shape,
+            spec.vocab_size,
+            spec.seq_len,
+            seed=spec.seed,
+            attn=attn,
+            bos_token_id=spec.bos_token_id,
+            eos_token_id=spec.eos_token_id,
+        )
     if spec.model.lora is not None:
         torch.manual_seed(spec.seed)  # the adapters' A matrices are drawn from torch's RNG
         model = lora.wrap(model, spec.model.lora, scalar=spec.objective == "reward")

@@ -291,6 +291,8 @@ def prepare(job: SupervisedJob, stage: str) -> Prepared:
         init_from=str(init_from) if init_from else None,
         tokenizer_dir=str(tokenizer_dir),
         vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         seq_len=job.data.seq_len,
         optim=job.optim,
         train=tc,
