@@ -35,15 +35,26 @@ def test_cluster_yaml_validates_against_rays_schema(path: Path):
     )
     assert "RAY_AUTH_MODE=disabled" not in text and "0.0.0.0" not in text
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # An MLflow server on a cluster asks for a password (MLflow's basic-auth app); every Ray process starts with
+    # the credentials, from a file copied from the user's machine like the token
+    servers = [c for c in config["head_setup_commands"] if "mlflow server" in c]
+    if servers:
+        assert all("--app-name basic-auth" in c and ". ~/.paddock/mlflow.env" in c for c in servers)
+        assert config["file_mounts"]["~/.paddock/mlflow.env"] == "~/.paddock/mlflow.env"
+        assert all(". ~/.paddock/mlflow.env" in c for c in starts if "ray start" in c)
+        assert "mlflow[auth]==" in text
 
 
 def test_cluster_yamls_exist():
     assert {p.name for p in CLUSTERS} == {"local.yaml", "aws-a100.yaml", "aws-h100.yaml", "gcp-a100.yaml"}
 
 
+def _templates(spec: dict) -> list[dict]:
+    return [g["template"] for g in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]]
+
+
 def _containers(spec: dict) -> list[dict]:
-    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
-    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+    return [c for t in _templates(spec) for c in t["spec"]["containers"]]
 
 
 @pytest.mark.parametrize(
@@ -68,10 +79,18 @@ def test_kuberay_manifests_have_their_crds_required_fields(name: str, kind: str,
     for group in spec.get("workerGroupSpecs", []):
         assert group["groupName"] and group["minReplicas"] <= group["maxReplicas"]
         assert "rayStartParams" in group
+    for template in _templates(spec):  # non-root pods that networkpolicy.yaml selects
+        assert template["metadata"]["labels"]["app.kubernetes.io/part-of"] == "paddock"
+        assert template["spec"]["securityContext"]["runAsNonRoot"] is True
     for container in _containers(spec):
         image = container["image"]
         assert image.startswith(f"rayproject/ray:{ray_version()}"), image
         assert container["resources"]["limits"]
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        assert {"secretRef": {"name": "paddock-mlflow"}} in container["envFrom"]
     if kind == "RayJob":
         assert doc["spec"]["entrypoint"].startswith("python jobs/")
         assert "torch==2.13.0" in doc["spec"]["runtimeEnvYAML"]
@@ -86,3 +105,22 @@ def test_runtime_env_ships_paddock_and_excludes_local_state():
     assert env["working_dir"] == "." and env["py_modules"] == ["platform/paddock"]
     assert {".paddock/", ".venv/"} <= set(env["excludes"])
     assert (REPO / env["py_modules"][0] / "__init__.py").is_file()
+
+
+def test_the_network_policy_admits_only_paddock_pods_the_operator_and_serve_clients():
+    doc = yaml.safe_load((REPO / "clusters" / "kuberay" / "networkpolicy.yaml").read_text())
+    assert doc["kind"] == "NetworkPolicy" and doc["spec"]["policyTypes"] == ["Ingress"]
+    assert doc["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/part-of": "paddock"}}
+    rules = doc["spec"]["ingress"]
+    # every rule names its sources; only the rule among paddock's own pods leaves the ports open
+    assert all(rule["from"] for rule in rules)
+    open_rules = [r for r in rules if "ports" not in r]
+    assert open_rules == [
+        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "paddock"}}}]}
+    ]
+    ports = {
+        next(iter(r["from"][0]["podSelector"]["matchLabels"].values())): {p["port"] for p in r["ports"]}
+        for r in rules
+        if "ports" in r
+    }
+    assert ports == {"kuberay-operator": {8265, 52365}, "true": {8000}}
