@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -81,3 +82,21 @@ def actor_device() -> Any:
     # Outside Ray (a replica class driven in-process) ray.get_gpu_ids() would start a local Ray instance.
     given = ray.is_initialized() and ray.get_gpu_ids()
     return torch.device("cuda") if given and torch.cuda.is_available() else torch.device("cpu")
+
+
+class ActorTimeout(RuntimeError):
+    """Actors did not answer a call within the stage's ``actor_timeout_s``."""
+
+
+def gather(calls: Mapping[str, Any], timeout_s: float, doing: str) -> list[Any]:
+    """``ray.get`` of named calls (name -> ObjectRef) with one deadline for all; on timeout, ``ActorTimeout``
+    naming the actors that had not answered and what they were doing. Results in the order of ``calls``."""
+    names, refs = list(calls), list(calls.values())
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [n for n, r in zip(names, refs, strict=True) if r in pending]
+        raise ActorTimeout(
+            f"{doing}: no answer from {', '.join(late)} within {timeout_s:g} s (actor_timeout_s); "
+            "a hung or overloaded actor, or raise actor_timeout_s for slower hardware"
+        )
+    return ray.get(refs)

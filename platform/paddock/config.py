@@ -147,6 +147,12 @@ class StageConfig(Strict):
         default_factory=InferenceConfig,
         description="Precision and micro-batching of inference (ignored by stages that run none).",
     )
+    actor_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Longest wait for one call to a rollout worker or scorer (a batch's sampling or scoring); "
+        "past it the stage fails naming the actors that did not answer and what they were doing.",
+    )
 
 
 class WorldConfig(Strict):
@@ -234,9 +240,14 @@ class ImportSource(Strict):
         "the ranking loss).",
     )
     is_safety: bool = Field(
-        False, description="Whether the prompts are adversarial, unless is_safety_column."
+        False,
+        description="Whether the prompts are adversarial, for rows without an is_safety column (or the column "
+        "named by is_safety_column).",
     )
-    is_safety_column: str | None = Field(None, description="Column holding each prompt's is_safety (bool).")
+    is_safety_column: str | None = Field(
+        None,
+        description="Column holding each prompt's is_safety (bool); default 'is_safety' where rows have it.",
+    )
     text_column: str = Field("text", description="Column of pretraining text.")
     sample_by: Literal["document", "paragraph", "line"] = Field(
         "document", description="How plain .txt files split into pretraining rows."

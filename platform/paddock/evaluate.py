@@ -22,6 +22,7 @@ from typing import Any
 import ray
 import torch
 
+from paddock.cluster import gather
 from paddock.config import REFUSAL_PATTERNS
 from paddock.rlhf.ppo import SAFETY_GATE
 from paddock.world import verify
@@ -33,15 +34,18 @@ def generate_all(
     seed: int,
     temperature: float | None,
     chunk: int,
+    timeout_s: float = 3600.0,
 ) -> list[dict[str, Any]]:
-    """One answer per prompt, chunks spread over the workers round-robin, order kept."""
-    calls = []
+    """One answer per prompt, chunks spread over the workers round-robin, order kept; ``ActorTimeout`` naming the
+    workers that did not answer within ``timeout_s``."""
+    calls = {}
     for n, i in enumerate(range(0, len(prompts), chunk)):
         worker = workers[n % len(workers)]
-        calls.append(
-            worker.generate.remote(list(prompts[i : i + chunk]), seed=seed + n, temperature=temperature)
+        calls[f"rollout worker {n % len(workers)} (chunk {n})"] = worker.generate.remote(
+            list(prompts[i : i + chunk]), seed=seed + n, temperature=temperature
         )
-    return [row for rows in ray.get(calls) for row in rows]
+    answers = gather(calls, timeout_s, f"answering {len(prompts)} prompts")
+    return [row for rows in answers for row in rows]
 
 
 def reward_means(
@@ -388,7 +392,9 @@ def run(
         for short, path in others.items():
             key = (path, rm_h, rm_s, e.max_new_tokens, e.seq_len, tuple(p["id"] for p in prompts))
             if key not in _GREEDY_SCORES:
-                theirs = generate_all(_holding(workers, path), prompts, job.seed, 0.0, 32)
+                theirs = generate_all(
+                    _holding(workers, path), prompts, job.seed, 0.0, 32, job.actor_timeout_s
+                )
                 _GREEDY_SCORES[key] = _scores(scorers[0], scorers[1], prompts, [r["text"] for r in theirs])
             metrics |= {f"eval/{k}": v for k, v in win_rates(mine, _GREEDY_SCORES[key], short).items()}
     if dialogs:

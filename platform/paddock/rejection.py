@@ -23,7 +23,7 @@ import ray
 import torch
 
 from paddock import atomic, plan, tracking
-from paddock.cluster import connect
+from paddock.cluster import connect, gather
 from paddock.config import RejectionJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
@@ -104,7 +104,11 @@ def sample_and_score(
             calls.append((b, k, worker.generate.remote(batch, seed=hash((job.seed, rc.round, b, k)) % 2**31)))
     samples: list[list[dict[str, Any]]] = [[{} for _ in range(rc.k)] for _ in prompts]
     for n, (b, k, ref) in enumerate(calls, 1):
-        for j, row in enumerate(ray.get(ref)):
+        worker = (b * rc.k + k) % len(workers)
+        [rows] = gather(
+            {f"rollout worker {worker}": ref}, job.actor_timeout_s, f"sampling batch {b}, answer {k + 1}"
+        )
+        for j, row in enumerate(rows):
             samples[b * rc.batch_prompts + j][k] = row
         if n % max(1, len(calls) // 10) == 0 or n == len(calls):
             print(

@@ -400,7 +400,9 @@ def convert_row(row: dict[str, Any], kind: str, shape: str, src: Any) -> dict[st
         column = "prompt" if shape == "prompt" else "messages"
         if row.get(column) is None:
             raise RowError(f"missing column: '{column}'")
-        is_safety = row.get(src.is_safety_column) if src.is_safety_column else src.is_safety
+        # a named column, else an 'is_safety' column when the rows carry one, else the configured value
+        flag = src.is_safety_column or ("is_safety" if "is_safety" in row else None)
+        is_safety = row.get(flag) if flag else src.is_safety
         return {"turns": _prompt_turns(row[column], column), "is_safety": is_safety}
     if kind == "preferences":
         return _preference(row, shape, src)

@@ -30,7 +30,7 @@ from typing import Any
 import ray
 
 from paddock import atomic, plan, tracking
-from paddock.cluster import connect
+from paddock.cluster import connect, gather
 from paddock.config import PPOJob, paddock_home, resolve_path
 from paddock.data.validate import load_dataset
 from paddock.evaluate import evaluate_policy
@@ -103,6 +103,7 @@ class Actors:
     def __init__(self, job: PPOJob, policy: str, rm_h: str, rm_s: str, value: str, channel: sync.Channel):
         p = job.ppo
         self.channel = channel
+        self.timeout_s = job.actor_timeout_s
         opts = actor_options(p.cpus_per_actor, p.gpus_per_actor)
         inf = job.inference.model_dump()
         self.workers = workers_from(policy, p, job.inference)
@@ -201,9 +202,13 @@ class Actors:
         pending = list(range(len(chunks)))
         for _attempt in range(3):
             calls = {i: self.workers[i % n].generate.remote(chunks[i], seed=seed + i) for i in pending}
+            answers = gather(
+                {f"rollout worker {i % n} (chunk {i})": ref for i, ref in calls.items()},
+                self.timeout_s,
+                f"sampling {len(prompts)} prompts with version {pub.version}",
+            )
             pending = []
-            for i, ref in calls.items():
-                got = ray.get(ref)
+            for i, got in zip(calls, answers, strict=True):
                 if any(r["policy_version"] != pub.version for r in got):
                     self.repair(i % n, pub)
                     pending.append(i)
@@ -216,8 +221,11 @@ class Actors:
         )
 
     def values(self, pub: Publication, rows: list[dict[str, Any]]) -> list[list[float]]:
-        version, values = ray.get(
-            self.value.values.remote([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
+        call = self.value.values.remote([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
+        [(version, values)] = gather(
+            {"the value scorer": call},
+            self.timeout_s,
+            f"values of {len(rows)} answers (version {pub.version})",
         )
         if version != pub.version:
             # Only the learners hold the value model besides this scorer: its next publication restores it.
@@ -329,7 +337,15 @@ class Driver:
             self.actors.rm_s.rewards.remote(turns, texts),
         )
         values = self.actors.values(pub, samples)
-        ref_lp, r_h, r_s = ray.get([ref_call, h_call, s_call])
+        ref_lp, r_h, r_s = gather(
+            {
+                "the reference scorer": ref_call,
+                "the helpfulness reward model": h_call,
+                "the safety reward model": s_call,
+            },
+            self.actors.timeout_s,
+            f"scoring batch {b} (version {pub.version})",
+        )
         score_s = time.perf_counter() - t1
         exp = build_experience(samples, ref_lp, values, r_h, r_s, p, self.running)
         if p.whiten == "running":

@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 
 from paddock import atomic, plan, tracking
-from paddock.cluster import connect
+from paddock.cluster import connect, gather
 from paddock.config import DistillJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
@@ -62,11 +62,22 @@ def _run(job: DistillJob) -> DistillResult:
     workers = workers_from(policy, d, job.inference)
     opts = actor_options(d.cpus_per_actor, d.gpus_per_actor)
     scorer = Scorer.options(**opts).remote(rm_s, "reward", seq_len=d.seq_len, **job.inference.model_dump())  # type: ignore[attr-defined]
-    with_pre = generate_all(workers, [p | {"system": system} for p in prompts], job.seed, None, 16)
-    without = generate_all(workers, prompts, job.seed, None, 16)
+    t = job.actor_timeout_s
+    with_pre = generate_all(workers, [p | {"system": system} for p in prompts], job.seed, None, 16, t)
+    without = generate_all(workers, prompts, job.seed, None, 16, t)
     turns = [p["turns"] for p in prompts]
-    s_with = ray.get(scorer.rewards.remote(turns, [r["text"] for r in with_pre]))
-    s_without = ray.get(scorer.rewards.remote(turns, [r["text"] for r in without]))
+    s_with, s_without = gather(
+        {
+            "the safety reward model (answers with the preprompt)": scorer.rewards.remote(
+                turns, [r["text"] for r in with_pre]
+            ),
+            "the safety reward model (answers without it)": scorer.rewards.remote(
+                turns, [r["text"] for r in without]
+            ),
+        },
+        t,
+        f"scoring {len(prompts)} answers with and without the preprompt",
+    )
     for a in [*workers, scorer]:
         ray.kill(a)
     kept = [

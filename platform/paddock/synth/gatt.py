@@ -89,7 +89,7 @@ def synthesize(
         if not live:
             break
         rows = [{"id": s["id"], "turns": list(s["sampling"]), "is_safety": False} for s in live]
-        answers = generate_all(workers, rows, job.seed * 1009 + k, None, 16)
+        answers = generate_all(workers, rows, job.seed * 1009 + k, None, 16, job.actor_timeout_s)
         for s, a in zip(live, answers, strict=True):
             text = a["text"] if a["finished"] and a["text"] else ""
             s["answers"].append(text)

@@ -1,0 +1,90 @@
+"""No silent hangs: a scorer that never answers fails PPO's iteration within ``actor_timeout_s``, naming it.
+
+The driver's rollout step runs against real Ray actors standing in for the scorers (one of them hangs from its first
+call, a deterministic fault) and canned samples in place of the rollout workers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from chain import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.reliability]
+
+
+def test_a_hung_scorer_fails_the_iteration_within_its_timeout_naming_it(ray_cluster, tmp_path: Path) -> None:
+    import ray
+    from paddock.cluster import ActorTimeout, gather
+    from paddock.config import PPOJob, load_config
+    from paddock.ppo.hub import Publication
+    from paddock.ppo.loop import Driver
+
+    @ray.remote(num_cpus=0)
+    class StandIn:
+        def __init__(self, hang: bool):
+            self.hang = hang
+
+        def ref_logprobs(self, prompt_ids: list, response_ids: list) -> list:
+            return [[-1.0] * len(r) for r in response_ids]
+
+        def rewards(self, turns: list, texts: list) -> list:
+            if self.hang:
+                time.sleep(3600)
+            return [0.5] * len(texts)
+
+    class Actors:
+        timeout_s = 3.0
+
+        def generate(self, pub: Publication, prompts: list, seed: int) -> list:
+            return [
+                {
+                    "prompt_ids": [1, 5],
+                    "response_ids": [7, 2],
+                    "text": "Paris.",
+                    "policy_version": pub.version,
+                }
+                for _ in prompts
+            ]
+
+        def values(self, pub: Publication, rows: list) -> list:
+            return [[0.0] * len(r["response_ids"]) for r in rows]
+
+    actors = Actors()
+    actors.reference, actors.rm_h, actors.rm_s = (  # type: ignore[attr-defined]
+        StandIn.remote(False),
+        StandIn.remote(False),
+        StandIn.remote(True),
+    )
+    ray.get([a.rewards.remote([], []) for a in (actors.reference, actors.rm_h)])  # started
+    job = load_config(
+        PPOJob,
+        REPO / "jobs/configs/tiny/ppo.yaml",
+        ["actor_timeout_s=3", "ppo.batch_prompts=16", "ppo.mini_batch=16"],
+    )
+    prompts = [
+        {"id": f"p{i}", "turns": [{"role": "user", "content": "Capital of France?"}]} for i in range(4)
+    ]
+    driver = Driver(job, None, tmp_path, prompts, [], actors, None, None)  # type: ignore[arg-type]
+    pub = Publication(version=3, iteration=2, policy=[], value=[], nbytes=0)
+    t0 = time.monotonic()
+    with pytest.raises(ActorTimeout) as err:
+        driver.rollout(pub, 0)
+    waited = time.monotonic() - t0
+    message = str(err.value)
+    assert message.startswith(
+        "scoring batch 0 (version 3): no answer from the safety reward model within 3 s"
+    )
+    assert (
+        "helpfulness" not in message and "reference" not in message
+    )  # the ones that answered are not blamed
+    assert 3.0 <= waited < 60.0, waited
+    # the same helper with every actor answering returns their results in order
+    assert gather(
+        {"a": actors.rm_h.rewards.remote([], ["x"]), "b": actors.reference.ref_logprobs.remote([], [[1]])},
+        30,
+        "t",
+    ) == [[0.5], [[-1.0]]]
+    for a in (actors.reference, actors.rm_h, actors.rm_s):
+        ray.kill(a)
