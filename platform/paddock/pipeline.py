@@ -227,7 +227,9 @@ def run(job: PipelineJob) -> dict[str, Any]:
             print(rounds_table(job, state.data["done"], metrics), flush=True)
         home = paddock_home()
         print(f"follow the runs: mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db", flush=True)
-        print(f"serve the champion: python jobs/serve.py --model {prefix}-chat", flush=True)
+        promote_config = job.stages["promote"].config if "promote" in job.stages else None
+        settings = f" --config {promote_config}" if promote_config else ""
+        print(f"serve the champion: python jobs/serve.py --model {prefix}-chat{settings}", flush=True)
     return state.data
 
 
