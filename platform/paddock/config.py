@@ -866,6 +866,12 @@ class PPOJob(StageConfig):
         None, description="Value model start; default the helpfulness reward model."
     )
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="Rollouts, rewards, losses, stopping.")
+    lora: LoraSettings | None = Field(
+        None,
+        description="Train low-rank adapters on the policy instead of every weight (peft, the lora extra); the "
+        "rollout workers receive the merged weights and the registered policy is a plain checkpoint. The value "
+        "model trains whole.",
+    )
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(lr=1e-6, schedule="constant", warmup_steps=0),
         description="Policy optimiser (constant LR 1e-6 in the paper).",
@@ -897,6 +903,11 @@ class PPOJob(StageConfig):
         if p.batch_prompts % p.rollout_workers:
             raise ValueError(
                 f"ppo.rollout_workers: must divide ppo.batch_prompts ({p.batch_prompts}), got {p.rollout_workers}"
+            )
+        if self.lora is not None and t.zero_stage == 3:
+            raise ValueError(
+                "lora with train.zero_stage 3: not supported yet (the published weights fold each adapter into its "
+                "whole base weight); use zero_stage 2: with adapters the optimiser state is small anyway"
             )
         return self
 

@@ -50,3 +50,58 @@ def test_lora_sft_and_reward_model_train_and_register_plain_checkpoints(chain, w
     )
     assert rm.model_uri == "models:/lora-rm-helpfulness/1" and _plain(rm.checkpoint_dir) == []
     assert load_scalar_model(rm.checkpoint_dir).score.weight.shape[0] == 1
+
+
+def test_lora_ppo_moves_only_the_adapted_projections_and_registers_a_plain_policy(
+    chain, world_dir, tokenizer_dir, home
+):  # type: ignore[no-untyped-def]
+    """Two PPO iterations with adapters on the SFT policy: the learners publish merged weights to the rollout
+    workers and export a plain checkpoint at the end; against the start policy only the adapted projections
+    moved. (The registered policy is the best held-out evaluation's, which may be iteration 0's.)"""
+    from paddock import tracking
+    from paddock.config import PPOJob
+    from paddock.ppo.loop import run
+    from safetensors.torch import load_file
+
+    job = load_config(
+        PPOJob,
+        REPO / "jobs/configs/tiny/ppo.yaml",
+        [
+            f"tokenizer={tokenizer_dir}",
+            "policy=models:/tiny-sft@latest",
+            "reward_helpfulness=models:/tiny-rm-helpfulness@latest",
+            "reward_safety=models:/tiny-rm-safety@latest",
+            f"ppo.prompts={world_dir}/prompts/train.parquet",
+            f"ppo.eval_prompts={world_dir}/prompts/valid.parquet",
+            "registry_prefix=lora",
+            "lora.r=8",
+            "lora.alpha=16",
+            "lora.target_modules=[q_proj, v_proj]",
+            "optim.lr=1.0e-3",
+            "ppo.iterations=2",
+            "ppo.batch_prompts=16",
+            "ppo.mini_batch=8",
+            "ppo.max_new_tokens=16",
+            "ppo.rollout_workers=1",
+            "ppo.eval_every=2",
+            "ppo.eval_max_prompts=8",
+            "ppo.checkpoint_every=2",
+            "train.num_workers=1",
+        ],
+    )
+    result = run(job)
+    assert result.iterations == 2 and result.model_uri.startswith("models:/lora-ppo/")
+    assert _plain(tracking.resolve_model(result.model_uri)) == []
+    last = home / "runs" / "lora-ppo" / "last"  # the learners' export after the last iteration
+    assert _plain(last) == []
+    start = load_file(str(tracking.resolve_model("models:/tiny-sft@latest") / "model.safetensors"))
+    trained = load_file(str(last / "model.safetensors"))
+    assert set(start) == set(trained)
+    moved = {n for n in start if not torch_equal(start[n], trained[n])}
+    assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved), sorted(moved)[:5]
+
+
+def torch_equal(a, b) -> bool:  # type: ignore[no-untyped-def]
+    import torch
+
+    return bool(torch.equal(a.float(), b.float()))

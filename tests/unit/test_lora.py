@@ -71,3 +71,46 @@ def test_lora_settings_are_checked_before_any_worker(tmp_path: Path) -> None:
         load_config(SFTJob, cfg, ["model.lora.r=8", "train.zero_stage=3"])
     job = load_config(SFTJob, cfg, ["model.lora.r=8"])
     assert job.model.lora is not None and job.model.lora.target_modules[0] == "q_proj"
+
+
+def test_a_lora_policy_publishes_the_merged_weights_without_changing_itself(base: Path) -> None:
+    """What PPO's learners stream to the rollout workers: the plain model's state, adapters folded in, through the
+    same buckets a full publication uses; loaded into a plain model it gives the adapted policy's logits."""
+    from paddock.ppo import sync
+
+    plain = load_causal_lm(base)
+    names = [n for n, _ in plain.state_dict().items()]
+    torch.manual_seed(0)
+    model = lora.wrap(load_causal_lm(base), LoraSettings(r=4, alpha=8, dropout=0.0), scalar=False).eval()
+    _perturbed(model)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    shapes = lora.merged_shapes(model)
+    assert [n for n, _ in shapes] == names  # the plain model's names, in its order
+    lay = sync.layout(shapes, 64 * 1024, torch.float32)
+    flats = [
+        f.clone()
+        for f in sync.flat_buckets(lay, lora.merged_state(model), torch.float32, torch.device("cpu"))
+    ]
+    sync.check_layout(plain, lay)
+    loaded = sync.load_into(plain.eval(), sync.unflatten(lay, flats))
+    assert loaded == sum(torch.Size(shape).numel() for _, shape in shapes) * 4  # every fp32 byte
+    ids = torch.randint(3, 900, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
+    # the training copy is untouched: base weights and adapters as they were
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    # a model without adapters publishes its own state
+    assert [n for n, _ in lora.merged_state(plain)] == names
+
+
+def test_lora_ppo_with_zero3_is_refused_in_the_config() -> None:
+    from paddock.config import PPOJob
+
+    repo = Path(__file__).resolve().parents[2]
+    job = load_config(PPOJob, repo / "jobs/configs/tiny/ppo.yaml", ["lora.r=8"])
+    assert job.lora is not None and job.lora.r == 8
+    with pytest.raises(ConfigError, match=r"lora with train\.zero_stage 3"):
+        load_config(PPOJob, repo / "jobs/configs/tiny/ppo.yaml", ["lora.r=8", "train.zero_stage=3"])

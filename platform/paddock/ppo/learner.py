@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from paddock.config import OptimConfig, PPOConfig, TrainConfig
+from paddock import lora
+from paddock.config import LoraSettings, OptimConfig, PPOConfig, TrainConfig
 from paddock.models import load_causal_lm, load_scalar_model, set_gradient_checkpointing
 from paddock.ppo import sync
 from paddock.ppo.experience import learner_batch
@@ -54,6 +55,7 @@ class LearnerSpec(BaseModel):
     # The rollout engine's log-probs are not the policy's own (vLLM's kernels, a bf16 copy): the learners recompute
     # the behaviour log-probs before the update, so that PPO's first ratio is 1, and log the difference.
     recompute_logprobs: bool = False
+    lora: LoraSettings | None = None  # adapters on the policy; the publications carry the merged weights
 
 
 def _broadcast_flag(flag: bool) -> bool:
@@ -81,11 +83,16 @@ class Learner:
             scalar = load_scalar_model(spec.value_dir, attn=attn)
         set_gradient_checkpointing(policy, tc.gradient_checkpointing)
         set_gradient_checkpointing(scalar, tc.gradient_checkpointing)
+        if spec.lora is not None:
+            torch.manual_seed(spec.seed)  # the adapters' A matrices are drawn from torch's RNG
+            policy = lora.wrap(policy, spec.lora, scalar=False)  # type: ignore[assignment]
         self.policy, _ = ds.initialize(policy, spec.optim, tc, world, steps)
         self.value, _ = ds.initialize(TokenValues(scalar), spec.value_optim, tc, world, steps)
         wire, bucket = spec.channel.torch_dtype, ppo.publish_bucket_mb * 2**20
         self.layouts = (
-            sync.module_layout(self.policy.module, bucket, wire),
+            sync.layout(lora.merged_shapes(self.policy.module), bucket, wire)
+            if spec.lora is not None
+            else sync.module_layout(self.policy.module, bucket, wire),
             sync.module_layout(self.value.module, bucket, wire),
         )
 
@@ -99,9 +106,10 @@ class Learner:
             ("value", self.value.module, self.layouts[1], 2),
         ]
         for name, module, lay, size in streams:
+            merged = lora.merged_state(module) if name == "policy" and self.spec.lora is not None else None
             try:
                 sync.send_module(
-                    ch.sub(f"pub{version}/{name}", size), module, lay, self.rank, self.policy.device
+                    ch.sub(f"pub{version}/{name}", size), module, lay, self.rank, self.policy.device, merged
                 )
             except Exception as exc:  # the group's failure: gloo/NCCL errors, a store timeout
                 failed.append(f"{name}: {type(exc).__name__}: {exc}")

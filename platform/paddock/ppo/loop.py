@@ -529,6 +529,10 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
     work = paddock_home() / "runs" / name
     tokenizer_dir = resolve_path(job.tokenizer)
     tok = load_tokenizer(tokenizer_dir)
+    if job.lora is not None:
+        from paddock import lora
+
+        lora.require_peft()  # before any worker starts
     policy = tracking.resolve_model(job.policy)
     check_matches(tok, policy)
     rm_h = tracking.resolve_model(job.reward_helpfulness)
@@ -585,6 +589,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             # vLLM's kernels, or a rollout copy in another precision than fp32 (bf16 on GPUs), give log-probs that
             # are not the learners' own; transformers in fp32 (the CPU default) computes exactly theirs
             recompute_logprobs=job.inference.engine != "transformers" or channel.dtype != "float32",
+            lora=job.lora,
         )
         trainer = torch_trainer(
             learner_worker, {"spec": spec.model_dump(mode="json")}, tc, f"{name}-{run.run_id[:8]}"

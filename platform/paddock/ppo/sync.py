@@ -253,13 +253,20 @@ def landed(
 
 
 def send_module(
-    channel: Channel, module: torch.nn.Module, lay: Layout, rank: int, device: torch.device
+    channel: Channel,
+    module: torch.nn.Module,
+    lay: Layout,
+    rank: int,
+    device: torch.device,
+    state: Iterator[tuple[str, torch.Tensor]] | None = None,
 ) -> int:
     """The learners' side: every rank gathers (ZeRO-3) in lockstep, rank 0 streams. Returns bytes sent at rank 0.
+    ``state``, for a module that is not partitioned: what to send instead of its own state (a LoRA policy's
+    merged weights, ``paddock.lora.merged_state``), in ``lay``'s order.
 
     A failure of the group (a receiver gone) stops the stream but not the gather, so that the other ranks are
     not left waiting; it is raised at rank 0 once the gather is done."""
-    tensors = gathered_state(module, rank, to_host=False)
+    tensors = gathered_state(module, rank, to_host=False) if state is None else state
     if rank != 0:
         for _ in tensors:
             pass
