@@ -106,7 +106,9 @@ class Learner:
             ("value", self.value.module, self.layouts[1], 2),
         ]
         for name, module, lay, size in streams:
-            merged = lora.merged_state(module) if name == "policy" and self.spec.lora is not None else None
+            # a LoRA policy sends its merged weights (rank 0 only: nothing is partitioned under LoRA)
+            lora_policy = name == "policy" and self.spec.lora is not None and self.rank == 0
+            merged = lora.merged_state(module) if lora_policy else None
             try:
                 sync.send_module(
                     ch.sub(f"pub{version}/{name}", size), module, lay, self.rank, self.policy.device, merged
