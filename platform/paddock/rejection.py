@@ -100,13 +100,13 @@ def sample_and_score(
     calls = []
     for b, batch in enumerate(batches):
         for k in range(rc.k):
-            worker = workers[(b * rc.k + k) % len(workers)]
-            calls.append((b, k, worker.generate.remote(batch, seed=hash((job.seed, rc.round, b, k)) % 2**31)))
+            w = (b * rc.k + k) % len(workers)
+            seed = hash((job.seed, rc.round, b, k)) % 2**31
+            calls.append((b, k, w, workers[w].generate.remote(batch, seed=seed)))
     samples: list[list[dict[str, Any]]] = [[{} for _ in range(rc.k)] for _ in prompts]
-    for n, (b, k, ref) in enumerate(calls, 1):
-        worker = (b * rc.k + k) % len(workers)
+    for n, (b, k, w, ref) in enumerate(calls, 1):
         [rows] = gather(
-            {f"rollout worker {worker}": ref}, job.actor_timeout_s, f"sampling batch {b}, answer {k + 1}"
+            {f"rollout worker {w}": ref}, job.actor_timeout_s, f"sampling batch {b}, answer {k + 1}"
         )
         for j, row in enumerate(rows):
             samples[b * rc.batch_prompts + j][k] = row
