@@ -87,8 +87,9 @@ class LockedError(RuntimeError):
 class Lock:
     """An exclusive lock on a directory (``.paddock.lock`` in it), held by this process until released."""
 
-    def __init__(self, directory: Path, file: IO[str]):
+    def __init__(self, directory: Path, file: IO[str], previous: str = ""):
         self.directory, self.file = directory, file
+        self.previous = previous  # what the last holder noted (``tracking.close_stale`` reads its run id)
 
     def note(self, holder: str) -> None:
         """Say who holds it (e.g. the MLflow run id, once known): a refused run prints this."""
@@ -126,7 +127,8 @@ def locked(directory: str | Path, what: str) -> Iterator[Lock]:
                 f"{directory} is in use by another run of {what}: {holder}. Wait for it to finish or stop it; "
                 "two runs writing one stage's checkpoints and outputs would overwrite each other"
             ) from None
-        lock = Lock(directory, file)
+        file.seek(0)
+        lock = Lock(directory, file, previous=file.read())
         lock.note(f"{what}, starting")
         _held[directory] = lock
         try:

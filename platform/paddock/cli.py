@@ -6,7 +6,9 @@ Library code raises; this is the one place that turns paddock's errors into a me
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -45,7 +47,7 @@ def run_stage(
     from paddock.plan import PlanError
     from paddock.rlhf.preferences import PreferenceError
     from paddock.tokenizer import TokenizerError
-    from paddock.tracking import UpstreamModelError
+    from paddock.tracking import Stopped, UpstreamModelError
 
     user_errors: tuple[type[Exception], ...] = (
         *USER_ERRORS,
@@ -59,13 +61,26 @@ def run_stage(
         UpstreamModelError,
     )
     args = parser(description).parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(
+            signal.SIGTERM, _stop
+        )  # ray.init() puts its own in, which exits: runs end KILLED either way
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
         stage(cfg)
     except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
+
+
+def _stop(signum: int, frame: Any) -> None:
+    from paddock.tracking import Stopped
+
+    raise Stopped(f"{signal.Signals(signum).name} received (ray job stop, or the scheduler)")
 
 
 def run_plan(description: str, argv: list[str] | None = None) -> int:

@@ -88,6 +88,23 @@ class ActorTimeout(RuntimeError):
     """Actors did not answer a call within the stage's ``actor_timeout_s``."""
 
 
+class ActorLost(RuntimeError):
+    """An actor that holds state the run cannot rebuild (PPO's policy hub or rollout buffer) died."""
+
+
+def ask(name: str, call: Any, timeout_s: float, doing: str) -> Any:
+    """``gather`` of one call on an actor that holds a run's state: its death raises ``ActorLost`` naming it."""
+    import ray
+
+    try:
+        return gather({name: call}, timeout_s, doing)[0]
+    except ray.exceptions.RayActorError as exc:
+        raise ActorLost(
+            f"{doing}: {name} died ({type(exc).__name__}); what it held cannot be rebuilt in this run, so the "
+            "stage stops here (under a pipeline a rerun resumes from the learners' last checkpoint)"
+        ) from exc
+
+
 def gather(calls: Mapping[str, Any], timeout_s: float, doing: str) -> list[Any]:
     """``ray.get`` of named calls (name -> ObjectRef) with one deadline for all; on timeout, ``ActorTimeout``
     naming the actors that had not answered and what they were doing. Results in the order of ``calls``."""

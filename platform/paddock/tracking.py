@@ -6,15 +6,26 @@ only the driver logs: workers report to Ray Train, and the driver forwards their
 
 A stage is one run: its flattened config as params, metrics by step, system metrics, its input datasets with
 digests, a loss-curve PNG, and its final checkpoint logged as a model and registered as
-``{registry_prefix}-{name}``. A failing stage leaves its run FAILED with the error text, never RUNNING.
+``{registry_prefix}-{name}``. A failing stage leaves its run FAILED with the error text, never RUNNING; a stopped
+one (SIGTERM, which ``ray job stop`` sends, or Ctrl-C) leaves it KILLED.
+
+A tracking server that stops answering mid-stage does not stop training: metrics wait in the stage's outbox and go
+out, with their own timestamps and steps, when it answers again. Writes that need the server (params, tags,
+artifacts, the model) wait for it, at most ``$PADDOCK_MLFLOW_OUTAGE_S`` seconds (default 900); past that the stage
+fails, and the metrics it could not send are kept in ``$PADDOCK_HOME/unsent/<run id>.jsonl``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
+import socket
+import time
 import traceback
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,6 +36,7 @@ import mlflow
 import mlflow.pyfunc
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
@@ -43,6 +55,33 @@ class UpstreamModelError(ValueError):
 
 class RegistrationError(RuntimeError):
     """The weights about to be registered, or evaluated as a version, are not the ones measured or registered."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer within ``$PADDOCK_MLFLOW_OUTAGE_S``."""
+
+
+class Stopped(BaseException):
+    """The job was asked to stop (SIGTERM: ``ray job stop``, a scheduler's preemption). Its runs end KILLED."""
+
+
+def outage_limit_s() -> float:
+    """How long a stage waits for a tracking server that stopped answering before it gives up."""
+    return float(os.environ.get("PADDOCK_MLFLOW_OUTAGE_S", "900"))
+
+
+def server_answers(uri: str, timeout_s: float = 2.0) -> bool:
+    """Whether an ``http(s)://`` tracking server accepts a connection (a store on disk always does). A refused
+    connection is told at once, where MLflow's own client would retry it for minutes."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https") or parsed.hostname is None:
+        return True
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def tracking_uri() -> str:
@@ -131,8 +170,14 @@ class _CheckpointModel(PythonModel):
 class StageRun:
     """The MLflow run of one stage; every write goes through the driver."""
 
+    RETRY_S = 5.0  # while the server is away, how often a new metric tries it again
+
     def __init__(self, run_id: str, client: MlflowClient, parent_run_id: str | None = None):
         self.run_id, self.client, self.parent_run_id = run_id, client, parent_run_id
+        self.outbox: list[Metric] = []  # metric values the server has not taken yet, oldest first
+        self.away_since: float | None = None  # monotonic time of the first unanswered send
+        self.outages = 0  # how many times the server went away during this run
+        self._next_try = 0.0
 
     @property
     def attempt_key(self) -> str:
@@ -142,26 +187,99 @@ class StageRun:
         return (self.parent_run_id or self.run_id)[:8]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queue the values at ``step`` and send the queue; never waits for a server that does not answer."""
         clean = {k: float(v) for k, v in metrics.items() if k != "step" and v == v}  # drop NaN
-        if clean:
-            mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+        stamp = int(time.time() * 1000)
+        self.outbox.extend(Metric(k, v, stamp, step) for k, v in clean.items())
+        self.send()
+
+    def send(self) -> bool:
+        """Send the outbox (1000 values a request, MLflow's limit); False, keeping what was not sent, while the
+        server does not answer. During an outage it tries again at most every ``RETRY_S`` seconds."""
+        if not self.outbox:
+            return True
+        now = time.monotonic()
+        if self.away_since is not None and now < self._next_try:
+            return False
+        uri = tracking_uri()
+        problem = None
+        if server_answers(uri):
+            try:
+                while self.outbox:
+                    self.client.log_batch(self.run_id, metrics=self.outbox[:1000])
+                    del self.outbox[:1000]
+            except (MlflowException, OSError) as exc:  # requests' errors are OSErrors
+                problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+        else:
+            problem = "connection refused or timed out"
+        if problem is None:
+            if self.away_since is not None:
+                print(
+                    f"[mlflow] {uri} answers again after {now - self.away_since:.0f} s; the metrics kept "
+                    "meanwhile are sent",
+                    flush=True,
+                )
+                self.away_since = None
+            return True
+        if self.away_since is None:
+            self.away_since, self.outages = now, self.outages + 1
+            print(
+                f"[mlflow] {uri} does not answer ({problem}); training goes on and its metrics wait here until "
+                "the server is back",
+                flush=True,
+            )
+        self._next_try = now + self.RETRY_S
+        return False
+
+    def wait_for_server(self, doing: str) -> None:
+        """Send the outbox, waiting for the server at most ``outage_limit_s()``: what comes next (``doing``)
+        needs it. Past the limit the outbox goes to ``$PADDOCK_HOME/unsent/<run id>.jsonl`` and
+        ``TrackingUnavailable`` says so."""
+        deadline = time.monotonic() + outage_limit_s()
+        while not self.send():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TrackingUnavailable(
+                    f"the MLflow server at {tracking_uri()} has not answered for {outage_limit_s():.0f} s "
+                    f"(PADDOCK_MLFLOW_OUTAGE_S), so {doing} cannot go on; the {len(self.outbox)} metric values "
+                    f"it missed are kept in {self.keep_unsent()}"
+                )
+            time.sleep(min(self.RETRY_S, left))
+
+    def keep_unsent(self) -> Path:
+        """Move the outbox to ``$PADDOCK_HOME/unsent/<run id>.jsonl`` (one metric value a line)."""
+        path = paddock_home() / "unsent" / f"{self.run_id}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for m in self.outbox:
+                f.write(
+                    json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step})
+                )
+                f.write("\n")
+        self.outbox.clear()
+        return path
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        self.wait_for_server("logging params")
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()}, run_id=self.run_id)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.wait_for_server("tagging the run")
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
     def log_dataset(self, path: Path, name: str, context: str, rows: int, bad_rows: int = 0) -> None:
+        self.wait_for_server("logging an input dataset")
         source = resolve_dataset_source(str(path))
         dataset = MetaDataset(source=source, name=name, digest=file_digest(path))  # type: ignore[abstract]
         mlflow.log_input(dataset, context=context, tags={"rows": str(rows), "bad_rows": str(bad_rows)})
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.wait_for_server(f"logging {artifact_file}")
         mlflow.log_figure(figure, artifact_file)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.wait_for_server(f"logging {path.name}")
         mlflow.log_artifact(str(path), artifact_path)
 
     def log_model(
@@ -178,6 +296,7 @@ class StageRun:
         with ``RegistrationError`` before anything is logged."""
         from paddock.models import checkpoint_digest
 
+        self.wait_for_server(f"registering {registered_name}")
         digest = checkpoint_digest(checkpoint_dir)
         if measured_digest is not None and digest != measured_digest:
             raise RegistrationError(
@@ -207,7 +326,8 @@ def stage_run(
     tags: Mapping[str, str] | None = None,
     nested: bool = False,
 ) -> Iterator[StageRun]:
-    """An MLflow run around a stage. On any exception the run ends FAILED with the error text attached."""
+    """An MLflow run around a stage. On any exception the run ends FAILED with the error text attached (KILLED
+    when the job was stopped), its unsent metrics kept on disk when the server is away."""
     client = configure()
     exp = experiment_id(experiment)
     parent = mlflow.active_run()
@@ -222,12 +342,46 @@ def stage_run(
     try:
         handle.log_params(flatten(params))
         yield handle
+        handle.wait_for_server("ending the run")
     except BaseException as exc:
-        mlflow.set_tag("paddock.error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
-        mlflow.end_run(status="FAILED")
+        if handle.outbox and not handle.send():
+            print(f"[mlflow] metrics not sent are kept in {handle.keep_unsent()}", flush=True)
+        _end_failed(exc, text=True)
         raise
     mlflow.end_run(status="FINISHED")
+
+
+def _end_failed(exc: BaseException, text: bool = False) -> None:
+    """End the active run KILLED (the job was stopped) or FAILED, with the error as a tag; a server that does not
+    answer loses the tag, never the error that is on its way up."""
+    # SystemExit too: the SIGTERM handler ray.init() installs in a driver exits the process (paddock never does)
+    stopped = isinstance(exc, (Stopped, KeyboardInterrupt, SystemExit))
+    if not server_answers(tracking_uri()):  # MLflow's client would retry for minutes
+        print("[mlflow] could not end the run: the server does not answer; the stage's next start closes it")
+        return
+    try:
+        mlflow.set_tag("paddock.error", f"{type(exc).__name__}: {exc}"[:5000])
+        if text:
+            mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
+        mlflow.end_run(status="KILLED" if stopped else "FAILED")
+    except Exception as problem:  # the server is away: the run stays RUNNING until the next start closes it
+        print(f"[mlflow] could not end the run: {type(problem).__name__}: {str(problem)[:200]}", flush=True)
+
+
+def close_stale(lock: Any, what: str, run: StageRun) -> None:
+    """Note ``run`` as the holder of ``lock`` (``paddock.atomic.Lock``). A run that the previous holder left
+    RUNNING (its process was killed: the kernel freed its lock) is marked KILLED first."""
+    found = re.search(r"MLflow run ([0-9a-f]{32})", lock.previous)
+    if found and found.group(1) != run.run_id:
+        try:
+            stale = run.client.get_run(found.group(1))
+        except MlflowException:
+            stale = None
+        if stale is not None and stale.info.status == "RUNNING":
+            run.client.set_tag(stale.info.run_id, "paddock.error", f"its {what} process died during the run")
+            run.client.set_terminated(stale.info.run_id, status="KILLED")
+            print(f"[{what}] marked the interrupted run {stale.info.run_id} KILLED", flush=True)
+    lock.note(f"{what}, MLflow run {run.run_id}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,8 +597,7 @@ def _ending(run: Any) -> Iterator[str]:
     try:
         yield run.info.run_id
     except BaseException as exc:
-        mlflow.set_tag("paddock.error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run(status="FAILED")
+        _end_failed(exc)
         raise
     mlflow.end_run(status="FINISHED")
 

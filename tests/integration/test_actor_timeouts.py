@@ -5,6 +5,7 @@ call, a deterministic fault) and canned samples in place of the rollout workers.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -88,3 +89,33 @@ def test_a_hung_scorer_fails_the_iteration_within_its_timeout_naming_it(ray_clus
     ) == [[0.5], [[-1.0]]]
     for a in (actors.reference, actors.rm_h, actors.rm_s):
         ray.kill(a)
+
+
+def test_the_hub_or_the_buffer_dying_ends_the_run_naming_it(ray_cluster, tmp_path: Path) -> None:
+    """The policy hub and the rollout buffer hold the run's publications and experience, which a restart would not
+    have: a dead one stops the driver with ``ActorLost`` naming it, where an unguarded ``ray.get`` raised Ray's
+    own error (or, hung, waited for ever)."""
+    import ray
+    from paddock.cluster import ActorLost
+    from paddock.config import PPOJob, load_config
+    from paddock.ppo.buffer import RolloutBuffer
+    from paddock.ppo.hub import PolicyHub
+    from paddock.ppo.loop import Driver
+
+    class Actors:
+        timeout_s = 30.0
+
+    job = load_config(PPOJob, REPO / "jobs/configs/tiny/ppo.yaml", [])
+    hub, buffer = PolicyHub.remote(), RolloutBuffer.remote(64)  # type: ignore[attr-defined]
+    driver = Driver(job, None, tmp_path, [], [], Actors(), hub, buffer)  # type: ignore[arg-type]
+    ray.kill(buffer)
+    with pytest.raises(ActorLost, match=r"^PPO's driver at batch 0: the rollout buffer died \(Ray"):
+        driver.stop("kl_limit passed")  # the hub answers (its stop request is kept); the buffer does not
+    assert ray.get(hub.stop_requested.remote()) == "kl_limit passed"
+    ray.kill(hub)
+    alive = threading.Thread(target=time.sleep, args=(30,), daemon=True)
+    alive.start()  # the learners' fit, still running
+    t0 = time.monotonic()
+    with pytest.raises(ActorLost, match=r"the policy hub died"):
+        driver.loop(alive)  # waits for a publication from the hub first
+    assert time.monotonic() - t0 < 30

@@ -108,6 +108,11 @@ def submit(
     address: str, runtime_env: Path, *args: str, watch: str | None = None
 ) -> tuple[str, str, set[str]]:
     """Submit and wait; returns (final status, logs, paddock metric names seen on the ``watch`` endpoint)."""
+    return wait(address, start(address, runtime_env, *args), watch)
+
+
+def start(address: str, runtime_env: Path, *args: str) -> str:
+    """Submit without waiting; the job's id."""
     command = [
         str(BIN / "ray"),
         "job",
@@ -131,7 +136,11 @@ def submit(
     assert out.returncode == 0, out.stderr
     found = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout)  # the CLI colours its output
     assert found, out.stdout
-    job_id = found.group(0)
+    return found.group(0)
+
+
+def wait(address: str, job_id: str, watch: str | None = None) -> tuple[str, str, set[str]]:
+    """Wait for the job to end; (final status, logs, paddock metric names seen on ``watch``)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -146,7 +155,8 @@ def submit(
         time.sleep(2)
         status = client.get_job_status(job_id)
     logs = client.get_job_logs(job_id)
-    return {JobStatus.SUCCEEDED: "SUCCEEDED", JobStatus.FAILED: "FAILED"}.get(status, str(status)), logs, seen
+    names = {JobStatus.SUCCEEDED: "SUCCEEDED", JobStatus.FAILED: "FAILED", JobStatus.STOPPED: "STOPPED"}
+    return names.get(status, str(status)), logs, seen
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +197,50 @@ def test_submitted_sft_job_succeeds_and_leaves_its_mlflow_run(head, runtime_env,
 
 
 @pytest.mark.reliability
+def test_ray_job_stop_ends_the_stage_run_killed_and_frees_its_directory(
+    head, runtime_env, home, world_dir, tokenizer_dir
+):
+    """``ray job stop`` sends SIGTERM (then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, 3 s): the SFT run it stops
+    mid-stage ends KILLED, not RUNNING for ever, and its output directory is free for the next run."""
+    from paddock import atomic, tracking
+
+    sets = [
+        *overrides(world_dir, tokenizer_dir)["sft"],
+        "train.max_steps=400",
+        "train.eval_every=400",
+        "registry_prefix=stopped",
+    ]
+    address = head[0]
+    job_id = start(address, runtime_env, *stage_args("sft", sets))
+    client = tracking.configure()
+    experiment = client.get_experiment_by_name("paddock-tiny").experiment_id
+    query = "tags.`paddock.registered_name` = 'stopped-sft'"
+    lock_file = home / "runs" / "stopped-sft" / ".paddock.lock"
+    deadline = time.monotonic() + 300
+    runs: list = []
+    while time.monotonic() < deadline:  # stop it once its stage run has started and holds the directory
+        runs = client.search_runs([experiment], query)
+        if runs and lock_file.is_file() and runs[0].info.run_id in lock_file.read_text():
+            break
+        time.sleep(0.5)
+    assert runs and runs[0].info.status == "RUNNING", "the job never started its stage"
+    subprocess.run(
+        [str(BIN / "ray"), "job", "stop", "--address", address, job_id],
+        env=cli_env(),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    status, logs, _ = wait(address, job_id)
+    assert status == "STOPPED", logs[-3000:]
+    [run] = client.search_runs([experiment], query)
+    assert run.info.status == "KILLED", (run.info.status, logs[-3000:])
+    assert run.data.tags["paddock.error"].startswith("SystemExit"), run.data.tags["paddock.error"]
+    with atomic.locked(home / "runs" / "stopped-sft", "sft") as lock:  # free, and it names the stopped run
+        assert f"MLflow run {run.info.run_id}" in lock.previous
+
+
+@pytest.mark.reliability
 def test_submitted_job_with_a_bad_config_fails_with_the_error_in_its_logs(head, runtime_env):
     status, logs, _ = submit(
         head[0],
@@ -215,6 +269,11 @@ def test_submitted_ppo_step_exports_ppo_metrics(head, runtime_env, world_dir, to
         "ppo.max_new_tokens=8",
         "ppo.eval_every=100",
         "ppo.eval_max_prompts=4",
+        # the fewest processes that still run every role: one rollout worker, one learner, one scorer for the
+        # reference and both reward models
+        "ppo.rollout_workers=1",
+        "ppo.placement=colocated",
+        "train.num_workers=1",
         "registry_prefix=submitted",
     ]
     args = stage_args("ppo", sets)

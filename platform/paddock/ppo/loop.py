@@ -18,6 +18,7 @@ that holds them and is asked again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -30,7 +31,7 @@ from typing import Any
 import ray
 
 from paddock import atomic, plan, tracking
-from paddock.cluster import connect, gather
+from paddock.cluster import ask, connect, gather
 from paddock.config import PPOJob, paddock_home, resolve_path
 from paddock.data.validate import load_dataset
 from paddock.evaluate import evaluate_policy
@@ -267,6 +268,15 @@ def reward_kl_figure(history: list[dict[str, float]], evals: list[dict[str, floa
     return fig
 
 
+def _wake(hub: Any, buffer: Any, stop: str | None = None) -> None:
+    """Wake whatever waits on the hub or the buffer (asking the learners to stop when ``stop`` says why); one that
+    died already wakes nobody, and its death is reported where it was noticed."""
+    calls = [hub.request_stop.remote(stop) if stop else hub.finish.remote(), buffer.close.remote()]
+    for call in calls:
+        with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            ray.get(call, timeout=60)
+
+
 class Driver:
     def __init__(
         self,
@@ -349,15 +359,19 @@ class Driver:
         score_s = time.perf_counter() - t1
         exp = build_experience(samples, ref_lp, values, r_h, r_s, p, self.running)
         if p.whiten == "running":
-            ray.get(self.hub.set_driver_state.remote({"running": self.running.state_dict()}))
+            self.ask(
+                "the policy hub", self.hub.set_driver_state.remote({"running": self.running.state_dict()})
+            )
         chunk = p.batch_prompts // p.rollout_workers
         gen_tokens = sum(len(r) for r in response_ids)
         for i in range(0, len(exp.rows), chunk):
             table = to_table(exp.rows[i : i + chunk])
-            held = ray.get(self.buffer.put.remote([ray.put(table)], table.num_rows, pub.version))
+            held = self.ask(
+                "the rollout buffer", self.buffer.put.remote([ray.put(table)], table.num_rows, pub.version)
+            )
             if held < 0:
                 break  # the learners are done
-        stats = ray.get(self.buffer.stats.remote())
+        stats = self.ask("the rollout buffer", self.buffer.stats.remote())
         self.record(
             b,
             exp.metrics
@@ -413,10 +427,16 @@ class Driver:
                     f"{self.best[1] if self.best else 'n/a'})"
                 )
 
+    def ask(self, name: str, call: Any) -> Any:
+        """A call on the hub or the buffer: at most ``actor_timeout_s``, and their death ends the run naming them
+        (they hold the publications and the experience in flight, which a restarted actor would not have)."""
+        return ask(name, call, self.actors.timeout_s, f"PPO's driver at batch {self.next_batch}")
+
     def stop(self, reason: str) -> None:
         """Early stop: learners finish the iteration they hold; one waiting for experience is woken."""
         print(f"[ppo] stopping: {reason}", flush=True)
-        ray.get([self.hub.request_stop.remote(reason), self.buffer.close.remote()])
+        self.ask("the policy hub", self.hub.request_stop.remote(reason))
+        self.ask("the rollout buffer", self.buffer.close.remote())
 
     def keep_best(self, pub: Publication, digest: str) -> bool:
         """Save the evaluated weights as ``best``; False (and ``best`` untouched) when that is impossible.
@@ -482,9 +502,11 @@ class Driver:
                 and not self.broken
                 and self.next_batch < p.iterations
                 and self.next_batch <= loaded.iteration + p.staleness
-                and ray.get(self.hub.stop_requested.remote()) is None
+                and self.ask("the policy hub", self.hub.stop_requested.remote()) is None
             )
-            pub = ray.get(self.hub.wait_newer.remote(self.seen, 0.01 if can_generate else 2.0))
+            pub = self.ask(
+                "the policy hub", self.hub.wait_newer.remote(self.seen, 0.01 if can_generate else 2.0)
+            )
             if pub is not None:
                 try:
                     self.take(pub)
@@ -546,7 +568,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
     namespace = f"paddock-ppo-{uuid.uuid4().hex[:8]}"
     tags = {"paddock.registered_name": name, "paddock.upstream": job.policy}
     with tracking.stage_run(job.experiment, "ppo", job.model_dump(mode="json"), tags=tags) as run:
-        lock.note(f"ppo, MLflow run {run.run_id}")
+        tracking.close_stale(lock, "ppo", run)
         run.log_dataset(resolve_path(p.prompts), "prompts-train", "training", report.total, report.n_bad)
         run.log_dataset(
             resolve_path(p.eval_prompts), "prompts-test", "eval", eval_report.total, eval_report.n_bad
@@ -602,14 +624,13 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
         driver = Driver(job, run, work, prompts, eval_prompts, actors, hub, buffer)
         start = time.monotonic()
         # When the learners end, for good or not, wake whatever waits on the buffer or the hub.
-        thread, box = fit_in_thread(trainer, lambda: ray.get([buffer.close.remote(), hub.finish.remote()]))
+        thread, box = fit_in_thread(trainer, lambda: _wake(hub, buffer))
         try:
             driver.loop(thread)
         except BaseException as exc:
             # Wake the learners (they may be waiting for experience or for receivers) and let them end.
             print(f"[ppo] the driver failed ({type(exc).__name__}: {exc}); stopping the learners", flush=True)
-            ray.get(hub.request_stop.remote(f"driver failed: {type(exc).__name__}: {exc}"))
-            ray.get(buffer.close.remote())
+            _wake(hub, buffer, f"driver failed: {type(exc).__name__}: {exc}")
             del store  # a stream waiting for its receivers fails now rather than at its timeout
             thread.join()
             raise

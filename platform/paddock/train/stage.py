@@ -384,7 +384,7 @@ def _run_supervised(
     tc, total = job.train, p.spec.total_steps
     tags = {"paddock.registered_name": p.name, "paddock.upstream": job.model.init_from or ""}
     with tracking.stage_run(job.experiment, stage, job.model_dump(mode="json"), tags=tags) as run:
-        lock.note(f"{stage}, MLflow run {run.run_id}")
+        tracking.close_stale(lock, stage, run)
         for path, ds_name, context, n, bad in p.inputs:
             run.log_dataset(path, ds_name, context, n, bad)
         run.log_params(
