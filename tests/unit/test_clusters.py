@@ -16,6 +16,43 @@ def ray_version() -> str:
     return ray.__version__
 
 
+def paddock_version() -> str:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_the_images_install_paddock_as_make_does_on_rays_own_images():
+    """docker/Dockerfile builds on Ray's image of the pinned version and installs through docker/install.sh, the
+    script make's .venv comes from; make image names the variants after pyproject's version. (Built where a
+    Docker daemon and Docker Hub are reachable: neither is, on the CI machine.)"""
+    import subprocess
+
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert f"ARG BASE=rayproject/ray:{ray_version()}-py311-cpu" in dockerfile
+    assert "sh docker/install.sh python" in dockerfile
+    assert (
+        "TORCH='$(TORCH)' sh docker/install.sh $(BIN)/python -e '.[dev]'" in (REPO / "Makefile").read_text()
+    )
+    builds = {}
+    for variant in ("cpu", "cuda"):
+        out = subprocess.run(
+            ["make", "-n", "image", f"VARIANT={variant}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        builds[variant] = out.split()
+    cu = "cu128"
+    assert f"BASE=rayproject/ray:{ray_version()}-py311-{cu}" in builds["cuda"]
+    assert f"TORCH_INDEX=https://download.pytorch.org/whl/{cu}" in builds["cuda"]
+    assert builds["cuda"][-2:] == [f"paddock:{paddock_version()}-cuda", "."]
+    assert builds["cpu"][-2:] == [f"paddock:{paddock_version()}-cpu", "."]
+    dockerignore = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".paddock", ".git"} <= set(dockerignore)
+
+
 @pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
 def test_cluster_yaml_validates_against_rays_schema(path: Path):
     import jsonschema
@@ -83,17 +120,18 @@ def test_kuberay_manifests_have_their_crds_required_fields(name: str, kind: str,
         assert template["metadata"]["labels"]["app.kubernetes.io/part-of"] == "paddock"
         assert template["spec"]["securityContext"]["runAsNonRoot"] is True
     for container in _containers(spec):
-        image = container["image"]
-        assert image.startswith(f"rayproject/ray:{ray_version()}"), image
+        image = container["image"]  # paddock's image of the variant the pod's hardware needs
+        gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+        assert image == f"ghcr.io/your-org/paddock:{paddock_version()}-{'cuda' if gpus else 'cpu'}", image
         assert container["resources"]["limits"]
         assert container["securityContext"] == {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
         }
         assert {"secretRef": {"name": "paddock-mlflow"}} in container["envFrom"]
-    if kind == "RayJob":
-        assert doc["spec"]["entrypoint"].startswith("python jobs/")
-        assert "torch==2.13.0" in doc["spec"]["runtimeEnvYAML"]
+    if kind == "RayJob":  # runs what the image holds, installing nothing at job start
+        assert doc["spec"]["entrypoint"].startswith("cd /home/ray/paddock && python jobs/")
+        assert "pip" not in yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
     if kind == "RayService":
         serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
         app = serve["applications"][0]
