@@ -25,10 +25,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BYO = REPO / "jobs" / "configs" / "byo"
 
 # What the test shrinks, stage by stage (the shipped sizes take about 10 minutes)
+# The supervised stages train in the driver (local mode: one rank, two micro-batches a step, the sequences of two
+# workers), which spares three Ray Train worker start-ups.
+LOCAL = ["train.num_workers=0", "train.grad_accum=2"]
 SMALL: dict[str, list[str]] = {
-    "sft": ["train.max_steps=60", "train.eval_every=60", "train.checkpoint_every=60"],
-    "reward_helpfulness": ["train.max_steps=20", "train.eval_every=20", "train.checkpoint_every=20"],
-    "reward_safety": ["train.max_steps=20", "train.eval_every=20", "train.checkpoint_every=20"],
+    "sft": [*LOCAL, "train.max_steps=60", "train.eval_every=60", "train.checkpoint_every=60"],
+    "reward_helpfulness": [*LOCAL, "train.max_steps=20", "train.eval_every=20", "train.checkpoint_every=20"],
+    "reward_safety": [*LOCAL, "train.max_steps=20", "train.eval_every=20", "train.checkpoint_every=20"],
     "rejection_sampling": [
         "rejection.max_prompts=16",
         "rejection.k=2",

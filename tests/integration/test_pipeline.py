@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability
 RUN = ["world", "tokenizer", "pretrain", "sft"]
 SKIP = [s for s in PIPELINE_STAGES if s not in RUN]
 SMALL = ["train.cpus_per_worker=0.5", "train.num_workers=2", "data.seq_len=128"]
+
+
+def committed_checkpoint(storage: Path, timeout_s: float) -> Path:
+    """The SFT run's checkpoint-manager snapshot once it records a checkpoint (polled)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for snapshot in storage.glob("tiny-sft-*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text())["checkpoint_results"]:
+                    return snapshot
+            except (ValueError, KeyError):  # being written
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"no SFT checkpoint recorded under {storage} within {timeout_s} s")
 
 
 def small_pipeline(path: Path) -> Path:
@@ -61,8 +76,8 @@ def small_pipeline(path: Path) -> Path:
                 "config": f"{tiny}/sft.yaml",
                 "overrides": [
                     *SMALL,
-                    "train.max_steps=40",
-                    "train.eval_every=40",
+                    "train.max_steps=60",  # far from done when the first checkpoint is committed
+                    "train.eval_every=60",
                     "train.log_every=5",
                     "train.checkpoint_every=5",
                 ],
@@ -98,9 +113,12 @@ def test_killed_pipeline_resumes_at_the_unfinished_stage(ray_cluster, tmp_path: 
     lines = []
     for line in first.stdout:
         lines.append(line)
-        if line.startswith("[sft] step 10/"):  # the checkpoint of step 5 is committed by then
-            first.send_signal(signal.SIGKILL)  # no cleanup, as when the node running the driver dies
+        if line.startswith("[sft] step 10/"):
             break
+    # A checkpoint counts once Ray Train's controller has recorded it in its snapshot, which it does a poll (about
+    # 2 s) after the report the driver printed: kill at that point, not at a time.
+    committed_checkpoint(home / "ray_results", timeout_s=300)
+    first.send_signal(signal.SIGKILL)  # no cleanup, as when the node running the driver dies
     first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL, "".join(lines[-30:])
 

@@ -163,7 +163,7 @@ def test_killed_worker_resumes_to_the_same_loss(
             Path(self.marker).write_text(str(step))
 
     o = overrides(world_dir, tokenizer_dir)
-    short = [*o["pretrain"], "train.max_steps=40", "train.checkpoint_every=5", "train.eval_every=40"]
+    short = [*o["pretrain"], "train.max_steps=25", "train.checkpoint_every=5", "train.eval_every=25"]
     clean = run_supervised(
         load_config(PretrainJob, REPO / "jobs/configs/tiny/pretrain.yaml", [*short, "registry_prefix=clean"]),
         "pretrain",
@@ -180,7 +180,7 @@ def test_killed_worker_resumes_to_the_same_loss(
     # Records reach the driver with each report, the damaged checkpoint's steps among them, before the kill.
     # A restart from the whole checkpoint before it (damaged - 5) runs the step after that one again; from the
     # damaged one it would not; from scratch, step 1 would run twice.
-    assert sorted(set(steps)) == list(range(1, 41)), "every step ran, up to the last"
+    assert sorted(set(steps)) == list(range(1, 26)), "every step ran, up to the last"
     assert steps.count(1) == 1, "the run restarted from a checkpoint, not step 0"
     assert steps.count(damaged - 4) == 2 and steps.count(damaged - 5) == 1, (
         f"it fell back past the damaged checkpoint of step {damaged} to step {damaged - 5}"
