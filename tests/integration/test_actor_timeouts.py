@@ -109,7 +109,7 @@ def test_the_hub_or_the_buffer_dying_ends_the_run_naming_it(ray_cluster, tmp_pat
     hub, buffer = PolicyHub.remote(), RolloutBuffer.remote(64)  # type: ignore[attr-defined]
     driver = Driver(job, None, tmp_path, [], [], Actors(), hub, buffer)  # type: ignore[arg-type]
     ray.kill(buffer)
-    with pytest.raises(ActorLost, match=r"^PPO's driver at batch 0: the rollout buffer died \(Ray"):
+    with pytest.raises(ActorLost, match=r"^PPO's driver at batch 0: the rollout buffer died \(\w+Error\)"):
         driver.stop("kl_limit passed")  # the hub answers (its stop request is kept); the buffer does not
     assert ray.get(hub.stop_requested.remote()) == "kl_limit passed"
     ray.kill(hub)
