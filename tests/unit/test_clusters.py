@@ -36,14 +36,15 @@ def test_the_images_install_paddock_as_make_does_on_rays_own_images():
     )
     builds = {}
     for variant in ("cpu", "cuda"):
-        out = subprocess.run(
-            ["make", "-n", "image", f"VARIANT={variant}"],
+        out = subprocess.run(  # under make test, make would also print the directories it enters
+            ["make", "--no-print-directory", "-n", "image", f"VARIANT={variant}"],
             cwd=REPO,
             capture_output=True,
             text=True,
             check=True,
         ).stdout
-        builds[variant] = out.split()
+        [build] = [line for line in out.splitlines() if line.startswith("docker build ")]
+        builds[variant] = build.split()
     cu = "cu128"
     assert f"BASE=rayproject/ray:{ray_version()}-py311-{cu}" in builds["cuda"]
     assert f"TORCH_INDEX=https://download.pytorch.org/whl/{cu}" in builds["cuda"]
