@@ -98,6 +98,12 @@ def server(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     yield server
+    # mlflow keeps the tracking and registry URIs that tracking.configure() last set in globals: give the session's
+    # store back to the tests that follow
+    from paddock import tracking
+
+    monkeypatch.undo()
+    tracking.configure()
     server.stop()
 
 

@@ -151,7 +151,8 @@ def test_killed_pipeline_resumes_at_the_unfinished_stage(ray_cluster, tmp_path: 
     )
     assert [p.stat().st_mtime_ns for p in finished_files] == mtimes
 
-    client = mlflow.MlflowClient(f"sqlite:///{home}/mlflow.db")
+    store = f"sqlite:///{home}/mlflow.db"
+    client = mlflow.MlflowClient(store, store)  # the registry too: mlflow's default is a process-wide global
     for name in ("tiny-base", "tiny-sft"):
         assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"], name
     parent = client.get_run(state["parent_run_id"])
