@@ -357,7 +357,10 @@ def _end_failed(exc: BaseException, text: bool = False) -> None:
     # SystemExit too: the SIGTERM handler ray.init() installs in a driver exits the process (paddock never does)
     stopped = isinstance(exc, (Stopped, KeyboardInterrupt, SystemExit))
     if not server_answers(tracking_uri()):  # MLflow's client would retry for minutes
-        print("[mlflow] could not end the run: the server does not answer; the stage's next start closes it")
+        print(
+            "[mlflow] could not end the run: the server does not answer; the stage's next start closes it",
+            flush=True,
+        )
         return
     try:
         mlflow.set_tag("paddock.error", f"{type(exc).__name__}: {exc}"[:5000])
