@@ -89,7 +89,7 @@ class Lock:
 
     def __init__(self, directory: Path, file: IO[str], previous: str = ""):
         self.directory, self.file = directory, file
-        self.previous = previous  # what the last holder noted (``tracking.close_stale`` reads its run id)
+        self.previous = previous  # what the last holder noted (``tracking.claim`` reads its run id)
 
     def note(self, holder: str) -> None:
         """Say who holds it (e.g. the MLflow run id, once known): a refused run prints this."""

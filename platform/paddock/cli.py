@@ -61,10 +61,10 @@ def run_stage(
         UpstreamModelError,
     )
     args = parser(description).parse_args(argv)
+    # SIGTERM (ray job stop) ends the stage's runs KILLED; ray.init() later puts in its own handler, which exits the
+    # process, and tracking treats that exit as a stop too
     if threading.current_thread() is threading.main_thread():
-        signal.signal(
-            signal.SIGTERM, _stop
-        )  # ray.init() puts its own in, which exits: runs end KILLED either way
+        signal.signal(signal.SIGTERM, _stop)
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
         stage(cfg)

@@ -101,7 +101,7 @@ def ask(name: str, call: Any, timeout_s: float, doing: str) -> Any:
     except ray.exceptions.RayActorError as exc:
         raise ActorLost(
             f"{doing}: {name} died ({type(exc).__name__}); what it held cannot be rebuilt in this run, so the "
-            "stage stops here (under a pipeline a rerun resumes from the learners' last checkpoint)"
+            "stage stops here"
         ) from exc
 
 

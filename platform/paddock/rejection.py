@@ -151,7 +151,7 @@ def _run(job: RejectionJob, lock: atomic.Lock) -> RejectionResult:
         job.model_dump(mode="json"),
         tags={"paddock.upstream": job.policy},
     ) as run:
-        tracking.close_stale(lock, "rejection_sampling", run)
+        tracking.claim(lock, "rejection_sampling", run)
         run.log_dataset(resolve_path(rc.prompts), "prompts", "sampling", report.total, report.n_bad)
         samples, combined = sample_and_score(job, prompts)
         maxima, medians = best_of_n_curve(combined)

@@ -186,12 +186,14 @@ class StageRun:
         stage's own run id (each run its own)."""
         return (self.parent_run_id or self.run_id)[:8]
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue the values at ``step`` and send the queue; never waits for a server that does not answer."""
+    def log_metrics(self, metrics: Mapping[str, float], step: int, send: bool = True) -> None:
+        """Queue the values at ``step`` and (unless ``send`` is False: the caller sends a batch of steps at once)
+        send the queue; never waits for a server that does not answer."""
         clean = {k: float(v) for k, v in metrics.items() if k != "step" and v == v}  # drop NaN
         stamp = int(time.time() * 1000)
         self.outbox.extend(Metric(k, v, stamp, step) for k, v in clean.items())
-        self.send()
+        if send:
+            self.send()
 
     def send(self) -> bool:
         """Send the outbox (1000 values a request, MLflow's limit); False, keeping what was not sent, while the
@@ -371,7 +373,7 @@ def _end_failed(exc: BaseException, text: bool = False) -> None:
         print(f"[mlflow] could not end the run: {type(problem).__name__}: {str(problem)[:200]}", flush=True)
 
 
-def close_stale(lock: Any, what: str, run: StageRun) -> None:
+def claim(lock: Any, what: str, run: StageRun) -> None:
     """Note ``run`` as the holder of ``lock`` (``paddock.atomic.Lock``). A run that the previous holder left
     RUNNING (its process was killed: the kernel freed its lock) is marked KILLED first."""
     found = re.search(r"MLflow run ([0-9a-f]{32})", lock.previous)
@@ -381,10 +383,15 @@ def close_stale(lock: Any, what: str, run: StageRun) -> None:
         except MlflowException:
             stale = None
         if stale is not None and stale.info.status == "RUNNING":
-            run.client.set_tag(stale.info.run_id, "paddock.error", f"its {what} process died during the run")
-            run.client.set_terminated(stale.info.run_id, status="KILLED")
-            print(f"[{what}] marked the interrupted run {stale.info.run_id} KILLED", flush=True)
+            _mark_killed(run.client, stale, f"its {what} process died during the run", what)
     lock.note(f"{what}, MLflow run {run.run_id}")
+
+
+def _mark_killed(client: MlflowClient, run: Any, why: str, who: str) -> None:
+    """Close a run that a killed process left RUNNING: KILLED, with ``why`` as its error."""
+    client.set_tag(run.info.run_id, "paddock.error", why)
+    client.set_terminated(run.info.run_id, status="KILLED")
+    print(f"[{who}] marked the interrupted run {run.info.run_name or run.info.run_id} KILLED", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -624,11 +631,7 @@ def parent_run(experiment: str, name: str, run_id: str | None = None) -> Iterato
                 if child.data.tags.get("paddock.stage") == "round":
                     parents.append(child.info.run_id)
                     continue  # resumed by the pipeline, by its id
-                client.set_tag(
-                    child.info.run_id, "paddock.error", "the pipeline driver died during this stage"
-                )
-                client.set_terminated(child.info.run_id, status="KILLED")
-                print(f"[pipeline] marked the interrupted run {child.info.run_name} KILLED", flush=True)
+                _mark_killed(client, child, "the pipeline driver died during this stage", "pipeline")
     else:
         run = mlflow.start_run(experiment_id=exp, run_name=name, tags={"paddock.stage": name})
     with _ending(run) as run_id:

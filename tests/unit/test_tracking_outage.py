@@ -113,7 +113,7 @@ def test_the_next_start_closes_the_run_a_killed_holder_left_running(monkeypatch,
     with atomic.locked(work, "sft") as lock:
         lock.note(f"sft, MLflow run {stale}")
     with atomic.locked(work, "sft") as lock, tracking.stage_run("outage-test", "sft", {}) as run:
-        tracking.close_stale(lock, "sft", run)
+        tracking.claim(lock, "sft", run)
         assert (work / ".paddock.lock").read_text().startswith(f"sft, MLflow run {run.run_id}")
     old = client.get_run(stale)
     assert old.info.status == "KILLED"
@@ -121,5 +121,5 @@ def test_the_next_start_closes_the_run_a_killed_holder_left_running(monkeypatch,
     assert client.get_run(run.run_id).info.status == "FINISHED"
     # a finished predecessor is left as it was
     with atomic.locked(work, "sft") as lock, tracking.stage_run("outage-test", "sft", {}) as again:
-        tracking.close_stale(lock, "sft", again)
+        tracking.claim(lock, "sft", again)
     assert client.get_run(run.run_id).info.status == "FINISHED"

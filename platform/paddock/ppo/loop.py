@@ -568,7 +568,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
     namespace = f"paddock-ppo-{uuid.uuid4().hex[:8]}"
     tags = {"paddock.registered_name": name, "paddock.upstream": job.policy}
     with tracking.stage_run(job.experiment, "ppo", job.model_dump(mode="json"), tags=tags) as run:
-        tracking.close_stale(lock, "ppo", run)
+        tracking.claim(lock, "ppo", run)
         run.log_dataset(resolve_path(p.prompts), "prompts-train", "training", report.total, report.n_bad)
         run.log_dataset(
             resolve_path(p.eval_prompts), "prompts-test", "eval", eval_report.total, eval_report.n_bad

@@ -286,7 +286,7 @@ def _run(job: CollectJob, lock: atomic.Lock) -> CollectResult:
         job.model_dump(mode="json"),
         tags={"paddock.upstream": ",".join(job.models), "paddock.round": str(cc.round)},
     ) as run:
-        tracking.close_stale(lock, f"collect_preferences round {cc.round}", run)
+        tracking.claim(lock, f"collect_preferences round {cc.round}", run)
         if ann.kind == "external" and ann.labels:
             rows = read_annotations(resolve_path(ann.labels))
         elif batch_path.is_file():  # a rerun labels the batch it wrote, never a new sample

@@ -220,8 +220,9 @@ def _follow(
                             flush=True,
                         )
                     history.append(m)
-                    run.log_metrics(m, step=int(m["step"]))
+                    run.log_metrics(m, step=int(m["step"]), send=False)
                     progress.update(m)
+                run.send()  # a report's steps in one request
         except Empty:
             pass
         if not alive:
@@ -384,7 +385,7 @@ def _run_supervised(
     tc, total = job.train, p.spec.total_steps
     tags = {"paddock.registered_name": p.name, "paddock.upstream": job.model.init_from or ""}
     with tracking.stage_run(job.experiment, stage, job.model_dump(mode="json"), tags=tags) as run:
-        tracking.close_stale(lock, stage, run)
+        tracking.claim(lock, stage, run)
         for path, ds_name, context, n, bad in p.inputs:
             run.log_dataset(path, ds_name, context, n, bad)
         run.log_params(
