@@ -52,8 +52,14 @@ def partitioned(tc: TrainConfig, optim: OptimConfig, world: int) -> Iterator[Non
     if tc.zero_stage != 3:
         yield
         return
+    import deepspeed
+    import torch.distributed as tdist
     from transformers.integrations import HfDeepSpeedConfig
 
+    if tdist.is_initialized() and not deepspeed.comm.is_initialized():
+        # zero.Init sizes its batch check by DeepSpeed's own view of the group, which is one rank until DeepSpeed
+        # adopts the group Ray Train made (deepspeed.initialize would, but only after the models are created)
+        deepspeed.init_distributed(dist_backend=tdist.get_backend())
     previous = _zero3_config
     _zero3_config = HfDeepSpeedConfig(deepspeed_config(tc, optim, world))
     try:
