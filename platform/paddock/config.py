@@ -532,11 +532,6 @@ class SupervisedJob(StageConfig):
             return self
         if self.model.init_from is None:
             raise ValueError("model.lora: adapters train on a starting checkpoint; set model.init_from")
-        if self.train.zero_stage == 3:
-            raise ValueError(
-                "model.lora with train.zero_stage 3: not supported yet (the export folds adapters into whole "
-                "weights); use zero_stage 2: with adapters the optimiser state is small anyway"
-            )
         return self
 
 
@@ -869,8 +864,10 @@ class PPOJob(StageConfig):
     lora: LoraSettings | None = Field(
         None,
         description="Train low-rank adapters on the policy instead of every weight (peft, the lora extra); the "
-        "rollout workers receive the merged weights and the registered policy is a plain checkpoint. The value "
-        "model trains whole.",
+        "rollout workers hold the start policy under the adapters, receive the adapters alone and give the "
+        "reference log-probs with them off (no reference scorer; behind vLLM they receive the merged weights and a "
+        "reference scorer is kept). The registered policy is a plain checkpoint; the value model trains whole; "
+        "any ZeRO stage.",
     )
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(lr=1e-6, schedule="constant", warmup_steps=0),
@@ -903,11 +900,6 @@ class PPOJob(StageConfig):
         if p.batch_prompts % p.rollout_workers:
             raise ValueError(
                 f"ppo.rollout_workers: must divide ppo.batch_prompts ({p.batch_prompts}), got {p.rollout_workers}"
-            )
-        if self.lora is not None and t.zero_stage == 3:
-            raise ValueError(
-                "lora with train.zero_stage 3: not supported yet (the published weights fold each adapter into its "
-                "whole base weight); use zero_stage 2: with adapters the optimiser state is small anyway"
             )
         return self
 

@@ -3,10 +3,15 @@ optional extra (``pip install -e '.[lora]'``).
 
 With ``model.lora`` set, a supervised stage (SFT, a reward model) trains low-rank adapters on the configured
 projections instead of every weight (a reward model's new scalar head trains whole). What is exported and
-registered is always a plain checkpoint: at the end of training each adapter is folded into its base weight,
-``W + (alpha / r) B A``, so evaluation, serving and the next stages never see peft. With ``lora`` on a PPO job the
-learners train the policy's adapters and publish ``merged_state``: the plain model's tensors, each adapted weight
-folded on the fly without touching the training copy, so the rollout workers load them like any publication.
+registered is always a plain checkpoint: each adapter is folded into its base weight, ``W + (alpha / r) B A``,
+as the weights are gathered (``merged_state``; under ZeRO-3 one layer at a time), so evaluation, serving and the
+next stages never see peft.
+
+With ``lora`` on a PPO job the learners train the policy's adapters and publish only them (``adapter_shapes``):
+the rollout workers hold the same base with the same adapters, sample with the adapters on and compute the
+reference log-probs (the KL anchor, the start policy) with them off, so no reference copy of the policy is held
+anywhere, and a publication moves the adapters' bytes rather than the model's. (Behind vLLM the workers hold a
+plain model: the learners publish the merged weights and a reference scorer holds the start policy.)
 """
 
 from __future__ import annotations
@@ -54,14 +59,6 @@ def is_lora(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def merged(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model with every adapter folded into its base weight (in place: call it when training is over).
-    A model without adapters is returned as it is."""
-    if not is_lora(model):
-        return model
-    return model.merge_and_unload()  # type: ignore[operator,no-any-return]
-
-
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -82,44 +79,91 @@ def _adapted(model: torch.nn.Module) -> dict[str, Any]:
     return out
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a peft model's state entry is an adapter's own tensor (LoRA's A or B)."""
+    return ".lora_" in name
+
+
 def plain_name(name: str) -> str | None:
-    """A peft model's state name as the plain model's, or None for the adapters' own tensors."""
-    if ".lora_" in name:
+    """A peft model's state name as the plain model's, or None for entries the plain model does not hold: the
+    adapters' own tensors, and a reward head's untrained original (peft keeps it beside the trained copy)."""
+    if is_adapter(name) or ".original_module." in name:
         return None
     name = name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
-    return name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+    return name.replace(".modules_to_save.default.", ".")
+
+
+def _layer_of(name: str) -> str:
+    """The plain weight name of the layer an adapter tensor belongs to: ``...q_proj.lora_B.default.weight`` ->
+    ``...q_proj.weight``."""
+    return f"{name.removeprefix(PEFT_PREFIX).split('.lora_')[0]}.weight"
 
 
 @torch.no_grad()
-def merged_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_state(
+    model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The plain model's state, in its order, from a peft model: each adapted weight as ``W + scale B A`` (a new
-    tensor; the model is not changed), everything else as it is. A model without adapters yields its own state."""
+    tensor; the model is not changed), everything else as it is. ``tensors``: the model's state as a stream (under
+    ZeRO-3, ``engine.gathered_state``, every rank iterating; a base weight is copied while its adapters arrive);
+    by default ``model.state_dict()``. A model without adapters yields the stream itself."""
+    stream = iter(model.state_dict().items()) if tensors is None else tensors
     if not is_lora(model):
-        yield from model.state_dict().items()
+        yield from stream
         return
     adapted = _adapted(model)
-    seen = set()
-    for name, tensor in model.state_dict().items():
+    held: dict[str, dict[str, torch.Tensor]] = {}  # a layer's plain weight name -> its base, A and B so far
+    for name, tensor in stream:
         plain = plain_name(name)
-        if plain is None or plain in seen:
-            continue
-        seen.add(plain)
-        layer = adapted.get(plain)
-        if layer is not None and ".base_layer." in name:
-            delta = layer.get_delta_weight("default")  # type: ignore[operator]
-            yield plain, tensor + delta.to(tensor.dtype)
-        else:
+        if plain is not None and plain not in adapted:
             yield plain, tensor
+            continue
+        if plain is None and not is_adapter(name):
+            continue  # a reward head's untrained original
+        key = plain or _layer_of(name)
+        part = "base" if plain is not None else ("A" if ".lora_A." in name else "B")
+        got = held.setdefault(key, {})
+        got[part] = tensor.clone()  # under ZeRO-3 a gathered tensor is released when the gather moves on
+        if len(got) == 3:
+            del held[key]
+            layer = adapted[key]
+            delta = (got["B"].float() @ got["A"].float()) * layer.scaling["default"]
+            if layer.fan_in_fan_out:
+                delta = delta.T
+            yield key, (got["base"].float() + delta).to(got["base"].dtype)
+    if held:
+        raise ValueError(f"adapted weights without their base or adapters: {sorted(held)[:3]}")
 
 
 def merged_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of ``merged_state`` without computing it."""
-    if not is_lora(model):
-        return [(n, tuple(t.shape)) for n, t in model.state_dict().items()]
-    out, seen = [], set()
-    for name, tensor in model.state_dict().items():
-        plain = plain_name(name)
-        if plain is not None and plain not in seen:
-            seen.add(plain)
-            out.append((plain, tuple(tensor.shape)))
+    """(name, full shape) of ``merged_state`` without computing it (also under ZeRO-3)."""
+    from paddock.train.engine import state_shapes
+
+    out = []
+    for name, shape in state_shapes(model):
+        plain = name if not is_lora(model) else plain_name(name)
+        if plain is not None:
+            out.append((plain, shape))
     return out
+
+
+def adapter_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, full shape) of the adapters' own tensors, in state order: what a LoRA policy publishes to rollout
+    workers that hold the same base."""
+    from paddock.train.engine import state_shapes
+
+    return [(n, shape) for n, shape in state_shapes(model) if is_adapter(n)]
+
+
+def merged_digest(model: torch.nn.Module) -> str:
+    """``models.model_digest`` of the plain model ``merged_state`` describes: the digest of the checkpoint
+    ``save_merged`` writes."""
+    from paddock.models import state_digest
+
+    if not is_lora(model):
+        from paddock.models import model_digest
+
+        return model_digest(model)
+    params = {plain_name(n) for n, _ in model.named_parameters()} - {None}
+    every = {plain_name(n) for n, _ in model.named_parameters(remove_duplicate=False)} - {None}
+    return state_digest(dict(merged_state(model)), params, every)

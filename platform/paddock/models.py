@@ -255,9 +255,14 @@ def model_digest(model: torch.nn.Module) -> str:
 
     Equals ``checkpoint_digest`` of the directory ``save_pretrained`` writes, so a digest taken where weights are
     evaluated can be checked where they are registered. One tensor at a time is copied to the host."""
-    state = model.state_dict()
-    params = dict(model.named_parameters())  # shared tensors once, under their first name
+    params = {n for n, _ in model.named_parameters()}  # shared tensors once, under their first name
     every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return state_digest(model.state_dict(), params, every)
+
+
+def state_digest(state: Mapping[str, torch.Tensor], params: set[Any], every: set[Any]) -> str:
+    """``model_digest`` of a state dict: ``params`` names each parameter once (shared ones by their first name),
+    ``every`` every name a parameter goes by; entries that are no parameter (buffers) count too."""
     keep = sorted(k for k in state if k in params or k not in every)
     return _digest((k, state[k]) for k in keep)
 
@@ -286,14 +291,22 @@ def save_checkpoint(
     """Write ``model`` (safetensors), its tokenizer and small text ``files`` to ``out`` through a temporary
     sibling renamed into place, so ``out`` holds either the old checkpoint or the whole new one. Returns the
     written checkpoint's digest, checked against the model's: a mismatch raises and leaves ``out`` untouched."""
+    from paddock import lora
+
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
+        if lora.is_lora(model):  # a base with adapters (a LoRA policy's rollout worker): saved merged, plain
+            state = dict(lora.merged_state(model))
+            model.get_base_model().save_pretrained(str(tmp), state_dict=state, safe_serialization=True)  # type: ignore[operator]
+            expected = lora.merged_digest(model)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
+            expected = model_digest(model)
         tok.save_pretrained(str(tmp))
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-        digest, expected = checkpoint_digest(tmp), model_digest(model)
+        digest = checkpoint_digest(tmp)
         if digest != expected:
             raise RuntimeError(
                 f"{out}: the written weights' digest {digest} differs from the model's {expected}"

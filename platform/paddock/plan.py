@@ -602,14 +602,18 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
             )
         )
         roles.append(sampler("rollout worker", job.policy, p.rollout_workers, p.gpus_per_actor, "ppo"))
+        # a LoRA policy on the transformers engine has no reference scorer: its rollout workers hold the start
+        # checkpoint under the adapters and give the reference log-probs with the adapters off
+        reference = job.lora is None or job.inference.engine != "transformers"
         scorers = [
-            scorer("reference scorer", job.policy, p.gpus_per_actor, False),
+            *([scorer("reference scorer", job.policy, p.gpus_per_actor, False)] if reference else []),
             scorer("helpfulness RM scorer", job.reward_helpfulness, p.gpus_per_actor, True),
             scorer("safety RM scorer", job.reward_safety, p.gpus_per_actor, True),
             scorer("value scorer", job.value_from or job.reward_helpfulness, p.gpus_per_actor, True),
         ]
         if p.placement == "colocated":
-            scorers = [together("scorers (reference, both RMs, value)", scorers, ["ppo.placement"])]
+            label = "scorers (reference, both RMs, value)" if reference else "scorers (both RMs, value)"
+            scorers = [together(label, scorers, ["ppo.placement"])]
         roles += scorers
     elif isinstance(job, c.FinetuneJob):
         key = {c.RejectionJob: "rejection", c.GAttJob: "gatt", c.DistillJob: "distill"}[type(job)]

@@ -38,7 +38,7 @@ def test_a_hung_scorer_fails_the_iteration_within_its_timeout_naming_it(ray_clus
     class Actors:
         timeout_s = 3.0
 
-        def generate(self, pub: Publication, prompts: list, seed: int) -> list:
+        def generate(self, pub: Publication, prompts: list, seed: int, reference: bool = False) -> list:
             return [
                 {
                     "prompt_ids": [1, 5],

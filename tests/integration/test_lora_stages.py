@@ -55,9 +55,11 @@ def test_lora_sft_and_reward_model_train_and_register_plain_checkpoints(chain, w
 def test_lora_ppo_moves_only_the_adapted_projections_and_registers_a_plain_policy(
     chain, world_dir, tokenizer_dir, home
 ):  # type: ignore[no-untyped-def]
-    """Two PPO iterations with adapters on the SFT policy: the learners publish merged weights to the rollout
-    workers and export a plain checkpoint at the end; against the start policy only the adapted projections
-    moved. (The registered policy is the best held-out evaluation's, which may be iteration 0's.)"""
+    """Two PPO iterations with adapters on the SFT policy and two learners under ZeRO-3: the learners publish the
+    adapters alone to rollout workers that hold the SFT checkpoint under them and give the reference log-probs
+    with them off (no reference scorer); they export a plain checkpoint at the end, in which only the adapted
+    projections moved against the start policy. (The registered policy is the best held-out evaluation's, which
+    may be iteration 0's.)"""
     from paddock import tracking
     from paddock.config import PPOJob
     from paddock.ppo.loop import run
@@ -86,11 +88,27 @@ def test_lora_ppo_moves_only_the_adapted_projections_and_registers_a_plain_polic
             "ppo.eval_every=2",
             "ppo.eval_max_prompts=8",
             "ppo.checkpoint_every=2",
-            "train.num_workers=1",
+            # two learners under ZeRO-3: the base partitioned, the adapters gathered alone for each publication
+            "train.num_workers=2",
+            "train.zero_stage=3",
+            "train.micro_batch_size=4",
         ],
     )
     result = run(job)
     assert result.iterations == 2 and result.model_uri.startswith("models:/lora-ppo/")
+    # iteration 0 samples with fresh adapters (B = 0): the policy is its reference, KL exactly 0; after one update
+    # the adapters moved and the workers' base with adapters off no longer agrees with them
+    kl = [h["ppo/kl"] for h in result.history if "ppo/kl" in h]
+    assert kl[0] == 0.0 and kl[-1] != 0.0, kl
+    # each publication carries the value model and the policy's adapters, not the policy's weights
+    numel = {
+        k: _numel(tracking.resolve_model(u))
+        for k, u in [("policy", job.policy), ("value", job.reward_helpfulness)]
+    }
+    sent = [h["ppo/weight_sync_gb"] * 1e9 for h in result.history if "ppo/weight_sync_gb" in h]
+    assert sent and all(
+        4 * numel["value"] < b < 4 * numel["value"] + 0.05 * 4 * numel["policy"] for b in sent
+    ), sent
     assert _plain(tracking.resolve_model(result.model_uri)) == []
     last = home / "runs" / "lora-ppo" / "last"  # the learners' export after the last iteration
     assert _plain(last) == []
@@ -105,3 +123,13 @@ def torch_equal(a, b) -> bool:  # type: ignore[no-untyped-def]
     import torch
 
     return bool(torch.equal(a.float(), b.float()))
+
+
+def _numel(checkpoint: Path) -> int:
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in names)

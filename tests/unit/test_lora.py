@@ -16,11 +16,12 @@ pytest.importorskip("peft")
 
 
 def _perturbed(model: torch.nn.Module) -> None:
-    """LoRA's B starts at zero (the adapted model equals the base); give the adapters values to carry."""
+    """LoRA's B starts at zero (the adapted model equals the base); give the adapters (and a reward model's trained
+    head, which peft keeps beside the untrained original) values to carry."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name or "modules_to_save" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
@@ -67,8 +68,7 @@ def test_lora_settings_are_checked_before_any_worker(tmp_path: Path) -> None:
     cfg = Path(__file__).resolve().parents[2] / "jobs/configs/tiny/sft.yaml"
     with pytest.raises(ConfigError, match="adapters train on a starting checkpoint"):
         load_config(SFTJob, cfg, ["model.init_from=null", "model.lora.r=8"])
-    with pytest.raises(ConfigError, match="zero_stage 3: not supported yet"):
-        load_config(SFTJob, cfg, ["model.lora.r=8", "train.zero_stage=3"])
+    assert load_config(SFTJob, cfg, ["model.lora.r=8", "train.zero_stage=3"]).train.zero_stage == 3
     job = load_config(SFTJob, cfg, ["model.lora.r=8"])
     assert job.model.lora is not None and job.model.lora.target_modules[0] == "q_proj"
 
@@ -106,11 +106,62 @@ def test_a_lora_policy_publishes_the_merged_weights_without_changing_itself(base
     assert [n for n, _ in lora.merged_state(plain)] == names
 
 
-def test_lora_ppo_with_zero3_is_refused_in_the_config() -> None:
+def test_lora_ppo_plans_no_reference_scorer_on_the_transformers_engine() -> None:
+    """The rollout workers hold the start checkpoint under the adapters and give the reference log-probs: the
+    plan has no reference scorer (behind vLLM, whose workers hold plain weights, it keeps one). ZeRO-3 is fine."""
     from paddock.config import PPOJob
+    from paddock.plan import ModelShape, job_roles
+
+    def roles(job: PPOJob) -> list[str]:
+        return [r.role for r in job_roles(job, lambda ref, scalar: ModelShape.named("7b", scalar))]
 
     repo = Path(__file__).resolve().parents[2]
-    job = load_config(PPOJob, repo / "jobs/configs/tiny/ppo.yaml", ["lora.r=8"])
+    job = load_config(PPOJob, repo / "jobs/configs/tiny/ppo.yaml", ["lora.r=8", "train.zero_stage=3"])
     assert job.lora is not None and job.lora.r == 8
-    with pytest.raises(ConfigError, match=r"lora with train\.zero_stage 3"):
-        load_config(PPOJob, repo / "jobs/configs/tiny/ppo.yaml", ["lora.r=8", "train.zero_stage=3"])
+    assert "reference scorer" not in roles(job) and "rollout worker" in roles(job)
+    full = load_config(PPOJob, repo / "jobs/configs/tiny/ppo.yaml", ["ppo.placement=split"])
+    assert "reference scorer" in roles(full)
+
+
+def test_a_lora_policy_publishes_its_adapters_alone_to_workers_holding_the_same_base(
+    base: Path, tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """PPO's learners stream only the adapters to rollout workers that hold the start checkpoint under fresh
+    adapters: the worker then gives the policy's logits exactly, the start policy's with its adapters off (the
+    reference, with no second copy), saves the merged plain model, and digests it as the checkpoint it writes."""
+    from paddock.models import checkpoint_digest, save_checkpoint
+    from paddock.ppo import sync
+    from paddock.tokenizer import load_tokenizer
+    from paddock.train.engine import gathered_state
+
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(0)
+    learner = lora.wrap(load_causal_lm(base), settings, scalar=False).eval()
+    _perturbed(learner)
+    torch.manual_seed(5)  # the worker's own A draws: overwritten by the publication
+    worker = lora.wrap(load_causal_lm(base), settings, scalar=False).eval()
+    shapes = lora.adapter_shapes(learner)
+    lay = sync.layout(shapes, 16 * 1024, torch.float32)
+    with pytest.raises(KeyError, match="miss"):
+        sync.check_layout(worker, lay)  # the whole model is expected unless told what publications carry
+    sync.check_layout(worker, lay, lora.is_adapter)
+    flats = sync.flat_buckets(
+        lay, gathered_state(learner, 0, keep=lora.is_adapter), torch.float32, torch.device("cpu")
+    )
+    sent = sync.load_into(worker, sync.unflatten(lay, flats))
+    total = sum(t.numel() for t in load_causal_lm(base).state_dict().values()) * 4
+    assert sent == sync.nbytes(lay, torch.float32) and 0 < sent < 0.1 * total  # the adapters' bytes only
+    ids = torch.randint(3, 900, (2, 24))
+    start = load_causal_lm(base).eval()
+    with torch.no_grad():
+        assert torch.equal(worker(input_ids=ids).logits, learner(input_ids=ids).logits)
+        with worker.disable_adapter():
+            assert torch.equal(worker(input_ids=ids).logits, start(input_ids=ids).logits)
+        assert not torch.allclose(worker(input_ids=ids).logits, start(input_ids=ids).logits, atol=1e-3)
+    digest = save_checkpoint(worker, load_tokenizer(tokenizer_dir), tmp_path / "saved")
+    assert digest == lora.merged_digest(worker) == checkpoint_digest(tmp_path / "saved")
+    saved = load_causal_lm(tmp_path / "saved").eval()  # a plain checkpoint
+    with torch.no_grad():
+        torch.testing.assert_close(
+            saved(input_ids=ids).logits, learner(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )

@@ -87,6 +87,7 @@ def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
     eng.step()
     export = Path(out).parent / "export"
     engine.export_hf(eng.module, export, str(Path(ckpt)), rank)
+    result |= _lora_under_zero3(rank, world, ckpt, Path(out).parent, tc, optim)
     if copy is not None:
         assert fresh_state is not None
         result |= {
@@ -100,6 +101,47 @@ def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
             "loss": loss.item(),
         }
         Path(out).write_text(json.dumps(result))
+
+
+def _lora_under_zero3(rank: int, world: int, ckpt: str, root: Path, tc, optim) -> dict:  # type: ignore[no-untyped-def]
+    """A LoRA policy on a partitioned base: one step, the adapters gathered alone (what PPO publishes), and the
+    merged export folded layer by layer as the weights are gathered."""
+    from paddock import lora
+    from paddock.config import LoraSettings
+    from paddock.models import load_causal_lm
+    from paddock.train import engine
+
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0)
+    with engine.partitioned(tc, optim, world):
+        base = load_causal_lm(ckpt)
+    torch.manual_seed(0)
+    model = lora.wrap(base, settings, scalar=False)
+    eng, _ = engine.initialize(model, optim, tc, world, total_steps=4)
+    ids = torch.randint(3, 4000, (2, 32), generator=torch.Generator().manual_seed(10 + rank))
+    eng.backward(eng(input_ids=ids, labels=ids).loss)
+    eng.step()
+    shapes = lora.adapter_shapes(eng.module)
+    adapters = dict(engine.gathered_state(eng.module, rank, keep=lora.is_adapter))
+    engine.export_hf(eng.module, root / "lora-export", ckpt, rank)
+    if rank != 0:
+        return {}
+    # base + the gathered adapters, unpartitioned, against the merged export reloaded as a plain model
+    check = lora.wrap(load_causal_lm(ckpt), settings, scalar=False).eval()
+    state = check.state_dict()
+    for name, t in adapters.items():
+        state[name].copy_(t)
+    plain = load_causal_lm(root / "lora-export").eval()
+    probe = torch.randint(3, 4000, (2, 24), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        gap = (check(input_ids=probe).logits - plain(input_ids=probe).logits).abs().max().item()
+    start, trained = load_causal_lm(ckpt).state_dict(), plain.state_dict()
+    return {
+        "lora_shapes": [[n, list(s)] for n, s in shapes],
+        "lora_gathered": sorted(adapters),
+        "lora_b_moved": sum(1 for n, t in adapters.items() if ".lora_B." in n and t.abs().sum() > 0),
+        "lora_gap": gap,
+        "lora_moved": sorted(n for n in start if not torch.equal(start[n], trained[n])),
+    }
 
 
 def _free_port() -> int:
@@ -152,3 +194,17 @@ def test_export_writes_the_trained_weights_as_safetensors(zero3):
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
     assert checkpoint_digest(export) != checkpoint_digest(root / "model")  # one step was taken
     assert 7.5 < r["loss"] < 9.0  # ln(4000) = 8.29 for an untrained model
+
+
+def test_lora_trains_on_a_partitioned_base_and_exports_merged(zero3):
+    """LoRA under ZeRO-3: the adapters gather alone (PPO's publication: 2 per adapted projection, their full
+    shapes), and the export folds each adapter into its base weight as the layers are gathered: the plain
+    checkpoint gives base + adapters' logits, and only the adapted projections differ from the start."""
+    r, _ = zero3
+    names = [n for n, _ in r["lora_shapes"]]
+    assert sorted(names) == r["lora_gathered"]
+    assert len(names) == 4 * 7 * 2  # four layers, the 7 default projections (attention and MLP), A and B
+    assert all(s[0] == 4 or s[1] == 4 for _, s in r["lora_shapes"])  # rank 4: (4, 128) and (out, 4)
+    assert r["lora_b_moved"] == 28  # B starts at zero; one step moved every one
+    assert r["lora_gap"] < 1e-5
+    assert len(r["lora_moved"]) == 28 and all(n.endswith("_proj.weight") for n in r["lora_moved"])

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import torch
@@ -55,7 +56,10 @@ class LearnerSpec(BaseModel):
     # The rollout engine's log-probs are not the policy's own (vLLM's kernels, a bf16 copy): the learners recompute
     # the behaviour log-probs before the update, so that PPO's first ratio is 1, and log the difference.
     recompute_logprobs: bool = False
-    lora: LoraSettings | None = None  # adapters on the policy; the publications carry the merged weights
+    lora: LoraSettings | None = None  # adapters on the policy
+    # What a LoRA policy publishes: its adapters alone (rollout workers that hold the same base with adapters, the
+    # transformers engine) or the merged weights (plain rollout models: vLLM)
+    lora_publish: Literal["adapters", "merged"] = "adapters"
 
 
 def _broadcast_flag(flag: bool) -> bool:
@@ -89,12 +93,27 @@ class Learner:
         self.policy, _ = ds.initialize(policy, spec.optim, tc, world, steps)
         self.value, _ = ds.initialize(TokenValues(scalar), spec.value_optim, tc, world, steps)
         wire, bucket = spec.channel.torch_dtype, ppo.publish_bucket_mb * 2**20
+        module = self.policy.module
+        if spec.lora is None:
+            shapes = list(ds.state_shapes(module))
+        elif spec.lora_publish == "adapters":
+            shapes = lora.adapter_shapes(module)
+        else:
+            shapes = lora.merged_shapes(module)
         self.layouts = (
-            sync.layout(lora.merged_shapes(self.policy.module), bucket, wire)
-            if spec.lora is not None
-            else sync.module_layout(self.policy.module, bucket, wire),
+            sync.layout(shapes, bucket, wire),
             sync.module_layout(self.value.module, bucket, wire),
         )
+
+    def policy_state(self) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """What this rank streams of the policy (every rank iterates it): a LoRA policy's adapters or merged
+        weights, gathered layer by layer under ZeRO-3; None for the whole model (``sync.send_module``'s default)."""
+        module = self.policy.module
+        if self.spec.lora is None:
+            return None
+        if self.spec.lora_publish == "adapters":
+            return ds.gathered_state(module, self.rank, to_host=False, keep=lora.is_adapter)
+        return lora.merged_state(module, ds.gathered_state(module, self.rank, to_host=False))
 
     def stream_weights(self, version: int) -> list[str]:
         """Send the policy to the rollout workers and the value model to the value scorer over ``version``'s
@@ -106,12 +125,10 @@ class Learner:
             ("value", self.value.module, self.layouts[1], 2),
         ]
         for name, module, lay, size in streams:
-            # a LoRA policy sends its merged weights (rank 0 only: nothing is partitioned under LoRA)
-            lora_policy = name == "policy" and self.spec.lora is not None and self.rank == 0
-            merged = lora.merged_state(module) if lora_policy else None
+            state = self.policy_state() if name == "policy" else None
             try:
                 sync.send_module(
-                    ch.sub(f"pub{version}/{name}", size), module, lay, self.rank, self.policy.device, merged
+                    ch.sub(f"pub{version}/{name}", size), module, lay, self.rank, self.policy.device, state
                 )
             except Exception as exc:  # the group's failure: gloo/NCCL errors, a store timeout
                 failed.append(f"{name}: {type(exc).__name__}: {exc}")

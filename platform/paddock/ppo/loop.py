@@ -107,25 +107,32 @@ class Actors:
         self.timeout_s = job.actor_timeout_s
         opts = actor_options(p.cpus_per_actor, p.gpus_per_actor)
         inf = job.inference.model_dump()
-        self.workers = workers_from(policy, p, job.inference)
+        # A LoRA policy's rollout workers hold its start checkpoint under the adapters and give the reference
+        # log-probs with the adapters off: no reference scorer (``lora_reference``).
+        lora_workers = job.lora if lora_reference(job) else None
+        self.workers = workers_from(policy, p, job.inference, lora_workers)
         members = {
             "reference": {"checkpoint": policy, "kind": "reference", "temperature": p.temperature, **inf},
             "rm_h": {"checkpoint": rm_h, "kind": "reward", "seq_len": p.seq_len, **inf},
             "rm_s": {"checkpoint": rm_s, "kind": "reward", "seq_len": p.seq_len, **inf},
             "value": {"checkpoint": value, "kind": "value", **inf},
         }
+        if lora_workers is not None:
+            del members["reference"]
         if p.placement == "colocated":
-            # One process holds the four models; its CPUs and GPU share are the four scorers' together (one GPU
-            # at most: it uses one device; paddock.plan checks that the four fit on it).
-            threads = max(1, int(4 * p.cpus_per_actor))
+            # One process holds the scorers' models; its CPUs and GPU share are theirs together (one GPU at
+            # most: it uses one device; paddock.plan checks that they fit on it).
+            k = len(members)
+            threads = max(1, int(k * p.cpus_per_actor))
             together = {n: kw | {"threads": threads} for n, kw in members.items()}
-            options = actor_options(4 * p.cpus_per_actor, min(1.0, 4 * p.gpus_per_actor))
+            options = actor_options(k * p.cpus_per_actor, min(1.0, k * p.gpus_per_actor))
             self.scorers = [Scorers.options(**options).remote(together)]  # type: ignore[attr-defined]
             handles = {n: Member(self.scorers[0], n) for n in members}
         else:
             self.scorers = [Scorer.options(**opts).remote(**kw) for kw in members.values()]  # type: ignore[attr-defined]
             handles = dict(zip(members, self.scorers, strict=True))
-        self.reference, self.rm_h, self.rm_s, self.value = (handles[n] for n in members)
+        self.reference = handles.get("reference")  # None: the rollout workers give the reference log-probs
+        self.rm_h, self.rm_s, self.value = handles["rm_h"], handles["rm_s"], handles["value"]
         self.reloads = 0  # rollout workers given their weights again by a peer
 
     def all(self) -> list[Any]:
@@ -194,15 +201,21 @@ class Actors:
             ]
         )
 
-    def generate(self, pub: Publication, prompts: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-        """Sample the prompts split over the workers; a worker stamping another version is repaired and asked again."""
+    def generate(
+        self, pub: Publication, prompts: list[dict[str, Any]], seed: int, reference: bool = False
+    ) -> list[dict[str, Any]]:
+        """Sample the prompts split over the workers; a worker stamping another version is repaired and asked
+        again. ``reference``: LoRA workers add each answer's reference log-probs."""
         n = len(self.workers)
         size = -(-len(prompts) // n)
         chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
         rows: list[list[dict[str, Any]]] = [[] for _ in chunks]
         pending = list(range(len(chunks)))
         for _attempt in range(3):
-            calls = {i: self.workers[i % n].generate.remote(chunks[i], seed=seed + i) for i in pending}
+            calls = {
+                i: self.workers[i % n].generate.remote(chunks[i], seed=seed + i, reference=reference)
+                for i in pending
+            }
             answers = gather(
                 {f"rollout worker {i % n} (chunk {i})": ref for i, ref in calls.items()},
                 self.timeout_s,
@@ -336,26 +349,23 @@ class Driver:
         p = self.job.ppo
         prompts = self.prompt_batch(b)
         t0 = time.perf_counter()
-        samples = self.actors.generate(pub, prompts, seed=self.job.seed * 1_000_003 + b * 1009)
+        reference = self.actors.reference
+        on_workers = reference is None  # a LoRA policy's workers: the base with adapters off
+        seed = self.job.seed * 1_000_003 + b * 1009
+        samples = self.actors.generate(pub, prompts, seed=seed, reference=on_workers)
         gen_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         prompt_ids, response_ids = [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples]
         turns, texts = [q["turns"] for q in prompts], [s["text"] for s in samples]
-        ref_call = self.actors.reference.ref_logprobs.remote(prompt_ids, response_ids)
-        h_call, s_call = (
-            self.actors.rm_h.rewards.remote(turns, texts),
-            self.actors.rm_s.rewards.remote(turns, texts),
-        )
+        calls = {
+            "the helpfulness reward model": self.actors.rm_h.rewards.remote(turns, texts),
+            "the safety reward model": self.actors.rm_s.rewards.remote(turns, texts),
+        }
+        if reference is not None:
+            calls["the reference scorer"] = reference.ref_logprobs.remote(prompt_ids, response_ids)
         values = self.actors.values(pub, samples)
-        ref_lp, r_h, r_s = gather(
-            {
-                "the reference scorer": ref_call,
-                "the helpfulness reward model": h_call,
-                "the safety reward model": s_call,
-            },
-            self.actors.timeout_s,
-            f"scoring batch {b} (version {pub.version})",
-        )
+        r_h, r_s, *scored = gather(calls, self.actors.timeout_s, f"scoring batch {b} (version {pub.version})")
+        ref_lp = [s["reference_logprobs"] for s in samples] if on_workers else scored[0]
         score_s = time.perf_counter() - t1
         exp = build_experience(samples, ref_lp, values, r_h, r_s, p, self.running)
         if p.whiten == "running":
@@ -539,6 +549,13 @@ class Driver:
         )
 
 
+def lora_reference(job: PPOJob) -> bool:
+    """Whether the rollout workers hold the LoRA policy as base + adapters, giving the reference log-probs with
+    the adapters off (no reference scorer) and taking publications of the adapters alone: a LoRA policy on the
+    transformers engine. vLLM holds plain weights: it gets the merged ones, and a reference scorer is kept."""
+    return job.lora is not None and job.inference.engine == "transformers"
+
+
 def run(job: PPOJob) -> PPOResult:
     """One run at a time per output directory (``paddock.atomic.locked``)."""
     with atomic.locked(paddock_home() / "runs" / f"{job.registry_prefix}-ppo", "ppo") as lock:
@@ -612,6 +629,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             # are not the learners' own; transformers in fp32 (the CPU default) computes exactly theirs
             recompute_logprobs=job.inference.engine != "transformers" or channel.dtype != "float32",
             lora=job.lora,
+            lora_publish="adapters" if lora_reference(job) else "merged",
         )
         trainer = torch_trainer(
             learner_worker, {"spec": spec.model_dump(mode="json")}, tc, f"{name}-{run.run_id[:8]}"

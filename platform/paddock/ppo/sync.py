@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,9 +167,10 @@ def unflatten(lay: Layout, flats: Iterable[torch.Tensor]) -> Iterator[tuple[str,
             offset += n
 
 
-def check_layout(model: torch.nn.Module, lay: Layout) -> None:
-    """Refuse weights that do not fit ``model`` before any byte moves: foreign, missing or reshaped keys."""
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def check_layout(model: torch.nn.Module, lay: Layout, keep: Callable[[str], bool] | None = None) -> None:
+    """Refuse weights that do not fit ``model`` before any byte moves: foreign, missing or reshaped keys.
+    ``keep``: the entries of ``model`` that publications carry (a LoRA policy's adapters), all by default."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if keep is None or keep(k)}
     sent = {name: shape for bucket in lay for name, shape in bucket}
     unexpected = sorted(set(sent) - set(own))
     if unexpected:
@@ -261,8 +262,8 @@ def send_module(
     state: Iterator[tuple[str, torch.Tensor]] | None = None,
 ) -> int:
     """The learners' side: every rank gathers (ZeRO-3) in lockstep, rank 0 streams. Returns bytes sent at rank 0.
-    ``state``, for a module that is not partitioned: what to send instead of its own state (a LoRA policy's
-    merged weights, ``paddock.lora.merged_state``), in ``lay``'s order.
+    ``state``: what to send instead of the module's whole gathered state, a stream that every rank iterates (a
+    LoRA policy's adapters, or its merged weights: ``paddock.lora``), in ``lay``'s order.
 
     A failure of the group (a receiver gone) stops the stream but not the gather, so that the other ranks are
     not left waiting; it is raised at rank 0 once the gather is done."""
@@ -294,10 +295,16 @@ def send_held(channel: Channel, model: torch.nn.Module, lay: Layout, device: tor
 
 
 def receive_into(
-    channel: Channel, model: torch.nn.Module, lay: Layout, rank: int, device: torch.device
+    channel: Channel,
+    model: torch.nn.Module,
+    lay: Layout,
+    rank: int,
+    device: torch.device,
+    keep: Callable[[str], bool] | None = None,
 ) -> int:
-    """Join ``channel`` as ``rank`` and load every bucket into ``model`` as it arrives. Returns bytes."""
-    check_layout(model, lay)
+    """Join ``channel`` as ``rank`` and load every bucket into ``model`` as it arrives (``keep``: as
+    ``check_layout``). Returns bytes."""
+    check_layout(model, lay, keep)
     group = channel.join(rank)
     return receive_model(group, model, lay, channel.torch_dtype, channel.buffer_device(device))
 

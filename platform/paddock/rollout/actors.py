@@ -16,9 +16,11 @@ from typing import Any
 import ray
 import torch
 
+from paddock import lora as adapters
 from paddock.cluster import actor_device
+from paddock.config import LoraSettings
 from paddock.data.tokenize import encode_prompt
-from paddock.models import inference_dtype, load_causal_lm, load_scalar_model, model_digest, save_checkpoint
+from paddock.models import inference_dtype, load_causal_lm, load_scalar_model, save_checkpoint
 from paddock.ppo import sync
 from paddock.rlhf.ppo import combine_rewards
 from paddock.rollout.core import (
@@ -53,7 +55,12 @@ def _inference(dtype: str) -> tuple[torch.device, torch.dtype]:
 @ray.remote(max_restarts=3, max_task_retries=2)
 class RolloutWorker:
     """A policy's inference copy, in the precision ``dtype`` names (``InferenceConfig``), generating and scoring
-    in micro-batches of at most ``token_budget`` tokens."""
+    in micro-batches of at most ``token_budget`` tokens.
+
+    With ``lora`` (a LoRA policy's ``LoraSettings`` as a dict; transformers engine) the worker holds the start
+    checkpoint with the policy's adapters on top: publications carry the adapters alone, samples come from base +
+    adapters, the reference log-probs (``generate(..., reference=True)``) from the base with the adapters off,
+    and what is saved or digested is the merged plain model."""
 
     def __init__(
         self,
@@ -69,10 +76,15 @@ class RolloutWorker:
         attn_implementation: str = "auto",
         engine: str = "transformers",
         vllm: Mapping[str, Any] | None = None,
+        lora: Mapping[str, Any] | None = None,
     ):
         torch.set_num_threads(threads)
         self.device, self.dtype = _inference(dtype)
         self.attn = attn_implementation
+        if lora is not None and engine != "transformers":
+            raise ValueError("a rollout worker holds LoRA adapters on the transformers engine only")
+        self.lora = LoraSettings(**lora) if lora is not None else None
+        self.keep = adapters.is_adapter if self.lora is not None else None  # what publications carry
         self.token_budget, self.logits_chunk = token_budget, logits_chunk
         self.tok = load_tokenizer(checkpoint)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
@@ -86,9 +98,17 @@ class RolloutWorker:
             self.engine = self._start_engine(checkpoint)
         elif engine != "transformers":
             raise ValueError(f"inference.engine must be 'transformers' or 'vllm', got {engine!r}")
-        self.model = load_causal_lm(checkpoint, self.dtype, self.attn).eval().to(self.device)
+        self.model = self._load(checkpoint)
         self.policy_version = 0
         self.digest: str | None = None  # of the weights held, taken when first asked
+
+    def _load(self, checkpoint: str) -> torch.nn.Module:
+        model = load_causal_lm(checkpoint, self.dtype, self.attn)
+        if (
+            self.lora is not None
+        ):  # fresh adapters are the identity (B = 0): version 0 is the checkpoint itself
+            model = adapters.wrap(model, self.lora, scalar=False)  # type: ignore[assignment]
+        return model.eval().to(self.device)
 
     def receive(self, channel: sync.Channel, layout: sync.Layout, rank: int, policy_version: int) -> int:
         """Join a publication's group as ``rank`` and load the weights bucket by bucket; returns the version.
@@ -101,7 +121,7 @@ class RolloutWorker:
             wire = torch.device("cuda") if channel.backend == "nccl" else self.device  # NCCL lands on the GPU
             self._reload(sync.stream_into(channel, self.model, layout, rank, wire))
         else:
-            sync.receive_into(channel, self.model, layout, rank, self.device)
+            sync.receive_into(channel, self.model, layout, rank, self.device, self.keep)
         self.policy_version = policy_version
         return policy_version
 
@@ -135,7 +155,7 @@ class RolloutWorker:
     def weights(self) -> tuple[int, str]:
         """(policy version, digest) of the weights held: what an evaluation on this worker measured."""
         if self.digest is None:
-            self.digest = model_digest(self.model)
+            self.digest = adapters.merged_digest(self.model)
         return self.policy_version, self.digest
 
     def save(self, out: str, policy_version: int, files: Mapping[str, str] | None = None) -> str:
@@ -156,7 +176,7 @@ class RolloutWorker:
 
         A worker restarted after a crash comes back with the checkpoint it was created with and version 0;
         callers compare the versions stamped on its rows to notice."""
-        self.model = load_causal_lm(checkpoint, self.dtype, self.attn).eval().to(self.device)
+        self.model = self._load(checkpoint)
         self.tok = load_tokenizer(checkpoint)
         if self.engine is not None:
             self.policy_version = -1
@@ -170,12 +190,18 @@ class RolloutWorker:
         return answer_nll(self.model, self.tok, dialogs, seq_len, self.logits_chunk)
 
     def generate(
-        self, prompts: Sequence[Mapping[str, Any]], seed: int, temperature: float | None = None
+        self,
+        prompts: Sequence[Mapping[str, Any]],
+        seed: int,
+        temperature: float | None = None,
+        reference: bool = False,
     ) -> list[dict[str, Any]]:
         """One sample per prompt row (``id``, ``turns``, ``is_safety``, optional ``system``): ids, behaviour
         log-probs, text, version.
 
-        ``temperature`` overrides the worker's for this call (0: greedy, as evaluation uses).
+        ``temperature`` overrides the worker's for this call (0: greedy, as evaluation uses). ``reference``: also
+        each answer's log-probs under the start policy at the worker's temperature (``reference_logprobs``), from
+        the base with the adapters off; a LoRA worker only.
         """
         temperature = self.temperature if temperature is None else temperature
         if self.engine is not None:
@@ -204,8 +230,27 @@ class RolloutWorker:
                 "finished": s.finished,
                 "policy_version": self.policy_version,
             }
-            for p, s in zip(prompts, samples, strict=True)
+            | ({"reference_logprobs": lp} if lp is not None else {})
+            for p, s, lp in zip(prompts, samples, self._reference(samples, reference), strict=True)
         ]
+
+    @torch.no_grad()
+    def _reference(self, samples: Sequence[Sample], wanted: bool) -> Sequence[list[float] | None]:
+        if not wanted:
+            return [None] * len(samples)
+        if self.lora is None:
+            raise ValueError(
+                "reference log-probs come from a LoRA worker's base; other workers hold no reference"
+            )
+        with self.model.disable_adapter():  # type: ignore[operator]
+            return sequence_logprobs(
+                self.model,
+                [s.prompt_ids for s in samples],
+                [s.response_ids for s in samples],
+                self.temperature,
+                self.token_budget,
+                self.logits_chunk,
+            )
 
     def _engine_samples(
         self, prompts: Sequence[Mapping[str, Any]], seed: int, temperature: float
@@ -348,9 +393,11 @@ def start_workers(
     num_cpus: float,
     num_gpus: float = 0.0,
     inference: Mapping[str, Any] | None = None,
+    lora: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     """``count`` rollout workers holding ``checkpoint``, with one sampling setup; ``inference`` is a job's
-    ``InferenceConfig`` as a dict (precision, token budget, engine)."""
+    ``InferenceConfig`` as a dict (precision, token budget, engine); ``lora``: a LoRA policy's adapter settings
+    (the workers hold the adapters on the checkpoint, see ``RolloutWorker``)."""
     if (inference or {}).get("engine") == "vllm":
         from paddock.rollout.vllm_engine import check_installed, check_settings
 
@@ -362,15 +409,16 @@ def start_workers(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
+            lora=lora,
             **(inference or {}),
         )
         for _ in range(count)
     ]
 
 
-def workers_from(checkpoint: str, cfg: Any, inference: Any = None) -> list[Any]:
+def workers_from(checkpoint: str, cfg: Any, inference: Any = None, lora: Any = None) -> list[Any]:
     """Rollout workers as a sampling section says (``SamplingConfig`` or ``PPOConfig``) and the job's
-    ``InferenceConfig``."""
+    ``InferenceConfig`` (and ``LoraSettings`` for a LoRA policy's workers)."""
     return start_workers(
         checkpoint,
         cfg.rollout_workers,
@@ -380,6 +428,7 @@ def workers_from(checkpoint: str, cfg: Any, inference: Any = None) -> list[Any]:
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
         inference=inference.model_dump() if inference is not None else None,
+        lora=lora.model_dump() if lora is not None else None,
     )
 
 

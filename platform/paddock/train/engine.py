@@ -119,18 +119,24 @@ def state_shapes(module: torch.nn.Module) -> Iterator[tuple[str, tuple[int, ...]
 
 
 def gathered_state(
-    module: torch.nn.Module, rank: int, to_host: bool = True
+    module: torch.nn.Module, rank: int, to_host: bool = True, keep: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every entry of ``module.state_dict()`` as (name, tensor) at rank 0, in state-dict order.
 
     Under ZeRO-3 each submodule's own parameters are gathered in turn (every rank must iterate this to the end,
     in lockstep), so a device holds at most one layer's full weights beyond its partition. Tensors keep their
     dtype and are copied to the host; with ``to_host=False`` they stay where they are, valid only until the
-    next item (a gathered parameter is released then). Other ranks yield nothing."""
+    next item (a gathered parameter is released then). Other ranks yield nothing. ``keep``: only the entries whose
+    names it accepts (nothing else is gathered), as a LoRA policy publishes its adapters alone."""
     import deepspeed
 
     zero3 = is_partitioned(module)
     for prefix, params, buffers in _state_entries(module):
+        if keep is not None:
+            params = [(n, p) for n, p in params if keep(_key(prefix, n))]
+            buffers = [(n, b) for n, b in buffers if keep(_key(prefix, n))]
+            if not params and not buffers:
+                continue
         own = [p for _, p in params]
         gather = (
             deepspeed.zero.GatheredParameters(own, modifier_rank=None) if zero3 and own else nullcontext()
@@ -152,16 +158,15 @@ def full_state(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | 
 def export_hf(module: torch.nn.Module, out_dir: Path, tokenizer_dir: str, rank: int) -> None:
     """Save ``module`` as a Hugging Face safetensors checkpoint with its tokenizer (rank 0 writes; every rank
     must call it under ZeRO-3). Weights are gathered one submodule at a time and saved in their training dtype.
-    LoRA adapters are folded into their base weights first (in place: call it when training is over), so the
+    LoRA adapters are folded into their base weights as they are gathered (the model is not changed), so the
     checkpoint is a plain model."""
     from paddock import lora
     from paddock.tokenizer import load_tokenizer
 
-    module = lora.merged(module)
-    state = full_state(module, rank)
+    state = dict(lora.merged_state(module, gathered_state(module, rank)))
     if rank == 0:
-        assert state is not None
-        module.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)  # type: ignore[operator]
+        plain: Any = module.get_base_model() if lora.is_lora(module) else module  # type: ignore[operator]
+        plain.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
         load_tokenizer(tokenizer_dir).save_pretrained(str(out_dir))
 
 
