@@ -117,3 +117,45 @@ def gather(calls: Mapping[str, Any], timeout_s: float, doing: str) -> list[Any]:
             "a hung or overloaded actor, or raise actor_timeout_s for slower hardware"
         )
     return ray.get(refs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Directories an actor on another node hands to the driver
+
+# Nodes share nothing but the configured storage and MLflow: an actor that writes a checkpoint for the driver (a
+# rollout worker saving the evaluated policy) writes it to $PADDOCK_STORAGE, a path every node mounts or a
+# pyarrow.fs URI (s3://, gs://), and the driver copies it into its own PADDOCK_HOME. Without PADDOCK_STORAGE
+# there is one node (or PADDOCK_HOME is shared) and the actor writes where the driver reads.
+
+
+def handoff_dir(run_id: str, name: str) -> str | None:
+    """Where an actor leaves directory ``name`` for the driver of run ``run_id``; None without
+    ``$PADDOCK_STORAGE`` (write straight into the driver's path)."""
+    storage = os.environ.get("PADDOCK_STORAGE")
+    if not storage:
+        return None
+    return f"{storage.rstrip('/')}/paddock-handoff/{run_id[:8]}/{name}"
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def put_dir(local: str, dest: str) -> None:
+    """Copy a local directory to ``dest`` (a path or a pyarrow.fs URI) whole."""
+    import pyarrow.fs
+
+    pyarrow.fs.copy_files(local, dest)
+
+
+def fetch_dir(src: str, dst: Any) -> None:
+    """``dst`` (a local path) becomes a copy of ``src`` (a path or a pyarrow.fs URI) in one rename, and ``src`` is
+    removed: a handoff is read once."""
+    import pyarrow.fs
+
+    from paddock import atomic
+
+    with atomic.writing_dir(dst) as tmp:
+        pyarrow.fs.copy_files(src, str(tmp))
+    fs, path = pyarrow.fs.FileSystem.from_uri(src if is_uri(src) else os.path.abspath(src))
+    fs.delete_dir(path)

@@ -454,6 +454,11 @@ class TrainConfig(Strict):
     threads_per_worker: int | None = Field(
         None, ge=1, description="torch threads per CPU worker; defaults to max(1, cpus_per_worker)."
     )
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK",
+        description="Ray Train's placement of the workers: PACK fills a node first; SPREAD puts them on as many "
+        "nodes as it can (a node lost takes fewer of them).",
+    )
 
     @property
     def ranks(self) -> int:
@@ -778,6 +783,11 @@ class PPOConfig(Strict):
         description="split: the reference, both reward models and the value model in a scorer actor each "
         "(their own devices on a cluster); colocated: the four in one scorer actor with the four's CPUs and GPU "
         "shares together, at most one GPU (one process instead of four on a small machine).",
+    )
+    spread: bool = Field(
+        False,
+        description="Place the rollout workers and scorers with Ray's SPREAD strategy, over as many nodes as "
+        "there are (the learners follow train.placement_strategy).",
     )
     iterations: int = Field(200, ge=1, description="PPO iterations (200-400 in the paper, early-stopped).")
     batch_prompts: int = Field(512, ge=1, description="Prompts sampled per iteration (512).")

@@ -435,8 +435,19 @@ def model_version(uri: str) -> tuple[str, str]:
     return name, str(version)
 
 
+def model_ref(uri_or_path: str) -> str:
+    """What a driver hands to actors on other nodes: a ``models:/`` URI pinned to its version now (an alias or
+    ``latest`` could move before every actor resolved it), or an absolute path (which then must exist on every
+    node: a shared filesystem). Each actor resolves it with ``resolve_model`` on its own node."""
+    if uri_or_path.startswith("models:/"):
+        name, version = model_version(uri_or_path)
+        return f"models:/{name}/{version}"
+    return str(resolve_model(uri_or_path))
+
+
 def resolve_model(uri_or_path: str) -> Path:
-    """A local checkpoint directory for a ``models:/`` URI (downloaded once, cached) or a path."""
+    """A local checkpoint directory for a ``models:/`` URI (downloaded once into this node's model cache,
+    ``$PADDOCK_HOME/models``) or a path."""
     if not uri_or_path.startswith("models:/"):
         path = Path(uri_or_path).expanduser()
         if not path.is_absolute():

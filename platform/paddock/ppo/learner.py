@@ -33,6 +33,7 @@ from paddock.models import load_causal_lm, load_scalar_model, set_gradient_check
 from paddock.ppo import sync
 from paddock.ppo.experience import learner_batch
 from paddock.rlhf.ppo import entropy_from_logprobs, ppo_policy_loss, value_loss
+from paddock.rollout.actors import local_checkpoint
 from paddock.rollout.core import TokenValues, chunked_logprobs, pick_logprobs, response_logits, unalign
 from paddock.train import engine as ds
 from paddock.train.loop import all_sum, collective_device, quiet_worker
@@ -45,9 +46,8 @@ class LearnerSpec(BaseModel):
     optim: OptimConfig
     value_optim: OptimConfig
     train: TrainConfig
-    policy_dir: str
-    value_dir: str
-    tokenizer_dir: str
+    policy: str  # ``tracking.model_ref``s, resolved on each learner's node (its tokenizer is the policy's)
+    value: str
     hub: str
     buffer: str
     namespace: str
@@ -82,9 +82,11 @@ class Learner:
         tc = tc.model_copy(update={"grad_accum": self.grad_accum})
         steps = ppo.iterations * ppo.epochs * (ppo.batch_prompts // ppo.mini_batch)
         attn = tc.attn_implementation
+        self.policy_dir = local_checkpoint(spec.policy)
+        value_dir = local_checkpoint(spec.value)
         with ds.partitioned(tc, spec.optim, world):
-            policy = load_causal_lm(spec.policy_dir, attn=attn)
-            scalar = load_scalar_model(spec.value_dir, attn=attn)
+            policy = load_causal_lm(self.policy_dir, attn=attn)
+            scalar = load_scalar_model(value_dir, attn=attn)
         set_gradient_checkpointing(policy, tc.gradient_checkpointing)
         set_gradient_checkpointing(scalar, tc.gradient_checkpointing)
         if spec.lora is not None:
@@ -314,7 +316,7 @@ def learner_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         ray.get(buffer.close.remote())
     with tempfile.TemporaryDirectory() as tmp:
-        ds.export_hf(learner.policy.module, Path(tmp) / "hf", spec.tokenizer_dir, rank)
+        ds.export_hf(learner.policy.module, Path(tmp) / "hf", learner.policy_dir, rank)
         if rank == 0:
             (Path(tmp) / "state.json").write_text(json.dumps({"iteration": done, "final": True}))
         ray.train.report(

@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from paddock import atomic, plan, tracking
-from paddock.cluster import ask, connect, gather
+from paddock.cluster import ask, connect, fetch_dir, gather, handoff_dir
 from paddock.config import PPOJob, paddock_home, resolve_path
 from paddock.data.validate import load_dataset
 from paddock.evaluate import evaluate_policy
 from paddock.metrics import record_ppo
-from paddock.models import inference_dtype
+from paddock.models import checkpoint_digest, inference_dtype
 from paddock.ppo import sync
 from paddock.ppo.buffer import RolloutBuffer
 from paddock.ppo.experience import build_experience, to_table
@@ -105,7 +106,7 @@ class Actors:
         p = job.ppo
         self.channel = channel
         self.timeout_s = job.actor_timeout_s
-        opts = actor_options(p.cpus_per_actor, p.gpus_per_actor)
+        opts = actor_options(p.cpus_per_actor, p.gpus_per_actor, p.spread)
         inf = job.inference.model_dump()
         # A LoRA policy's rollout workers hold its start checkpoint under the adapters and give the reference
         # log-probs with the adapters off: no reference scorer (``lora_reference``).
@@ -125,7 +126,7 @@ class Actors:
             k = len(members)
             threads = max(1, int(k * p.cpus_per_actor))
             together = {n: kw | {"threads": threads} for n, kw in members.items()}
-            options = actor_options(k * p.cpus_per_actor, min(1.0, k * p.gpus_per_actor))
+            options = actor_options(k * p.cpus_per_actor, min(1.0, k * p.gpus_per_actor), p.spread)
             self.scorers = [Scorers.options(**options).remote(together)]  # type: ignore[attr-defined]
             handles = {n: Member(self.scorers[0], n) for n in members}
         else:
@@ -455,9 +456,11 @@ class Driver:
         have died since) nor a full model on the driver are needed; the written checkpoint must carry the
         evaluated digest. A worker restarted since the evaluation holds other weights and refuses."""
         out = self.work / "best"
+        # on a cluster the worker may sit on another node: it writes to the shared storage, the driver copies
+        shared = handoff_dir(self.run.run_id, f"best-{pub.iteration}")
         files = {"ITERATION": str(pub.iteration), "DIGEST": digest}
         try:
-            written = ray.get(self.actors.workers[0].save.remote(str(out), pub.version, files))
+            written = ray.get(self.actors.workers[0].save.remote(shared or str(out), pub.version, files))
         except (StaleWeightsError, ray.exceptions.RayActorError) as exc:
             print(f"[ppo] iteration {pub.iteration} evaluated best but could not be kept: {exc}", flush=True)
             return False
@@ -465,6 +468,10 @@ class Driver:
             raise RuntimeError(
                 f"best policy of iteration {pub.iteration}: wrote {written}, evaluated {digest}"
             )
+        if shared is not None:
+            fetch_dir(shared, out)
+            if checkpoint_digest(out) != digest:
+                raise RuntimeError(f"best policy of iteration {pub.iteration}: {shared} arrived changed")
         return True
 
     def take(self, pub: Publication) -> None:
@@ -572,11 +579,12 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
         from paddock import lora
 
         lora.require_peft()  # before any worker starts
-    policy = tracking.resolve_model(job.policy)
-    check_matches(tok, policy)
-    rm_h = tracking.resolve_model(job.reward_helpfulness)
-    rm_s = tracking.resolve_model(job.reward_safety)
-    value = tracking.resolve_model(job.value_from) if job.value_from else rm_h
+    # Actors and learners get the models as refs (versions pinned now) and resolve them on their own nodes
+    policy = tracking.model_ref(job.policy)
+    check_matches(tok, tracking.resolve_model(policy))
+    rm_h = tracking.model_ref(job.reward_helpfulness)
+    rm_s = tracking.model_ref(job.reward_safety)
+    value = tracking.model_ref(job.value_from) if job.value_from else rm_h
     prompts, report = _load_prompts(p.prompts, work, "ppo.prompts")
     eval_prompts, eval_report = _load_prompts(p.eval_prompts, work, "ppo.eval_prompts")
     connect()
@@ -590,14 +598,19 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
         run.log_dataset(
             resolve_path(p.eval_prompts), "prompts-test", "eval", eval_report.total, eval_report.n_bad
         )
+        # The hub and the buffer live on the driver's node: on a cluster they go only with the driver (whose
+        # loss ends the job anyway), never with a worker node
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         buffer = RolloutBuffer.options(  # type: ignore[attr-defined]
-            name="buffer", namespace=namespace
+            name="buffer", namespace=namespace, scheduling_strategy=here
         ).remote(
             p.batch_prompts * (p.staleness + 1),
             p.staleness,
             str(work / "spill" / run.run_id[:8]) if p.spill else None,
         )
-        hub = PolicyHub.options(name="hub", namespace=namespace).remote()  # type: ignore[attr-defined]
+        hub = PolicyHub.options(  # type: ignore[attr-defined]
+            name="hub", namespace=namespace, scheduling_strategy=here
+        ).remote()
         tc = job.train
         # Where each publication's process groups meet: served from this process for the run.
         host = ray.util.get_node_ip_address()
@@ -610,16 +623,15 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             dtype=sync.dtype_name(inference_dtype(job.inference.dtype, on_gpu)),
             timeout_s=p.weight_sync_timeout_s,
         )
-        actors = Actors(job, str(policy), str(rm_h), str(rm_s), str(value), channel)
+        actors = Actors(job, policy, rm_h, rm_s, value, channel)
         value_optim = job.optim.model_copy(update={"lr": p.value_lr or job.optim.lr * 10})
         spec = LearnerSpec(
             ppo=p,
             optim=job.optim,
             value_optim=value_optim,
             train=tc,
-            policy_dir=str(policy),
-            value_dir=str(value),
-            tokenizer_dir=str(tokenizer_dir),
+            policy=policy,
+            value=value,
             hub="hub",
             buffer="buffer",
             namespace=namespace,

@@ -10,14 +10,16 @@ fails is retried a bounded number of times, and then the caller sees the error: 
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
 from paddock import lora as adapters
-from paddock.cluster import actor_device
+from paddock.cluster import actor_device, is_uri, put_dir
 from paddock.config import LoraSettings
 from paddock.data.tokenize import encode_prompt
 from paddock.models import inference_dtype, load_causal_lm, load_scalar_model, save_checkpoint
@@ -45,6 +47,14 @@ from paddock.tokenizer import load_tokenizer
 
 class StaleWeightsError(RuntimeError):
     """A rollout worker holds other weights than the policy version a caller names."""
+
+
+def local_checkpoint(ref: str) -> str:
+    """The checkpoint directory of ``ref`` on this actor's node: a ``models:/`` URI (``tracking.model_ref``) is
+    downloaded from MLflow into this node's model cache once; a path must exist here."""
+    from paddock import tracking
+
+    return str(tracking.resolve_model(ref))
 
 
 def _inference(dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -86,6 +96,7 @@ class RolloutWorker:
         self.lora = LoraSettings(**lora) if lora is not None else None
         self.keep = adapters.is_adapter if self.lora is not None else None  # what publications carry
         self.token_budget, self.logits_chunk = token_budget, logits_chunk
+        checkpoint = local_checkpoint(checkpoint)
         self.tok = load_tokenizer(checkpoint)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.engine: Any = None
@@ -159,7 +170,8 @@ class RolloutWorker:
         return self.policy_version, self.digest
 
     def save(self, out: str, policy_version: int, files: Mapping[str, str] | None = None) -> str:
-        """Write the weights held as a checkpoint at ``out`` (atomically) and return its digest.
+        """Write the weights held as a checkpoint at ``out`` (atomically; a path, or a pyarrow.fs URI to upload
+        to) and return its digest.
 
         Raises ``StaleWeightsError`` unless they are ``policy_version``'s: a worker restarted since it was
         evaluated holds its start weights, which must not be saved under another version's evaluation."""
@@ -168,7 +180,12 @@ class RolloutWorker:
                 f"asked to save policy version {policy_version}, but this rollout worker holds version "
                 f"{self.policy_version} (restarted since?)"
             )
-        self.digest = save_checkpoint(self.model, self.tok, out, files)
+        if not is_uri(out):  # this node's disk, or a filesystem every node mounts
+            self.digest = save_checkpoint(self.model, self.tok, out, files)
+            return self.digest
+        with tempfile.TemporaryDirectory() as tmp:  # object storage: written here, then uploaded whole
+            self.digest = save_checkpoint(self.model, self.tok, Path(tmp) / "checkpoint", files)
+            put_dir(str(Path(tmp) / "checkpoint"), out)
         return self.digest
 
     def load_checkpoint(self, checkpoint: str, policy_version: int) -> int:
@@ -176,6 +193,7 @@ class RolloutWorker:
 
         A worker restarted after a crash comes back with the checkpoint it was created with and version 0;
         callers compare the versions stamped on its rows to notice."""
+        checkpoint = local_checkpoint(checkpoint)
         self.model = self._load(checkpoint)
         self.tok = load_tokenizer(checkpoint)
         if self.engine is not None:
@@ -295,6 +313,7 @@ class ScorerModel:
         torch.set_num_threads(threads)
         self.kind, self.seq_len, self.temperature = kind, seq_len, temperature
         self.token_budget, self.logits_chunk = token_budget, logits_chunk
+        checkpoint = local_checkpoint(checkpoint)
         self.tok = load_tokenizer(checkpoint)
         device, dtype_ = _inference(dtype)
         attn = attn_implementation
@@ -378,9 +397,14 @@ class Member:
         return _Method
 
 
-def actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict[str, float]:
-    """Ray resources of a rollout worker or scorer: fractional CPU, and GPU only when asked for."""
-    return {"num_cpus": num_cpus} | ({"num_gpus": num_gpus} if num_gpus else {})
+def actor_options(num_cpus: float, num_gpus: float = 0.0, spread: bool = False) -> dict[str, Any]:
+    """Ray options of a rollout worker or scorer: fractional CPU, GPU only when asked for, and Ray's SPREAD
+    scheduling with ``spread`` (over as many nodes as there are)."""
+    return (
+        {"num_cpus": num_cpus}
+        | ({"num_gpus": num_gpus} if num_gpus else {})
+        | ({"scheduling_strategy": "SPREAD"} if spread else {})
+    )
 
 
 def start_workers(
@@ -394,6 +418,7 @@ def start_workers(
     num_gpus: float = 0.0,
     inference: Mapping[str, Any] | None = None,
     lora: Mapping[str, Any] | None = None,
+    spread: bool = False,
 ) -> list[Any]:
     """``count`` rollout workers holding ``checkpoint``, with one sampling setup; ``inference`` is a job's
     ``InferenceConfig`` as a dict (precision, token budget, engine); ``lora``: a LoRA policy's adapter settings
@@ -404,7 +429,7 @@ def start_workers(
         check_installed()
         check_settings(checkpoint, (inference or {}).get("vllm") or {})
     return [
-        RolloutWorker.options(**actor_options(num_cpus, num_gpus)).remote(  # type: ignore[attr-defined]
+        RolloutWorker.options(**actor_options(num_cpus, num_gpus, spread)).remote(  # type: ignore[attr-defined]
             checkpoint,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -429,6 +454,7 @@ def workers_from(checkpoint: str, cfg: Any, inference: Any = None, lora: Any = N
         num_gpus=cfg.gpus_per_actor,
         inference=inference.model_dump() if inference is not None else None,
         lora=lora.model_dump() if lora is not None else None,
+        spread=getattr(cfg, "spread", False),
     )
 
 

@@ -190,7 +190,12 @@ def torch_trainer(
     scaling = (
         ScalingConfig(num_workers=0)
         if tc.num_workers == 0
-        else ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources)
+        else ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=tc.placement_strategy,
+        )
     )
     extra: dict[str, Any] = {}
     if datasets is not None:
