@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from chain import REPO, overrides
+from mlflow_server import PASSWORD, USER, Server, free_port
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +41,21 @@ def chain(home: Path, world_dir: Path, tokenizer_dir: Path, ray_cluster):
     )
     rm_s = run_supervised(load_config(RewardJob, configs / "reward_safety.yaml", o["rm_s"]), "reward_safety")
     return {"pretrain": pre, "sft": sft, "rm_h": rm_h, "rm_s": rm_s}
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch):
+    """A real ``mlflow server`` (``mlflow_server.Server``) that this process and its children log to."""
+    server = Server(tmp_path, free_port())
+    server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    yield server
+    # mlflow keeps the tracking and registry URIs that tracking.configure() last set in globals: give the session's
+    # store back to the tests that follow
+    from paddock import tracking
+
+    monkeypatch.undo()
+    tracking.configure()
+    server.stop()

@@ -1,0 +1,142 @@
+"""PPO on a Ray cluster of a head and two worker nodes that share nothing but the storage and MLflow, one of
+which goes away mid-run.
+
+Each node is a raylet of its own (``ray.cluster_utils.Cluster``) with its own ``PADDOCK_HOME``; the driver is a
+separate process with a third one, as under ``ray job submit``. The chain's models are registered on a real
+``mlflow server`` (basic auth), Ray Train's checkpoints and the actors' handoffs go to ``PADDOCK_STORAGE`` (a
+directory standing in for a bucket). The learners and the actors are spread over both worker nodes and resolve
+the models into their own node's cache; the rollout worker that saves the evaluated policy leaves it in the
+storage, and the driver copies it home. Once the learners' first checkpoint is recorded (a deterministic point),
+one worker node is removed (its raylet and every process on it): the learners restart from that checkpoint on
+the node left, the lost actors restart there and fetch the models into its cache, and the run finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from chain import REPO
+from mlflow_server import PASSWORD, USER
+
+pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.slow]
+
+
+def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
+    chain, server, world_dir, tokenizer_dir, tmp_path
+):  # type: ignore[no-untyped-def]
+    from paddock import tracking
+    from ray.cluster_utils import Cluster
+
+    with tracking.stage_run("paddock-tiny", "upload", {}) as upload:  # the chain's models, on the server
+        for name, stage in [("mn-sft", "sft"), ("mn-rm-helpfulness", "rm_h"), ("mn-rm-safety", "rm_s")]:
+            assert upload.log_model(chain[stage].checkpoint_dir, name) == f"models:/{name}/1"
+    storage = tmp_path / "storage"
+    homes = {n: tmp_path / f"home-{n}" for n in ("head", "a", "b", "driver")}
+    common = {
+        "RAY_AUTH_MODE": "disabled",
+        "PADDOCK_STORAGE": str(storage),
+        "MLFLOW_TRACKING_URI": server.uri,
+        "MLFLOW_TRACKING_USERNAME": USER,
+        "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+    }
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "env_vars": common | {"PADDOCK_HOME": str(homes["head"])}},
+    )
+    nodes = {
+        n: cluster.add_node(num_cpus=8, env_vars=common | {"PADDOCK_HOME": str(homes[n])}) for n in ("a", "b")
+    }
+    cluster.wait_for_nodes()
+    overrides = [
+        f"tokenizer={tokenizer_dir}",
+        "registry_prefix=mn",
+        "policy=models:/mn-sft@latest",
+        "reward_helpfulness=models:/mn-rm-helpfulness@latest",
+        "reward_safety=models:/mn-rm-safety@latest",
+        f"ppo.prompts={world_dir}/prompts/train.parquet",
+        f"ppo.eval_prompts={world_dir}/prompts/valid.parquet",
+        "ppo.iterations=4",
+        "ppo.batch_prompts=16",
+        "ppo.mini_batch=8",
+        "ppo.max_new_tokens=16",
+        "ppo.eval_every=4",
+        "ppo.eval_max_prompts=8",
+        "ppo.checkpoint_every=1",
+        "ppo.spread=true",
+        "train.placement_strategy=SPREAD",
+        "train.micro_batch_size=4",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env |= common | {"RAY_ADDRESS": cluster.address, "PADDOCK_HOME": str(homes["driver"])}
+    command = [sys.executable, "jobs/ppo.py", "--config", "jobs/configs/tiny/ppo.yaml"]
+    for o in overrides:
+        command += ["--set", o]
+    try:
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
+        reader.start()
+        first_checkpoint(storage, proc, timeout_s=900)
+        cluster.remove_node(nodes["b"])
+        removed_at = len(lines)
+        code = proc.wait(timeout=1200)
+        reader.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        cluster.shutdown()
+    log = "".join(lines)
+    assert code == 0, log[-6000:]
+    assert "done after 4 iterations" in log and "registered models:/mn-ppo/1" in log, log[-3000:]
+    print("".join(line for line in lines[removed_at:] if line.startswith("[ppo]")))  # after the loss
+    # every worker node resolved the policy into its own cache (learners and rollout workers on both); the
+    # driver's home holds what the driver itself read, and no node wrote Ray Train's results at home
+    for n in ("a", "b"):
+        assert (homes[n] / "models" / "mn-sft" / "v1" / "MLmodel").is_file(), sorted(homes[n].rglob("*"))[:20]
+        assert not (homes[n] / "ray_results").exists()
+    assert any(storage.glob("mn-ppo-*/checkpoint_*")), sorted(storage.iterdir())
+    # the evaluated policy came home through the storage, which keeps no handoff afterwards
+    best = homes["driver"] / "runs" / "mn-ppo" / "best"
+    assert (best / "DIGEST").is_file() and (best / "model.safetensors").is_file()
+    assert not any((storage / "paddock-handoff").rglob("*.safetensors"))
+    # the registered version is on the server, and its weights are the ones evaluated
+    registered = tracking.resolve_model("models:/mn-ppo/1")
+    from paddock.models import checkpoint_digest
+
+    assert checkpoint_digest(registered) == (best / "DIGEST").read_text().strip()
+    # nothing committed was lost: every row the buffer took in went out to the learners, was dropped as stale, or
+    # was still held at the end; the learners restarted at least once
+    client = tracking.configure()
+    [run] = client.search_runs(
+        [tracking.experiment_id("paddock-tiny")], "tags.`paddock.registered_name` = 'mn-ppo'"
+    )
+    m = run.data.metrics
+    assert m["ppo/learner_restarts"] >= 1, m
+    assert m["buffer/rows_in_total"] == (
+        m["buffer/rows_out_total"] + m["buffer/rows_dropped_total"] + m["buffer/rows_held_end"]
+    )
+    assert m["buffer/rows_out_total"] >= 4 * 16
+
+
+def first_checkpoint(storage: Path, proc: subprocess.Popen, timeout_s: float) -> None:  # type: ignore[type-arg]
+    """Returns once the learners' Ray Train run records a checkpoint in the storage (polled)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the PPO driver ended before the learners' first checkpoint"
+        for snapshot in storage.glob("mn-ppo-*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text())["checkpoint_results"]:
+                    return
+            except (ValueError, KeyError):  # being written
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"no PPO checkpoint recorded under {storage} within {timeout_s} s")
