@@ -913,6 +913,13 @@ class PPOJob(StageConfig):
             )
         return self
 
+    @property
+    def reference_on_workers(self) -> bool:
+        """A LoRA policy on the transformers engine: its rollout workers hold the start checkpoint under the
+        adapters, take publications of the adapters alone and give the reference log-probs with the adapters off,
+        so no reference scorer runs. vLLM holds plain weights: it gets merged ones, and a reference scorer."""
+        return self.lora is not None and self.inference.engine == "transformers"
+
 
 class ServeConfig(Strict):
     """The Ray Serve application (paddock.serving): where it listens, batching, replicas, auth."""

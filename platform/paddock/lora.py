@@ -16,7 +16,7 @@ plain model: the learners publish the merged weights and a reference scorer hold
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -126,13 +126,44 @@ def merged_state(
         got[part] = tensor.clone()  # under ZeRO-3 a gathered tensor is released when the gather moves on
         if len(got) == 3:
             del held[key]
-            layer = adapted[key]
-            delta = (got["B"].float() @ got["A"].float()) * layer.scaling["default"]
-            if layer.fan_in_fan_out:
-                delta = delta.T
-            yield key, (got["base"].float() + delta).to(got["base"].dtype)
+            yield key, _fold(got["base"], got["A"], got["B"], adapted[key])
     if held:
         raise ValueError(f"adapted weights without their base or adapters: {sorted(held)[:3]}")
+
+
+def _fold(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layer: Any) -> torch.Tensor:
+    """``W + scale B A`` in fp32, in ``W``'s dtype (a new tensor)."""
+    delta = (b.float() @ a.float()) * layer.scaling["default"]
+    if layer.fan_in_fan_out:
+        delta = delta.T
+    return (base.float() + delta).to(base.dtype)
+
+
+class MergedView(Mapping[str, torch.Tensor]):
+    """The plain model's state of a peft model that is not partitioned, each adapted weight folded only when read:
+    one merged tensor exists at a time while a caller walks it (a digest, a save to the host)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.state = model.state_dict()
+        self.adapted = _adapted(model)
+        self.names: dict[str, str] = {}  # plain name -> the peft model's, in state order
+        for name in self.state:
+            plain = plain_name(name)
+            if plain is not None:
+                self.names.setdefault(plain, name)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensor = self.state[self.names[key]]
+        layer = self.adapted.get(key)
+        if layer is None:
+            return tensor
+        return _fold(tensor, layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def merged_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -156,14 +187,12 @@ def adapter_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def merged_digest(model: torch.nn.Module) -> str:
-    """``models.model_digest`` of the plain model ``merged_state`` describes: the digest of the checkpoint
-    ``save_merged`` writes."""
-    from paddock.models import state_digest
+    """``models.model_digest`` of the plain model a peft model stands for: the digest of the checkpoint
+    ``models.save_checkpoint`` writes of it (one merged tensor at a time)."""
+    from paddock.models import model_digest, state_digest
 
     if not is_lora(model):
-        from paddock.models import model_digest
-
         return model_digest(model)
     params = {plain_name(n) for n, _ in model.named_parameters()} - {None}
     every = {plain_name(n) for n, _ in model.named_parameters(remove_duplicate=False)} - {None}
-    return state_digest(dict(merged_state(model)), params, every)
+    return state_digest(MergedView(model), params, every)

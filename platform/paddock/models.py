@@ -297,7 +297,16 @@ def save_checkpoint(
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         if lora.is_lora(model):  # a base with adapters (a LoRA policy's rollout worker): saved merged, plain
-            state = dict(lora.merged_state(model))
+            # one merged tensor on the device at a time; the host holds the state save_pretrained writes. A weight
+            # the model holds under two names (tied) stays one tensor, as save_pretrained and the digest expect.
+            view = lora.MergedView(model)
+            state: dict[str, torch.Tensor] = {}
+            moved: dict[int, torch.Tensor] = {}
+            for k, t in view.items():
+                if k in view.adapted:  # a new tensor each, freed once copied: its address may come back
+                    state[k] = t.to("cpu")
+                else:
+                    state[k] = moved.setdefault(t.data_ptr(), t.to("cpu"))
             model.get_base_model().save_pretrained(str(tmp), state_dict=state, safe_serialization=True)  # type: ignore[operator]
             expected = lora.merged_digest(model)
         else:

@@ -602,9 +602,9 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
             )
         )
         roles.append(sampler("rollout worker", job.policy, p.rollout_workers, p.gpus_per_actor, "ppo"))
-        # a LoRA policy on the transformers engine has no reference scorer: its rollout workers hold the start
-        # checkpoint under the adapters and give the reference log-probs with the adapters off
-        reference = job.lora is None or job.inference.engine != "transformers"
+        reference = (
+            not job.reference_on_workers
+        )  # a LoRA policy's rollout workers give the reference log-probs
         scorers = [
             *([scorer("reference scorer", job.policy, p.gpus_per_actor, False)] if reference else []),
             scorer("helpfulness RM scorer", job.reward_helpfulness, p.gpus_per_actor, True),

@@ -109,8 +109,8 @@ class Actors:
         opts = actor_options(p.cpus_per_actor, p.gpus_per_actor, p.spread)
         inf = job.inference.model_dump()
         # A LoRA policy's rollout workers hold its start checkpoint under the adapters and give the reference
-        # log-probs with the adapters off: no reference scorer (``lora_reference``).
-        lora_workers = job.lora if lora_reference(job) else None
+        # log-probs with the adapters off: no reference scorer (``PPOJob.reference_on_workers``).
+        lora_workers = job.lora if job.reference_on_workers else None
         self.workers = workers_from(policy, p, job.inference, lora_workers)
         members = {
             "reference": {"checkpoint": policy, "kind": "reference", "temperature": p.temperature, **inf},
@@ -556,13 +556,6 @@ class Driver:
         )
 
 
-def lora_reference(job: PPOJob) -> bool:
-    """Whether the rollout workers hold the LoRA policy as base + adapters, giving the reference log-probs with
-    the adapters off (no reference scorer) and taking publications of the adapters alone: a LoRA policy on the
-    transformers engine. vLLM holds plain weights: it gets the merged ones, and a reference scorer is kept."""
-    return job.lora is not None and job.inference.engine == "transformers"
-
-
 def run(job: PPOJob) -> PPOResult:
     """One run at a time per output directory (``paddock.atomic.locked``)."""
     with atomic.locked(paddock_home() / "runs" / f"{job.registry_prefix}-ppo", "ppo") as lock:
@@ -641,7 +634,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             # are not the learners' own; transformers in fp32 (the CPU default) computes exactly theirs
             recompute_logprobs=job.inference.engine != "transformers" or channel.dtype != "float32",
             lora=job.lora,
-            lora_publish="adapters" if lora_reference(job) else "merged",
+            lora_publish="adapters" if job.reference_on_workers else "merged",
         )
         trainer = torch_trainer(
             learner_worker, {"spec": spec.model_dump(mode="json")}, tc, f"{name}-{run.run_id[:8]}"
