@@ -120,7 +120,24 @@ def gather(calls: Mapping[str, Any], timeout_s: float, doing: str) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Directories an actor on another node hands to the driver
+# Models and directories between the driver and actors on other nodes
+
+
+def one_node() -> bool:
+    """Whether the connected Ray cluster is this machine alone (its actors read the driver's disk)."""
+    return sum(1 for node in ray.nodes() if node.get("Alive")) <= 1
+
+
+def actor_model(uri_or_path: str) -> str:
+    """A model as actors anywhere in the cluster open it (``rollout.actors.local_checkpoint``): on one node the
+    driver's own checkpoint directory; on several, a registry URI pinned to its version now
+    (``tracking.model_ref``), which each actor resolves through MLflow into its own node's model cache."""
+    from paddock import tracking
+
+    if one_node():
+        return str(tracking.resolve_model(uri_or_path))
+    return tracking.model_ref(uri_or_path)
+
 
 # Nodes share nothing but the configured storage and MLflow: an actor that writes a checkpoint for the driver (a
 # rollout worker saving the evaluated policy) writes it to $PADDOCK_STORAGE, a path every node mounts or a

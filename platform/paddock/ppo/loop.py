@@ -32,7 +32,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from paddock import atomic, plan, tracking
-from paddock.cluster import ask, connect, fetch_dir, gather, handoff_dir
+from paddock.cluster import actor_model, ask, connect, fetch_dir, gather, handoff_dir
 from paddock.config import PPOJob, paddock_home, resolve_path
 from paddock.data.validate import load_dataset
 from paddock.evaluate import evaluate_policy
@@ -572,15 +572,14 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
         from paddock import lora
 
         lora.require_peft()  # before any worker starts
-    # Actors and learners get the models as refs (versions pinned now) and resolve them on their own nodes
-    policy = tracking.model_ref(job.policy)
-    check_matches(tok, tracking.resolve_model(policy))
-    rm_h = tracking.model_ref(job.reward_helpfulness)
-    rm_s = tracking.model_ref(job.reward_safety)
-    value = tracking.model_ref(job.value_from) if job.value_from else rm_h
+    check_matches(tok, tracking.resolve_model(job.policy))
     prompts, report = _load_prompts(p.prompts, work, "ppo.prompts")
     eval_prompts, eval_report = _load_prompts(p.eval_prompts, work, "ppo.eval_prompts")
     connect()
+    # as the actors and learners open them: here, a path; on several nodes, versions pinned now that each
+    # resolves into its own node's cache
+    policy, rm_h, rm_s = (actor_model(u) for u in (job.policy, job.reward_helpfulness, job.reward_safety))
+    value = actor_model(job.value_from) if job.value_from else rm_h
     plan.check(job, "ppo")  # a run that cannot fit fails here, before any worker starts
 
     namespace = f"paddock-ppo-{uuid.uuid4().hex[:8]}"
