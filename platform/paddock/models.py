@@ -306,7 +306,9 @@ def save_checkpoint(
                 if k in view.adapted:  # a new tensor each, freed once copied: its address may come back
                     state[k] = t.to("cpu")
                 else:
-                    state[k] = moved.setdefault(t.data_ptr(), t.to("cpu"))
+                    if t.data_ptr() not in moved:  # copied once, however many names it has
+                        moved[t.data_ptr()] = t.to("cpu")
+                    state[k] = moved[t.data_ptr()]
             model.get_base_model().save_pretrained(str(tmp), state_dict=state, safe_serialization=True)  # type: ignore[operator]
             expected = lora.merged_digest(model)
         else:
