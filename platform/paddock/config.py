@@ -711,6 +711,22 @@ class CollectConfig(SamplingConfig):
         description="Share of the round's prompts drawn from the safety (adversarial) prompts, as the paper "
         "collected safety preferences on adversarial prompts of their own; null: as they come in the dataset.",
     )
+    samples: int = Field(
+        2,
+        ge=2,
+        description="Answers drawn per prompt, half at each temperature. With more than 2 and the reward models "
+        "in use (`reward_helpfulness`, `reward_safety`), the pair sent for labelling is the reward models' "
+        "favourite and one of the others at random: the annotator sees the answers that rejection sampling and "
+        "PPO would chase, so what the reward models over-score comes back labelled. Without reward models (a "
+        "pipeline's round 1) two answers are drawn.",
+    )
+    fresh_weight: int = Field(
+        1,
+        ge=1,
+        description="Times each collected training pair appears in the reward models' training mix. A round "
+        "adds tens of pairs to thousands of static ones; the paper's new batches were a sizeable share of the "
+        "data each time (section 3.2.2), which this restores.",
+    )
     round: int = Field(1, ge=1, description="Preference round: names the batch and seeds the draw.")
     batch_prompts: int = Field(25, ge=1, description="Prompts per generation call.")
     test_fraction: float = Field(
@@ -761,8 +777,29 @@ class CollectJob(StageConfig):
         "world/preferences/test.parquet",
         description="The static test pairs the monitor compares the fresh pairs against.",
     )
+    reward_helpfulness: str | None = Field(
+        None,
+        description="The helpfulness reward model in use before this round: picks the answer to label when "
+        "collect.samples > 2.",
+    )
+    reward_safety: str | None = Field(
+        None, description="The safety reward model in use before this round (with reward_helpfulness)."
+    )
     collect: CollectConfig = Field(default_factory=CollectConfig, description="Prompts and sampling.")
     annotator: AnnotatorConfig = Field(default_factory=AnnotatorConfig, description="Who labels the pairs.")
+
+    @model_validator(mode="after")
+    def _reward_models_together(self) -> CollectJob:
+        if (self.reward_helpfulness is None) != (self.reward_safety is None):
+            raise ValueError(
+                "reward_helpfulness and reward_safety: give both (to pick answers by reward) or neither"
+            )
+        return self
+
+    @property
+    def picks_by_reward(self) -> bool:
+        """Whether the pair to label is the reward models' favourite and another answer."""
+        return self.collect.samples > 2 and self.reward_helpfulness is not None
 
 
 class PPOConfig(Strict):

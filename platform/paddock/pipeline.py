@@ -153,7 +153,9 @@ def round_overrides(job: PipelineJob, step: Step) -> list[str]:
     p, k = job.registry_prefix, step.round
     start = f"models:/{p}-sft@latest" if k == 1 else f"models:/{p}-rlhf-v{k - 1}@latest"
     if step.stage == "collect_preferences":
-        return [f"collect.round={k}", f"models=[{start}]"]
+        # From round 2 the reward models in use (the previous round's) pick the answer to label (collect.samples)
+        judges = [f"reward_{kind}=models:/{p}-rm-{kind}@latest" for kind in ("helpfulness", "safety")]
+        return [f"collect.round={k}", f"models=[{start}]", *(judges if k > 1 else [])]
     if step.stage in ("reward_helpfulness", "reward_safety"):
         return [f"data.train=runs/{p}-preferences/round{k}/train.parquet"]
     if step.stage == "rejection_sampling":
@@ -167,12 +169,18 @@ def run(job: PipelineJob) -> dict[str, Any]:
     state = State(work / "state.json")
     steps = schedule(job)
     # Every stage's config (every round's) is checked before anything runs. Stage runs go to the pipeline's
-    # experiment, so that MLflow shows them nested under its parent run (a stage's own overrides still win).
+    # experiment, so that MLflow shows them nested under its parent run, with the pipeline's seed (a stage's own
+    # overrides still win; the world's content has its own seed, world.seed).
     configs: dict[str, Any] = {
         step.key: load_config(
             JOBS[step.stage],
             job.stages[step.stage].config,
-            [f"experiment={job.experiment}", *round_overrides(job, step), *job.stages[step.stage].overrides],
+            [
+                f"experiment={job.experiment}",
+                f"seed={job.seed}",
+                *round_overrides(job, step),
+                *job.stages[step.stage].overrides,
+            ],
         )
         for step in steps
         if step.configured

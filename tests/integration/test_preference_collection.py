@@ -114,3 +114,39 @@ def test_people_s_labels_are_imported_after_the_batch_is_written(collected, worl
     got = pq.read_table(imported.batch.parent / "pairs_train.parquet").to_pylist()
     got += pq.read_table(imported.fresh_test).to_pylist()
     assert sorted(p["id"] for p in got) == sorted(p["id"] for p in expected)
+
+
+def test_with_four_answers_the_reward_models_favourite_is_labelled(chain, world_dir: Path):
+    """collect.samples=4 with the chain's reward models: each pair is their favourite of the prompt's four answers
+    (by Llama 2's combined reward, recomputed here) and another of the four, the favourite on either side."""
+    import torch
+    from paddock import tracking
+    from paddock.rlhf import preferences as prefs
+    from paddock.rlhf.ppo import combine_rewards
+    from paddock.rollout.actors import ScorerModel
+
+    rms = ("models:/tiny-rm-helpfulness@latest", "models:/tiny-rm-safety@latest")
+    job = collect_job(
+        world_dir,
+        "collect.round=9",
+        "collect.max_prompts=40",
+        "collect.samples=4",
+        f"reward_helpfulness={rms[0]}",
+        f"reward_safety={rms[1]}",
+    )
+    result = prefs.run(job)
+    rows = pq.read_table(result.batch).to_pylist()
+    assert len(rows) == 40
+    picked = [("pick of 4" in r["source_a"], "pick of 4" in r["source_b"]) for r in rows]
+    assert all(a != b for a, b in picked)  # exactly one side is the favourite
+    assert {a for a, _ in picked} == {True, False}  # and it is not always answer a
+    assert all(("another of 4" in r["source_a"]) == b for r, (_, b) in zip(rows, picked, strict=True))
+    scorers = [ScorerModel(str(tracking.resolve_model(u)), "reward", seq_len=256) for u in rms]
+    turns = [r["prompt"] for r in rows]
+    scores = []
+    for side in ("response_a", "response_b"):
+        h, s = (torch.tensor(m.rewards(turns, [r[side] for r in rows])) for m in scorers)
+        scores.append(combine_rewards(h, s, torch.tensor([r["is_safety"] for r in rows])))
+    for i, (a_is_pick, _) in enumerate(picked):
+        pick, other = (scores[0][i], scores[1][i]) if a_is_pick else (scores[1][i], scores[0][i])
+        assert pick >= other - 1e-4, rows[i]  # the favourite scores at least as high as the other answer

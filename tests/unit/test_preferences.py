@@ -181,6 +181,45 @@ def test_the_training_mix_is_the_static_pairs_and_every_round_so_far(tmp_path: P
         pq.write_table(pa.Table.from_pylist(rows, schema=PREFERENCES), d / "pairs_train.parquet")
     ids = prefs.training_mix(job, 2).column("id").to_pylist()
     assert ids == [f"s{i}" for i in range(5)] + ["r1-0", "r1-1", "r1-2", "r2-0", "r2-1"]  # not round 3's
+    job = load_config(CollectJob, None, ["static_preferences=world/static.parquet", "collect.fresh_weight=3"])
+    ids = prefs.training_mix(job, 1).column("id").to_pylist()
+    assert ids == [f"s{i}" for i in range(5)] + ["r1-0", "r1-1", "r1-2", "r1-0~1", "r1-1~1", "r1-2~1"] + [
+        "r1-0~2",
+        "r1-1~2",
+        "r1-2~2",
+    ]
+
+
+def test_the_pair_to_label_is_the_reward_models_favourite_and_another():
+    import random
+
+    answers = [("wrong", "m @ T=0.7"), ("hacked", "m @ T=0.7"), ("right", "m @ T=1"), ("rude", "m @ T=1")]
+    seen_sides, seen_others = set(), set()
+    for seed in range(40):
+        a, b = prefs.pick_pair(answers, [0.2, 0.9, 0.5, 0.9], random.Random(seed))
+        pick, other = (a, b) if "pick" in a[1] else (b, a)
+        assert pick == ("hacked", "m @ T=0.7, the reward models' pick of 4")  # the first of equal scores
+        assert other[1].endswith(", another of 4") and other[0] != "hacked"
+        seen_sides.add(pick is a)
+        seen_others.add(other[0])
+    assert seen_sides == {True, False}  # the pick is not always answer a
+    assert seen_others == {"wrong", "right", "rude"}
+    assert prefs.pick_pair(answers, [0.2, 0.9, 0.5, 0.9], random.Random(3)) == prefs.pick_pair(
+        answers, [0.2, 0.9, 0.5, 0.9], random.Random(3)
+    )
+    with pytest.raises(ValueError, match="3\\+ answers"):
+        prefs.pick_pair(answers[:2], [0.1, 0.2], random.Random(0))
+
+
+def test_reward_models_for_picking_come_in_pairs():
+    with pytest.raises(ConfigError, match="give both"):
+        load_config(CollectJob, None, ["reward_safety=models:/tiny-rm-safety@latest"])
+    two = ["reward_helpfulness=models:/h@latest", "reward_safety=models:/s@latest"]
+    assert load_config(CollectJob, None, [*two, "collect.samples=4"]).picks_by_reward
+    assert not load_config(CollectJob, None, two).picks_by_reward  # two answers: nothing to pick from
+    assert not load_config(
+        CollectJob, None, ["collect.samples=4"]
+    ).picks_by_reward  # round 1: no reward models
 
 
 def test_split_holds_out_a_seeded_share():
@@ -221,7 +260,12 @@ def test_the_pipeline_schedules_rounds_with_their_models_and_data():
     ]
     over = {s.key: pipeline.round_overrides(job, s) for s in steps}
     assert over["collect_preferences"] == ["collect.round=1", "models=[models:/tiny-sft@latest]"]
-    assert over["collect_preferences@3"] == ["collect.round=3", "models=[models:/tiny-rlhf-v2@latest]"]
+    assert over["collect_preferences@3"] == [  # round 2's reward models pick the answers to label
+        "collect.round=3",
+        "models=[models:/tiny-rlhf-v2@latest]",
+        "reward_helpfulness=models:/tiny-rm-helpfulness@latest",
+        "reward_safety=models:/tiny-rm-safety@latest",
+    ]
     assert over["reward_safety@2"] == ["data.train=runs/tiny-preferences/round2/train.parquet"]
     assert over["rejection_sampling"] == ["rejection.round=1"]
     assert over["rejection_sampling@2"] == ["rejection.round=2", "policy=models:/tiny-rlhf-v1@latest"]

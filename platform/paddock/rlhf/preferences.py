@@ -284,7 +284,15 @@ def _run(job: CollectJob, lock: atomic.Lock) -> CollectResult:
         job.experiment,
         "collect_preferences",
         job.model_dump(mode="json"),
-        tags={"paddock.upstream": ",".join(job.models), "paddock.round": str(cc.round)},
+        tags={
+            "paddock.upstream": ",".join(
+                [
+                    *job.models,
+                    *(u for u in (job.reward_helpfulness, job.reward_safety) if job.picks_by_reward and u),
+                ]
+            ),
+            "paddock.round": str(cc.round),
+        },
     ) as run:
         tracking.claim(lock, f"collect_preferences round {cc.round}", run)
         if ann.kind == "external" and ann.labels:
@@ -398,13 +406,18 @@ def draw_prompts(prompts: list[dict[str, Any]], cc: Any, seed: int) -> list[dict
 
 def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Answer a and answer b for every prompt: the first model at the first temperature, then the second model
-    (or the same one) at the second."""
+    (or the same one) at the second. With ``collect.samples`` > 2 and the reward models in use, ``samples``
+    answers are drawn (half at each temperature) and the pair is the reward models' favourite and one of the
+    others (``pick_pair``)."""
     import ray
 
+    from paddock.cluster import connect
     from paddock.rollout.actors import start_workers
 
+    connect()  # the embedded instance's CPUs and settings, or RAY_ADDRESS's cluster (not Ray's own default)
     cc = job.collect
-    answers: list[list[str]] = []
+    draws = cc.samples if job.picks_by_reward else 2
+    answers: list[list[list[str]]] = []  # [temperature][draw][prompt]
     sources = []
     for n, temperature in enumerate(cc.temperatures):
         uri = job.models[min(n, len(job.models) - 1)]
@@ -425,45 +438,122 @@ def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[st
         try:
             batches = [prompts[i : i + cc.batch_prompts] for i in range(0, len(prompts), cc.batch_prompts)]
             refs = [
-                workers[b % len(workers)].generate.remote(
-                    batch, seed=hash((job.seed, cc.round, n, b)) % 2**31
-                )
-                for b, batch in enumerate(batches)
+                [
+                    workers[b % len(workers)].generate.remote(
+                        batch, seed=hash((job.seed, cc.round, n, b, *((j,) if j else ()))) % 2**31
+                    )
+                    for b, batch in enumerate(batches)
+                ]
+                for j in range((draws + 1 - n) // 2)  # the first temperature takes the odd one out
             ]
-            answers.append([s["text"] for ref in refs for s in ray.get(ref)])
+            answers.append([[s["text"] for ref in draw for s in ray.get(ref)] for draw in refs])
         finally:
             for w in workers:
                 ray.kill(w)
-        print(f"[collect_preferences] answer {'ab'[n]}: {len(prompts)} prompts, {sources[-1]}", flush=True)
+        drawn = f"answer {'ab'[n]}" if draws == 2 else f"{len(answers[-1])} answers"
+        print(f"[collect_preferences] {drawn}: {len(prompts)} prompts, {sources[-1]}", flush=True)
+    candidates = [
+        [(draw[i], sources[n]) for n, group in enumerate(answers) for draw in group]
+        for i in range(len(prompts))
+    ]
+    if draws == 2:
+        pairs = [(c[0], c[1]) for c in candidates]
+    else:
+        scores = _reward_scores(job, prompts, candidates)
+        pairs = [
+            pick_pair(c, s, random.Random(f"{job.seed}:{cc.round}:{p['id']}"))
+            for p, c, s in zip(prompts, candidates, scores, strict=True)
+        ]
     return [
         {
             "id": f"r{cc.round}-{p['id']}",
             "round": cc.round,
             "prompt": p["turns"],
             "is_safety": bool(p["is_safety"]),
-            "response_a": a,
-            "response_b": b,
-            "source_a": sources[0],
-            "source_b": sources[1],
+            "response_a": a[0],
+            "response_b": b[0],
+            "source_a": a[1],
+            "source_b": b[1],
             "preferred": None,
             "rating": None,
             "safe_a": None,
             "safe_b": None,
             "annotator": None,
         }
-        for p, a, b in zip(prompts, answers[0], answers[1], strict=True)
+        for p, (a, b) in zip(prompts, pairs, strict=True)
     ]
 
 
+Answer = tuple[str, str]  # (text, source)
+
+
+def pick_pair(candidates: list[Answer], scores: list[float], rng: random.Random) -> tuple[Answer, Answer]:
+    """The reward models' favourite (the highest score, the first of equals) and one of the other answers drawn
+    by ``rng``, in a random order (annotators favour a side); sources say which is which."""
+    if len(candidates) < 3 or len(scores) != len(candidates):
+        raise ValueError(
+            f"pick_pair needs 3+ answers with a score each, got {len(candidates)} and {len(scores)}"
+        )
+    k = len(candidates)
+    best = max(range(k), key=lambda i: (scores[i], -i))
+    other = rng.choice([i for i in range(k) if i != best])
+    pick = (candidates[best][0], f"{candidates[best][1]}, the reward models' pick of {k}")
+    rest = (candidates[other][0], f"{candidates[other][1]}, another of {k}")
+    return (pick, rest) if rng.random() < 0.5 else (rest, pick)
+
+
+def _reward_scores(
+    job: CollectJob, prompts: list[dict[str, Any]], candidates: list[list[Answer]]
+) -> list[list[float]]:
+    """Llama 2's combined reward (the safety gate) of every candidate answer, by the reward models in use."""
+    import ray
+
+    from paddock.rollout.actors import Scorer, actor_options, combined_scores
+
+    cc = job.collect
+    if job.reward_helpfulness is None or job.reward_safety is None:
+        raise ValueError("picking answers by reward needs reward_helpfulness and reward_safety")
+    opts = actor_options(cc.cpus_per_actor, cc.gpus_per_actor)
+    scorers = [
+        Scorer.options(**opts).remote(  # type: ignore[attr-defined]
+            str(tracking.resolve_model(uri)), "reward", seq_len=cc.seq_len, **job.inference.model_dump()
+        )
+        for uri in (job.reward_helpfulness, job.reward_safety)
+    ]
+    try:
+        turns = [p["turns"] for p, c in zip(prompts, candidates, strict=True) for _ in c]
+        texts = [a[0] for c in candidates for a in c]
+        is_safety = [bool(p["is_safety"]) for p, c in zip(prompts, candidates, strict=True) for _ in c]
+        combined = combined_scores(scorers[0], scorers[1], turns, texts, is_safety)[2].tolist()
+    finally:
+        for a in scorers:
+            ray.kill(a)
+    out, i = [], 0
+    for c in candidates:
+        out.append(combined[i : i + len(c)])
+        i += len(c)
+    print(
+        f"[collect_preferences] {len(texts)} answers scored by {job.reward_helpfulness} and {job.reward_safety}; "
+        "each pair is their favourite and another",
+        flush=True,
+    )
+    return out
+
+
 def training_mix(job: CollectJob, round_: int) -> pa.Table:
-    """The static pairs and the training share of every round up to ``round_``, in one preference table."""
+    """The static pairs and the training share of every round up to ``round_`` (``collect.fresh_weight`` times
+    each), in one preference table."""
     tables = []
     if job.static_preferences:
         tables.append(pq.read_table(resolve_path(job.static_preferences)).select(PREFERENCES.names))
     for k in range(1, round_ + 1):
         path = work_dir(job) / f"round{k}" / "pairs_train.parquet"
         if path.is_file():
-            tables.append(pq.read_table(path))
+            fresh = pq.read_table(path)
+            tables.append(fresh)
+            for w in range(1, job.collect.fresh_weight):  # repeats keep their own ids
+                ids = pa.array([f"{i}~{w}" for i in fresh.column("id").to_pylist()], pa.string())
+                tables.append(fresh.set_column(fresh.schema.get_field_index("id"), "id", ids))
     return pa.concat_tables([t.cast(PREFERENCES) for t in tables])
 
 
@@ -482,12 +572,14 @@ def pair_scores(
     import ray
     import torch
 
+    from paddock.cluster import connect
     from paddock.rlhf.ppo import combine_rewards
     from paddock.rollout.actors import Scorer, actor_options
 
     pairs = [p for name in sets for p in sets[name]]
     if not pairs:
         return {}
+    connect()
     cc = job.collect
     opts = actor_options(cc.cpus_per_actor, cc.gpus_per_actor)
     inf = job.inference.model_dump()
