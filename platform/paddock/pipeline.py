@@ -163,15 +163,11 @@ def round_overrides(job: PipelineJob, step: Step) -> list[str]:
     return []
 
 
-def run(job: PipelineJob) -> dict[str, Any]:
-    prefix = job.registry_prefix
-    work = paddock_home() / "runs" / f"pipeline-{prefix}"
-    state = State(work / "state.json")
-    steps = schedule(job)
-    # Every stage's config (every round's) is checked before anything runs. Stage runs go to the pipeline's
-    # experiment, so that MLflow shows them nested under its parent run, with the pipeline's seed (a stage's own
-    # overrides still win; the world's content has its own seed, world.seed).
-    configs: dict[str, Any] = {
+def stage_configs(job: PipelineJob, steps: list[Step]) -> dict[str, Any]:
+    """Each configured step's job config. Stage runs go to the pipeline's experiment, so that MLflow shows them
+    nested under its parent run, with the pipeline's seed; then the round's overrides, then the stage's own (which
+    win). The world's content has a seed of its own (world.seed): seeds change the training, not the data."""
+    return {
         step.key: load_config(
             JOBS[step.stage],
             job.stages[step.stage].config,
@@ -185,6 +181,14 @@ def run(job: PipelineJob) -> dict[str, Any]:
         for step in steps
         if step.configured
     }
+
+
+def run(job: PipelineJob) -> dict[str, Any]:
+    prefix = job.registry_prefix
+    work = paddock_home() / "runs" / f"pipeline-{prefix}"
+    state = State(work / "state.json")
+    steps = schedule(job)
+    configs = stage_configs(job, steps)  # every stage's, every round's: checked before anything runs
     if job.plan.check and job.plan.shape and job.plan.cluster:
         # Every stage planned up front against the named cluster (the shapes are known before the models exist);
         # without a shape, each stage checks its own plan when it starts.

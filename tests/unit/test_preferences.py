@@ -272,6 +272,17 @@ def test_the_pipeline_schedules_rounds_with_their_models_and_data():
     assert over["ppo@2"] == over["gatt"] == []
 
 
+def test_the_pipeline_s_seed_reaches_every_stage_and_not_the_world_s_content():
+    from paddock import pipeline
+
+    job = load_config(PipelineJob, REPO / "jobs/configs/tiny/pipeline.yaml", ["seed=2"])
+    configs = pipeline.stage_configs(job, pipeline.schedule(job))
+    assert {c.seed for c in configs.values()} == {2}
+    assert configs["world"].world.seed == 0  # the same world for every seed
+    assert configs["collect_preferences@2"].picks_by_reward  # the demo labels round 1's RMs' favourites
+    assert not configs["collect_preferences"].picks_by_reward  # round 1 has no reward models yet
+
+
 def test_a_pipeline_without_collection_runs_once_as_before():
     from paddock import pipeline
 
