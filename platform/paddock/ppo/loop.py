@@ -484,6 +484,14 @@ class Driver:
         self.actors.load(pub)
         self.broken = False
         self.sync_s = time.perf_counter() - t0
+        if self.loaded is None and pub.iteration > 0:
+            # Learners that resumed from a checkpoint this driver did not see written: a rerun after the driver was
+            # killed (the Ray Train run is named by the pipeline's run, which the rerun keeps). The reward
+            # statistics saved with that checkpoint come back; batches go on from its iteration.
+            state = self.ask("the policy hub", self.hub.get_driver_state.remote())
+            if "running" in state:
+                self.running.load_state_dict(state["running"])
+            print(f"[ppo] resuming from the learners' checkpoint of iteration {pub.iteration}", flush=True)
         if self.loaded is not None and pub.iteration <= self.loaded.iteration:
             self.learner_restarts += 1
             print(
@@ -635,8 +643,10 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             lora=job.lora,
             lora_publish="adapters" if job.reference_on_workers else "merged",
         )
+        # Under a pipeline the run is named by the pipeline's (or round's) run, so a rerun after a kill finds the
+        # learners' last checkpoint; a standalone PPO run by its own
         trainer = torch_trainer(
-            learner_worker, {"spec": spec.model_dump(mode="json")}, tc, f"{name}-{run.run_id[:8]}"
+            learner_worker, {"spec": spec.model_dump(mode="json")}, tc, f"{name}-{run.attempt_key}"
         )
         print(
             f"[ppo] {p.mode} mode, {p.iterations} iterations of {p.batch_prompts} prompts, mini-batch {p.mini_batch}, "
