@@ -13,17 +13,15 @@ the node left, the lost actors restart there and fetch the models into its cache
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
 from chain import REPO
 from mlflow_server import PASSWORD, USER
+from train_snapshots import wait_for_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.slow]
 
@@ -85,7 +83,7 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
         reader.start()
-        first_checkpoint(storage, proc, timeout_s=900)
+        wait_for_checkpoint(storage, "mn-ppo-*", timeout_s=900, proc=proc)
         cluster.remove_node(nodes["b"])
         removed_at = len(lines)
         code = proc.wait(timeout=1200)
@@ -125,18 +123,3 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
         m["buffer/rows_out_total"] + m["buffer/rows_dropped_total"] + m["buffer/rows_held_end"]
     )
     assert m["buffer/rows_out_total"] >= 4 * 16
-
-
-def first_checkpoint(storage: Path, proc: subprocess.Popen, timeout_s: float) -> None:  # type: ignore[type-arg]
-    """Returns once the learners' Ray Train run records a checkpoint in the storage (polled)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the PPO driver ended before the learners' first checkpoint"
-        for snapshot in storage.glob("mn-ppo-*/checkpoint_manager_snapshot.json"):
-            try:
-                if json.loads(snapshot.read_text())["checkpoint_results"]:
-                    return
-            except (ValueError, KeyError):  # being written
-                pass
-        time.sleep(0.2)
-    raise AssertionError(f"no PPO checkpoint recorded under {storage} within {timeout_s} s")

@@ -14,33 +14,19 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from chain import REPO
 from paddock.config import PIPELINE_STAGES
+from train_snapshots import wait_for_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
 
 RUN = ["world", "tokenizer", "pretrain", "sft"]
 SKIP = [s for s in PIPELINE_STAGES if s not in RUN]
 SMALL = ["train.cpus_per_worker=0.5", "train.num_workers=2", "data.seq_len=128"]
-
-
-def committed_checkpoint(storage: Path, timeout_s: float) -> Path:
-    """The SFT run's checkpoint-manager snapshot once it records a checkpoint (polled)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for snapshot in storage.glob("tiny-sft-*/checkpoint_manager_snapshot.json"):
-            try:
-                if json.loads(snapshot.read_text())["checkpoint_results"]:
-                    return snapshot
-            except (ValueError, KeyError):  # being written
-                pass
-        time.sleep(0.2)
-    raise AssertionError(f"no SFT checkpoint recorded under {storage} within {timeout_s} s")
 
 
 def small_pipeline(path: Path) -> Path:
@@ -119,7 +105,7 @@ def test_killed_pipeline_resumes_at_the_unfinished_stage(ray_cluster, tmp_path: 
             break
     # A checkpoint counts once Ray Train's controller has recorded it in its snapshot, which it does a poll (about
     # 2 s) after the report the driver printed: kill at that point, not at a time.
-    committed_checkpoint(home / "ray_results", timeout_s=300)
+    wait_for_checkpoint(home / "ray_results", "tiny-sft-*", timeout_s=300)
     first.send_signal(signal.SIGKILL)  # no cleanup, as when the node running the driver dies
     first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL, "".join(lines[-30:])

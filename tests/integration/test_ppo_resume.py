@@ -15,32 +15,18 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from chain import REPO
 from paddock.config import PIPELINE_STAGES
+from train_snapshots import wait_for_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
 
 PREFIX = "resume"
 ITERATIONS = 4
-
-
-def committed_checkpoint(storage: Path, timeout_s: float) -> None:
-    """Returns once Ray Train's controller has recorded a checkpoint of the PPO run in its snapshot (polled)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for snapshot in storage.glob(f"{PREFIX}-ppo-*/checkpoint_manager_snapshot.json"):
-            try:
-                if json.loads(snapshot.read_text())["checkpoint_results"]:
-                    return
-            except (ValueError, KeyError):  # being written
-                pass
-        time.sleep(0.2)
-    raise AssertionError(f"no PPO checkpoint recorded under {storage} within {timeout_s} s")
 
 
 def ppo_pipeline(path: Path, world_dir: Path, tokenizer_dir: Path) -> Path:
@@ -106,7 +92,7 @@ def test_killed_ppo_resumes_from_its_learners_last_checkpoint(
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(first.stdout or []), daemon=True)
         reader.start()
-        committed_checkpoint(home / "ray_results", timeout_s=600)
+        wait_for_checkpoint(home / "ray_results", f"{PREFIX}-ppo-*", timeout_s=600)
         first.send_signal(signal.SIGKILL)  # no cleanup, as when the node running the driver dies
         first.wait(timeout=60)
     finally:
