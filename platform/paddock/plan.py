@@ -636,6 +636,11 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
             role = sampler("rollout worker", ref, cc.rollout_workers, cc.gpus_per_actor, "collect")
             role.phase = f"answer {'ab'[n]}" if len(job.models) > 1 else role.phase
             roles.append(role)
+        if job.picks_by_reward and job.reward_helpfulness and job.reward_safety:
+            for name, ref in (("helpfulness", job.reward_helpfulness), ("safety", job.reward_safety)):
+                role = scorer(f"{name} RM scorer", ref, cc.gpus_per_actor, True)
+                role.phase = "reward pick"  # scores the answers once the rollout workers are gone
+                roles.append(role)
     elif isinstance(job, c.EvaluateJob):
         e = job.eval
         roles.append(sampler("rollout worker", job.model, e.rollout_workers, e.gpus_per_actor, "eval"))

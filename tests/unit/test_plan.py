@@ -157,3 +157,22 @@ def test_vllm_rollout_workers_are_planned_with_their_host_mirror(capsys):
     weights = plan.ModelShape.named("7b").params * 2 / (1 << 30)  # bf16 on a GPU
     assert code == 0 and w_vl["device_gib"] == w_hf["device_gib"]
     assert w_vl["host_gib"] == pytest.approx(w_hf["host_gib"] + weights, abs=0.01)
+
+
+def test_picking_answers_by_reward_plans_the_two_reward_scorers_after_the_samplers(capsys):
+    config = str(REPO / "jobs/configs/llama2-7b/collect_preferences.yaml")
+    _, plain = _plan(["--config", config], capsys)
+    assert [r["role"] for r in plain["roles"]] == ["rollout worker", "driver"]
+    pick = [
+        "--set",
+        "collect.samples=4",
+        "--set",
+        "reward_helpfulness=models:/llama2-7b-rm-helpfulness@latest",
+        "--set",
+        "reward_safety=models:/llama2-7b-rm-safety@latest",
+    ]
+    code, picked = _plan(["--config", config, *pick], capsys)
+    assert code == 0 and picked["fits"], picked
+    roles = {r["role"]: r for r in picked["roles"]}
+    assert set(roles) == {"rollout worker", "helpfulness RM scorer", "safety RM scorer", "driver"}
+    assert roles["helpfulness RM scorer"]["device_gib"] > 0 and roles["safety RM scorer"]["count"] == 1
