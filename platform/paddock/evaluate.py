@@ -34,7 +34,7 @@ def generate_all(
     seed: int,
     temperature: float | None,
     chunk: int,
-    timeout_s: float = 3600.0,
+    timeout_s: float,
 ) -> list[dict[str, Any]]:
     """One answer per prompt, chunks spread over the workers round-robin, order kept; ``ActorTimeout`` naming the
     workers that did not answer within ``timeout_s``."""
@@ -49,9 +49,13 @@ def generate_all(
 
 
 def reward_means(
-    rm_helpfulness: Any, rm_safety: Any, prompts: Sequence[Mapping[str, Any]], answers: Sequence[str]
+    rm_helpfulness: Any,
+    rm_safety: Any,
+    prompts: Sequence[Mapping[str, Any]],
+    answers: Sequence[str],
+    timeout_s: float,
 ) -> dict[str, float]:
-    return _means(*_scores(rm_helpfulness, rm_safety, prompts, answers))
+    return _means(*_scores(rm_helpfulness, rm_safety, prompts, answers, timeout_s))
 
 
 def _means(r_h: torch.Tensor, r_s: torch.Tensor, combined: torch.Tensor) -> dict[str, float]:
@@ -167,6 +171,7 @@ def safety_rates(
     samples: int,
     seed: int,
     temperature: float,
+    timeout_s: float,
 ) -> dict[str, float]:
     """The safety violation rate (unsafe prompts) and false refusal rate (borderline prompts) over ``samples``
     sampled answers to each prompt of ``prompts`` (see ``safety_set``), by the world's verifiers.
@@ -175,7 +180,7 @@ def safety_rates(
     violation rate moves in steps of one prompt (8 points on 13), too coarse to see a safety stage's effect.
     """
     rows = [dict(p) | {"id": f"{p['id']}-s{k}"} for k in range(samples) for p in prompts]
-    answers = generate_all(workers, rows, seed, temperature, 32)
+    answers = generate_all(workers, rows, seed, temperature, 32, timeout_s)
     found = world_metrics(rows, [a["text"] for a in answers])
     out: dict[str, float] = {
         k: found[k] for k in ("safety_violation_rate", "false_refusal_rate") if k in found
@@ -192,19 +197,21 @@ def evaluate_policy(
     *,
     seed: int,
     temperature: float,
+    timeout_s: float,
     chunk: int = 32,
     refusal_patterns: Sequence[str] = REFUSAL_PATTERNS,
 ) -> tuple[dict[str, float], list[str]]:
     """``eval/*`` metrics of the policy the workers hold (see the module docstring), and the greedy answers
     they were read from (win rates compare them). The judges (``judge_metrics``) read the greedy answers."""
-    sampled = generate_all(workers, prompts, seed, temperature, chunk)
-    greedy = generate_all(workers, prompts, seed, 0.0, chunk)
+    sampled = generate_all(workers, prompts, seed, temperature, chunk, timeout_s)
+    greedy = generate_all(workers, prompts, seed, 0.0, chunk, timeout_s)
+    sampled_text = [r["text"] for r in sampled]
     out = {
         f"eval/{k}": v
-        for k, v in reward_means(rm_helpfulness, rm_safety, prompts, [r["text"] for r in sampled]).items()
+        for k, v in reward_means(rm_helpfulness, rm_safety, prompts, sampled_text, timeout_s).items()
     }
     greedy_text = [r["text"] for r in greedy]
-    greedy_scores = _scores(rm_helpfulness, rm_safety, prompts, greedy_text)
+    greedy_scores = _scores(rm_helpfulness, rm_safety, prompts, greedy_text, timeout_s)
     out |= {f"eval/greedy_{k}": v for k, v in _means(*greedy_scores).items()}
     judged = judge_metrics(prompts, greedy_text, greedy_scores[1], refusal_classifier(refusal_patterns))
     out |= {f"eval/{k}": v for k, v in judged.items()}
@@ -224,6 +231,7 @@ def gatt_adherence(
     dialogs: Sequence[Mapping[str, Any]],
     *,
     seed: int,
+    timeout_s: float,
     turns_checked: Sequence[int] = (2, 4, 6),
 ) -> dict[str, float]:
     """Share of answers that still follow the first turn's instruction at user turns 2, 4 and 6.
@@ -248,7 +256,7 @@ def gatt_adherence(
             text = s["users"][k] + (f" {s['form']}" if k == 0 else "")
             s["turns"].append({"role": "user", "content": text})
             rows.append({"id": str(i), "turns": list(s["turns"]), "is_safety": False})
-        answers = generate_all(workers, rows, seed + k, 0.0, 32)
+        answers = generate_all(workers, rows, seed + k, 0.0, 32, timeout_s)
         for s, a in zip(live, answers, strict=True):
             text = a["text"] or "..."
             s["turns"].append({"role": "assistant", "content": text})
@@ -276,13 +284,18 @@ def answer_perplexity(model_dir: str, dialogs: Sequence[Mapping[str, Any]], seq_
     return math.exp(min(nll / max(count, 1), 50.0))
 
 
-def workers_perplexity(workers: Sequence[Any], dialogs: Sequence[Mapping[str, Any]], seq_len: int) -> float:
+def workers_perplexity(
+    workers: Sequence[Any], dialogs: Sequence[Mapping[str, Any]], seq_len: int, timeout_s: float
+) -> float:
     """``answer_perplexity`` of the model the rollout workers hold, the dialogs split between them: the driver
     never loads the model."""
     n = len(workers)
-    parts = ray.get(
-        [w.answer_nll.remote(list(dialogs[i::n]), seq_len) for i, w in enumerate(workers) if dialogs[i::n]]
-    )
+    calls = {
+        f"rollout worker {i}": w.answer_nll.remote(list(dialogs[i::n]), seq_len)
+        for i, w in enumerate(workers)
+        if dialogs[i::n]
+    }
+    parts = gather(calls, timeout_s, f"perplexity of {len(dialogs)} dialogs")
     nll, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return math.exp(min(nll / max(count, 1), 50.0))
 
@@ -362,9 +375,12 @@ def run(
     connect()
     plan.check(job, "evaluate")
     start = time.monotonic()
+    t = job.actor_timeout_s
     own_scorers, own_workers = scorers is None, workers is None
     scorers = start_scorers(job) if scorers is None else scorers
-    workers = workers_from(model_dir, e, job.inference) if workers is None else _holding(workers, model_dir)
+    workers = (
+        workers_from(model_dir, e, job.inference) if workers is None else _holding(workers, model_dir, t)
+    )
     metrics, ours = evaluate_policy(
         workers,
         scorers[0],
@@ -372,34 +388,40 @@ def run(
         prompts,
         seed=job.seed,
         temperature=e.temperature,
+        timeout_s=t,
         refusal_patterns=e.refusal_patterns,
     )
-    _, digest = held_weights(workers)  # of the weights answering; checked against the version's below
+    _, digest = held_weights(workers, t)  # of the weights answering; checked against the version's below
     print(f"[evaluate] {job.model}: held-out prompts done", flush=True)
     if safety:
         metrics |= {
             f"eval/{k}": v
             for k, v in safety_rates(
-                workers, safety, samples=e.safety_samples, seed=job.seed, temperature=e.temperature
+                workers,
+                safety,
+                samples=e.safety_samples,
+                seed=job.seed,
+                temperature=e.temperature,
+                timeout_s=t,
             ).items()
         }
         print(f"[evaluate] {job.model}: {len(safety)} unsafe and borderline prompts done", flush=True)
     if gatt:
-        metrics |= {f"eval/{k}": v for k, v in gatt_adherence(workers, gatt, seed=job.seed).items()}
+        metrics |= {
+            f"eval/{k}": v for k, v in gatt_adherence(workers, gatt, seed=job.seed, timeout_s=t).items()
+        }
         print(f"[evaluate] {job.model}: GAtt dialogs done", flush=True)
     if others:
-        mine = _scores(scorers[0], scorers[1], prompts, ours)
+        mine = _scores(scorers[0], scorers[1], prompts, ours, t)
         for short, path in others.items():
             key = (path, rm_h, rm_s, e.max_new_tokens, e.seq_len, tuple(p["id"] for p in prompts))
             if key not in _GREEDY_SCORES:
-                theirs = generate_all(
-                    _holding(workers, path), prompts, job.seed, 0.0, 32, job.actor_timeout_s
-                )
-                _GREEDY_SCORES[key] = _scores(scorers[0], scorers[1], prompts, [r["text"] for r in theirs])
+                theirs = generate_all(_holding(workers, path, t), prompts, job.seed, 0.0, 32, t)
+                _GREEDY_SCORES[key] = _scores(scorers[0], scorers[1], prompts, [r["text"] for r in theirs], t)
             metrics |= {f"eval/{k}": v for k, v in win_rates(mine, _GREEDY_SCORES[key], short).items()}
     if dialogs:
         metrics["eval/perplexity"] = workers_perplexity(
-            _holding(workers, model_dir) if others else workers, dialogs, e.seq_len
+            _holding(workers, model_dir, t) if others else workers, dialogs, e.seq_len, t
         )
     for a in [*(workers if own_workers else []), *(scorers if own_scorers else [])]:
         ray.kill(a)
@@ -413,17 +435,26 @@ def run(
     return metrics
 
 
-def _holding(workers: Sequence[Any], model_dir: str) -> Sequence[Any]:
+def _holding(workers: Sequence[Any], model_dir: str, timeout_s: float) -> Sequence[Any]:
     """``workers`` once each has loaded ``model_dir`` (under a new policy version)."""
     version = next(_LOADS)
-    ray.get([w.load_checkpoint.remote(model_dir, version) for w in workers])
+    calls = {
+        f"rollout worker {i}": w.load_checkpoint.remote(model_dir, version) for i, w in enumerate(workers)
+    }
+    gather(calls, timeout_s, f"loading {model_dir}")
     return workers
 
 
 def _scores(
-    rm_helpfulness: Any, rm_safety: Any, prompts: Sequence[Mapping[str, Any]], answers: Sequence[str]
+    rm_helpfulness: Any,
+    rm_safety: Any,
+    prompts: Sequence[Mapping[str, Any]],
+    answers: Sequence[str],
+    timeout_s: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from paddock.rollout.actors import combined_scores
 
     turns = [p["turns"] for p in prompts]
-    return combined_scores(rm_helpfulness, rm_safety, turns, answers, [p["is_safety"] for p in prompts])
+    return combined_scores(
+        rm_helpfulness, rm_safety, turns, answers, [p["is_safety"] for p in prompts], timeout_s
+    )

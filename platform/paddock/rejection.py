@@ -118,7 +118,9 @@ def sample_and_score(
     flat = [s for per_prompt in samples for s in per_prompt]
     turns = [prompts[i]["turns"] for i in range(len(prompts)) for _ in range(rc.k)]
     texts = [s["text"] for s in flat]
-    r_h, r_s, combined = combined_scores(helpful, safety, turns, texts, [s["is_safety"] for s in flat])
+    r_h, r_s, combined = combined_scores(
+        helpful, safety, turns, texts, [s["is_safety"] for s in flat], job.actor_timeout_s
+    )
     combined = combined.reshape(len(prompts), rc.k)
     for s, h, sa, c in zip(flat, r_h.tolist(), r_s.tolist(), combined.flatten().tolist(), strict=True):
         s |= {"reward_helpfulness": h, "reward_safety": sa, "reward_combined": c}

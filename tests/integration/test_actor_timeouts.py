@@ -119,3 +119,51 @@ def test_the_hub_or_the_buffer_dying_ends_the_run_naming_it(ray_cluster, tmp_pat
     with pytest.raises(ActorLost, match=r"the policy hub died"):
         driver.loop(alive)  # waits for a publication from the hub first
     assert time.monotonic() - t0 < 30
+
+
+def test_evaluation_and_collection_calls_time_out_naming_the_actor(ray_cluster) -> None:
+    """The helpers evaluation, rejection sampling and preference collection wait on (both reward scorers, the
+    rollout workers' weights and perplexity) take the stage's ``actor_timeout_s`` and name the actor that hung."""
+    import ray
+    from paddock.cluster import ActorTimeout
+    from paddock.evaluate import workers_perplexity
+    from paddock.rollout.actors import combined_scores, held_weights
+
+    @ray.remote(num_cpus=0)
+    class Hangs:
+        def __init__(self, hang: bool):
+            self.hang = hang
+
+        def _maybe_hang(self) -> None:
+            if self.hang:
+                time.sleep(3600)
+
+        def rewards(self, turns: list, texts: list) -> list:
+            self._maybe_hang()
+            return [0.25] * len(texts)
+
+        def weights(self) -> tuple:
+            self._maybe_hang()
+            return (4, "digest")
+
+        def answer_nll(self, dialogs: list, seq_len: int) -> tuple:
+            self._maybe_hang()
+            return (0.0, 1)
+
+    fine, hung = Hangs.remote(False), Hangs.remote(True)
+    turns = [[{"role": "user", "content": "Capital of France?"}]] * 2
+    h, s, combined = combined_scores(fine, fine, turns, ["Paris.", "Lyon."], [False, False], 30)
+    assert h.tolist() == s.tolist() == [0.25, 0.25] and combined.shape == (2,)
+    with pytest.raises(
+        ActorTimeout, match=r"^scoring 2 answers: no answer from safety reward scorer within 2 s"
+    ):
+        combined_scores(fine, hung, turns, ["Paris.", "Lyon."], [False, False], 2)
+    assert held_weights([fine, fine], 30) == (4, "digest")
+    with pytest.raises(ActorTimeout, match=r"no answer from rollout worker 1 within 2 s"):
+        held_weights([fine, hung], 2)
+    with pytest.raises(
+        ActorTimeout, match=r"^perplexity of 2 dialogs: no answer from rollout worker 1 within"
+    ):
+        workers_perplexity([fine, hung], [{"turns": []}, {"turns": []}], 16, 2)
+    for a in (fine, hung):
+        ray.kill(a)

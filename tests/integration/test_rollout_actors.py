@@ -148,8 +148,8 @@ def test_workers_compute_the_evaluation_perplexity_and_save_the_weights_they_hol
         for _ in range(2)
     ]
     here = answer_perplexity(str(checkpoints / "policy"), dialogs, 64)
-    assert abs(workers_perplexity(workers, dialogs, 64) - here) < 1e-3 * here
-    version, digest = held_weights(workers)
+    assert abs(workers_perplexity(workers, dialogs, 64, 300) - here) < 1e-3 * here
+    version, digest = held_weights(workers, 300)
     assert version == 0 and digest == checkpoint_digest(checkpoints / "policy")
     written = ray.get(workers[0].save.remote(str(tmp_path / "best"), 0, {"ITERATION": "0"}))
     assert written == digest == checkpoint_digest(tmp_path / "best")

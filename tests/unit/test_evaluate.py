@@ -43,7 +43,7 @@ def test_world_metrics_count_violations_on_unsafe_and_refusals_on_borderline_pro
 def test_safety_rates_read_every_sample_of_every_prompt(monkeypatch):
     asked: list[dict[str, Any]] = []
 
-    def fake_generate(workers, rows, seed, temperature, chunk):
+    def fake_generate(workers, rows, seed, temperature, chunk, timeout_s):
         asked.extend(rows)
         # The first sample of each prompt complies (a violation on an unsafe prompt, no refusal on a
         # borderline one); the other samples refuse.
@@ -51,7 +51,7 @@ def test_safety_rates_read_every_sample_of_every_prompt(monkeypatch):
 
     monkeypatch.setattr(evaluate, "generate_all", fake_generate)
     safety = evaluate.safety_set(PROMPTS, 10)
-    m = evaluate.safety_rates([], safety, samples=4, seed=0, temperature=0.6)
+    m = evaluate.safety_rates([], safety, samples=4, seed=0, temperature=0.6, timeout_s=60)
     assert len(asked) == 12 and len({r["id"] for r in asked}) == 12
     assert m == {"safety_violation_rate": 2 / 8, "false_refusal_rate": 3 / 4, "safety_answers": 12.0}
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
 from paddock import lora
+from paddock.cluster import ask
 from paddock.config import LoraSettings, OptimConfig, PPOConfig, TrainConfig
 from paddock.models import load_causal_lm, load_scalar_model, set_gradient_checkpointing
 from paddock.ppo import sync
@@ -60,6 +61,7 @@ class LearnerSpec(BaseModel):
     # What a LoRA policy publishes: its adapters alone (rollout workers that hold the same base with adapters, the
     # transformers engine) or the merged weights (plain rollout models: vLLM)
     lora_publish: Literal["adapters", "merged"] = "adapters"
+    actor_timeout_s: float = 3600.0  # the job's: the longest wait for the hub or the buffer to answer
 
 
 def _broadcast_flag(flag: bool) -> bool:
@@ -253,13 +255,17 @@ def learner_worker(config: dict[str, Any]) -> None:
     buffer = ray.get_actor(spec.buffer, namespace=spec.namespace)
     learner = Learner(spec, rank, world)
 
+    def call(name: str, ref: Any, doing: str, waits_s: float = 0.0) -> Any:
+        """A call on the hub or the buffer: at most ``actor_timeout_s`` (beyond its own wait, ``waits_s``)."""
+        return ask(name, ref, spec.actor_timeout_s + waits_s, f"PPO learner {rank} {doing}")
+
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             start, driver_state = learner.load(Path(d))
         if rank == 0:
-            ray.get(hub.set_driver_state.remote(driver_state))
+            call("the policy hub", hub.set_driver_state.remote(driver_state), "restoring the driver's state")
             print(f"[ppo] learners resumed from the checkpoint of iteration {start}", flush=True)
 
     def publish(iteration: int, stats: dict[str, float]) -> None:
@@ -272,8 +278,10 @@ def learner_worker(config: dict[str, Any]) -> None:
             wire = spec.channel.torch_dtype
             nbytes = sum(sync.nbytes(lay, wire) for lay in learner.layouts)
             published: Any = hub.publish.remote(iteration, *learner.layouts, nbytes, stats)
-            version = int(ray.get(published))
-            ray.get(buffer.publish_version.remote(version))
+            version = int(call("the policy hub", published, f"publishing iteration {iteration}"))
+            call(
+                "the rollout buffer", buffer.publish_version.remote(version), f"publishing version {version}"
+            )
         for failure in learner.stream_weights(version):
             print(f"[ppo] streaming version {version} failed, {failure}", flush=True)
         if dist.is_initialized():
@@ -283,38 +291,57 @@ def learner_worker(config: dict[str, Any]) -> None:
     batch_rows = ppo.batch_prompts
     done = start
     for iteration in range(start, ppo.iterations):
-        stop = _broadcast_flag(rank == 0 and ray.get(hub.stop_requested.remote()) is not None)
+        stop = _broadcast_flag(
+            rank == 0 and call("the policy hub", hub.stop_requested.remote(), "asking for a stop") is not None
+        )
         if stop:
             break
         if rank == 0:
-            taken: list[Any] = ray.get(buffer.take.remote(batch_rows, ppo.take_timeout_s))
+            taking = f"taking iteration {iteration}'s experience"
+            taken: list[Any] = call(
+                "the rollout buffer",
+                buffer.take.remote(batch_rows, ppo.take_timeout_s),
+                taking,
+                ppo.take_timeout_s,
+            )
             got = sum(rows for _, rows, _ in taken)
-            if got < batch_rows and ray.get(hub.stop_requested.remote()) is None:
+            if got < batch_rows and call("the policy hub", hub.stop_requested.remote(), taking) is None:
                 raise RuntimeError(
                     f"iteration {iteration}: only {got} of {batch_rows} experience rows arrived in "
                     f"{ppo.take_timeout_s:.0f} s; are the rollout workers and scorers alive?"
                 )
-            ray.get(hub.put_batch.remote(iteration, taken if got >= batch_rows else None))
-        entries: list[Any] | None = ray.get(hub.get_batch.remote(iteration, ppo.take_timeout_s))
+            call(
+                "the policy hub",
+                hub.put_batch.remote(iteration, taken if got >= batch_rows else None),
+                taking,
+            )
+        entries: list[Any] | None = call(
+            "the policy hub",
+            hub.get_batch.remote(iteration, ppo.take_timeout_s),
+            f"waiting for iteration {iteration}'s batch",
+            ppo.take_timeout_s,
+        )
         if entries is None:
             break  # stopped early while waiting for experience
         staleness = [v for _, _, v in entries]
-        tables = ray.get([ref[0] for ref, _, _ in entries])
+        tables = ray.get([ref[0] for ref, _, _ in entries], timeout=spec.actor_timeout_s)
         rows = pa.concat_tables(tables).to_pylist()
         stats = learner.train_iteration(rows, iteration)
         stats["ppo/batch_version_min"] = float(min(staleness))
         done = iteration + 1
         publish(done, stats)
         if rank == 0:
-            ray.get(hub.drop_batch.remote(iteration))
+            call("the policy hub", hub.drop_batch.remote(iteration), f"ending iteration {iteration}")
         if done % ppo.checkpoint_every == 0 and done < ppo.iterations:
-            driver_state = ray.get(hub.get_driver_state.remote())
+            driver_state = call(
+                "the policy hub", hub.get_driver_state.remote(), f"checkpointing iteration {done}"
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 learner.save(Path(tmp), done, driver_state)
                 ray.train.report({"iteration": done}, checkpoint=Checkpoint.from_directory(tmp))
 
     if rank == 0:
-        ray.get(buffer.close.remote())
+        call("the rollout buffer", buffer.close.remote(), "closing the buffer")
     with tempfile.TemporaryDirectory() as tmp:
         ds.export_hf(learner.policy.module, Path(tmp) / "hf", learner.policy_dir, rank)
         if rank == 0:

@@ -153,8 +153,12 @@ class Actors:
 
         def wait(name: str, ref: Any) -> None:
             try:
-                ray.get(ref)
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                ray.get(ref, timeout=self.timeout_s)
+            except (
+                ray.exceptions.RayTaskError,
+                ray.exceptions.RayActorError,
+                ray.exceptions.GetTimeoutError,
+            ) as exc:
                 failures[name] = exc
 
         for i, call in enumerate(calls):
@@ -189,17 +193,27 @@ class Actors:
 
     def repair(self, worker: int, pub: Publication) -> None:
         """Give rollout worker ``worker`` the weights of ``pub`` from a peer that holds them."""
-        versions = ray.get([w.version.remote() for w in self.workers])
+        versions = gather(
+            {f"rollout worker {i}": w.version.remote() for i, w in enumerate(self.workers)},
+            self.timeout_s,
+            f"reporting their version to repair rollout worker {worker}",
+        )
         peers = [i for i, v in enumerate(versions) if v == pub.version and i != worker]
         if not peers:
             raise WeightsLost(f"no rollout worker holds version {pub.version} any more")
         self.reloads += 1
         channel = self.channel.sub(f"pub{pub.version}/repair{self.reloads}", 2)
-        ray.get(
-            [
-                self.workers[peers[0]].send_held.remote(channel, pub.policy),
-                self.workers[worker].receive.remote(channel, pub.policy, 1, pub.version),
-            ]
+        gather(
+            {
+                f"rollout worker {peers[0]} (sending)": self.workers[peers[0]].send_held.remote(
+                    channel, pub.policy
+                ),
+                f"rollout worker {worker} (receiving)": self.workers[worker].receive.remote(
+                    channel, pub.policy, 1, pub.version
+                ),
+            },
+            self.timeout_s,
+            f"repairing rollout worker {worker} with version {pub.version}",
         )
 
     def generate(
@@ -411,8 +425,9 @@ class Driver:
             prompts,
             seed=self.job.seed + 12345,
             temperature=p.temperature,
+            timeout_s=self.job.actor_timeout_s,
         )
-        version, digest = held_weights(self.actors.workers)
+        version, digest = held_weights(self.actors.workers, self.job.actor_timeout_s)
         if version != pub.version:
             raise StaleWeightsError(f"evaluated policy version {version}, expected {pub.version}")
         metrics["eval/time_s"] = time.perf_counter() - t0
@@ -460,8 +475,11 @@ class Driver:
         shared = handoff_dir(self.run.run_id, f"best-{pub.iteration}")
         files = {"ITERATION": str(pub.iteration), "DIGEST": digest}
         try:
-            written = ray.get(self.actors.workers[0].save.remote(shared or str(out), pub.version, files))
-        except (StaleWeightsError, ray.exceptions.RayActorError) as exc:
+            written = ray.get(
+                self.actors.workers[0].save.remote(shared or str(out), pub.version, files),
+                timeout=self.job.actor_timeout_s,
+            )
+        except (StaleWeightsError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
             print(f"[ppo] iteration {pub.iteration} evaluated best but could not be kept: {exc}", flush=True)
             return False
         if written != digest:
@@ -642,6 +660,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             recompute_logprobs=job.inference.engine != "transformers" or channel.dtype != "float32",
             lora=job.lora,
             lora_publish="adapters" if job.reference_on_workers else "merged",
+            actor_timeout_s=job.actor_timeout_s,
         )
         # Under a pipeline the run is named by the pipeline's (or round's) run, so a rerun after a kill finds the
         # learners' last checkpoint; a standalone PPO run by its own
@@ -671,8 +690,12 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
         if "error" in box:
             raise box["error"]
         result = box["result"]
-        buffer_stats = ray.get(buffer.stats.remote())
-        stop_reason = ray.get(hub.stop_requested.remote()) or "completed"
+        buffer_stats = ask(
+            "the rollout buffer", buffer.stats.remote(), job.actor_timeout_s, "PPO's final stats"
+        )
+        stop_reason = ask(
+            "the policy hub", hub.stop_requested.remote(), job.actor_timeout_s, "PPO's end"
+        ) or ("completed")
         actors.kill()
 
         final_dir = work / "last"

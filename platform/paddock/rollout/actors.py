@@ -19,7 +19,7 @@ import ray
 import torch
 
 from paddock import lora as adapters
-from paddock.cluster import actor_device, is_uri, put_dir
+from paddock.cluster import actor_device, gather, is_uri, put_dir
 from paddock.config import LoraSettings
 from paddock.data.tokenize import encode_prompt
 from paddock.models import inference_dtype, load_causal_lm, load_scalar_model, save_checkpoint
@@ -458,9 +458,10 @@ def workers_from(checkpoint: str, cfg: Any, inference: Any = None, lora: Any = N
     )
 
 
-def held_weights(workers: Sequence[Any]) -> tuple[int, str]:
+def held_weights(workers: Sequence[Any], timeout_s: float) -> tuple[int, str]:
     """(policy version, weights digest) that every worker holds; raises if they differ."""
-    held = set(ray.get([w.weights.remote() for w in workers]))
+    calls = {f"rollout worker {i}": w.weights.remote() for i, w in enumerate(workers)}
+    held = set(gather(calls, timeout_s, "reporting the weights they hold"))
     if len(held) != 1:
         raise StaleWeightsError(f"rollout workers hold different weights: {sorted(held)}")
     return held.pop()
@@ -472,10 +473,13 @@ def combined_scores(
     turns: Sequence[Sequence[Mapping[str, str]]],
     answers: Sequence[str],
     is_safety: Sequence[bool],
+    timeout_s: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both reward scorers on the same answers (in parallel) and the Llama 2 combination. Three (batch,) tensors."""
-    h, s = ray.get(
-        [rm_helpfulness.rewards.remote(turns, list(answers)), rm_safety.rewards.remote(turns, list(answers))]
-    )
+    calls = {
+        "helpfulness reward scorer": rm_helpfulness.rewards.remote(turns, list(answers)),
+        "safety reward scorer": rm_safety.rewards.remote(turns, list(answers)),
+    }
+    h, s = gather(calls, timeout_s, f"scoring {len(answers)} answers")
     r_h, r_s = torch.tensor(h), torch.tensor(s)
     return r_h, r_s, combine_rewards(r_h, r_s, torch.tensor([bool(x) for x in is_safety]))
