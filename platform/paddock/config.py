@@ -720,6 +720,14 @@ class CollectConfig(SamplingConfig):
         "PPO would chase, so what the reward models over-score comes back labelled. Without reward models (a "
         "pipeline's round 1) two answers are drawn.",
     )
+    pairs_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Pairs labelled per prompt when answers are picked by reward: the favourite against this many "
+        "of the other answers (at most samples - 1), as InstructGPT's labellers ranked K answers and trained on "
+        "the pairs among them (Ouyang et al., 2022, section 3.5). More pairs on the favourite teach the reward "
+        "models faster what they over-score; a prompt's pairs stay together when the round holds pairs out.",
+    )
     fresh_weight: int = Field(
         1,
         ge=1,
@@ -793,6 +801,15 @@ class CollectJob(StageConfig):
         if (self.reward_helpfulness is None) != (self.reward_safety is None):
             raise ValueError(
                 "reward_helpfulness and reward_safety: give both (to pick answers by reward) or neither"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pairs_within_samples(self) -> CollectJob:
+        if self.collect.pairs_per_prompt > max(1, self.collect.samples - 1):
+            raise ValueError(
+                f"collect.pairs_per_prompt={self.collect.pairs_per_prompt}: the favourite can be paired with at "
+                f"most collect.samples - 1 = {self.collect.samples - 1} other answers"
             )
         return self
 

@@ -196,7 +196,7 @@ def test_the_pair_to_label_is_the_reward_models_favourite_and_another():
     answers = [("wrong", "m @ T=0.7"), ("hacked", "m @ T=0.7"), ("right", "m @ T=1"), ("rude", "m @ T=1")]
     seen_sides, seen_others = set(), set()
     for seed in range(40):
-        a, b = prefs.pick_pair(answers, [0.2, 0.9, 0.5, 0.9], random.Random(seed))
+        [(a, b)] = prefs.pick_pairs(answers, [0.2, 0.9, 0.5, 0.9], random.Random(seed))
         pick, other = (a, b) if "pick" in a[1] else (b, a)
         assert pick == ("hacked", "m @ T=0.7, the reward models' pick of 4")  # the first of equal scores
         assert other[1].endswith(", another of 4") and other[0] != "hacked"
@@ -204,11 +204,36 @@ def test_the_pair_to_label_is_the_reward_models_favourite_and_another():
         seen_others.add(other[0])
     assert seen_sides == {True, False}  # the pick is not always answer a
     assert seen_others == {"wrong", "right", "rude"}
-    assert prefs.pick_pair(answers, [0.2, 0.9, 0.5, 0.9], random.Random(3)) == prefs.pick_pair(
+    assert prefs.pick_pairs(answers, [0.2, 0.9, 0.5, 0.9], random.Random(3)) == prefs.pick_pairs(
         answers, [0.2, 0.9, 0.5, 0.9], random.Random(3)
     )
     with pytest.raises(ValueError, match="3\\+ answers"):
-        prefs.pick_pair(answers[:2], [0.1, 0.2], random.Random(0))
+        prefs.pick_pairs(answers[:2], [0.1, 0.2], random.Random(0))
+
+
+def test_several_pairs_per_prompt_pair_the_favourite_with_different_answers():
+    import random
+
+    answers = [("wrong", "m"), ("hacked", "m"), ("right", "m"), ("rude", "m")]
+    for seed in range(20):
+        pairs = prefs.pick_pairs(answers, [0.2, 0.9, 0.5, 0.1], random.Random(seed), n=3)
+        assert len(pairs) == 3
+        others = {t for a, b in pairs for t, src in (a, b) if "another" in src}
+        assert others == {"wrong", "right", "rude"}  # each other answer once
+        assert all("hacked" in (a[0], b[0]) for a, b in pairs)
+    with pytest.raises(ValueError, match="1 to 3 others"):
+        prefs.pick_pairs(answers, [0.2, 0.9, 0.5, 0.1], random.Random(0), n=4)
+    with pytest.raises(ConfigError, match=r"at most collect\.samples - 1 = 3"):
+        load_config(CollectJob, None, ["collect.samples=4", "collect.pairs_per_prompt=4"])
+
+
+def test_a_prompts_pairs_stay_on_one_side_of_the_split():
+    pairs = [{"id": f"r2-p{i}" + (f"/{j}" if j else "")} for i in range(20) for j in range(3)]
+    for seed in range(10):
+        train, test = prefs.split_pairs(pairs, 0.2, seed=seed)
+        assert len(test) == 12 and len(train) == 48
+        prompts = lambda rows: {p["id"].split("/")[0] for p in rows}  # noqa: E731
+        assert not prompts(train) & prompts(test)
 
 
 def test_reward_models_for_picking_come_in_pairs():

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paddock import atomic, tracking
+from paddock.cluster import gather
 from paddock.config import CollectJob, paddock_home, resolve_path
 from paddock.data.schemas import PREFERENCES, RATINGS, TURNS
 
@@ -243,11 +244,18 @@ def write_batch(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def split_pairs(pairs: list[dict[str, Any]], test_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, test): a seeded share of the pairs held out for the monitor."""
-    order = list(pairs)
+    """(train, test): a seeded share of the pairs held out for the monitor. A prompt's pairs (ids that differ only
+    after a ``/``: ``collect.pairs_per_prompt``) go to the same side, so no held-out answer was trained on."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in pairs:
+        groups.setdefault(str(p["id"]).split("/")[0], []).append(p)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    n_test = round(len(order) * test_fraction)
-    return order[n_test:], order[:n_test]
+    n_test = round(len(pairs) * test_fraction)
+    test: list[dict[str, Any]] = []
+    while order and len(test) < n_test:
+        test += order.pop(0)
+    return [p for g in order for p in g], test
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,8 +415,8 @@ def draw_prompts(prompts: list[dict[str, Any]], cc: Any, seed: int) -> list[dict
 def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Answer a and answer b for every prompt: the first model at the first temperature, then the second model
     (or the same one) at the second. With ``collect.samples`` > 2 and the reward models in use, ``samples``
-    answers are drawn (half at each temperature) and the pair is the reward models' favourite and one of the
-    others (``pick_pair``)."""
+    answers are drawn (half at each temperature) and each of the prompt's ``pairs_per_prompt`` pairs is the reward
+    models' favourite and another of them (``pick_pairs``; row ids ``r{round}-{prompt}/{j}`` from the second)."""
     import ray
 
     from paddock.cluster import connect
@@ -446,7 +454,23 @@ def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[st
                 ]
                 for j in range((draws + 1 - n) // 2)  # the first temperature takes the odd one out
             ]
-            answers.append([[s["text"] for ref in draw for s in ray.get(ref)] for draw in refs])
+            answers.append(
+                [
+                    [
+                        s["text"]
+                        for rows in gather(
+                            {
+                                f"rollout worker {b % len(workers)} (batch {b})": ref
+                                for b, ref in enumerate(draw)
+                            },
+                            job.actor_timeout_s,
+                            f"answering {len(prompts)} prompts at T={temperature:g}",
+                        )
+                        for s in rows
+                    ]
+                    for draw in refs
+                ]
+            )
         finally:
             for w in workers:
                 ray.kill(w)
@@ -457,16 +481,16 @@ def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[st
         for i in range(len(prompts))
     ]
     if draws == 2:
-        pairs = [(c[0], c[1]) for c in candidates]
+        pairs = [[(c[0], c[1])] for c in candidates]
     else:
         scores = _reward_scores(job, prompts, candidates)
         pairs = [
-            pick_pair(c, s, random.Random(f"{job.seed}:{cc.round}:{p['id']}"))
+            pick_pairs(c, s, random.Random(f"{job.seed}:{cc.round}:{p['id']}"), cc.pairs_per_prompt)
             for p, c, s in zip(prompts, candidates, scores, strict=True)
         ]
     return [
         {
-            "id": f"r{cc.round}-{p['id']}",
+            "id": f"r{cc.round}-{p['id']}" + (f"/{j}" if j else ""),
             "round": cc.round,
             "prompt": p["turns"],
             "is_safety": bool(p["is_safety"]),
@@ -480,26 +504,34 @@ def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[st
             "safe_b": None,
             "annotator": None,
         }
-        for p, (a, b) in zip(prompts, pairs, strict=True)
+        for p, prompt_pairs in zip(prompts, pairs, strict=True)
+        for j, (a, b) in enumerate(prompt_pairs)
     ]
 
 
 Answer = tuple[str, str]  # (text, source)
 
 
-def pick_pair(candidates: list[Answer], scores: list[float], rng: random.Random) -> tuple[Answer, Answer]:
-    """The reward models' favourite (the highest score, the first of equals) and one of the other answers drawn
-    by ``rng``, in a random order (annotators favour a side); sources say which is which."""
+def pick_pairs(
+    candidates: list[Answer], scores: list[float], rng: random.Random, n: int = 1
+) -> list[tuple[Answer, Answer]]:
+    """The reward models' favourite (the highest score, the first of equals) against ``n`` of the other answers
+    drawn by ``rng`` (no answer twice), each pair in a random order (annotators favour a side); sources say which
+    is which."""
     if len(candidates) < 3 or len(scores) != len(candidates):
         raise ValueError(
-            f"pick_pair needs 3+ answers with a score each, got {len(candidates)} and {len(scores)}"
+            f"pick_pairs needs 3+ answers with a score each, got {len(candidates)} and {len(scores)}"
         )
     k = len(candidates)
+    if not 1 <= n < k:
+        raise ValueError(f"pick_pairs pairs the favourite of {k} answers with 1 to {k - 1} others, not {n}")
     best = max(range(k), key=lambda i: (scores[i], -i))
-    other = rng.choice([i for i in range(k) if i != best])
     pick = (candidates[best][0], f"{candidates[best][1]}, the reward models' pick of {k}")
-    rest = (candidates[other][0], f"{candidates[other][1]}, another of {k}")
-    return (pick, rest) if rng.random() < 0.5 else (rest, pick)
+    out = []
+    for other in rng.sample([i for i in range(k) if i != best], n):
+        rest = (candidates[other][0], f"{candidates[other][1]}, another of {k}")
+        out.append((pick, rest) if rng.random() < 0.5 else (rest, pick))
+    return out
 
 
 def _reward_scores(
@@ -524,7 +556,9 @@ def _reward_scores(
         turns = [p["turns"] for p, c in zip(prompts, candidates, strict=True) for _ in c]
         texts = [a[0] for c in candidates for a in c]
         is_safety = [bool(p["is_safety"]) for p, c in zip(prompts, candidates, strict=True) for _ in c]
-        combined = combined_scores(scorers[0], scorers[1], turns, texts, is_safety)[2].tolist()
+        combined = combined_scores(scorers[0], scorers[1], turns, texts, is_safety, job.actor_timeout_s)[
+            2
+        ].tolist()
     finally:
         for a in scorers:
             ray.kill(a)
@@ -594,7 +628,12 @@ def pair_scores(
         turns = [p["prompt"] for p in pairs] * 2
         texts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
         refs = {key: sc.rewards.remote(turns, texts) for key, sc in scorers.items()}
-        scores = {key: torch.tensor(ray.get(ref)) for key, ref in refs.items()}
+        answered = gather(
+            {f"{which} reward scorer {i}": ref for (which, i), ref in refs.items()},
+            job.actor_timeout_s,
+            f"scoring {len(pairs)} preference pairs",
+        )
+        scores = {key: torch.tensor(a) for key, a in zip(refs, answered, strict=True)}
     finally:
         for sc in scorers.values():
             ray.kill(sc)
