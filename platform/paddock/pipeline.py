@@ -651,8 +651,10 @@ def round_rows(
                 "round": k,
                 "pairs": collect.get("pairs", float("nan")),
                 "policy_helpful": collect.get("policy_helpfulness", float("nan")),
-                "rm_before_fresh": mon.get("monitor/before/fresh_agreement", float("nan")),
-                "rm_after_fresh": mon.get("monitor/after/fresh_agreement", float("nan")),
+                # on the fresh pairs with a clear preference (ties are labelled by a coin)
+                "rm_before_fresh": mon.get("monitor/before/fresh_agreement_clear", float("nan")),
+                "rm_after_fresh": mon.get("monitor/after/fresh_agreement_clear", float("nan")),
+                "fresh_clear_pairs": mon.get("monitor/after/fresh_clear_pairs", float("nan")),
                 "rm_before_static": mon.get("monitor/before/static_agreement", float("nan")),
                 "rm_after_static": mon.get("monitor/after/static_agreement", float("nan")),
                 "model_accuracy": model.get("eval/helpfulness_accuracy", float("nan")),
@@ -670,13 +672,16 @@ def rounds_table(job: PipelineJob, done: dict[str, Any], metrics: dict[str, dict
         return "—" if v != v else f"{v:.3f}"
 
     lines = [
-        "| round | pairs | policy answers helpful | RMs before: fresh / static | RMs after: fresh / static | "
-        "round model: verifier accuracy | violations | greedy reward |",
+        "| round | pairs (clear held-out ones) | policy answers helpful | RMs before: fresh / static | "
+        "RMs after: fresh / static | round model: verifier accuracy | violations | greedy reward |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in round_rows(job, done, metrics):
+        clear = (
+            "" if r["fresh_clear_pairs"] != r["fresh_clear_pairs"] else f" ({int(r['fresh_clear_pairs'])})"
+        )
         lines.append(
-            f"| {r['round']} | {int(r['pairs'])} | {cell(r['policy_helpful'])} | "
+            f"| {r['round']} | {int(r['pairs'])}{clear} | {cell(r['policy_helpful'])} | "
             f"{cell(r['rm_before_fresh'])} / {cell(r['rm_before_static'])} | "
             f"{cell(r['rm_after_fresh'])} / {cell(r['rm_after_static'])} | {cell(r['model_accuracy'])} | "
             f"{cell(r['model_violations'])} | {cell(r['model_reward'])} |"
@@ -701,8 +706,8 @@ def rounds_figure(
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     ks = [r["round"] for r in rows]
     for key, label, style in (
-        ("rm_before_fresh", "before retraining, policy's answers", "o--"),
-        ("rm_after_fresh", "after retraining, policy's answers", "o-"),
+        ("rm_before_fresh", "before retraining, policy's answers (clear pairs)", "o--"),
+        ("rm_after_fresh", "after retraining, policy's answers (clear pairs)", "o-"),
         ("rm_before_static", "before retraining, static pairs", "s--"),
         ("rm_after_static", "after retraining, static pairs", "s-"),
     ):

@@ -83,6 +83,13 @@ def test_the_monitor_scores_the_reward_models_on_fresh_and_static_pairs(collecte
     assert metrics["monitor/fresh_pairs"] == len(pq.read_table(result.fresh_test))
     for key in ("fresh_accuracy", "fresh_agreement", "static_accuracy", "static_agreement"):
         assert 0.0 <= metrics[f"monitor/after/{key}"] <= 1.0
+    fresh = pq.read_table(result.fresh_test).to_pylist()
+    clear = [p for p in fresh if p["rating"] != "negligibly_better"]
+    assert metrics["monitor/after/fresh_clear_pairs"] == len(clear)
+    if clear:  # agreement on them is a share of them
+        assert metrics["monitor/after/fresh_agreement_clear"] * len(clear) == pytest.approx(
+            round(metrics["monitor/after/fresh_agreement_clear"] * len(clear)), abs=1e-4
+        )
     # The chain's reward models trained on the static pairs: above chance on their test split (test_supervised.py
     # holds the helpfulness RM above 0.65 on all of it; 300 of its pairs have a standard error of 0.03)
     assert metrics["monitor/after/static_accuracy"] > 0.58

@@ -601,8 +601,11 @@ def pair_scores(
     """Pairs of reward models (name -> (helpfulness, safety)) on sets of preference pairs, every model loaded at
     once and every set scored in one call per model. Per model pair and set: the accuracy of each model on its own
     kind of pair (the helpfulness RM on helpfulness pairs, the safety RM on safety pairs) and the agreement of the
-    combined reward (Llama 2's safety gate) with the labels on every pair. Keys are ``{set}_accuracy``,
-    ``{set}_accuracy_{kind}`` and ``{set}_agreement``."""
+    combined reward (Llama 2's safety gate) with the labels on every pair, and on the pairs with a clear preference
+    (rated more than negligibly better: two equally good answers are labelled by a coin, so a reward model agrees
+    with about half of them whatever it learned; Llama 2's table 8 reads accuracy by rating the same way). Keys are
+    ``{set}_accuracy``, ``{set}_accuracy_{kind}``, ``{set}_agreement``, ``{set}_agreement_clear`` and
+    ``{set}_clear_pairs``."""
     import ray
     import torch
 
@@ -639,6 +642,7 @@ def pair_scores(
             ray.kill(sc)
     n = len(pairs)
     is_safety = torch.tensor([p["kind"] == "safety" for p in pairs])
+    clear = torch.tensor([p["rating"] != "negligibly_better" for p in pairs])
     out: dict[str, dict[str, float]] = {}
     for which in reward_models:
         h, s = scores[(which, 0)], scores[(which, 1)]
@@ -654,6 +658,9 @@ def pair_scores(
                 continue
             got[f"{name}_accuracy"] = own[part].float().mean().item()
             got[f"{name}_agreement"] = agree[part].float().mean().item()
+            got[f"{name}_clear_pairs"] = float(clear[part].sum().item())
+            if clear[part].any():
+                got[f"{name}_agreement_clear"] = agree[part][clear[part]].float().mean().item()
             for kind, mask in (("helpfulness", ~is_safety[part]), ("safety", is_safety[part])):
                 if mask.any():
                     got[f"{name}_accuracy_{kind}"] = own[part][mask].float().mean().item()
@@ -686,7 +693,8 @@ def monitor(
         metrics["monitor/fresh_pairs"] = len(fresh)
         run.log_metrics(metrics, step=cc.round)
     line = ", ".join(
-        f"{which}: {metrics.get(f'monitor/{which}/fresh_agreement', float('nan')):.1%} on the policy's answers, "
+        f"{which}: {metrics.get(f'monitor/{which}/fresh_agreement_clear', float('nan')):.1%} on the policy's answers "
+        f"with a clear preference ({metrics.get(f'monitor/{which}/fresh_agreement', float('nan')):.1%} on all), "
         f"{metrics.get(f'monitor/{which}/static_accuracy', float('nan')):.1%} on static pairs"
         for which in reward_models
     )
