@@ -194,6 +194,7 @@ def test_ppo_stops_at_once_when_every_rollout_worker_is_dead_for_good(ray_cluste
     actors.workers = [Broken.remote() for _ in range(2)]
     actors.value = Blocked.remote()
     actors.channel = SimpleNamespace(timeout_s=600.0, sub=lambda prefix, size: None)
+    actors.timeout_s = 600.0
     pub = SimpleNamespace(version=1, policy=None, value=None)
     start = time.monotonic()
     with pytest.raises(ActorsDead, match=r"all 2 rollout workers are dead.*max_model_len 512 is beyond"):
