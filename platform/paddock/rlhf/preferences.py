@@ -445,30 +445,22 @@ def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[st
         )
         try:
             batches = [prompts[i : i + cc.batch_prompts] for i in range(0, len(prompts), cc.batch_prompts)]
-            refs = [
-                [
-                    workers[b % len(workers)].generate.remote(
+            draws_refs = [  # one call per batch and draw, named for the timeout's message
+                {
+                    f"rollout worker {b % len(workers)} (batch {b})": workers[
+                        b % len(workers)
+                    ].generate.remote(
                         batch, seed=hash((job.seed, cc.round, n, b, *((j,) if j else ()))) % 2**31
                     )
                     for b, batch in enumerate(batches)
-                ]
+                }
                 for j in range((draws + 1 - n) // 2)  # the first temperature takes the odd one out
             ]
+            doing = f"answering {len(prompts)} prompts at T={temperature:g}"
             answers.append(
                 [
-                    [
-                        s["text"]
-                        for rows in gather(
-                            {
-                                f"rollout worker {b % len(workers)} (batch {b})": ref
-                                for b, ref in enumerate(draw)
-                            },
-                            job.actor_timeout_s,
-                            f"answering {len(prompts)} prompts at T={temperature:g}",
-                        )
-                        for s in rows
-                    ]
-                    for draw in refs
+                    [s["text"] for rows in gather(calls, job.actor_timeout_s, doing) for s in rows]
+                    for calls in draws_refs
                 ]
             )
         finally:
