@@ -12,6 +12,8 @@ metrics and a plot: the gap between them is what rejection sampling harvests.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +131,73 @@ def sample_and_score(
     return samples, combined
 
 
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("k", pa.int64()),
+        ("text", pa.string()),
+        ("finished", pa.bool_()),
+        ("reward_helpfulness", pa.float64()),
+        ("reward_safety", pa.float64()),
+        ("reward_combined", pa.float64()),
+    ]
+)
+SAMPLES_KEY = b"paddock.samples_key"
+
+
+def samples_key(job: RejectionJob, prompts: list[dict[str, Any]]) -> str:
+    """What a round's scored samples depend on: the policy's and reward models' registered versions (``@latest``
+    resolved), the sampling settings, the seed and the prompts. A rerun with the same key reuses them."""
+
+    def pinned(uri: str) -> str:
+        if uri.startswith("models:/"):
+            name, version = tracking.model_version(uri)
+            return f"models:/{name}/{version}"
+        return uri
+
+    rc = job.rejection
+    key = {
+        "models": [pinned(u) for u in (job.policy, job.reward_helpfulness, job.reward_safety)],
+        "sampling": rc.model_dump(
+            mode="json",
+            include={"k", "temperature", "top_p", "max_new_tokens", "batch_prompts", "round", "seq_len"},
+        ),
+        "inference": job.inference.model_dump(mode="json"),
+        "seed": job.seed,
+        "prompts": [p["id"] for p in prompts],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def scored_samples(
+    job: RejectionJob, prompts: list[dict[str, Any]], path: Path
+) -> tuple[list[list[dict[str, Any]]], torch.Tensor]:
+    """``sample_and_score``, kept in ``path``: a rerun of the round after a kill (in the fine-tuning, say) reads
+    the samples back instead of drawing them again, when nothing they depend on changed (``samples_key``)."""
+    key = samples_key(job, prompts)
+    k = job.rejection.k
+    if path.is_file():
+        table = pq.read_table(path)
+        if (table.schema.metadata or {}).get(SAMPLES_KEY) == key.encode():
+            rows = table.to_pylist()
+            samples = [rows[i * k : (i + 1) * k] for i in range(len(prompts))]
+            combined = torch.tensor(
+                [[s["reward_combined"] for s in per] for per in samples], dtype=torch.float32
+            )
+            print(f"[rejection_sampling] reusing the {len(rows)} scored samples in {path}", flush=True)
+            return samples, combined
+        print(f"[rejection_sampling] {path} is from other models or settings: sampling again", flush=True)
+    samples, combined = sample_and_score(job, prompts)
+    rows = [
+        {"prompt_id": p["id"], "k": j, **{f: s[f] for f in SAMPLES_SCHEMA.names[2:]}}
+        for p, per in zip(prompts, samples, strict=True)
+        for j, s in enumerate(per)
+    ]
+    table = pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
+    atomic.write_parquet(table.replace_schema_metadata({SAMPLES_KEY: key.encode()}), path)
+    return samples, combined
+
+
 def run(job: RejectionJob) -> RejectionResult:
     """One run at a time per output directory (``paddock.atomic.locked``)."""
     with atomic.locked(paddock_home() / "runs" / f"{job.registry_prefix}-rs", "rejection_sampling") as lock:
@@ -155,7 +224,7 @@ def _run(job: RejectionJob, lock: atomic.Lock) -> RejectionResult:
     ) as run:
         tracking.claim(lock, "rejection_sampling", run)
         run.log_dataset(resolve_path(rc.prompts), "prompts", "sampling", report.total, report.n_bad)
-        samples, combined = sample_and_score(job, prompts)
+        samples, combined = scored_samples(job, prompts, work / f"round{rc.round}" / "samples.parquet")
         maxima, medians = best_of_n_curve(combined)
         for n, (mx, md) in enumerate(zip(maxima, medians, strict=True), 1):
             run.log_metrics({"rs/best_of_n_max": mx, "rs/best_of_n_median": md}, step=n)

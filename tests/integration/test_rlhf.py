@@ -98,9 +98,7 @@ def rlhf_overrides(world_dir: Path, tokenizer_dir: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def rs(chain, world_dir: Path, tokenizer_dir: Path):
-    from paddock import rejection
+def rs_job(world_dir: Path, tokenizer_dir: Path, *extra: str) -> Any:
     from paddock.config import RejectionJob, load_config
 
     job = load_config(
@@ -110,6 +108,7 @@ def rs(chain, world_dir: Path, tokenizer_dir: Path):
             *rlhf_overrides(world_dir, tokenizer_dir),
             "policy=models:/tiny-sft@latest",
             f"rejection.prompts={world_dir}/prompts/train.parquet",
+            *extra,
         ],
     )
     # The shipped fine-tuning settings, pointed at the test world.
@@ -119,7 +118,14 @@ def rs(chain, world_dir: Path, tokenizer_dir: Path):
         f"data.test={world_dir}/sft/test.parquet",
         "data.seq_len=128",
     ]
-    return rejection.run(job)
+    return job
+
+
+@pytest.fixture(scope="module")
+def rs(chain, world_dir: Path, tokenizer_dir: Path):
+    from paddock import rejection
+
+    return rejection.run(rs_job(world_dir, tokenizer_dir))
 
 
 def test_best_of_n_maximum_rises_while_the_median_stays_flat(rs, results):
@@ -142,6 +148,30 @@ def test_rejection_sampled_model_keeps_sft_s_held_out_reward(rs, chain, world_di
     results(f"held-out greedy, SFT: {_shown(sft)}")
     results(f"held-out greedy, RS:  {_shown(rsm)}")
     assert rsm["reward_combined"] > sft["reward_combined"] - RS_SLACK, (sft, rsm)
+
+
+def test_a_rerun_of_the_round_reuses_its_scored_samples(
+    rs, world_dir: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """A rerun of the round after a kill (in the fine-tuning, say) reads the round's scored samples back instead of
+    drawing them again, and keeps the same answers; other sampling settings draw them again."""
+    from paddock import rejection
+
+    kept = pq.read_table(rs.dataset).to_pylist()
+
+    def no_sampling(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(rejection, "sample_and_score", no_sampling)
+    monkeypatch.setattr(
+        rejection, "run_supervised", lambda *args, **kwargs: None
+    )  # the fine-tune is its own test
+    again = rejection.run(rs_job(world_dir, tokenizer_dir))
+    assert "[rejection_sampling] reusing the" in capsys.readouterr().out
+    assert pq.read_table(again.dataset).to_pylist() == kept
+    assert (again.best_of_n_max, again.best_of_n_median) == (rs.best_of_n_max, rs.best_of_n_median)
+    with pytest.raises(AssertionError, match="sampled again"):
+        rejection.run(rs_job(world_dir, tokenizer_dir, "rejection.k=4"))
 
 
 def ppo_job(world_dir: Path, tokenizer_dir: Path, *extra: str) -> Any:
