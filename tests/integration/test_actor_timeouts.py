@@ -167,3 +167,46 @@ def test_evaluation_and_collection_calls_time_out_naming_the_actor(ray_cluster) 
         workers_perplexity([fine, hung], [{"turns": []}, {"turns": []}], 16, 2)
     for a in (fine, hung):
         ray.kill(a)
+
+
+def test_weights_that_reach_no_receiver_fail_once_within_one_timeout(ray_cluster) -> None:
+    """``Actors.load`` waits for every receiver of a publication against one deadline, not one each: three rollout
+    workers that never finish receiving cost one ``actor_timeout_s`` (and the liveness check's one), then
+    ``WeightsLost`` names them all. Waiting on each in turn took a timeout per worker, and again per worker to
+    check that they were alive."""
+    import ray
+    from paddock.ppo.hub import Publication
+    from paddock.ppo.loop import Actors, WeightsLost
+
+    @ray.remote(num_cpus=0)
+    class Receiver:
+        def __init__(self, hang: bool):
+            self.hang = hang
+
+        def receive(self, channel: object, spec: list, rank: int, version: int) -> int:
+            if self.hang:
+                time.sleep(3600)
+            return version
+
+        def version(self) -> int:
+            return 0
+
+    class Channel:
+        timeout_s = 2.0
+
+        def sub(self, name: str, size: int) -> str:
+            return name
+
+    actors = Actors.__new__(Actors)
+    actors.channel, actors.timeout_s = Channel(), 2.0  # type: ignore[assignment]
+    actors.workers = [Receiver.remote(True) for _ in range(3)]
+    actors.value = Receiver.remote(False)
+    ray.get([a.version.remote() for a in [*actors.workers, actors.value]])  # started
+    pub = Publication(version=2, iteration=1, policy=[], value=[], nbytes=0)
+    t0 = time.monotonic()
+    with pytest.raises(WeightsLost, match=r"rollout worker 0', 'rollout worker 1', 'rollout worker 2'"):
+        actors.load(pub)
+    waited = time.monotonic() - t0
+    assert 2.0 <= waited < 7.0, waited  # 2 s to load, 2 s to see them alive; 12 s one by one
+    for a in [*actors.workers, actors.value]:
+        ray.kill(a)

@@ -150,10 +150,11 @@ class Actors:
             self.channel.sub(f"pub{pub.version}/value", 2), pub.value, 1, pub.version
         )
         failures = {}
+        deadline = time.monotonic() + self.timeout_s  # one for all receivers, not one each
 
         def wait(name: str, ref: Any) -> None:
             try:
-                ray.get(ref, timeout=self.timeout_s)
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except (
                 ray.exceptions.RayTaskError,
                 ray.exceptions.RayActorError,
@@ -174,13 +175,15 @@ class Actors:
 
     def check_alive(self, wait_s: float | None = None) -> None:
         """Raises ``ActorsDead`` when every rollout worker is dead for good. A call to a worker that Ray is
-        restarting waits for it (up to ``wait_s``, default the weight-sync timeout); a dead one fails at once."""
+        restarting waits for it (up to ``wait_s`` for them all, default the weight-sync timeout); a dead one fails
+        at once."""
         wait_s = self.channel.timeout_s if wait_s is None else wait_s
         refs = [w.version.remote() for w in self.workers]
         dead: dict[int, BaseException] = {}
+        deadline = time.monotonic() + wait_s
         for i, ref in enumerate(refs):
             try:
-                ray.get(ref, timeout=wait_s)
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except ray.exceptions.ActorDiedError as exc:
                 dead[i] = exc
             except ray.exceptions.GetTimeoutError:
