@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -52,6 +54,44 @@ def write_parquet(table: Any, path: str | Path) -> None:
 
     with writing_file(path) as tmp:
         pq.write_table(table, tmp)
+
+
+# A stage's sampled data (rejection sampling's scored samples, GAtt's and context distillation's datasets) is
+# written with the digest of everything it depends on in the file's metadata: a rerun of the stage after a kill
+# (in its fine-tune, say) reads it back instead of sampling again, and anything changed samples again.
+KEY = b"paddock.key"
+
+
+def key_of(parts: Mapping[str, Any]) -> str:
+    """The digest of what an output depends on (JSON values; anything else by its ``str``)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_keyed(table: Any, path: str | Path, key: str, **meta: str) -> None:
+    """``write_parquet`` with ``key`` (and ``meta``, read back by ``read_keyed``) in the file's metadata."""
+    extra = {KEY: key.encode(), **{f"paddock.{k}".encode(): v.encode() for k, v in meta.items()}}
+    write_parquet(table.replace_schema_metadata({**(table.schema.metadata or {}), **extra}), path)
+
+
+def read_keyed(path: str | Path, key: str, stage: str) -> tuple[Any, dict[str, str]] | None:
+    """The table at ``path`` and its ``meta`` when it was written under ``key``; None (saying why) otherwise."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    if meta.get(KEY) != key.encode():
+        print(f"[{stage}] {path} is from other models, settings or inputs: sampling again", flush=True)
+        return None
+    print(
+        f"[{stage}] reusing {path} ({table.num_rows} rows from an earlier run with the same inputs)",
+        flush=True,
+    )
+    found = {k.decode()[len("paddock.") :]: v.decode() for k, v in meta.items() if k.startswith(b"paddock.")}
+    found.pop("key")
+    return table, found
 
 
 @contextlib.contextmanager

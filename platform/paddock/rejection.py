@@ -12,8 +12,6 @@ metrics and a plot: the gap between them is what rejection sampling harvests.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,31 +140,26 @@ SAMPLES_SCHEMA = pa.schema(
         ("reward_combined", pa.float64()),
     ]
 )
-SAMPLES_KEY = b"paddock.samples_key"
 
 
 def samples_key(job: RejectionJob, prompts: list[dict[str, Any]]) -> str:
     """What a round's scored samples depend on: the policy's and reward models' registered versions (``@latest``
-    resolved), the sampling settings, the seed and the prompts. A rerun with the same key reuses them."""
-
-    def pinned(uri: str) -> str:
-        if uri.startswith("models:/"):
-            name, version = tracking.model_version(uri)
-            return f"models:/{name}/{version}"
-        return uri
-
+    resolved), the sampling settings, the seed and the prompts (their text). A rerun with the same key reuses them."""
     rc = job.rejection
-    key = {
-        "models": [pinned(u) for u in (job.policy, job.reward_helpfulness, job.reward_safety)],
-        "sampling": rc.model_dump(
-            mode="json",
-            include={"k", "temperature", "top_p", "max_new_tokens", "batch_prompts", "round", "seq_len"},
-        ),
-        "inference": job.inference.model_dump(mode="json"),
-        "seed": job.seed,
-        "prompts": [p["id"] for p in prompts],
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return atomic.key_of(
+        {
+            "models": [
+                tracking.model_ref(u) for u in (job.policy, job.reward_helpfulness, job.reward_safety)
+            ],
+            "sampling": rc.model_dump(
+                mode="json",
+                include={"k", "temperature", "top_p", "max_new_tokens", "batch_prompts", "round", "seq_len"},
+            ),
+            "inference": job.inference.model_dump(mode="json"),
+            "seed": job.seed,
+            "prompts": prompts,
+        }
+    )
 
 
 def scored_samples(
@@ -176,25 +169,19 @@ def scored_samples(
     the samples back instead of drawing them again, when nothing they depend on changed (``samples_key``)."""
     key = samples_key(job, prompts)
     k = job.rejection.k
-    if path.is_file():
-        table = pq.read_table(path)
-        if (table.schema.metadata or {}).get(SAMPLES_KEY) == key.encode():
-            rows = table.to_pylist()
-            samples = [rows[i * k : (i + 1) * k] for i in range(len(prompts))]
-            combined = torch.tensor(
-                [[s["reward_combined"] for s in per] for per in samples], dtype=torch.float32
-            )
-            print(f"[rejection_sampling] reusing the {len(rows)} scored samples in {path}", flush=True)
-            return samples, combined
-        print(f"[rejection_sampling] {path} is from other models or settings: sampling again", flush=True)
+    found = atomic.read_keyed(path, key, "rejection_sampling")
+    if found is not None:
+        rows = found[0].to_pylist()
+        samples = [rows[i * k : (i + 1) * k] for i in range(len(prompts))]
+        combined = torch.tensor([[s["reward_combined"] for s in per] for per in samples], dtype=torch.float32)
+        return samples, combined
     samples, combined = sample_and_score(job, prompts)
     rows = [
         {"prompt_id": p["id"], "k": j, **{f: s[f] for f in SAMPLES_SCHEMA.names[2:]}}
         for p, per in zip(prompts, samples, strict=True)
         for j, s in enumerate(per)
     ]
-    table = pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
-    atomic.write_parquet(table.replace_schema_metadata({SAMPLES_KEY: key.encode()}), path)
+    atomic.write_keyed(pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA), path, key)
     return samples, combined
 
 

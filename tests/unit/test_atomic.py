@@ -156,3 +156,29 @@ def test_the_model_cache_takes_whole_downloads_only(tmp_path, monkeypatch):
     tracking._download("models:/tiny-sft/2", other)
     assert (other / "artifacts/checkpoint/config.json").read_text() == "theirs"
     assert leftovers(cache.parent) == []
+
+
+def test_a_keyed_table_is_read_back_under_its_key_only(tmp_path, capsys):
+    """What a stage sampled (``write_keyed``) comes back for the same inputs, with its notes, and not otherwise."""
+    import pyarrow as pa
+
+    path = tmp_path / "samples.parquet"
+    assert atomic.read_keyed(path, "k", "stage") is None  # nothing written yet
+    key = atomic.key_of({"models": ["models:/tiny-sft/1"], "seed": 0, "prompts": [{"id": "p1", "turns": []}]})
+    assert key == atomic.key_of(
+        {"seed": 0, "prompts": [{"turns": [], "id": "p1"}], "models": ["models:/tiny-sft/1"]}
+    )
+    assert key != atomic.key_of(
+        {"models": ["models:/tiny-sft/2"], "seed": 0, "prompts": [{"id": "p1", "turns": []}]}
+    )
+    table = pa.table({"text": ["a", "b"]}).replace_schema_metadata({b"other": b"kept"})
+    atomic.write_keyed(table, path, key, followed="0.25")
+
+    found = atomic.read_keyed(path, key, "stage")
+    assert found is not None
+    got, meta = found
+    assert got.column("text").to_pylist() == ["a", "b"] and meta == {"followed": "0.25"}
+    assert got.schema.metadata[b"other"] == b"kept"
+    assert "[stage] reusing" in capsys.readouterr().out
+    assert atomic.read_keyed(path, "another key", "stage") is None
+    assert "sampling again" in capsys.readouterr().out

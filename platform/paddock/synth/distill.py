@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -36,29 +37,13 @@ class DistillResult:
     finetune: StageResult
 
 
-def run(job: DistillJob) -> DistillResult:
-    """One run at a time per output directory (``paddock.atomic.locked``)."""
-    with atomic.locked(paddock_home() / "runs" / f"{job.registry_prefix}-cd", "context_distillation"):
-        return _run(job)  # its fine-tune (run_supervised) notes the MLflow run on the lock
-
-
-def _run(job: DistillJob) -> DistillResult:
+def distilled(
+    job: DistillJob, prompts: list[dict[str, Any]], policy: str, rm_s: str
+) -> tuple[list[dict[str, Any]], float, float]:
+    """The preprompted answers the safety reward model prefers to the plain ones, as training dialogs without
+    the preprompt (repeated up to ``distill.min_examples``), and the mean safety scores with and without it."""
     d = job.distill
-    finetune_sft_job(job, None, "cd")  # a bad SFT config fails before sampling
-    policy = str(tracking.resolve_model(job.policy))
-    rm_s = str(tracking.resolve_model(job.reward_safety))
-    work = paddock_home() / "runs" / f"{job.registry_prefix}-cd"
-    report = load_dataset(
-        resolve_path(d.prompts),
-        "prompts",
-        quarantine_dir=work / "quarantine",
-    )
-    prompts = [r for r in report.good.to_pylist() if r["is_safety"]][: d.max_prompts]
-    if not prompts:
-        raise ValueError(f"distill.prompts: {d.prompts} holds no safety prompts (is_safety true)")
     system = d.preprompt + (f" {d.answer_template}" if d.answer_template else "")
-    connect()
-    plan.check(job, "context_distillation")
     workers = workers_from(policy, d, job.inference)
     opts = actor_options(d.cpus_per_actor, d.gpus_per_actor)
     scorer = Scorer.options(**opts).remote(rm_s, "reward", seq_len=d.seq_len, **job.inference.model_dump())  # type: ignore[attr-defined]
@@ -115,10 +100,53 @@ def _run(job: DistillJob) -> DistillResult:
             kept[i % len(kept)] | {"id": f"{kept[i % len(kept)]['id']}-r{i // len(kept)}"}
             for i in range(d.min_examples)
         ]
-    random.Random(job.seed).shuffle(kept)
+    return kept, mean_with, mean_without
+
+
+def run(job: DistillJob) -> DistillResult:
+    """One run at a time per output directory (``paddock.atomic.locked``)."""
+    with atomic.locked(paddock_home() / "runs" / f"{job.registry_prefix}-cd", "context_distillation"):
+        return _run(job)  # its fine-tune (run_supervised) notes the MLflow run on the lock
+
+
+def _run(job: DistillJob) -> DistillResult:
+    d = job.distill
+    finetune_sft_job(job, None, "cd")  # a bad SFT config fails before sampling
+    # pinned (a version registered meanwhile changes nothing here); a missing model fails before Ray starts
+    policy, rm_s = tracking.model_ref(job.policy), tracking.model_ref(job.reward_safety)
+    work = paddock_home() / "runs" / f"{job.registry_prefix}-cd"
+    report = load_dataset(
+        resolve_path(d.prompts),
+        "prompts",
+        quarantine_dir=work / "quarantine",
+    )
+    prompts = [r for r in report.good.to_pylist() if r["is_safety"]][: d.max_prompts]
+    if not prompts:
+        raise ValueError(f"distill.prompts: {d.prompts} holds no safety prompts (is_safety true)")
+    connect()
+    plan.check(job, "context_distillation")
     dataset = work / "distilled.parquet"
-    dataset.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_parquet(pa.Table.from_pylist(kept, schema=DIALOGS), dataset)
+    key = atomic.key_of(
+        {
+            "models": [policy, rm_s],
+            "distill": d.model_dump(mode="json", exclude={"cpus_per_actor", "gpus_per_actor"}),
+            "inference": job.inference.model_dump(mode="json"),
+            "seed": job.seed,
+            "prompts": prompts,
+        }
+    )
+    found = atomic.read_keyed(dataset, key, "context_distillation")  # a rerun after a kill samples nothing
+    if found is not None:
+        kept = found[0].to_pylist()
+        mean_with, mean_without = float(found[1]["safety_with"]), float(found[1]["safety_without"])
+    else:
+        here = [str(tracking.resolve_model(u)) for u in (policy, rm_s)]
+        kept, mean_with, mean_without = distilled(job, prompts, *here)
+        random.Random(job.seed).shuffle(kept)
+        table = pa.Table.from_pylist(kept, schema=DIALOGS)
+        atomic.write_keyed(
+            table, dataset, key, safety_with=repr(mean_with), safety_without=repr(mean_without)
+        )
     finetune = run_supervised(finetune_sft_job(job, dataset, "cd"), "context_distillation")
     tracking.tag_run(
         finetune.run_id,

@@ -56,7 +56,8 @@ def instruction_of(
 def synthesize(
     job: GAttJob, dialogs: list[dict[str, Any]], policy: str
 ) -> tuple[list[dict[str, Any]], float]:
-    """Sample the answers turn by turn (instruction on every user message); return training dialogs."""
+    """Sample the answers turn by turn (instruction on every user message); return training dialogs. ``policy``:
+    the policy's pinned reference (``tracking.model_ref``)."""
     from transformers import AutoConfig
 
     from paddock.data.tokenize import encode_prompt
@@ -64,9 +65,10 @@ def synthesize(
 
     g = job.gatt
     rng = random.Random(job.seed)
-    tok = load_tokenizer(policy)
-    context = int(AutoConfig.from_pretrained(policy, local_files_only=True).max_position_embeddings)
-    workers = workers_from(policy, g, job.inference)
+    here = tracking.resolve_model(policy)
+    tok = load_tokenizer(here)
+    context = int(AutoConfig.from_pretrained(here, local_files_only=True).max_position_embeddings)
+    workers = workers_from(str(here), g, job.inference)
     states = []
     for d in dialogs:
         ins, form = instruction_of(d, rng, g.short_fraction)
@@ -131,7 +133,7 @@ def run(job: GAttJob) -> GAttResult:
 def _run(job: GAttJob) -> GAttResult:
     g = job.gatt
     finetune_sft_job(job, None, "gatt")  # a bad SFT config fails before sampling
-    policy = str(tracking.resolve_model(job.policy))
+    policy = tracking.model_ref(job.policy)  # pinned: a version registered meanwhile changes nothing here
     work = paddock_home() / "runs" / f"{job.registry_prefix}-gatt"
     report = load_dataset(
         resolve_path(g.dialogs),
@@ -143,26 +145,40 @@ def _run(job: GAttJob) -> GAttResult:
         raise ValueError(f"gatt.dialogs: {g.dialogs} holds no valid dialogs")
     connect()
     plan.check(job, "gatt")
-    examples, followed = synthesize(job, dialogs, policy)
+    dataset = work / "gatt.parquet"
+    key = atomic.key_of(
+        {
+            "policy": policy,
+            "gatt": g.model_dump(mode="json", exclude={"cpus_per_actor", "gpus_per_actor"}),
+            "inference": job.inference.model_dump(mode="json"),
+            "seed": job.seed,
+            "dialogs": dialogs,
+        }
+    )
+    found = atomic.read_keyed(dataset, key, "gatt")  # a rerun after a kill in the fine-tune samples nothing
+    if found is not None:
+        examples, followed = found[0].to_pylist(), float(found[1]["followed"])
+    else:
+        examples, followed = synthesize(job, dialogs, policy)
+        if not examples:
+            raise ValueError(
+                "GAtt produced no training dialog: no finished answer after the first turn"
+                + (
+                    " kept the instruction (gatt.keep_following); the policy follows it too rarely to learn "
+                    "from: train SFT longer, or set gatt.keep_following=false to train on every answer as the "
+                    "paper does"
+                    if g.keep_following
+                    else ""
+                )
+            )
+        random.Random(job.seed).shuffle(examples)
+        table = pa.Table.from_pylist(examples, schema=DIALOGS)
+        atomic.write_keyed(table, dataset, key, followed=repr(followed))
     print(
         f"[gatt] {len(examples)} training dialogs from {len(dialogs)} sources; "
         f"{followed:.1%} of sampled answers followed the instruction",
         flush=True,
     )
-    if not examples:
-        raise ValueError(
-            "GAtt produced no training dialog: no finished answer after the first turn"
-            + (
-                " kept the instruction (gatt.keep_following); the policy follows it too rarely to learn from: "
-                "train SFT longer, or set gatt.keep_following=false to train on every answer as the paper does"
-                if g.keep_following
-                else ""
-            )
-        )
-    random.Random(job.seed).shuffle(examples)
-    dataset = work / "gatt.parquet"
-    dataset.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_parquet(pa.Table.from_pylist(examples, schema=DIALOGS), dataset)
     sft_job = finetune_sft_job(job, dataset, "gatt", "train_on=last_answer")
     finetune = run_supervised(sft_job, "gatt_finetune")
     return GAttResult(len(dialogs), len(examples), dataset, followed, finetune)
