@@ -325,8 +325,7 @@ def _short(uri: str) -> str:
 
 def start_scorers(job: Any) -> list[Any]:
     """The helpfulness and safety reward scorers an evaluation job needs (give them to ``run`` to share)."""
-    from paddock import tracking
-    from paddock.cluster import connect
+    from paddock.cluster import actor_model, connect
     from paddock.rollout.actors import Scorer, actor_options
 
     e = job.eval
@@ -334,7 +333,7 @@ def start_scorers(job: Any) -> list[Any]:
     opts = actor_options(e.cpus_per_actor, e.gpus_per_actor)
     return [
         Scorer.options(**opts).remote(  # type: ignore[attr-defined]
-            str(tracking.resolve_model(u)), "reward", seq_len=e.seq_len, **job.inference.model_dump()
+            actor_model(u), "reward", seq_len=e.seq_len, **job.inference.model_dump()
         )
         for u in (job.reward_helpfulness, job.reward_safety)
     ]
@@ -351,16 +350,15 @@ def run(
     By default the job starts its own and stops them.
     """
     from paddock import plan, tracking
-    from paddock.cluster import connect
+    from paddock.cluster import actor_model, connect
     from paddock.config import paddock_home, resolve_path
     from paddock.data.validate import load_dataset
     from paddock.rollout.actors import held_weights, workers_from
 
     e = job.eval
     name, version = tracking.model_version(job.model) if job.model.startswith("models:/") else (None, None)
-    model_dir = str(tracking.resolve_model(job.model))
-    rm_h, rm_s = (str(tracking.resolve_model(u)) for u in (job.reward_helpfulness, job.reward_safety))
-    others = {_short(u): str(tracking.resolve_model(u)) for u in job.compare_to}
+    for uri in (job.model, job.reward_helpfulness, job.reward_safety, *job.compare_to):
+        tracking.model_ref(uri)  # a missing model fails here, before Ray starts
 
     def load(path: str, kind: str, limit: int | None) -> list[dict[str, Any]]:
         quarantine = paddock_home() / "runs" / "evaluate" / "quarantine"
@@ -373,6 +371,10 @@ def run(
     gatt = load(e.gatt, "dialogs", e.max_gatt_dialogs) if e.gatt else []
     dialogs = load(e.dialogs, "dialogs", e.max_dialogs) if e.dialogs else []
     connect()
+    # models as the actors open them: the driver's paths on one node, pinned registry URIs on several
+    model_dir = actor_model(job.model)
+    rm_h, rm_s = (actor_model(u) for u in (job.reward_helpfulness, job.reward_safety))
+    others = {_short(u): actor_model(u) for u in job.compare_to}
     plan.check(job, "evaluate")
     start = time.monotonic()
     t = job.actor_timeout_s

@@ -319,6 +319,7 @@ def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[s
     import ray
 
     from paddock import evaluate
+    from paddock.cluster import actor_model
     from paddock.rollout.actors import workers_from
 
     out = {}
@@ -338,7 +339,7 @@ def evaluate_models(job: PipelineJob, template: EvaluateJob) -> dict[str, dict[s
             if suffix == "base":  # a pretrained model holds no dialog: its GAtt adherence would be noise
                 e = e.model_copy(update={"eval": e.eval.model_copy(update={"gatt": None})})
             if not workers:
-                workers = workers_from(str(tracking.resolve_model(uri)), template.eval, template.inference)
+                workers = workers_from(actor_model(uri), template.eval, template.inference)
             out[name] = evaluate.run(e, scorers, workers)
     finally:
         for a in [*scorers, *workers]:

@@ -23,7 +23,7 @@ import ray
 import torch
 
 from paddock import atomic, plan, tracking
-from paddock.cluster import connect, gather
+from paddock.cluster import actor_model, connect, gather
 from paddock.config import RejectionJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
@@ -79,8 +79,8 @@ def sample_and_score(
 ) -> tuple[list[list[dict[str, Any]]], torch.Tensor]:
     """K scored samples per prompt: (samples[prompt][k], combined rewards (prompts, K))."""
     rc = job.rejection
-    policy = str(tracking.resolve_model(job.policy))
-    rm_h, rm_s = (str(tracking.resolve_model(u)) for u in (job.reward_helpfulness, job.reward_safety))
+    # as the actors open them: the driver's paths on one node, pinned registry URIs on several
+    policy, rm_h, rm_s = (actor_model(u) for u in (job.policy, job.reward_helpfulness, job.reward_safety))
     opts = actor_options(rc.cpus_per_worker, rc.gpus_per_actor)
     workers = start_workers(
         policy,

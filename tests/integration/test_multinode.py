@@ -1,5 +1,5 @@
 """PPO on a Ray cluster of a head and two worker nodes that share nothing but the storage and MLflow, one of
-which goes away mid-run.
+which goes away mid-run; then an evaluation of the registered policy on the node left.
 
 Each node is a raylet of its own (``ray.cluster_utils.Cluster``) with its own ``PADDOCK_HOME``; the driver is a
 separate process with a third one, as under ``ray job submit``. The chain's models are registered on a real
@@ -88,6 +88,35 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
         removed_at = len(lines)
         code = proc.wait(timeout=1200)
         reader.join(timeout=30)
+        # A second driver evaluates the registered policy on the node left: its rollout workers and scorers open
+        # the models they are handed as pinned URIs, resolved into that node's cache (paths on the driver's disk
+        # would not be there)
+        evaluation = subprocess.run(
+            [sys.executable, "jobs/evaluate.py", "--config", "jobs/configs/tiny/evaluate.yaml"]
+            + [
+                arg
+                for o in [
+                    "model=models:/mn-ppo/1",
+                    "compare_to=[models:/mn-sft/1]",
+                    "reward_helpfulness=models:/mn-rm-helpfulness@latest",
+                    "reward_safety=models:/mn-rm-safety@latest",
+                    f"eval.prompts={world_dir}/prompts/test.parquet",
+                    f"eval.gatt={world_dir}/gatt/test.parquet",
+                    f"eval.dialogs={world_dir}/sft/test.parquet",
+                    "eval.max_prompts=8",
+                    "eval.max_gatt_dialogs=2",
+                    "eval.max_dialogs=8",
+                    "eval.safety_samples=1",
+                    "eval.max_new_tokens=16",
+                ]
+                for arg in ("--set", o)
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -123,3 +152,9 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
         m["buffer/rows_out_total"] + m["buffer/rows_dropped_total"] + m["buffer/rows_held_end"]
     )
     assert m["buffer/rows_out_total"] >= 4 * 16
+    out = evaluation.stdout + evaluation.stderr
+    assert evaluation.returncode == 0, out[-4000:]
+    assert "eval/win_rate_vs_mn-sft" in out, out[-3000:]  # the compared model, loaded by the workers too
+    for name in ("mn-ppo", "mn-sft", "mn-rm-helpfulness", "mn-rm-safety"):
+        assert (homes["a"] / "models" / name / "v1" / "MLmodel").is_file(), name
+    assert "eval/helpfulness_accuracy" in tracking.version_metrics("mn-ppo", "1")

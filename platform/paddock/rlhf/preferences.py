@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paddock import atomic, tracking
-from paddock.cluster import gather
+from paddock.cluster import actor_model, gather
 from paddock.config import CollectJob, paddock_home, resolve_path
 from paddock.data.schemas import PREFERENCES, RATINGS, TURNS
 
@@ -434,7 +434,7 @@ def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[st
             f"models:/{name}/{version} @ T={temperature:g}" if version else f"{uri} @ T={temperature:g}"
         )
         workers = start_workers(
-            str(tracking.resolve_model(uri)),
+            actor_model(uri),
             cc.rollout_workers,
             max_new_tokens=cc.max_new_tokens,
             temperature=temperature,
@@ -540,7 +540,7 @@ def _reward_scores(
     opts = actor_options(cc.cpus_per_actor, cc.gpus_per_actor)
     scorers = [
         Scorer.options(**opts).remote(  # type: ignore[attr-defined]
-            str(tracking.resolve_model(uri)), "reward", seq_len=cc.seq_len, **job.inference.model_dump()
+            actor_model(uri), "reward", seq_len=cc.seq_len, **job.inference.model_dump()
         )
         for uri in (job.reward_helpfulness, job.reward_safety)
     ]
@@ -614,7 +614,7 @@ def pair_scores(
     inf = job.inference.model_dump()
     scorers = {
         (which, i): Scorer.options(**opts).remote(  # type: ignore[attr-defined]
-            str(tracking.resolve_model(uri)), "reward", seq_len=cc.seq_len, **inf
+            actor_model(uri), "reward", seq_len=cc.seq_len, **inf
         )
         for which, models in reward_models.items()
         for i, uri in enumerate(models)

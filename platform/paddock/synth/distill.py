@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray
 
 from paddock import atomic, plan, tracking
-from paddock.cluster import connect, gather
+from paddock.cluster import actor_model, connect, gather
 from paddock.config import DistillJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
@@ -140,8 +140,7 @@ def _run(job: DistillJob) -> DistillResult:
         kept = found[0].to_pylist()
         mean_with, mean_without = float(found[1]["safety_with"]), float(found[1]["safety_without"])
     else:
-        here = [str(tracking.resolve_model(u)) for u in (policy, rm_s)]
-        kept, mean_with, mean_without = distilled(job, prompts, *here)
+        kept, mean_with, mean_without = distilled(job, prompts, actor_model(policy), actor_model(rm_s))
         random.Random(job.seed).shuffle(kept)
         table = pa.Table.from_pylist(kept, schema=DIALOGS)
         atomic.write_keyed(

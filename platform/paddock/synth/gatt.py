@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 
 from paddock import atomic, plan, tracking
-from paddock.cluster import connect
+from paddock.cluster import actor_model, connect
 from paddock.config import GAttJob, paddock_home, resolve_path
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
@@ -65,10 +65,10 @@ def synthesize(
 
     g = job.gatt
     rng = random.Random(job.seed)
-    here = tracking.resolve_model(policy)
+    here = tracking.resolve_model(policy)  # the driver's copy: its tokenizer and context length
     tok = load_tokenizer(here)
     context = int(AutoConfig.from_pretrained(here, local_files_only=True).max_position_embeddings)
-    workers = workers_from(str(here), g, job.inference)
+    workers = workers_from(actor_model(policy), g, job.inference)  # as the actors open it
     states = []
     for d in dialogs:
         ins, form = instruction_of(d, rng, g.short_fraction)
