@@ -167,6 +167,12 @@ def scored_samples(
 ) -> tuple[list[list[dict[str, Any]]], torch.Tensor]:
     """``sample_and_score``, kept in ``path``: a rerun of the round after a kill (in the fine-tuning, say) reads
     the samples back instead of drawing them again, when nothing they depend on changed (``samples_key``)."""
+    # the models pinned once: the samples drawn are the ones the key names, whatever registers meanwhile
+    job = job.model_copy(
+        update={
+            u: tracking.model_ref(getattr(job, u)) for u in ("policy", "reward_helpfulness", "reward_safety")
+        }
+    )
     key = samples_key(job, prompts)
     k = job.rejection.k
     found = atomic.read_keyed(path, key, "rejection_sampling")
