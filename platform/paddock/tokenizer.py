@@ -11,10 +11,11 @@ the raw ``tokenizer.model``, so every checkpoint can carry it.
 
 from __future__ import annotations
 
+import base64
 import random
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,6 +191,29 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise TokenizerError(f"{p} holds neither tokenizer.json nor tokenizer.model")
     check_special_ids(tok, p)
     return tok
+
+
+def tokenizer_files(path: str | Path) -> dict[str, str]:
+    """The tokenizer of directory ``path`` as its files (name -> base64 of the bytes), as ``save_pretrained``
+    writes them: what a process on another node, which cannot read ``path``, needs to save it beside a model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        load_tokenizer(path).save_pretrained(tmp)
+        return {
+            f.name: base64.b64encode(f.read_bytes()).decode()
+            for f in sorted(Path(tmp).iterdir())
+            if f.is_file()
+        }
+
+
+def write_tokenizer_files(files: Mapping[str, str], out_dir: str | Path) -> None:
+    """Write ``tokenizer_files``' output into ``out_dir`` (created when missing)."""
+    bad = [name for name in files if Path(name).name != name or name in ("", ".", "..")]
+    if bad:
+        raise TokenizerError(f"tokenizer file names {bad} are not plain file names")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(base64.b64decode(data))
 
 
 def check_special_ids(tok: PreTrainedTokenizerBase, where: str | Path) -> None:

@@ -1,5 +1,5 @@
 """PPO on a Ray cluster of a head and two worker nodes that share nothing but the storage and MLflow, one of
-which goes away mid-run; then an evaluation of the registered policy on the node left.
+which goes away mid-run; then an evaluation of the registered policy and a fine-tune on the node left.
 
 Each node is a raylet of its own (``ray.cluster_utils.Cluster``) with its own ``PADDOCK_HOME``; the driver is a
 separate process with a third one, as under ``ray job submit``. The chain's models are registered on a real
@@ -33,7 +33,12 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
     from ray.cluster_utils import Cluster
 
     with tracking.stage_run("paddock-tiny", "upload", {}) as upload:  # the chain's models, on the server
-        for name, stage in [("mn-sft", "sft"), ("mn-rm-helpfulness", "rm_h"), ("mn-rm-safety", "rm_s")]:
+        for name, stage in [
+            ("mn-base", "pretrain"),
+            ("mn-sft", "sft"),
+            ("mn-rm-helpfulness", "rm_h"),
+            ("mn-rm-safety", "rm_s"),
+        ]:
             assert upload.log_model(chain[stage].checkpoint_dir, name) == f"models:/{name}/1"
     storage = tmp_path / "storage"
     homes = {n: tmp_path / f"home-{n}" for n in ("head", "a", "b", "driver")}
@@ -117,6 +122,35 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
             text=True,
             timeout=900,
         )
+        # A third driver fine-tunes on the node left with two Ray Train workers: they open the upstream model as a
+        # pinned URI resolved into that node's cache, and save the tokenizer the driver sent them as bytes
+        sft = subprocess.run(
+            [sys.executable, "jobs/sft.py", "--config", "jobs/configs/tiny/sft.yaml"]
+            + [
+                arg
+                for o in [
+                    f"tokenizer={tokenizer_dir}",
+                    "registry_prefix=mn",
+                    "model.init_from=models:/mn-base@latest",
+                    f"data.train={world_dir}/sft/train.parquet",
+                    f"data.test={world_dir}/sft/test.parquet",
+                    "data.seq_len=128",
+                    "train.num_workers=2",
+                    "train.cpus_per_worker=0.5",
+                    "train.zero_stage=2",
+                    "train.max_steps=2",
+                    "train.eval_every=2",
+                    "train.eval_batches=1",
+                    "train.checkpoint_every=1",
+                ]
+                for arg in ("--set", o)
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -158,3 +192,13 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
     for name in ("mn-ppo", "mn-sft", "mn-rm-helpfulness", "mn-rm-safety"):
         assert (homes["a"] / "models" / name / "v1" / "MLmodel").is_file(), name
     assert "eval/helpfulness_accuracy" in tracking.version_metrics("mn-ppo", "1")
+    out = sft.stdout + sft.stderr
+    assert sft.returncode == 0, out[-4000:]
+    assert (homes["a"] / "models" / "mn-base" / "v1" / "MLmodel").is_file()  # the workers' own copy
+    assert not (homes["a"] / "ray_results").exists() and any(storage.glob("mn-sft-*/checkpoint_*"))
+    from paddock.tokenizer import load_tokenizer
+
+    tuned, tok = tracking.resolve_model("models:/mn-sft/2"), load_tokenizer(tokenizer_dir)
+    assert load_tokenizer(tuned).encode("What is the capital of Peru?") == tok.encode(
+        "What is the capital of Peru?"
+    )

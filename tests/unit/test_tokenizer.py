@@ -45,6 +45,24 @@ def test_a_raw_sentencepiece_model_loads_through_the_same_code(tokenizer_dir: Pa
     assert raw.encode(text)[0] == BOS_ID
 
 
+def test_a_tokenizer_travels_as_bytes_and_loads_the_same_elsewhere(tokenizer_dir: Path, tmp_path: Path, tok):
+    # What a supervised stage sends its Ray Train workers, which may be on nodes that cannot read tokenizer_dir
+    import json
+
+    from paddock.tokenizer import tokenizer_files, write_tokenizer_files
+
+    files = json.loads(json.dumps(tokenizer_files(tokenizer_dir)))  # as the spec crosses the process boundary
+    assert "tokenizer.json" in files and all(Path(n).name == n for n in files)
+    write_tokenizer_files(files, tmp_path / "there")
+    there = load_tokenizer(tmp_path / "there")
+    text = "[INST] What is 12 + 30? [/INST] 42"
+    assert there.encode(text) == tok.encode(text) and len(there) == len(tok)
+    assert (there.bos_token_id, there.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    with pytest.raises(TokenizerError, match="not plain file names"):
+        write_tokenizer_files({"../escape.json": files["tokenizer.json"]}, tmp_path / "elsewhere")
+    assert not (tmp_path / "escape.json").exists()
+
+
 def test_missing_or_empty_directory_is_a_clear_error(tmp_path: Path):
     with pytest.raises(TokenizerError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")

@@ -36,6 +36,7 @@ from paddock.ppo.experience import learner_batch
 from paddock.rlhf.ppo import entropy_from_logprobs, ppo_policy_loss, value_loss
 from paddock.rollout.actors import local_checkpoint
 from paddock.rollout.core import TokenValues, chunked_logprobs, pick_logprobs, response_logits, unalign
+from paddock.tokenizer import tokenizer_files
 from paddock.train import engine as ds
 from paddock.train.loop import all_sum, collective_device, quiet_worker
 
@@ -343,7 +344,7 @@ def learner_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         call("the rollout buffer", buffer.close.remote(), "closing the buffer")
     with tempfile.TemporaryDirectory() as tmp:
-        ds.export_hf(learner.policy.module, Path(tmp) / "hf", learner.policy_dir, rank)
+        ds.export_hf(learner.policy.module, Path(tmp) / "hf", tokenizer_files(learner.policy_dir), rank)
         if rank == 0:
             (Path(tmp) / "state.json").write_text(json.dumps({"iteration": done, "final": True}))
         ray.train.report(

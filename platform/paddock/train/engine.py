@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -155,19 +155,20 @@ def full_state(module: torch.nn.Module, rank: int) -> dict[str, torch.Tensor] | 
     return state if rank == 0 else None
 
 
-def export_hf(module: torch.nn.Module, out_dir: Path, tokenizer_dir: str, rank: int) -> None:
-    """Save ``module`` as a Hugging Face safetensors checkpoint with its tokenizer (rank 0 writes; every rank
-    must call it under ZeRO-3). Weights are gathered one submodule at a time and saved in their training dtype.
+def export_hf(module: torch.nn.Module, out_dir: Path, tokenizer: Mapping[str, str], rank: int) -> None:
+    """Save ``module`` as a Hugging Face safetensors checkpoint with its tokenizer (``tokenizer.tokenizer_files``:
+    the driver's tokenizer travels as bytes, no path of its disk is read here), rank 0 writing; every rank
+    must call it under ZeRO-3. Weights are gathered one submodule at a time and saved in their training dtype.
     LoRA adapters are folded into their base weights as they are gathered (the model is not changed), so the
     checkpoint is a plain model."""
     from paddock import lora
-    from paddock.tokenizer import load_tokenizer
+    from paddock.tokenizer import write_tokenizer_files
 
     state = dict(lora.merged_state(module, gathered_state(module, rank)))
     if rank == 0:
         plain: Any = module.get_base_model() if lora.is_lora(module) else module  # type: ignore[operator]
         plain.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
-        load_tokenizer(tokenizer_dir).save_pretrained(str(out_dir))
+        write_tokenizer_files(tokenizer, out_dir)
 
 
 def torch_trainer(

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from paddock import lora
+from paddock import lora, tracking
 from paddock.config import ModelConfig, OptimConfig, TrainConfig
 from paddock.data.schemas import RATINGS, SAFETY_BINS
 from paddock.data.tokenize import IGNORE, PACKED_COLUMNS
@@ -50,8 +50,8 @@ class LoopSpec(BaseModel):
 
     objective: Objective
     model: ModelConfig
-    init_from: str | None  # resolved local directory
-    tokenizer_dir: str
+    init_from: str | None  # ``cluster.actor_model``: resolved on each worker's node (``build_model``)
+    tokenizer_files: dict[str, str]  # ``tokenizer.tokenizer_files``: saved with the final model
     vocab_size: int
     bos_token_id: int | None  # the tokenizer's, written into a new model's config
     eos_token_id: int
@@ -76,9 +76,9 @@ def build_model(spec: LoopSpec) -> torch.nn.Module:
             raise ValueError("a reward model needs model.init_from")
         # From a causal LM the scalar head is new, drawn from torch's RNG: seed it, or every run's RM differs.
         torch.manual_seed(spec.seed)
-        model = load_scalar_model(spec.init_from, attn=attn)
+        model = load_scalar_model(tracking.resolve_model(spec.init_from), attn=attn)
     elif spec.init_from is not None:
-        model = load_causal_lm(spec.init_from, attn=attn)
+        model = load_causal_lm(tracking.resolve_model(spec.init_from), attn=attn)
     else:
         return build_causal_lm(
             spec.model.shape,
@@ -396,7 +396,7 @@ def train_worker(config: dict[str, Any]) -> None:
             # and removes it, so it must outlive this function.
             tmp = Path(tempfile.mkdtemp(prefix="paddock-final-"))
             try:
-                ds.export_hf(engine.module, tmp / "hf", spec.tokenizer_dir, rank)
+                ds.export_hf(engine.module, tmp / "hf", spec.tokenizer_files, rank)
                 if rank == 0:
                     (tmp / "state.json").write_text(json.dumps({"step": done, "final": True}))
                 report(metrics, Checkpoint.from_directory(str(tmp)) if rank == 0 else None)

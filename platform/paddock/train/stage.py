@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
 from paddock import atomic, plan, tracking
-from paddock.cluster import connect
+from paddock.cluster import actor_model, connect
 from paddock.config import (
     FinetuneJob,
     PretrainJob,
@@ -45,7 +45,7 @@ from paddock.data.pairs import reward_mix
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
 from paddock.models import count_parameters, llama_config
-from paddock.tokenizer import check_matches, load_tokenizer
+from paddock.tokenizer import check_matches, load_tokenizer, tokenizer_files
 from paddock.train.data import packed_dataset, pairs_dataset
 from paddock.train.engine import torch_trainer
 from paddock.train.loop import LoopSpec, train_worker
@@ -259,7 +259,9 @@ def prepare(job: SupervisedJob, stage: str) -> Prepared:
         from paddock import lora
 
         lora.require_peft()  # before any worker starts
-    init_from = tracking.resolve_model(job.model.init_from) if job.model.init_from else None
+    # Pinned once: the driver's checks and the workers read the same version, whatever is registered meanwhile
+    pinned = tracking.model_ref(job.model.init_from) if job.model.init_from else None
+    init_from = tracking.resolve_model(pinned) if pinned else None
     name = f"{job.registry_prefix}-{registry_suffix(job)}"
     if init_from is None:
         model_config = llama_config(
@@ -289,8 +291,10 @@ def prepare(job: SupervisedJob, stage: str) -> Prepared:
     spec = LoopSpec(
         objective="reward" if isinstance(job, RewardJob) else "lm",
         model=job.model,
-        init_from=str(init_from) if init_from else None,
-        tokenizer_dir=str(tokenizer_dir),
+        # The workers may be on other nodes: the upstream model as they resolve it into their own node's cache,
+        # the tokenizer as bytes (nothing of the driver's disk is read there)
+        init_from=actor_model(pinned) if pinned else None,
+        tokenizer_files=tokenizer_files(tokenizer_dir),
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
