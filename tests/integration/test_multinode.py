@@ -81,6 +81,13 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
     command = [sys.executable, "jobs/ppo.py", "--config", "jobs/configs/tiny/ppo.yaml"]
     for o in overrides:
         command += ["--set", o]
+
+    def job(name: str, *sets: str) -> subprocess.CompletedProcess[str]:
+        """``jobs/<name>.py`` with its tiny config and ``sets``, as another driver on the cluster."""
+        args = [sys.executable, f"jobs/{name}.py", "--config", f"jobs/configs/tiny/{name}.yaml"]
+        args += [arg for o in sets for arg in ("--set", o)]
+        return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
     try:
         proc = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -96,60 +103,38 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
         # A second driver evaluates the registered policy on the node left: its rollout workers and scorers open
         # the models they are handed as pinned URIs, resolved into that node's cache (paths on the driver's disk
         # would not be there)
-        evaluation = subprocess.run(
-            [sys.executable, "jobs/evaluate.py", "--config", "jobs/configs/tiny/evaluate.yaml"]
-            + [
-                arg
-                for o in [
-                    "model=models:/mn-ppo/1",
-                    "compare_to=[models:/mn-sft/1]",
-                    "reward_helpfulness=models:/mn-rm-helpfulness@latest",
-                    "reward_safety=models:/mn-rm-safety@latest",
-                    f"eval.prompts={world_dir}/prompts/test.parquet",
-                    f"eval.gatt={world_dir}/gatt/test.parquet",
-                    f"eval.dialogs={world_dir}/sft/test.parquet",
-                    "eval.max_prompts=8",
-                    "eval.max_gatt_dialogs=2",
-                    "eval.max_dialogs=8",
-                    "eval.safety_samples=1",
-                    "eval.max_new_tokens=16",
-                ]
-                for arg in ("--set", o)
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
+        evaluation = job(
+            "evaluate",
+            "model=models:/mn-ppo/1",
+            "compare_to=[models:/mn-sft/1]",
+            "reward_helpfulness=models:/mn-rm-helpfulness@latest",
+            "reward_safety=models:/mn-rm-safety@latest",
+            f"eval.prompts={world_dir}/prompts/test.parquet",
+            f"eval.gatt={world_dir}/gatt/test.parquet",
+            f"eval.dialogs={world_dir}/sft/test.parquet",
+            "eval.max_prompts=8",
+            "eval.max_gatt_dialogs=2",
+            "eval.max_dialogs=8",
+            "eval.safety_samples=1",
+            "eval.max_new_tokens=16",
         )
         # A third driver fine-tunes on the node left with two Ray Train workers: they open the upstream model as a
         # pinned URI resolved into that node's cache, and save the tokenizer the driver sent them as bytes
-        sft = subprocess.run(
-            [sys.executable, "jobs/sft.py", "--config", "jobs/configs/tiny/sft.yaml"]
-            + [
-                arg
-                for o in [
-                    f"tokenizer={tokenizer_dir}",
-                    "registry_prefix=mn",
-                    "model.init_from=models:/mn-base@latest",
-                    f"data.train={world_dir}/sft/train.parquet",
-                    f"data.test={world_dir}/sft/test.parquet",
-                    "data.seq_len=128",
-                    "train.num_workers=2",
-                    "train.cpus_per_worker=0.5",
-                    "train.zero_stage=2",
-                    "train.max_steps=2",
-                    "train.eval_every=2",
-                    "train.eval_batches=1",
-                    "train.checkpoint_every=1",
-                ]
-                for arg in ("--set", o)
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
+        sft = job(
+            "sft",
+            f"tokenizer={tokenizer_dir}",
+            "registry_prefix=mn",
+            "model.init_from=models:/mn-base@latest",
+            f"data.train={world_dir}/sft/train.parquet",
+            f"data.test={world_dir}/sft/test.parquet",
+            "data.seq_len=128",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            "train.zero_stage=2",
+            "train.max_steps=2",
+            "train.eval_every=2",
+            "train.eval_batches=1",
+            "train.checkpoint_every=1",
         )
     finally:
         if proc.poll() is None:
