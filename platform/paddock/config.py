@@ -879,8 +879,23 @@ class PPOConfig(Strict):
     )
     eval_every: int = Field(10, ge=1, description="Score the held-out prompts every N iterations.")
     eval_max_prompts: int = Field(128, ge=1, description="Held-out prompts scored per evaluation.")
+    eval_safety_samples: int = Field(
+        0,
+        ge=0,
+        description="Sampled answers (at the rollout temperature) per distinct unsafe and borderline held-out "
+        "prompt that the world's verifiers can check, read into eval/safety_violation_rate and "
+        "eval/false_refusal_rate at each evaluation; 0: read them from the greedy answers to the "
+        "eval_max_prompts sample (a few unsafe prompts: coarse).",
+    )
+    select_by: Literal["reward", "verifiers"] = Field(
+        "reward",
+        description="Which evaluation is best (registered, and what patience counts from): reward: the "
+        "highest mean combined reward of the sampled answers; verifiers: the highest helpfulness accuracy "
+        "minus safety violation rate by the world's verifiers (ground truth; the reward breaks ties), which "
+        "needs held-out prompts the world can check.",
+    )
     patience: int | None = Field(
-        None, ge=1, description="Stop after this many evaluations without a better held-out reward."
+        None, ge=1, description="Stop after this many evaluations without a better one (select_by)."
     )
     kl_limit: float | None = Field(
         None, gt=0, description="Stop when an iteration's mean KL (nats per answer) exceeds this."

@@ -232,9 +232,11 @@ def ppo_faults(rs, home: Path, world_dir: Path, tokenizer_dir: Path):
       them with their start weights, so the worker's next rows carry version 0 and it gets the weights from its
       peer; the next publication's group takes the restarted worker in;
     - at the evaluation of iteration 2, once the learners' checkpoint of iteration 2 is committed, every learner
-      process is SIGKILLed: rank 0 sent those weights and is gone. That evaluation is made the best so far (its
-      reward raised by 1), so the best policy is kept after its publisher died: the case where paddock once
-      registered its starting weights as "best iteration 5" (issue 16).
+      process is SIGKILLed: rank 0 sent those weights and is gone. That evaluation is made the best so far, so
+      the best policy is kept after its publisher died: the case where paddock once registered its starting
+      weights as "best iteration 5" (issue 16). The run picks its best by the world's verifiers
+      (``select_by: verifiers``, with sampled safety answers): the evaluation's helpfulness accuracy is raised by
+      1 and its reward lowered by 1, so by reward it could never be best.
     """
     import ray
     from paddock.ppo import loop
@@ -267,7 +269,8 @@ def ppo_faults(rs, home: Path, world_dir: Path, tokenizer_dir: Path):
     def boosted_evaluation(*args: Any, **kwargs: Any) -> Any:
         metrics, greedy = evaluate_policy(*args, **kwargs)
         if boosted:
-            metrics["eval/reward_combined"] += 1.0
+            metrics["eval/helpfulness_accuracy"] += 1.0
+            metrics["eval/reward_combined"] -= 1.0
             boosted.clear()
         return metrics, greedy
 
@@ -281,6 +284,8 @@ def ppo_faults(rs, home: Path, world_dir: Path, tokenizer_dir: Path):
         "ppo.eval_every=2",
         "ppo.eval_max_prompts=16",
         "ppo.checkpoint_every=2",
+        "ppo.select_by=verifiers",
+        "ppo.eval_safety_samples=2",
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loop.Driver, "take", take_then_kill)
@@ -304,7 +309,9 @@ def test_ppo_recovers_from_a_killed_rollout_worker_scorer_and_learners(ppo_fault
 
 
 @pytest.mark.reliability
-def test_the_registered_best_policy_holds_the_evaluated_weights_after_a_learner_restart(ppo_faults, rs):
+def test_the_registered_best_policy_holds_the_evaluated_weights_after_a_learner_restart(
+    ppo_faults, rs, world_dir: Path
+):
     from paddock import tracking
     from paddock.models import checkpoint_digest
 
@@ -317,7 +324,24 @@ def test_the_registered_best_policy_holds_the_evaluated_weights_after_a_learner_
     assert checkpoint_digest(best) == evaluated != checkpoint_digest(rs.finetune.checkpoint_dir)
     name, version = tracking.model_version(result.model_uri)
     assert tracking.version_digest(name, version) == evaluated
-    assert tracking.version_metrics(name, version)["ppo/best_iteration"] == 2
+    registered = tracking.version_metrics(name, version)
+    assert registered["ppo/best_iteration"] == 2
+    # chosen by the verifiers, whose safety rates read two sampled answers to each distinct unsafe or borderline
+    # validation prompt; the registered metrics are that evaluation's
+    import pyarrow.parquet as pq
+    from paddock.evaluate import safety_set
+
+    valid = pq.read_table(world_dir / "prompts" / "valid.parquet").to_pylist()
+    evals = {int(e["iteration"]): e for e in result.evals}
+    assert set(evals) == {0, 2, 4}
+    assert all(e["eval/safety_answers"] == 2 * len(safety_set(valid, 64)) for e in evals.values())
+    assert evals[2]["eval/reward_combined"] < min(
+        evals[0]["eval/reward_combined"], evals[4]["eval/reward_combined"]
+    )
+    assert registered["ppo/best_eval_score"] == pytest.approx(
+        evals[2]["eval/helpfulness_accuracy"] - evals[2]["eval/safety_violation_rate"]
+    )
+    assert registered["eval/helpfulness_accuracy"] == evals[2]["eval/helpfulness_accuracy"] > 1.0
 
 
 def test_ppo_raises_its_reward_within_the_kl_bound_and_registers_what_it_measured(

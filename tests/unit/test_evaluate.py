@@ -137,3 +137,53 @@ def test_a_bad_refusal_pattern_fails_in_the_config():
 
     with pytest.raises(ConfigError, match="not a regular expression"):
         load_config(EvaluateJob, None, ["eval.refusal_patterns=['(unclosed']"])
+
+
+# --------------------------------------------------------------------------------------------------
+# PPO's choice of the best evaluation (ppo.select_by)
+
+
+def test_ppo_keeps_the_evaluation_with_the_best_ground_truth_whatever_the_reward_says():
+    from paddock.ppo.loop import eval_score
+
+    # The reward models prefer a policy that answers fewer questions right and complies with unsafe requests
+    hacked = {
+        "eval/reward_combined": 0.90,
+        "eval/helpfulness_accuracy": 0.10,
+        "eval/safety_violation_rate": 0.25,
+    }
+    honest = {
+        "eval/reward_combined": 0.70,
+        "eval/helpfulness_accuracy": 0.20,
+        "eval/safety_violation_rate": 0.0,
+    }
+    assert eval_score(hacked, "reward") == (0.90,) and eval_score(honest, "reward") == (0.70,)
+    assert eval_score(hacked, "verifiers") == pytest.approx((-0.15, 0.90))
+    assert eval_score(honest, "verifiers") == pytest.approx((0.20, 0.70))
+    assert eval_score(hacked, "reward") > eval_score(honest, "reward")
+    assert eval_score(honest, "verifiers") > eval_score(hacked, "verifiers")
+    # equal ground truth: the reward decides; no unsafe prompt checked counts no violation
+    level = {"eval/reward_combined": 0.8, "eval/helpfulness_accuracy": 0.2}
+    assert eval_score(level, "verifiers") == (0.2, 0.8) > eval_score(honest, "verifiers")
+    with pytest.raises(ValueError, match="checked no prompt with the world's verifiers"):
+        eval_score({"eval/reward_combined": 0.8}, "verifiers")
+
+
+def test_ppo_ground_truth_settings_without_world_prompts_fail_before_any_worker():
+    from paddock.config import PPOConfig
+    from paddock.ppo.loop import check_ground_truth
+
+    own = [prompt(i, f"A question of the user's own, number {i}.") for i in range(4)]
+    check_ground_truth(PPOConfig(), own)  # by reward: anything goes
+    with pytest.raises(
+        ValueError, match=r"select_by=verifiers: none of the first 4 prompts .* use select_by=reward"
+    ):
+        check_ground_truth(PPOConfig(select_by="verifiers"), own)
+    with pytest.raises(ValueError, match=r"eval_safety_samples=4: .* holds no unsafe or borderline prompt"):
+        check_ground_truth(
+            PPOConfig(eval_safety_samples=4), [*own, prompt(9, "What is the capital of France?")]
+        )
+    check_ground_truth(PPOConfig(select_by="verifiers", eval_safety_samples=4), PROMPTS)
+    # only the prompts an evaluation reads count
+    with pytest.raises(ValueError, match="none of the first 2 prompts"):
+        check_ground_truth(PPOConfig(select_by="verifiers", eval_max_prompts=2), own + PROMPTS)

@@ -7,8 +7,9 @@ Roles (ARCHITECTURE.md, "Distributed PPO"):
 - this driver has the rollout workers and the value scorer join those groups (timed: the weight sync),
   samples the iteration's prompts, scores them with the reference and both reward models, builds the experience
   (``paddock.ppo.experience``) and puts it in the buffer;
-- every ``eval_every`` iterations it scores held-out prompts, keeps the best policy on disk and stops early
-  after ``patience`` evaluations without improvement (or when the KL passes ``kl_limit``).
+- every ``eval_every`` iterations it scores held-out prompts, keeps the best policy (``select_by``: by reward, or
+  by the world's verifiers) on disk and stops early after ``patience`` evaluations without improvement (or when
+  the KL passes ``kl_limit``).
 
 Synchronous mode generates iteration k's batch with the weights of iteration k; asynchronous mode may run up to
 ``max_staleness`` iterations ahead, so that generation overlaps training. A rollout worker that comes back from
@@ -24,6 +25,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from paddock import atomic, plan, tracking
 from paddock.cluster import actor_model, ask, connect, fetch_dir, gather, handoff_dir
-from paddock.config import PPOJob, paddock_home, resolve_path
+from paddock.config import PPOConfig, PPOJob, paddock_home, resolve_path
 from paddock.data.validate import load_dataset
-from paddock.evaluate import evaluate_policy
+from paddock.evaluate import evaluate_policy, safety_rates, safety_set, world_metrics
 from paddock.metrics import record_ppo
 from paddock.models import checkpoint_digest, inference_dtype
 from paddock.ppo import sync
@@ -299,6 +301,35 @@ def reward_kl_figure(history: list[dict[str, float]], evals: list[dict[str, floa
     return fig
 
 
+def eval_score(metrics: Mapping[str, float], select_by: str) -> tuple[float, ...]:
+    """How good an evaluation is, compared as a tuple (higher is better): ``reward``, the sampled answers' mean
+    combined reward; ``verifiers``, helpfulness accuracy minus safety violation rate by the world's verifiers
+    (a violation on an unsafe prompt costs as much as a wrong answer; none checked counts 0), then the reward."""
+    reward = metrics["eval/reward_combined"]
+    if select_by == "reward":
+        return (reward,)
+    if "eval/helpfulness_accuracy" not in metrics:
+        raise ValueError("select_by=verifiers: the evaluation checked no prompt with the world's verifiers")
+    truth = metrics["eval/helpfulness_accuracy"] - metrics.get("eval/safety_violation_rate", 0.0)
+    return (truth, reward)
+
+
+def check_ground_truth(p: PPOConfig, eval_prompts: list[dict[str, Any]]) -> None:
+    """Before any worker starts: ``select_by: verifiers`` and ``eval_safety_samples`` need held-out prompts that
+    the world's verifiers can check."""
+    n = min(len(eval_prompts), p.eval_max_prompts)
+    if p.select_by == "verifiers" and not world_metrics(eval_prompts[:n], [""] * n):
+        raise ValueError(
+            f"ppo.select_by=verifiers: none of the first {n} prompts of {p.eval_prompts} is one the world's "
+            "verifiers can check (prompts of the tiny world); use select_by=reward"
+        )
+    if p.eval_safety_samples and not safety_set(eval_prompts, 1):
+        raise ValueError(
+            f"ppo.eval_safety_samples={p.eval_safety_samples}: {p.eval_prompts} holds no unsafe or borderline "
+            "prompt the world's verifiers can check; set it to 0"
+        )
+
+
 def _wake(hub: Any, buffer: Any, stop: str | None = None) -> None:
     """Wake whatever waits on the hub or the buffer (asking the learners to stop when ``stop`` says why); one that
     died already wakes nobody, and its death is reported where it was noticed."""
@@ -326,7 +357,9 @@ class Driver:
         self.running = RunningMoments()
         self.history: dict[int, dict[str, float]] = {}
         self.evals: list[dict[str, float]] = []
-        self.best: tuple[float, int] | None = None
+        self.best: tuple[tuple[float, ...], int] | None = None  # (eval_score, iteration)
+        p = job.ppo
+        self.safety = safety_set(eval_prompts, 64) if p.eval_safety_samples else []
         self.since_best = 0
         self.learner_restarts = 0
         self.orders: dict[int, list[int]] = {}
@@ -430,6 +463,16 @@ class Driver:
             temperature=p.temperature,
             timeout_s=self.job.actor_timeout_s,
         )
+        if self.safety:
+            rates = safety_rates(
+                self.actors.workers,
+                self.safety,
+                samples=p.eval_safety_samples,
+                seed=self.job.seed + 54321,
+                temperature=p.temperature,
+                timeout_s=self.job.actor_timeout_s,
+            )
+            metrics |= {f"eval/{k}": v for k, v in rates.items()}
         version, digest = held_weights(self.actors.workers, self.job.actor_timeout_s)
         if version != pub.version:
             raise StaleWeightsError(f"evaluated policy version {version}, expected {pub.version}")
@@ -439,7 +482,7 @@ class Driver:
         self.run.set_tags({f"paddock.eval_digest.iter{pub.iteration}": digest})
         self.evals.append({"iteration": float(pub.iteration), **metrics})
         self.digests[pub.iteration] = digest
-        score = metrics["eval/reward_combined"]
+        score = eval_score(metrics, p.select_by)
         line = " | ".join(
             f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k != "eval/time_s"
         )
@@ -451,8 +494,8 @@ class Driver:
             self.since_best += 1
             if p.patience is not None and self.since_best >= p.patience:
                 self.stop(
-                    f"no better held-out reward in {p.patience} evaluations "
-                    f"(best {self.best[0] if self.best else float('nan'):.4f} at iteration "
+                    f"no better held-out evaluation by {p.select_by} in {p.patience} evaluations "
+                    f"(best {self.best[0][0] if self.best else float('nan'):.4f} at iteration "
                     f"{self.best[1] if self.best else 'n/a'})"
                 )
 
@@ -604,6 +647,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
     check_matches(tok, tracking.resolve_model(job.policy))
     prompts, report = _load_prompts(p.prompts, work, "ppo.prompts")
     eval_prompts, eval_report = _load_prompts(p.eval_prompts, work, "ppo.eval_prompts")
+    check_ground_truth(p, eval_prompts)
     connect()
     # as the actors and learners open them: here, a path; on several nodes, versions pinned now that each
     # resolves into its own node's cache
@@ -730,7 +774,12 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             "buffer/rows_held_end": float(buffer_stats["rows_held"]),
         }
         if driver.best is not None:
-            summary |= {"ppo/best_iteration": float(driver.best[1]), "ppo/best_eval_reward": driver.best[0]}
+            chosen_eval = next(e for e in driver.evals if int(e["iteration"]) == driver.best[1])
+            summary |= {
+                "ppo/best_iteration": float(driver.best[1]),
+                "ppo/best_eval_reward": chosen_eval["eval/reward_combined"],
+                "ppo/best_eval_score": driver.best[0][0],
+            }
         run.log_metrics(summary, step=iterations)
         run.set_tags({"paddock.stop_reason": stop_reason})
         model_uri = run.log_model(
@@ -739,8 +788,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
         if driver.best is not None:
             # The registered policy is the best evaluation's: its eval/* become the version's latest values,
             # which is what promotion gates read.
-            best_eval = next(e for e in driver.evals if int(e["iteration"]) == driver.best[1])
-            registered = {k: v for k, v in best_eval.items() if k.startswith("eval/")}
+            registered = {k: v for k, v in chosen_eval.items() if k.startswith("eval/")}
             tracking.log_version_metrics(name, model_uri.rsplit("/", 1)[1], registered, measured)
         print(
             f"[ppo] done after {iterations} iterations ({stop_reason}); registered {model_uri} "
