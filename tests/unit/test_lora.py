@@ -10,6 +10,7 @@ import torch
 from paddock import lora
 from paddock.config import ConfigError, LoraSettings, SFTJob, load_config
 from paddock.models import build_causal_lm, load_causal_lm, load_scalar_model
+from paddock.tokenizer import tokenizer_files
 from paddock.train.engine import export_hf
 
 pytest.importorskip("peft")
@@ -51,7 +52,7 @@ def test_the_merged_export_gives_base_plus_adapter_outputs(base: Path, tokenizer
         without = model(input_ids=ids).logits
         model.enable_adapter_layers()
     assert (adapted - without).abs().max() > 1e-3  # the adapters change the outputs
-    export_hf(model, tmp_path / "out", str(tokenizer_dir), rank=0)
+    export_hf(model, tmp_path / "out", tokenizer_files(tokenizer_dir), rank=0)
     saved = (tmp_path / "out" / "model.safetensors").is_file()
     from safetensors import safe_open
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from paddock.models import build_causal_lm, checkpoint_digest
+from paddock.tokenizer import tokenizer_files
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +87,7 @@ def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
     eng.backward(loss)
     eng.step()
     export = Path(out).parent / "export"
-    engine.export_hf(eng.module, export, str(Path(ckpt)), rank)
+    engine.export_hf(eng.module, export, tokenizer_files(ckpt), rank)
     result |= _lora_under_zero3(rank, world, ckpt, Path(out).parent, tc, optim)
     if copy is not None:
         assert fresh_state is not None
@@ -122,7 +123,7 @@ def _lora_under_zero3(rank: int, world: int, ckpt: str, root: Path, tc, optim) -
     eng.step()
     shapes = lora.adapter_shapes(eng.module)
     adapters = dict(engine.gathered_state(eng.module, rank, keep=lora.is_adapter))
-    engine.export_hf(eng.module, root / "lora-export", ckpt, rank)
+    engine.export_hf(eng.module, root / "lora-export", tokenizer_files(ckpt), rank)
     if rank != 0:
         return {}
     # base + the gathered adapters, unpartitioned, against the merged export reloaded as a plain model

@@ -164,6 +164,10 @@ def export_hf(module: torch.nn.Module, out_dir: Path, tokenizer: Mapping[str, st
     from paddock import lora
     from paddock.tokenizer import write_tokenizer_files
 
+    if isinstance(tokenizer, str | Path):
+        raise TypeError(
+            f"export_hf takes the tokenizer's files (tokenizer.tokenizer_files), not a path: {tokenizer}"
+        )
     state = dict(lora.merged_state(module, gathered_state(module, rank)))
     if rank == 0:
         plain: Any = module.get_base_model() if lora.is_lora(module) else module  # type: ignore[operator]
