@@ -9,8 +9,9 @@ steady-state tokens/s (median step after warmup), peak resident memory of the tr
 read the same way for both: perplexity on held-out answers (SFT) and accuracy on held-out pairs (reward model).
 
 Online RL: paddock's PPO (2 rollout workers, 2 learners, and the reference, reward and value models as scorer
-actors: one each with ``ppo.placement: split``, all four in one with ``colocated``) against TRL's `RLOOTrainer`
-(one process, 2 threads), both from the SFT result above, with the same reward (the reward model above as
+actors: one each with ``ppo.placement: split``, all four in one with ``colocated``, whose process takes 2 threads;
+and colocated with ``ppo.advantage: rloo``, RLOO's leave-one-out baseline over 2 answers a prompt as TRL's, which
+drops the value model) against TRL's `RLOOTrainer` (one process, 2 threads), both from the SFT result above, with the same reward (the reward model above as
 helpfulness and safety RM, combined as in Llama 2 and put on the logit scale), the same prompts, answers per update
 (256, at most 48 new tokens, temperature 1), optimiser steps (mini-batches of 64, constant LR) and KL coefficient.
 Quality is the mean combined reward of greedy answers to held-out prompts.
@@ -104,9 +105,12 @@ def paddock_ppo(
     updates: int,
     placement: str,
     engine: str = "transformers",
+    advantage: str = "gae",
 ) -> dict[str, Any]:
     """The tiny PPO config from ``policy``, with ``rm`` as both reward models; evaluation at the start and end.
-    ``engine``: the rollout workers' (``vllm`` where this environment has it, ``make venv-vllm``)."""
+    ``engine``: the rollout workers' (``vllm`` where this environment has it, ``make venv-vllm``). ``advantage``
+    rloo: RL_BATCH answers as TRL's RLOO samples them, 2 to each of half as many prompts, and no value model."""
+    per_prompt = 2 if advantage == "rloo" else 1
     from paddock.config import PPOJob, load_config
     from paddock.ppo.loop import run
 
@@ -121,7 +125,9 @@ def paddock_ppo(
             f"ppo.prompts={world}/prompts/train.parquet",
             f"ppo.eval_prompts={world}/prompts/valid.parquet",
             f"ppo.iterations={updates}",
-            f"ppo.batch_prompts={RL_BATCH}",
+            f"ppo.batch_prompts={RL_BATCH // per_prompt}",
+            f"ppo.samples_per_prompt={per_prompt}",
+            f"ppo.advantage={advantage}",
             f"ppo.mini_batch={RL_MINI}",
             f"ppo.max_new_tokens={RL_NEW_TOKENS}",
             f"ppo.beta={RL_BETA}",
@@ -132,7 +138,9 @@ def paddock_ppo(
             f"ppo.checkpoint_every={updates * 10}",
             f"optim.lr={RL_LR}",
             f"ppo.placement={placement}",
-            f"registry_prefix=bench-trl-{placement}-{engine}",
+            # sync mode: the one scorer process runs while the rollout workers and learners wait
+            *(["ppo.scorer_threads=2"] if placement == "colocated" else []),
+            f"registry_prefix=bench-trl-{placement}-{engine}-{advantage}",
             f"inference.engine={engine}",
             *(["inference.vllm.memory_share=0.05"] if engine == "vllm" else []),
         ],
@@ -141,6 +149,7 @@ def paddock_ppo(
     with WorkerMemory(("RayTrainWorker", "ray::RolloutWorker", "ray::Scorer")) as mem:
         result = run(job)
     rollouts = [h for h in result.history if "ppo/response_length" in h]
+    assert job.ppo.answers == RL_BATCH
     answers = RL_BATCH * len(rollouts)
     return {
         "wall_s": time.monotonic() - start,
@@ -505,6 +514,9 @@ def main() -> None:
     rl_test = pq.read_table(world / "prompts" / "test.parquet").to_pylist()[:100]
     ppo = paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "split")
     colocated = paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "colocated")
+    colocated_rloo = paddock_ppo(
+        rm_init, rm_dir, tok_dir, world, args.rl_updates, "colocated", advantage="rloo"
+    )
     on_vllm = importlib.util.find_spec("vllm") is not None
     colocated_vllm = (
         paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "colocated", "vllm")
@@ -516,7 +528,11 @@ def main() -> None:
     # TRL again, for as long as paddock's PPO loop ran (its set-up excluded, as TRL's is): quality in equal time.
     rloo_timed = trl_run("rl", rl_data, rm_init, tok_dir, home / "trl-rloo-timed", 10**6, ppo["loop_s"])
     start_reward = held_out_reward(rm_init, rm_dir, tok_dir, rl_test)
-    runs = [("paddock PPO, split", ppo), ("paddock PPO, colocated", colocated)]
+    runs = [
+        ("paddock PPO, split", ppo),
+        ("paddock PPO, colocated", colocated),
+        ("paddock PPO, colocated, rloo advantage", colocated_rloo),
+    ]
     if colocated_vllm is not None:
         runs.append(("paddock PPO, colocated, vLLM engine", colocated_vllm))
     for side, r in (*runs, ("TRL RLOO", rloo), ("TRL RLOO, PPO's time", rloo_timed)):
@@ -543,10 +559,10 @@ def main() -> None:
     write_result(args.out, "trl_side_by_side", meta, rows)
     print(f"online RL starts from held-out greedy reward {start_reward:.3f}; RL rows count new tokens")
     print(f"\npaddock vs TRL {trl.__version__} (tiny model, {os.cpu_count()} CPUs, equal cores)")
-    print(f"{'run':<26} {'wall s':>8} {'tokens/s':>10} {'peak GB':>8} {'quality':>9}")
+    print(f"{'run':<50} {'wall s':>8} {'tokens/s':>10} {'peak GB':>8} {'quality':>9}")
     for r in rows:
         print(
-            f"{r['name']:<26} {r['wall_s']:>8.1f} {r['tokens_per_s']:>10.0f} {r['peak_rss_gb']:>8.2f} {r['quality']:>9.3f}"
+            f"{r['name']:<50} {r['wall_s']:>8.1f} {r['tokens_per_s']:>10.0f} {r['peak_rss_gb']:>8.2f} {r['quality']:>9.3f}"
         )
 
 

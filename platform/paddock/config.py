@@ -845,6 +845,19 @@ class PPOConfig(Strict):
     )
     iterations: int = Field(200, ge=1, description="PPO iterations (200-400 in the paper, early-stopped).")
     batch_prompts: int = Field(512, ge=1, description="Prompts sampled per iteration (512).")
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Answers sampled to each prompt of an iteration (the batch holds batch_prompts x this many "
+        "answers); advantage rloo needs at least 2.",
+    )
+    advantage: Literal["gae", "rloo"] = Field(
+        "gae",
+        description="gae: a value model (started from value_from) and generalised advantage estimation, as the "
+        "paper ran PPO; rloo: no value model, each answer's return (score minus beta x its KL) less the mean "
+        "return of the other answers to its prompt (REINFORCE leave-one-out, Ahmadian et al. 2024), which saves "
+        "the value model's scoring, training and weight sync; needs samples_per_prompt >= 2.",
+    )
     mini_batch: int = Field(64, ge=1, description="Samples per optimiser step; one step per mini-batch (64).")
     epochs: int = Field(
         1, ge=1, description="Passes over each iteration's batch (1: one step per mini-batch)."
@@ -871,6 +884,13 @@ class PPOConfig(Strict):
     max_new_tokens: int = Field(128, ge=1, description="Longest answer sampled.")
     rollout_workers: int = Field(2, ge=1, description="Rollout worker actors (each holds the policy).")
     cpus_per_actor: float = Field(0.25, gt=0, description="Logical CPUs per rollout worker and scorer.")
+    scorer_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of each scorer process on CPU; default its logical CPUs, at least 1 "
+        "(cpus_per_actor, times its models when colocated). In sync mode the scorers run while the rollout workers "
+        "and the learners wait, so the colocated scorer may take every core.",
+    )
     gpus_per_actor: float = Field(
         0.0, ge=0, description="GPUs per rollout worker and scorer (fractions share)."
     )
@@ -920,11 +940,30 @@ class PPOConfig(Strict):
         900.0, gt=0, description="Learners fail when an iteration's experience does not arrive in this time."
     )
 
+    @model_validator(mode="after")
+    def _groups_for_rloo(self) -> PPOConfig:
+        if self.advantage == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError(
+                "ppo.samples_per_prompt: advantage rloo compares each answer with the other answers to its prompt; "
+                f"give at least 2, got {self.samples_per_prompt}"
+            )
+        return self
+
     @property
     def staleness(self) -> int:
         if self.max_staleness is not None:
             return self.max_staleness
         return 0 if self.mode == "sync" else 1
+
+    @property
+    def answers(self) -> int:
+        """Answers (experience rows) per iteration."""
+        return self.batch_prompts * self.samples_per_prompt
+
+    @property
+    def value_model(self) -> bool:
+        """Whether the run trains a value model (GAE) and scores with it."""
+        return self.advantage == "gae"
 
 
 class PPOJob(StageConfig):
@@ -966,9 +1005,10 @@ class PPOJob(StageConfig):
             raise ValueError(
                 "train.num_workers: PPO's learners are Ray Train workers; give at least 1, got 0"
             )
-        if p.batch_prompts % p.mini_batch:
+        if p.answers % p.mini_batch:
             raise ValueError(
-                f"ppo.mini_batch: must divide ppo.batch_prompts ({p.batch_prompts}), got {p.mini_batch}"
+                f"ppo.mini_batch: must divide the answers of an iteration, ppo.batch_prompts x "
+                f"ppo.samples_per_prompt ({p.batch_prompts} x {p.samples_per_prompt} = {p.answers}), got {p.mini_batch}"
             )
         per_pass = t.num_workers * t.micro_batch_size
         if p.mini_batch % per_pass:
@@ -976,9 +1016,13 @@ class PPOJob(StageConfig):
                 f"ppo.mini_batch: must be a multiple of train.num_workers x train.micro_batch_size "
                 f"({t.num_workers} x {t.micro_batch_size} = {per_pass}), got {p.mini_batch}"
             )
-        if p.batch_prompts % p.rollout_workers:
+        if self.value_from is not None and not p.value_model:
             raise ValueError(
-                f"ppo.rollout_workers: must divide ppo.batch_prompts ({p.batch_prompts}), got {p.rollout_workers}"
+                f"value_from: ppo.advantage={p.advantage} trains no value model; drop value_from or use gae"
+            )
+        if p.answers % p.rollout_workers:
+            raise ValueError(
+                f"ppo.rollout_workers: must divide the answers of an iteration ({p.answers}), got {p.rollout_workers}"
             )
         return self
 

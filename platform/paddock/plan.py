@@ -591,11 +591,13 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
     if isinstance(job, c.PPOJob):
         p = job.ppo
         policy = shape_of(job.policy, False)
-        value = shape_of(job.value_from or job.reward_helpfulness, True)
+        learned = [policy]
+        if p.value_model:
+            learned.append(shape_of(job.value_from or job.reward_helpfulness, True))
         roles.append(
             learner_role(
-                "learner (policy + value)",
-                [policy, value],
+                "learner (policy + value)" if p.value_model else "learner (policy)",
+                learned,
                 job.train,
                 p.seq_len,
                 logits_tokens=p.max_new_tokens,
@@ -609,11 +611,14 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
             *([scorer("reference scorer", job.policy, p.gpus_per_actor, False)] if reference else []),
             scorer("helpfulness RM scorer", job.reward_helpfulness, p.gpus_per_actor, True),
             scorer("safety RM scorer", job.reward_safety, p.gpus_per_actor, True),
-            scorer("value scorer", job.value_from or job.reward_helpfulness, p.gpus_per_actor, True),
         ]
+        if p.value_model:
+            scorers.append(
+                scorer("value scorer", job.value_from or job.reward_helpfulness, p.gpus_per_actor, True)
+            )
         if p.placement == "colocated":
-            label = "scorers (reference, both RMs, value)" if reference else "scorers (both RMs, value)"
-            scorers = [together(label, scorers, ["ppo.placement"])]
+            names = ["reference"] * reference + ["both RMs"] + ["value"] * p.value_model
+            scorers = [together(f"scorers ({', '.join(names)})", scorers, ["ppo.placement"])]
         roles += scorers
     elif isinstance(job, c.FinetuneJob):
         key = {c.RejectionJob: "rejection", c.GAttJob: "gatt", c.DistillJob: "distill"}[type(job)]

@@ -473,3 +473,50 @@ def test_async_colocated_ppo_overlaps_generation_with_training_within_the_stalen
     # Batches sampled one version behind were trained on: generation ran ahead, but never more than one.
     assert 0 < b["staleness_mean"] <= 1.0
     assert b["rows_out"] == 4 * 32
+
+
+def test_rloo_ppo_runs_without_a_value_model_and_centres_advantages_per_prompt(
+    rs, world_dir: Path, tokenizer_dir: Path
+):
+    """``ppo.advantage: rloo``: no value scorer or value learner; each prompt is answered ``samples_per_prompt``
+    times side by side, and each answer's advantage is its return less its prompt's other answers' mean, so the
+    advantages of a prompt's answers sum to zero in the spilled experience; only the policy is published."""
+    from paddock.config import paddock_home
+    from paddock.models import load_causal_lm
+    from paddock.ppo.loop import run
+
+    k = 4
+    result = run(
+        ppo_job(
+            world_dir,
+            tokenizer_dir,
+            "registry_prefix=rloo",
+            "ppo.advantage=rloo",
+            f"ppo.samples_per_prompt={k}",
+            "ppo.placement=colocated",
+            "ppo.iterations=3",
+            "ppo.batch_prompts=8",
+            "ppo.mini_batch=16",
+            "ppo.eval_every=100",
+            "ppo.eval_max_prompts=8",
+            "ppo.spill=true",
+        )
+    )
+    assert result.iterations == 3 and result.model_uri.startswith("models:/rloo-ppo/")
+    assert result.buffer["rows_out"] == 3 * 8 * k
+    trained = [h for h in result.history if "ppo/policy_loss" in h]
+    assert len(trained) == 3 and not [h for h in result.history if "ppo/value_loss" in h]
+    files = sorted((paddock_home() / "runs" / "rloo-ppo" / "spill").glob("*/batch-*.parquet"))
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == 3 * 8 * k
+    for g in range(0, len(rows), k):
+        group = rows[g : g + k]
+        assert len({r["prompt_id"] for r in group}) == 1
+        assert all(r["advantages"] and len(set(r["advantages"])) == 1 and r["values"] == [] for r in group)
+        per_answer = [r["advantages"][0] for r in group]
+        assert abs(sum(per_answer)) < 1e-4 * k
+    assert any(abs(r["advantages"][0]) > 0.1 for r in rows)  # not all zero
+    # what streamed each iteration is the policy alone: its fp32 bytes (the GAE runs send the value model too)
+    synced = {h["ppo/weight_sync_gb"] for h in result.history if "ppo/weight_sync_gb" in h}
+    policy_bytes = sum(p.numel() * 4 for p in load_causal_lm(result.checkpoint_dir).parameters())
+    assert len(synced) == 1 and synced.pop() == pytest.approx(policy_bytes / 1e9, rel=0.01)

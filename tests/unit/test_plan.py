@@ -133,6 +133,22 @@ def test_colocated_scorers_are_planned_as_one_process_whose_models_take_turns(ca
     assert not [r for r in colocated["roles"] if r["role"].endswith("scorer")]
 
 
+def test_rloo_plans_no_value_model(capsys):
+    config = str(REPO / "jobs/configs/llama2-7b/ppo.yaml")
+    _, gae = _plan(["--config", config], capsys)
+    rloo_set = ["--set", "ppo.advantage=rloo", "--set", "ppo.samples_per_prompt=2"]
+    code, rloo = _plan(["--config", config, *rloo_set], capsys)
+    roles = {r["role"]: r for r in rloo["roles"]}
+    assert code == 0 and "value scorer" not in roles and "learner (policy)" in roles
+    before = {r["role"]: r for r in gae["roles"]}
+    # the learners hold one 7B model and its optimiser states instead of two
+    assert roles["learner (policy)"]["device_gib"] < before["learner (policy + value)"]["device_gib"]
+    code, together = _plan(["--config", config, *rloo_set, "--set", "ppo.placement=colocated"], capsys)
+    assert [r["role"] for r in together["roles"] if r["role"].startswith("scorers")] == [
+        "scorers (reference, both RMs)"
+    ]
+
+
 def test_the_tiny_pipeline_fits_this_machine(capsys):
     code, result = _plan(
         ["--config", str(REPO / "jobs/configs/tiny/ppo.yaml"), "--set", "plan.shape=tiny"], capsys

@@ -103,8 +103,17 @@ def test_running_whitening_carries_statistics_across_batches():
 def test_ppo_job_checks_batch_arithmetic():
     from paddock.config import ConfigError, PPOJob, load_config
 
-    with pytest.raises(ConfigError, match=r"ppo\.mini_batch: must divide ppo\.batch_prompts"):
+    with pytest.raises(ConfigError, match=r"ppo\.mini_batch: must divide the answers .* \(64 x 1 = 64\)"):
         load_config(PPOJob, None, ["ppo.batch_prompts=64", "ppo.mini_batch=24"])
+    # Answers count: 24 prompts x 4 answers = 96 rows, three mini-batches of 32
+    job = load_config(PPOJob, None, ["ppo.batch_prompts=24", "ppo.samples_per_prompt=4", "ppo.mini_batch=32"])
+    assert job.ppo.answers == 96
+    with pytest.raises(ConfigError, match=r"ppo\.samples_per_prompt: advantage rloo .* at least 2, got 1"):
+        load_config(PPOJob, None, ["ppo.advantage=rloo"])
+    with pytest.raises(ConfigError, match=r"value_from: ppo\.advantage=rloo trains no value model"):
+        load_config(
+            PPOJob, None, ["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "value_from=models:/x/1"]
+        )
     with pytest.raises(ConfigError, match=r"multiple of train\.num_workers x train\.micro_batch_size"):
         load_config(PPOJob, None, ["ppo.batch_prompts=64", "ppo.mini_batch=8", "train.micro_batch_size=8"])
     job = load_config(PPOJob, None, ["ppo.mode=async"])
@@ -120,3 +129,37 @@ def test_an_answer_cut_off_at_the_length_limit_is_penalised():
     assert exp.rows[0]["returns"] == pytest.approx([0.0], abs=1e-6)
     assert exp.rows[1]["returns"] == pytest.approx([-1.0], abs=1e-6)
     assert exp.metrics["ppo/finished_rate"] == pytest.approx(0.5)
+
+
+def test_rloo_advantages_by_hand():
+    """Two prompts, answered twice and three times; beta 0.5, k1 KL. Each answer's return is its whitened score
+    less beta x its summed KL; its advantage is that return less the mean of the other answers' to its prompt,
+    scaled to unit RMS over the five answers, on each of its tokens. No value model is read or written."""
+    cfg = PPOConfig(beta=0.5, kl_estimator="k1", advantage="rloo", samples_per_prompt=2)
+    samples = [sample("a", 2), sample("a", 1), sample("b", 1), sample("b", 1), sample("b", 2)]
+    ref = [[-1.5, -1.0], [-1.0], [-1.0], [-0.5], [-1.0, -1.0]]  # KL: 0.5, 0, 0, -0.5, 0
+    r_h = [0.9, 0.5, 0.8, 0.2, 0.5]
+    exp = build_experience(samples, ref, [[]] * 5, r_h, [0.9] * 5, cfg, groups=[0, 0, 1, 1, 1])
+    z = torch.logit(torch.tensor(r_h, dtype=torch.float64))
+    score = ((z - z.mean()) / z.std()).tolist()
+    ret = [score[0] - 0.25, score[1], score[2], score[3] + 0.25, score[4]]
+    raw = [
+        ret[0] - ret[1],
+        ret[1] - ret[0],
+        ret[2] - (ret[3] + ret[4]) / 2,
+        ret[3] - (ret[2] + ret[4]) / 2,
+        ret[4] - (ret[2] + ret[3]) / 2,
+    ]
+    rms = math.sqrt(sum(a * a for a in raw) / 5)
+    for row, r, a in zip(exp.rows, ret, raw, strict=True):
+        n = len(row["response_ids"])
+        assert row["advantages"] == pytest.approx([a / rms] * n, abs=1e-5)
+        assert row["returns"] == pytest.approx([r] * n, abs=1e-5)
+        assert row["values"] == []
+    # Within a prompt the raw advantages sum to zero: the baseline is the others' mean
+    assert raw[0] + raw[1] == pytest.approx(0.0) and sum(raw[2:]) == pytest.approx(0.0, abs=1e-12)
+    assert "ppo/explained_variance" not in exp.metrics
+    lb = learner_batch(to_table(exp.rows).to_pylist())
+    assert lb.old_values.abs().sum().item() == 0.0
+    with pytest.raises(ValueError, match="prompt group"):
+        build_experience(samples, ref, [[]] * 5, r_h, [0.9] * 5, cfg)

@@ -13,6 +13,7 @@ from paddock.rlhf.ppo import (
     explained_variance,
     gae,
     kl_per_token,
+    leave_one_out,
     llama2_reward,
     logit,
     masked_whiten,
@@ -113,3 +114,12 @@ def test_best_of_k_and_the_best_of_n_curve():
     assert index.tolist() == [1, 0] and best.tolist() == [3.0, 5.0]
     maxima, medians = best_of_n_curve(T([[1.0, 3.0, 2.0]]))
     assert maxima == [1.0, 3.0, 3.0] and medians == [1.0, 1.0, 2.0]  # torch's median is the lower middle
+
+
+def test_leave_one_out_by_hand():
+    returns = torch.tensor([1.0, 3.0, 2.0, 6.0, 4.0])
+    groups = torch.tensor([7, 7, 2, 2, 2])
+    # 1 - 3, 3 - 1; 2 - (6 + 4) / 2, 6 - (2 + 4) / 2, 4 - (2 + 6) / 2
+    assert leave_one_out(returns, groups).tolist() == [-2.0, 2.0, -3.0, 3.0, 0.0]
+    with pytest.raises(ValueError, match=r"groups \[5\] hold one"):
+        leave_one_out(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4, 4, 5]))

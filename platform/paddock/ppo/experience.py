@@ -1,8 +1,9 @@
 """Turning scored samples into PPO experience rows, and rows back into learner tensors.
 
 ``build_experience`` is the step between the scorers and the rollout buffer: per-token KL against the reference,
-the Llama 2 reward (safety gate, logit, whitening), per-token rewards, GAE and whitened advantages, all with the
-``paddock.rlhf.ppo`` functions over one iteration's batch. Rows are plain lists so that they travel as an Arrow
+the Llama 2 reward (safety gate, logit, whitening), per-token rewards, GAE and whitened advantages (or, with
+``ppo.advantage: rloo``, each answer's leave-one-out advantage against the other answers to its prompt), all with
+the ``paddock.rlhf.ppo`` functions over one iteration's batch. Rows are plain lists so that they travel as an Arrow
 record batch (``EXPERIENCE_SCHEMA``) and can be spilled to Parquet and replayed.
 """
 
@@ -22,6 +23,7 @@ from paddock.rlhf.ppo import (
     explained_variance,
     gae,
     kl_per_token,
+    leave_one_out,
     llama2_reward,
     masked_mean,
     masked_whiten,
@@ -64,10 +66,13 @@ def build_experience(
     r_safety: Sequence[float],
     cfg: PPOConfig,
     running: RunningMoments | None = None,
+    groups: Sequence[int] | None = None,
 ) -> Experience:
     """Experience rows for one iteration's samples (rollout worker rows), with the iteration's metrics.
 
-    ``running`` is used (and updated) when ``cfg.whiten == "running"``.
+    ``running`` is used (and updated) when ``cfg.whiten == "running"``. ``groups``: the prompt each sample
+    answers (an id per prompt), which ``cfg.advantage == "rloo"`` needs; its ``values`` are not read (empty lists
+    will do) and the rows carry none.
     """
     responses = [s["response_ids"] for s in samples]
     packed = pack([s["prompt_ids"] for s in samples], responses)
@@ -86,8 +91,18 @@ def build_experience(
     finished = torch.tensor([bool(s.get("finished", True)) for s in samples])
     score = score - cfg.unfinished_penalty * (~finished).float()
     rewards = token_rewards(score, kl, mask, cfg.beta)
-    advantages, returns = gae(rewards, v, mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, mask)
+    if cfg.advantage == "rloo":
+        if groups is None or len(groups) != len(samples):
+            raise ValueError("advantage rloo: give each sample's prompt group")
+        # One advantage per answer, on each of its tokens; scaled to unit RMS over the answers (they are centred
+        # within each prompt already), as GAE's are whitened, so that one LR suits both.
+        ret = rewards.sum(-1)  # gamma 1: the score less beta x the answer's KL
+        adv = leave_one_out(ret, torch.tensor(list(groups)))
+        adv = adv * torch.rsqrt(adv.pow(2).mean() + 1e-8)
+        advantages, returns = adv.unsqueeze(-1) * mask, ret.unsqueeze(-1) * mask
+    else:
+        advantages, returns = gae(rewards, v, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
     combined = combine_rewards(r_h, r_s, is_safety, cfg.safety_gate)
 
     def tail(x: torch.Tensor, i: int, n: int) -> list[float]:
@@ -103,7 +118,7 @@ def build_experience(
                 "response_ids": list(s["response_ids"]),
                 "behaviour_logprobs": list(s["behaviour_logprobs"]),
                 "ref_logprobs": list(ref_logprobs[i]),
-                "values": list(values[i]),
+                "values": list(values[i]) if cfg.value_model else [],
                 "reward_helpfulness": float(r_h[i]),
                 "reward_safety": float(r_s[i]),
                 "reward_combined": float(combined[i]),
@@ -121,11 +136,12 @@ def build_experience(
         "ppo/score_whitened_mean": score.mean().item(),
         "ppo/kl": kl.sum(-1).mean().item(),  # nats per answer, as the penalty sees it
         "ppo/kl_per_token": masked_mean(kl, mask).item(),
-        "ppo/explained_variance": explained_variance(v, returns, mask),
         "ppo/response_length": lengths.mean().item(),
         "ppo/finished_rate": finished.float().mean().item(),
         "ppo/safety_gated_share": (is_safety | (r_s < cfg.safety_gate)).float().mean().item(),
     }
+    if cfg.value_model:
+        metrics["ppo/explained_variance"] = explained_variance(v, returns, mask)
     return Experience(rows, metrics)
 
 

@@ -28,7 +28,7 @@ class Publication:
     version: int
     iteration: int  # optimisation iterations the weights have seen
     policy: Layout  # what the "pub{version}/policy" group carries
-    value: Layout  # and "pub{version}/value"
+    value: Layout | None  # and "pub{version}/value" (None: no value model, ppo.advantage rloo)
     nbytes: int  # both, in the inference precision
     published_at: float = field(default_factory=time.time)
     stats: dict[str, float] = field(default_factory=dict)  # the learners' statistics of that iteration
@@ -48,7 +48,7 @@ class PolicyHub:
         self,
         iteration: int,
         policy: Layout,
-        value: Layout,
+        value: Layout | None,
         nbytes: int,
         stats: dict[str, float] | None = None,
     ) -> int:

@@ -1,4 +1,5 @@
-"""PPO learners: the Ray Train workers that hold the policy and the value model and take the optimiser steps.
+"""PPO learners: the Ray Train workers that hold the policy and the value model (none with ``ppo.advantage: rloo``)
+and take the optimiser steps.
 
 Each iteration, rank 0 takes one batch of experience from the rollout buffer (refs only) and leaves the refs on
 the hub; every rank reads the rows from the object store, shuffles them with the iteration's seed, and keeps its
@@ -49,7 +50,7 @@ class LearnerSpec(BaseModel):
     value_optim: OptimConfig
     train: TrainConfig
     policy: str  # ``tracking.model_ref``s, resolved on each learner's node (its tokenizer is the policy's)
-    value: str
+    value: str | None  # None: no value model (ppo.advantage rloo)
     hub: str
     buffer: str
     namespace: str
@@ -83,20 +84,25 @@ class Learner:
         self.micro = tc.micro_batch_size
         self.grad_accum = per_rank // self.micro
         tc = tc.model_copy(update={"grad_accum": self.grad_accum})
-        steps = ppo.iterations * ppo.epochs * (ppo.batch_prompts // ppo.mini_batch)
+        steps = ppo.iterations * ppo.epochs * (ppo.answers // ppo.mini_batch)
         attn = tc.attn_implementation
         self.policy_dir = local_checkpoint(spec.policy)
-        value_dir = local_checkpoint(spec.value)
+        value_dir = local_checkpoint(spec.value) if spec.value is not None else None
+        scalar = None
         with ds.partitioned(tc, spec.optim, world):
             policy = load_causal_lm(self.policy_dir, attn=attn)
-            scalar = load_scalar_model(value_dir, attn=attn)
+            if value_dir is not None:
+                scalar = load_scalar_model(value_dir, attn=attn)
         set_gradient_checkpointing(policy, tc.gradient_checkpointing)
-        set_gradient_checkpointing(scalar, tc.gradient_checkpointing)
+        if scalar is not None:
+            set_gradient_checkpointing(scalar, tc.gradient_checkpointing)
         if spec.lora is not None:
             torch.manual_seed(spec.seed)  # the adapters' A matrices are drawn from torch's RNG
             policy = lora.wrap(policy, spec.lora, scalar=False)  # type: ignore[assignment]
         self.policy, _ = ds.initialize(policy, spec.optim, tc, world, steps)
-        self.value, _ = ds.initialize(TokenValues(scalar), spec.value_optim, tc, world, steps)
+        self.value: Any = None
+        if scalar is not None:
+            self.value, _ = ds.initialize(TokenValues(scalar), spec.value_optim, tc, world, steps)
         wire, bucket = spec.channel.torch_dtype, ppo.publish_bucket_mb * 2**20
         module = self.policy.module
         if spec.lora is None:
@@ -107,7 +113,7 @@ class Learner:
             shapes = lora.merged_shapes(module)
         self.layouts = (
             sync.layout(shapes, bucket, wire),
-            sync.module_layout(self.value.module, bucket, wire),
+            sync.module_layout(self.value.module, bucket, wire) if self.value is not None else None,
         )
 
     def policy_state(self) -> Iterator[tuple[str, torch.Tensor]] | None:
@@ -121,14 +127,13 @@ class Learner:
         return lora.merged_state(module, ds.gathered_state(module, self.rank, to_host=False))
 
     def stream_weights(self, version: int) -> list[str]:
-        """Send the policy to the rollout workers and the value model to the value scorer over ``version``'s
-        groups; every rank must call it (they gather in lockstep under ZeRO-3), rank 0 sends. Returns what
+        """Send the policy to the rollout workers and the value model (if any) to the value scorer over
+        ``version``'s groups; every rank must call it (they gather in lockstep under ZeRO-3), rank 0 sends. Returns what
         failed (a receiver gone, none joined in time), at rank 0."""
         ch, failed = self.spec.channel, []
-        streams = [
-            ("policy", self.policy.module, self.layouts[0], self.spec.ppo.rollout_workers + 1),
-            ("value", self.value.module, self.layouts[1], 2),
-        ]
+        streams = [("policy", self.policy.module, self.layouts[0], self.spec.ppo.rollout_workers + 1)]
+        if self.value is not None and self.layouts[1] is not None:
+            streams.append(("value", self.value.module, self.layouts[1], 2))
         for name, module, lay, size in streams:
             state = self.policy_state() if name == "policy" else None
             try:
@@ -209,24 +214,26 @@ class Learner:
             ent = entropy_from_logprobs(logp_all.detach(), mask).item()
         self.policy.backward(loss)
         self.policy.step()
-        values = self.value(b.packed)
-        v_loss, v_stats = value_loss(values, b.old_values, b.returns, mask, ppo.value_clip)
-        self.value.backward(v_loss)
-        self.value.step()
-        return {
+        out = {
             "ppo/policy_loss": loss.item(),
-            "ppo/value_loss": v_loss.item(),
             "ppo/entropy": ent,
             "ppo/clipfrac": stats["clipfrac"],
             "ppo/approx_kl": stats["approx_kl"],
-            "ppo/value_clipfrac": v_stats["value_clipfrac"],
         }
+        if self.value is not None:
+            values = self.value(b.packed)
+            v_loss, v_stats = value_loss(values, b.old_values, b.returns, mask, ppo.value_clip)
+            self.value.backward(v_loss)
+            self.value.step()
+            out |= {"ppo/value_loss": v_loss.item(), "ppo/value_clipfrac": v_stats["value_clipfrac"]}
+        return out
 
     def save(self, directory: Path, iteration: int, driver_state: dict[str, Any]) -> None:
         tag = f"iter{iteration}"
         state = {"iteration": iteration, "rng": torch.get_rng_state()}
         self.policy.save_checkpoint(str(directory / "policy"), tag=tag, client_state=state)
-        self.value.save_checkpoint(str(directory / "value"), tag=tag, client_state=state)
+        if self.value is not None:
+            self.value.save_checkpoint(str(directory / "value"), tag=tag, client_state=state)
         if self.rank == 0:
             (directory / "state.json").write_text(
                 json.dumps({"iteration": iteration, "driver_state": driver_state})
@@ -234,7 +241,8 @@ class Learner:
 
     def load(self, directory: Path) -> tuple[int, dict[str, Any]]:
         _, client = self.policy.load_checkpoint(str(directory / "policy"))
-        self.value.load_checkpoint(str(directory / "value"))
+        if self.value is not None:
+            self.value.load_checkpoint(str(directory / "value"))
         torch.set_rng_state(client["rng"])
         state = json.loads((directory / "state.json").read_text())
         return int(client["iteration"]), state.get("driver_state", {})
@@ -277,7 +285,7 @@ def learner_worker(config: dict[str, Any]) -> None:
         version = 0  # known at rank 0, the only one that joins the groups
         if rank == 0:
             wire = spec.channel.torch_dtype
-            nbytes = sum(sync.nbytes(lay, wire) for lay in learner.layouts)
+            nbytes = sum(sync.nbytes(lay, wire) for lay in learner.layouts if lay is not None)
             published: Any = hub.publish.remote(iteration, *learner.layouts, nbytes, stats)
             version = int(call("the policy hub", published, f"publishing iteration {iteration}"))
             call(
@@ -289,7 +297,7 @@ def learner_worker(config: dict[str, Any]) -> None:
             dist.barrier()  # no rank looks for a batch before the hub forgot those of a lost attempt
 
     publish(start, {})
-    batch_rows = ppo.batch_prompts
+    batch_rows = ppo.answers
     done = start
     for iteration in range(start, ppo.iterations):
         stop = _broadcast_flag(

@@ -4,8 +4,9 @@ Roles (ARCHITECTURE.md, "Distributed PPO"):
 
 - the learners (``paddock.ppo.learner``, Ray Train + DeepSpeed) announce weights on the hub by version and stream
   them over that version's process groups (``paddock.ppo.sync``, whose rendezvous this driver hosts);
-- this driver has the rollout workers and the value scorer join those groups (timed: the weight sync),
-  samples the iteration's prompts, scores them with the reference and both reward models, builds the experience
+- this driver has the rollout workers and the value scorer (with ``ppo.advantage: gae``) join those groups (timed:
+  the weight sync), samples the iteration's prompts (``samples_per_prompt`` answers to each), scores them with the
+  reference and both reward models, builds the experience
   (``paddock.ppo.experience``) and puts it in the buffer;
 - every ``eval_every`` iterations it scores held-out prompts, keeps the best policy (``select_by``: by reward, or
   by the world's verifiers) on disk and stops early after ``patience`` evaluations without improvement (or when
@@ -104,7 +105,9 @@ def _why_dead(exc: BaseException) -> str:
 class Actors:
     """The rollout workers and scorers of one PPO run."""
 
-    def __init__(self, job: PPOJob, policy: str, rm_h: str, rm_s: str, value: str, channel: sync.Channel):
+    def __init__(
+        self, job: PPOJob, policy: str, rm_h: str, rm_s: str, value: str | None, channel: sync.Channel
+    ):
         p = job.ppo
         self.channel = channel
         self.timeout_s = job.actor_timeout_s
@@ -122,35 +125,40 @@ class Actors:
         }
         if lora_workers is not None:
             del members["reference"]
+        if value is None:  # ppo.advantage rloo: no value model
+            del members["value"]
         if p.placement == "colocated":
             # One process holds the scorers' models; its CPUs and GPU share are theirs together (one GPU at
             # most: it uses one device; paddock.plan checks that they fit on it).
             k = len(members)
-            threads = max(1, int(k * p.cpus_per_actor))
+            threads = p.scorer_threads or max(1, int(k * p.cpus_per_actor))
             together = {n: kw | {"threads": threads} for n, kw in members.items()}
             options = actor_options(k * p.cpus_per_actor, min(1.0, k * p.gpus_per_actor), p.spread)
             self.scorers = [Scorers.options(**options).remote(together)]  # type: ignore[attr-defined]
             handles = {n: Member(self.scorers[0], n) for n in members}
         else:
-            self.scorers = [Scorer.options(**opts).remote(**kw) for kw in members.values()]  # type: ignore[attr-defined]
+            own = {"threads": p.scorer_threads} if p.scorer_threads else {}
+            self.scorers = [Scorer.options(**opts).remote(**kw, **own) for kw in members.values()]  # type: ignore[attr-defined]
             handles = dict(zip(members, self.scorers, strict=True))
         self.reference = handles.get("reference")  # None: the rollout workers give the reference log-probs
-        self.rm_h, self.rm_s, self.value = handles["rm_h"], handles["rm_s"], handles["value"]
+        self.rm_h, self.rm_s, self.value = handles["rm_h"], handles["rm_s"], handles.get("value")
         self.reloads = 0  # rollout workers given their weights again by a peer
 
     def all(self) -> list[Any]:
         return [*self.workers, *self.scorers]
 
     def load(self, pub: Publication) -> None:
-        """Every rollout worker and the value scorer join ``pub``'s groups and receive its weights.
+        """Every rollout worker and the value scorer (if any) join ``pub``'s groups and receive its weights.
 
         Raises ``WeightsLost`` when no rollout worker or not the value scorer got them (the learner sending them
         died, or they restarted on the way); a worker that alone failed is repaired from a peer when needed."""
         policy = self.channel.sub(f"pub{pub.version}/policy", len(self.workers) + 1)
         calls = [w.receive.remote(policy, pub.policy, i + 1, pub.version) for i, w in enumerate(self.workers)]
-        value = self.value.receive.remote(
-            self.channel.sub(f"pub{pub.version}/value", 2), pub.value, 1, pub.version
-        )
+        value = None
+        if self.value is not None and pub.value is not None:
+            value = self.value.receive.remote(
+                self.channel.sub(f"pub{pub.version}/value", 2), pub.value, 1, pub.version
+            )
         failures = {}
         deadline = time.monotonic() + self.timeout_s  # one for all receivers, not one each
 
@@ -168,7 +176,8 @@ class Actors:
             wait(f"rollout worker {i}", call)
         if len(failures) == len(calls):
             self.check_alive()  # before waiting on the value scorer, whose stream waits for them
-        wait("value scorer", value)
+        if value is not None:
+            wait("value scorer", value)
         if failures:
             print(f"[ppo] version {pub.version} did not reach {sorted(failures)}", flush=True)
         reached = len(self.workers) - len([f for f in failures if f.startswith("rollout")])
@@ -255,6 +264,8 @@ class Actors:
         )
 
     def values(self, pub: Publication, rows: list[dict[str, Any]]) -> list[list[float]]:
+        if self.value is None:
+            return [[] for _ in rows]  # no value model (ppo.advantage rloo)
         call = self.value.values.remote([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
         [(version, values)] = gather(
             {"the value scorer": call},
@@ -398,7 +409,8 @@ class Driver:
     def rollout(self, pub: Publication, b: int) -> None:
         """Sample, score and commit batch ``b`` with the weights of ``pub``."""
         p = self.job.ppo
-        prompts = self.prompt_batch(b)
+        k = p.samples_per_prompt
+        prompts = [q for q in self.prompt_batch(b) for _ in range(k)]  # each prompt's answers side by side
         t0 = time.perf_counter()
         reference = self.actors.reference
         on_workers = reference is None  # a LoRA policy's workers: the base with adapters off
@@ -418,12 +430,13 @@ class Driver:
         r_h, r_s, *scored = gather(calls, self.actors.timeout_s, f"scoring batch {b} (version {pub.version})")
         ref_lp = [s["reference_logprobs"] for s in samples] if on_workers else scored[0]
         score_s = time.perf_counter() - t1
-        exp = build_experience(samples, ref_lp, values, r_h, r_s, p, self.running)
+        groups = [i // k for i in range(len(samples))]  # ``generate`` keeps the prompts' order
+        exp = build_experience(samples, ref_lp, values, r_h, r_s, p, self.running, groups)
         if p.whiten == "running":
             self.ask(
                 "the policy hub", self.hub.set_driver_state.remote({"running": self.running.state_dict()})
             )
-        chunk = p.batch_prompts // p.rollout_workers
+        chunk = p.answers // p.rollout_workers
         gen_tokens = sum(len(r) for r in response_ids)
         for i in range(0, len(exp.rows), chunk):
             table = to_table(exp.rows[i : i + chunk])
@@ -623,7 +636,8 @@ class Driver:
         print(
             f"[ppo] iteration {pub.iteration}/{p.iterations} | reward {h.get('ppo/reward_combined', float('nan')):.4f} "
             f"| kl {h.get('ppo/kl', float('nan')):.4f} | clipfrac {h.get('ppo/clipfrac', float('nan')):.3f} "
-            f"| value loss {h.get('ppo/value_loss', float('nan')):.4f} | sync {self.sync_s:.2f}s",
+            + (f"| value loss {h['ppo/value_loss']:.4f} " if "ppo/value_loss" in h else "")
+            + f"| sync {self.sync_s:.2f}s",
             flush=True,
         )
 
@@ -652,7 +666,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
     # as the actors and learners open them: here, a path; on several nodes, versions pinned now that each
     # resolves into its own node's cache
     policy, rm_h, rm_s = (actor_model(u) for u in (job.policy, job.reward_helpfulness, job.reward_safety))
-    value = actor_model(job.value_from) if job.value_from else rm_h
+    value = (actor_model(job.value_from) if job.value_from else rm_h) if p.value_model else None
     plan.check(job, "ppo")  # a run that cannot fit fails here, before any worker starts
 
     namespace = f"paddock-ppo-{uuid.uuid4().hex[:8]}"
@@ -669,7 +683,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
         buffer = RolloutBuffer.options(  # type: ignore[attr-defined]
             name="buffer", namespace=namespace, scheduling_strategy=here
         ).remote(
-            p.batch_prompts * (p.staleness + 1),
+            p.answers * (p.staleness + 1),
             p.staleness,
             str(work / "spill" / run.run_id[:8]) if p.spill else None,
         )
@@ -715,7 +729,8 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             learner_worker, {"spec": spec.model_dump(mode="json")}, tc, f"{name}-{run.attempt_key}"
         )
         print(
-            f"[ppo] {p.mode} mode, {p.iterations} iterations of {p.batch_prompts} prompts, mini-batch {p.mini_batch}, "
+            f"[ppo] {p.mode} mode, {p.iterations} iterations of {p.batch_prompts} prompts x {p.samples_per_prompt} "
+            f"answers, advantage {p.advantage}, mini-batch {p.mini_batch}, "
             f"{p.rollout_workers} rollout workers, {tc.num_workers} learners (ZeRO-{tc.zero_stage}), beta {p.beta}",
             flush=True,
         )

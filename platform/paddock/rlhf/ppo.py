@@ -164,6 +164,21 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def leave_one_out(returns: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """RLOO's advantages (Kool et al. 2019; Ahmadian et al. 2024): each answer's return less the mean return of
+    the other answers to the same prompt, A_i = R_i - (sum_group R - R_i) / (k - 1).
+
+    Shapes: returns (batch,); groups (batch,) integer ids, one per prompt, each held by at least two answers.
+    """
+    ids, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    if bool((counts < 2).any()):
+        lone = ids[counts < 2].tolist()
+        raise ValueError(f"leave-one-out needs two answers or more per prompt; groups {lone} hold one")
+    sums = torch.zeros(len(ids), dtype=returns.dtype).index_add_(0, inverse, returns)
+    k = counts[inverse].to(returns.dtype)
+    return returns - (sums[inverse] - returns) / (k - 1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Losses
 
