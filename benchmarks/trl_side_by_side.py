@@ -12,7 +12,8 @@ Online RL: paddock's PPO (2 rollout workers, 2 learners, and the reference, rewa
 actors: one each with ``ppo.placement: split``, all four in one with ``colocated``, whose process takes 2 threads;
 and colocated with ``ppo.advantage: rloo``, RLOO's leave-one-out baseline over 2 answers a prompt as TRL's, which
 drops the value model) against TRL's `RLOOTrainer` (one process, 2 threads), both from the SFT result above, with the same reward (the reward model above as
-helpfulness and safety RM, combined as in Llama 2 and put on the logit scale), the same prompts, answers per update
+helpfulness and safety RM, combined as in Llama 2 and put on the logit scale; paddock's penalty on answers cut off
+at the length limit off), the same prompts, answers per update
 (256, at most 48 new tokens, temperature 1), optimiser steps (mini-batches of 64, constant LR) and KL coefficient.
 Quality is the mean combined reward of greedy answers to held-out prompts.
 
@@ -131,6 +132,8 @@ def paddock_ppo(
             f"ppo.mini_batch={RL_MINI}",
             f"ppo.max_new_tokens={RL_NEW_TOKENS}",
             f"ppo.beta={RL_BETA}",
+            # the reward TRL optimises: no penalty on answers cut off at the length limit
+            "ppo.unfinished_penalty=0",
             f"ppo.eval_every={updates * 10}",
             "ppo.eval_max_prompts=8",
             "ppo.patience=null",

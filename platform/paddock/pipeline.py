@@ -656,6 +656,10 @@ def round_rows(
                 "rm_before_fresh": mon.get("monitor/before/fresh_agreement_clear", float("nan")),
                 "rm_after_fresh": mon.get("monitor/after/fresh_agreement_clear", float("nan")),
                 "fresh_clear_pairs": mon.get("monitor/after/fresh_clear_pairs", float("nan")),
+                # on every clear pair of the held-out prompts' answers (no reward model picked them)
+                "rm_before_answers": mon.get("monitor/before/answers_agreement_clear", float("nan")),
+                "rm_after_answers": mon.get("monitor/after/answers_agreement_clear", float("nan")),
+                "answer_clear_pairs": mon.get("monitor/after/answers_clear_pairs", float("nan")),
                 "rm_before_static": mon.get("monitor/before/static_agreement", float("nan")),
                 "rm_after_static": mon.get("monitor/after/static_agreement", float("nan")),
                 "model_accuracy": model.get("eval/helpfulness_accuracy", float("nan")),
@@ -673,19 +677,22 @@ def rounds_table(job: PipelineJob, done: dict[str, Any], metrics: dict[str, dict
         return "—" if v != v else f"{v:.3f}"
 
     lines = [
-        "| round | pairs (clear held-out ones) | policy answers helpful | RMs before: fresh / static | "
-        "RMs after: fresh / static | round model: verifier accuracy | violations | greedy reward |",
+        "| round | pairs (clear held-out ones; clear pairs of held-out answers) | policy answers helpful | "
+        "RMs before: fresh / answer pairs / static | RMs after: fresh / answer pairs / static | "
+        "round model: verifier accuracy | violations | greedy reward |",
         "|---|---|---|---|---|---|---|---|",
     ]
+
+    def count(v: float) -> str:
+        return "—" if v != v else str(int(v))
+
     for r in round_rows(job, done, metrics):
-        clear = (
-            "" if r["fresh_clear_pairs"] != r["fresh_clear_pairs"] else f" ({int(r['fresh_clear_pairs'])})"
-        )
         lines.append(
-            f"| {r['round']} | {int(r['pairs'])}{clear} | {cell(r['policy_helpful'])} | "
-            f"{cell(r['rm_before_fresh'])} / {cell(r['rm_before_static'])} | "
-            f"{cell(r['rm_after_fresh'])} / {cell(r['rm_after_static'])} | {cell(r['model_accuracy'])} | "
-            f"{cell(r['model_violations'])} | {cell(r['model_reward'])} |"
+            f"| {r['round']} | {int(r['pairs'])} ({count(r['fresh_clear_pairs'])}; "
+            f"{count(r['answer_clear_pairs'])}) | {cell(r['policy_helpful'])} | "
+            f"{cell(r['rm_before_fresh'])} / {cell(r['rm_before_answers'])} / {cell(r['rm_before_static'])} | "
+            f"{cell(r['rm_after_fresh'])} / {cell(r['rm_after_answers'])} / {cell(r['rm_after_static'])} | "
+            f"{cell(r['model_accuracy'])} | {cell(r['model_violations'])} | {cell(r['model_reward'])} |"
         )
     return "\n".join(lines)
 
@@ -709,6 +716,8 @@ def rounds_figure(
     for key, label, style in (
         ("rm_before_fresh", "before retraining, policy's answers (clear pairs)", "o--"),
         ("rm_after_fresh", "after retraining, policy's answers (clear pairs)", "o-"),
+        ("rm_before_answers", "before retraining, every clear pair of held-out answers", "^--"),
+        ("rm_after_answers", "after retraining, every clear pair of held-out answers", "^-"),
         ("rm_before_static", "before retraining, static pairs", "s--"),
         ("rm_after_static", "after retraining, static pairs", "s-"),
     ):

@@ -157,3 +157,22 @@ def test_with_four_answers_the_reward_models_favourite_is_labelled(chain, world_
     for i, (a_is_pick, _) in enumerate(picked):
         pick, other = (scores[0][i], scores[1][i]) if a_is_pick else (scores[1][i], scores[0][i])
         assert pick >= other - 1e-4, rows[i]  # the favourite scores at least as high as the other answer
+    # Every answer drawn is kept: the monitor pairs up the held-out prompts' four answers, labelled without noise
+    kept = {r["id"]: r for r in pq.read_table(result.batch.parent / "answers.parquet").to_pylist()}
+    assert len(kept) == 40 and all(len(r["answers"]) == 4 for r in kept.values())
+    assert all({r["response_a"], r["response_b"]} <= set(kept[r["id"]]["answers"]) for r in rows)
+    held = {p["id"].removeprefix("pref-") for p in pq.read_table(result.fresh_test).to_pylist()}
+    pairs = prefs.held_out_answer_pairs(job)
+    assert pairs and {p["id"].removeprefix("pref-").split(":")[0] for p in pairs} <= held
+    for p in pairs:
+        answers = kept[p["id"].removeprefix("pref-").split(":")[0]]["answers"]
+        assert p["chosen"] in answers and p["rejected"] in answers and p["chosen"] != p["rejected"]
+        verdict = (prefs.quality(p["prompt"], p["chosen"]), prefs.quality(p["prompt"], p["rejected"]))
+        assert verdict[0] >= verdict[1]  # the verifiers' better answer is the chosen one (no label noise)
+    clear = [p for p in pairs if p["rating"] != "negligibly_better"]
+    metrics = prefs.monitor(job, {"before": rms, "after": rms}, static_pairs=50)
+    assert metrics["monitor/answer_pairs"] == len(pairs)
+    assert metrics["monitor/after/answers_clear_pairs"] == len(clear)
+    if clear:  # the same models before and after: the same agreement
+        after = metrics["monitor/after/answers_agreement_clear"]
+        assert after == metrics["monitor/before/answers_agreement_clear"]

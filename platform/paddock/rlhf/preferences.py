@@ -313,7 +313,10 @@ def _run(job: CollectJob, lock: atomic.Lock) -> CollectResult:
                 resolve_path(cc.prompts), "prompts", quarantine_dir=round_dir / "quarantine"
             )
             run.log_dataset(resolve_path(cc.prompts), "prompts", "collection", report.total, report.n_bad)
-            rows = sample_batch(job, draw_prompts(report.good.to_pylist(), cc, job.seed))
+            answers: list[dict[str, Any]] = []
+            rows = sample_batch(job, draw_prompts(report.good.to_pylist(), cc, job.seed), answers)
+            # every answer drawn, before any is picked (the monitor pairs up the held-out prompts' answers)
+            atomic.write_parquet(pa.Table.from_pylist(answers), round_dir / "answers.parquet")
             write_batch(rows, batch_path)
             run.log_artifact(batch_path, "batch")
             run.log_artifact(batch_path.with_suffix(".jsonl"), "batch")
@@ -412,11 +415,14 @@ def draw_prompts(prompts: list[dict[str, Any]], cc: Any, seed: int) -> list[dict
     return drawn
 
 
-def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def sample_batch(
+    job: CollectJob, prompts: list[dict[str, Any]], answers_out: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Answer a and answer b for every prompt: the first model at the first temperature, then the second model
     (or the same one) at the second. With ``collect.samples`` > 2 and the reward models in use, ``samples``
     answers are drawn (half at each temperature) and each of the prompt's ``pairs_per_prompt`` pairs is the reward
-    models' favourite and another of them (``pick_pairs``; row ids ``r{round}-{prompt}/{j}`` from the second)."""
+    models' favourite and another of them (``pick_pairs``; row ids ``r{round}-{prompt}/{j}`` from the second).
+    ``answers_out`` gets every prompt's answers (``ANSWERS``' columns), which the monitor pairs up."""
     import ray
 
     from paddock.cluster import connect
@@ -472,6 +478,17 @@ def sample_batch(job: CollectJob, prompts: list[dict[str, Any]]) -> list[dict[st
         [(draw[i], sources[n]) for n, group in enumerate(answers) for draw in group]
         for i in range(len(prompts))
     ]
+    if answers_out is not None:
+        answers_out += [
+            {
+                "id": f"r{cc.round}-{p['id']}",
+                "round": cc.round,
+                "prompt": p["turns"],
+                "is_safety": bool(p["is_safety"]),
+                "answers": [text for text, _ in c],
+            }
+            for p, c in zip(prompts, candidates, strict=True)
+        ]
     if draws == 2:
         pairs = [[(c[0], c[1])] for c in candidates]
     else:
@@ -660,13 +677,49 @@ def pair_scores(
     return out
 
 
+def held_out_answer_pairs(job: CollectJob) -> list[dict[str, Any]]:
+    """Every pair of the answers drawn for this round's held-out prompts (those of ``pairs_test.parquet``),
+    labelled by the world's verifiers without noise; [] when the answers were not kept or no verifier labels
+    them (an external annotator).
+
+    The held-out pairs themselves are the reward models' favourite against another answer when the round picks
+    by reward: the models that picked it agree with the label whenever the favourite is the better answer, so
+    those pairs flatter them. All pairs of the prompt's answers favour no model, and are several times as many."""
+    cc = job.collect
+    round_dir = work_dir(job) / f"round{cc.round}"
+    if job.annotator.kind != "simulated" or not (round_dir / "answers.parquet").is_file():
+        return []
+    held = {
+        str(i).removeprefix("pref-").split("/")[0]
+        for i in pq.read_table(round_dir / "pairs_test.parquet").column("id").to_pylist()
+    }
+    rows = []
+    for p in pq.read_table(round_dir / "answers.parquet").to_pylist():
+        if p["id"] not in held:
+            continue
+        texts = list(dict.fromkeys(p["answers"]))  # an answer drawn twice is one answer
+        for i in range(len(texts)):
+            for j in range(i + 1, len(texts)):
+                row = {
+                    "id": f"{p['id']}:{i}-{j}",
+                    "prompt": p["prompt"],
+                    "is_safety": p["is_safety"],
+                    "response_a": texts[i],
+                    "response_b": texts[j],
+                }
+                rows.append({**row, **simulated_label(row, job.seed, 0.0)})
+    return to_pairs(rows).pairs
+
+
 def monitor(
     job: CollectJob, reward_models: dict[str, tuple[str, str]], static_pairs: int = 200
 ) -> dict[str, float]:
     """The round's reward-hacking monitor: each named pair of reward models (``before`` the round's retraining,
-    ``after`` it) on this round's held-out fresh pairs and on the static test pairs. Logged to its own run."""
+    ``after`` it) on this round's held-out fresh pairs, on every pair of the held-out prompts' answers
+    (``held_out_answer_pairs``) and on the static test pairs. Logged to its own run."""
     cc = job.collect
     fresh = pq.read_table(work_dir(job) / f"round{cc.round}" / "pairs_test.parquet").to_pylist()
+    answer_pairs = held_out_answer_pairs(job)
     static = (
         pq.read_table(resolve_path(job.static_test)).to_pylist()[:static_pairs] if job.static_test else []
     )
@@ -680,14 +733,17 @@ def monitor(
         },
         tags={"paddock.round": str(cc.round)},
     ) as run:
-        for which, got in pair_scores(reward_models, {"fresh": fresh, "static": static}, job).items():
+        sets = {"fresh": fresh, "answers": answer_pairs, "static": static}
+        for which, got in pair_scores(reward_models, sets, job).items():
             metrics |= {f"monitor/{which}/{k}": v for k, v in got.items()}
         metrics["monitor/fresh_pairs"] = len(fresh)
+        metrics["monitor/answer_pairs"] = len(answer_pairs)
         run.log_metrics(metrics, step=cc.round)
     line = ", ".join(
         f"{which}: {metrics.get(f'monitor/{which}/fresh_agreement_clear', float('nan')):.1%} on the policy's answers "
         f"with a clear preference ({metrics.get(f'monitor/{which}/fresh_agreement', float('nan')):.1%} on all), "
-        f"{metrics.get(f'monitor/{which}/static_accuracy', float('nan')):.1%} on static pairs"
+        f"{metrics.get(f'monitor/{which}/answers_agreement_clear', float('nan')):.1%} on every clear pair of the "
+        f"held-out prompts' answers, {metrics.get(f'monitor/{which}/static_accuracy', float('nan')):.1%} on static pairs"
         for which in reward_models
     )
     print(f"[reward_monitor] round {cc.round} ({len(fresh)} fresh pairs): {line}", flush=True)
