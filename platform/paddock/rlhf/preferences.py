@@ -422,7 +422,8 @@ def sample_batch(
     (or the same one) at the second. With ``collect.samples`` > 2 and the reward models in use, ``samples``
     answers are drawn (half at each temperature) and each of the prompt's ``pairs_per_prompt`` pairs is the reward
     models' favourite and another of them (``pick_pairs``; row ids ``r{round}-{prompt}/{j}`` from the second).
-    ``answers_out`` gets every prompt's answers (``ANSWERS``' columns), which the monitor pairs up."""
+    ``answers_out`` gets every prompt's answers (``id``, ``round``, ``prompt``, ``is_safety``, ``answers``), which the
+    monitor pairs up."""
     import ray
 
     from paddock.cluster import connect
