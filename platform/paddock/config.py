@@ -715,10 +715,10 @@ class CollectConfig(SamplingConfig):
         2,
         ge=2,
         description="Answers drawn per prompt, half at each temperature. With more than 2 and the reward models "
-        "in use (`reward_helpfulness`, `reward_safety`), the pair sent for labelling is the reward models' "
-        "favourite and one of the others at random: the annotator sees the answers that rejection sampling and "
-        "PPO would chase, so what the reward models over-score comes back labelled. Without reward models (a "
-        "pipeline's round 1) two answers are drawn.",
+        "in use (`reward_helpfulness`, `reward_safety`), `pairing` says which pairs go for labelling: by default "
+        "the reward models' favourite and one of the others at random (the annotator sees the answers that "
+        "rejection sampling and PPO would chase, so what the reward models over-score comes back labelled), or "
+        "every pair. Without reward models (a pipeline's round 1) two answers are drawn.",
     )
     pairs_per_prompt: int = Field(
         1,
@@ -727,6 +727,15 @@ class CollectConfig(SamplingConfig):
         "of the other answers (at most samples - 1), as InstructGPT's labellers ranked K answers and trained on "
         "the pairs among them (Ouyang et al., 2022, section 3.5). More pairs on the favourite teach the reward "
         "models faster what they over-score; a prompt's pairs stay together when the round holds pairs out.",
+    )
+    pairing: Literal["favourite", "all"] = Field(
+        "favourite",
+        description="Which pairs of a prompt's answers go for labelling when more than two are drawn. favourite: "
+        "the reward models' favourite against `pairs_per_prompt` others (what they over-score comes back "
+        "labelled). all: every pair of the prompt's different answers, as InstructGPT's labellers ranked K "
+        "answers and every pair of the ranking trained the reward model (Ouyang et al., 2022, section 3.5): "
+        "K(K-1)/2 pairs from one sample, each answer against all the others, none chosen by the models being "
+        "judged.",
     )
     fresh_weight: int = Field(
         1,
@@ -806,6 +815,11 @@ class CollectJob(StageConfig):
 
     @model_validator(mode="after")
     def _pairs_within_samples(self) -> CollectJob:
+        if self.collect.pairing == "all" and self.collect.pairs_per_prompt != 1:
+            raise ValueError(
+                f"collect.pairs_per_prompt={self.collect.pairs_per_prompt} pairs the reward models' favourite with "
+                "others; collect.pairing=all labels every pair of the answers: set one or the other"
+            )
         if self.collect.pairs_per_prompt > max(1, self.collect.samples - 1):
             raise ValueError(
                 f"collect.pairs_per_prompt={self.collect.pairs_per_prompt}: the favourite can be paired with at "
@@ -814,9 +828,15 @@ class CollectJob(StageConfig):
         return self
 
     @property
+    def draws(self) -> int:
+        """Answers drawn per prompt: ``collect.samples`` once reward models are in use (a pipeline's round 2 on),
+        two before (round 1 asks the paper's two answers at two temperatures)."""
+        return self.collect.samples if self.collect.samples > 2 and self.reward_helpfulness is not None else 2
+
+    @property
     def picks_by_reward(self) -> bool:
         """Whether the pair to label is the reward models' favourite and another answer."""
-        return self.collect.samples > 2 and self.reward_helpfulness is not None
+        return self.draws > 2 and self.collect.pairing == "favourite"
 
 
 class PPOConfig(Strict):

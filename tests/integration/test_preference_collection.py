@@ -176,3 +176,41 @@ def test_with_four_answers_the_reward_models_favourite_is_labelled(chain, world_
     if clear:  # the same models before and after: the same agreement
         after = metrics["monitor/after/answers_agreement_clear"]
         assert after == metrics["monitor/before/answers_agreement_clear"]
+
+
+def test_pairing_all_labels_every_pair_of_each_prompt_s_answers(chain, world_dir: Path):
+    """collect.pairing=all with four answers: each prompt's rows are every pair of its different answers (as
+    answers.parquet keeps them), the reward models in use score nothing and are no upstream of the round."""
+    import mlflow
+    from paddock.rlhf import preferences as prefs
+
+    rms = ("models:/tiny-rm-helpfulness@latest", "models:/tiny-rm-safety@latest")
+    job = collect_job(
+        world_dir,
+        "collect.round=11",
+        "collect.max_prompts=16",
+        "collect.samples=4",
+        "collect.pairing=all",
+        f"reward_helpfulness={rms[0]}",
+        f"reward_safety={rms[1]}",
+    )
+    result = prefs.run(job)
+    rows = pq.read_table(result.batch).to_pylist()
+    kept = {r["id"]: r for r in pq.read_table(result.batch.parent / "answers.parquet").to_pylist()}
+    assert len(kept) == 16 and all(len(r["answers"]) == 4 for r in kept.values())
+    by_prompt: dict[str, list[dict]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["id"].split("/")[0], []).append(r)
+    for pid, answers in kept.items():
+        distinct = set(answers["answers"])
+        got = by_prompt.get(pid, [])
+        assert len(got) == len(distinct) * (len(distinct) - 1) // 2, pid
+        assert {frozenset((r["response_a"], r["response_b"])) for r in got} == {
+            frozenset((a, b)) for a in distinct for b in distinct if a < b
+        }
+        assert [r["id"] for r in got] == [pid] + [f"{pid}/{j}" for j in range(1, len(got))]
+    assert not any("pick of" in r["source_a"] + r["source_b"] for r in rows)
+    run = mlflow.search_runs(
+        experiment_names=[job.experiment], filter_string="tags.`paddock.round` = '11'", output_format="list"
+    )[0]
+    assert "rm-" not in run.data.tags["paddock.upstream"]  # the reward models chose nothing

@@ -227,6 +227,44 @@ def test_several_pairs_per_prompt_pair_the_favourite_with_different_answers():
         load_config(CollectJob, None, ["collect.samples=4", "collect.pairs_per_prompt=4"])
 
 
+def test_pairing_all_labels_every_pair_of_the_different_answers_once():
+    import random
+
+    answers = [("wrong", "m @ T=0.7"), ("right", "m @ T=0.7"), ("wrong", "m @ T=1"), ("rude", "m @ T=1")]
+    sides = set()
+    for seed in range(20):
+        pairs = prefs.all_pairs(answers, random.Random(seed))
+        assert len(pairs) == 3  # 3 different answers: 3 * 2 / 2 pairs
+        assert sorted(tuple(sorted((a[0], b[0]))) for a, b in pairs) == [
+            ("right", "rude"),
+            ("right", "wrong"),
+            ("rude", "wrong"),
+        ]
+        assert ("wrong", "m @ T=1") not in {
+            x for pair in pairs for x in pair
+        }  # the first draw's source is kept
+        sides.add(pairs[0][0][0])
+    assert sides == {"wrong", "right"}  # the first pair comes either way round
+    assert prefs.all_pairs(answers, random.Random(3)) == prefs.all_pairs(answers, random.Random(3))
+    assert prefs.all_pairs([("same", "a"), ("same", "b")], random.Random(0)) == []
+    five = [(str(i), "m") for i in range(5)]
+    assert len(prefs.all_pairs(five, random.Random(0))) == 10
+
+
+def test_pairing_all_draws_samples_once_reward_models_are_in_use_and_picks_nothing():
+    two = ["reward_helpfulness=models:/h@latest", "reward_safety=models:/s@latest"]
+    job = load_config(CollectJob, None, [*two, "collect.samples=4", "collect.pairing=all"])
+    assert job.draws == 4 and not job.picks_by_reward  # the reward models choose no answer
+    round1 = load_config(CollectJob, None, ["collect.samples=4", "collect.pairing=all"])
+    assert round1.draws == 2 and not round1.picks_by_reward  # round 1: two answers, one pair, as before
+    favourite = load_config(CollectJob, None, [*two, "collect.samples=4"])
+    assert favourite.draws == 4 and favourite.picks_by_reward
+    with pytest.raises(ConfigError, match="pairing=all labels every pair"):
+        load_config(
+            CollectJob, None, [*two, "collect.samples=4", "collect.pairing=all", "collect.pairs_per_prompt=2"]
+        )
+
+
 def test_a_prompts_pairs_stay_on_one_side_of_the_split():
     pairs = [{"id": f"r2-p{i}" + (f"/{j}" if j else "")} for i in range(20) for j in range(3)]
     for seed in range(10):
@@ -304,8 +342,11 @@ def test_the_pipeline_s_seed_reaches_every_stage_and_not_the_world_s_content():
     configs = pipeline.stage_configs(job, pipeline.schedule(job))
     assert {c.seed for c in configs.values()} == {2}
     assert configs["world"].world.seed == 0  # the same world for every seed
-    assert configs["collect_preferences@2"].picks_by_reward  # the demo labels round 1's RMs' favourites
-    assert not configs["collect_preferences"].picks_by_reward  # round 1 has no reward models yet
+    assert (
+        configs["collect_preferences@2"].draws == 4
+    )  # the demo labels every pair of four answers from round 2
+    assert configs["collect_preferences@2"].collect.pairing == "all"
+    assert configs["collect_preferences"].draws == 2  # round 1 has no reward models yet: two answers
 
 
 def test_a_pipeline_without_collection_runs_once_as_before():

@@ -421,7 +421,8 @@ def sample_batch(
     """Answer a and answer b for every prompt: the first model at the first temperature, then the second model
     (or the same one) at the second. With ``collect.samples`` > 2 and the reward models in use, ``samples``
     answers are drawn (half at each temperature) and each of the prompt's ``pairs_per_prompt`` pairs is the reward
-    models' favourite and another of them (``pick_pairs``; row ids ``r{round}-{prompt}/{j}`` from the second).
+    models' favourite and another of them (``pick_pairs``), or with ``collect.pairing: all`` every pair of its
+    different answers (``all_pairs``); row ids ``r{round}-{prompt}/{j}`` from a prompt's second pair.
     ``answers_out`` gets every prompt's answers (``id``, ``round``, ``prompt``, ``is_safety``, ``answers``), which the
     monitor pairs up."""
     import ray
@@ -431,7 +432,7 @@ def sample_batch(
 
     connect()  # the embedded instance's CPUs and settings, or RAY_ADDRESS's cluster (not Ray's own default)
     cc = job.collect
-    draws = cc.samples if job.picks_by_reward else 2
+    draws = job.draws
     answers: list[list[list[str]]] = []  # [temperature][draw][prompt]
     sources = []
     for n, temperature in enumerate(cc.temperatures):
@@ -492,6 +493,15 @@ def sample_batch(
         ]
     if draws == 2:
         pairs = [[(c[0], c[1])] for c in candidates]
+    elif cc.pairing == "all":
+        pairs = [
+            all_pairs(c, random.Random(f"{job.seed}:{cc.round}:{p['id']}"))
+            for p, c in zip(prompts, candidates, strict=True)
+        ]
+        print(
+            f"[collect_preferences] every pair of each prompt's different answers: {sum(map(len, pairs))} pairs",
+            flush=True,
+        )
     else:
         scores = _reward_scores(job, prompts, candidates)
         pairs = [
@@ -541,6 +551,21 @@ def pick_pairs(
     for other in rng.sample([i for i in range(k) if i != best], n):
         rest = (candidates[other][0], f"{candidates[other][1]}, another of {k}")
         out.append((pick, rest) if rng.random() < 0.5 else (rest, pick))
+    return out
+
+
+def all_pairs(candidates: list[Answer], rng: random.Random) -> list[tuple[Answer, Answer]]:
+    """Every pair of the different answers (an answer drawn twice is one answer, its first source kept), each pair
+    in a random order (annotators favour a side): k answers give k(k-1)/2 pairs, none chosen by a model."""
+    firsts: dict[str, Answer] = {}
+    for answer in candidates:
+        firsts.setdefault(answer[0], answer)
+    distinct = list(firsts.values())
+    out = []
+    for i in range(len(distinct)):
+        for j in range(i + 1, len(distinct)):
+            a, b = distinct[i], distinct[j]
+            out.append((a, b) if rng.random() < 0.5 else (b, a))
     return out
 
 
