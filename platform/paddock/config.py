@@ -927,6 +927,12 @@ class PPOConfig(Strict):
         "eval/false_refusal_rate at each evaluation; 0: read them from the greedy answers to the "
         "eval_max_prompts sample (a few unsafe prompts: coarse).",
     )
+    eval_safety_prompts: int = Field(
+        64,
+        ge=1,
+        description="With eval_safety_samples: at most this many distinct unsafe and borderline held-out prompts "
+        "(the first in file order), each sampled eval_safety_samples times at every evaluation.",
+    )
     select_by: Literal["reward", "verifiers"] = Field(
         "reward",
         description="Which evaluation is best (registered, and what patience counts from): reward: the "

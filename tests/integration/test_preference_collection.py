@@ -196,7 +196,9 @@ def test_pairing_all_labels_every_pair_of_each_prompt_s_answers(chain, world_dir
     )
     result = prefs.run(job)
     rows = pq.read_table(result.batch).to_pylist()
-    kept = {r["id"]: r for r in pq.read_table(result.batch.parent / "answers.parquet").to_pylist()}
+    drawn = pq.read_table(result.batch.parent / "answers.parquet")
+    assert drawn.schema == prefs.ANSWERS
+    kept = {r["id"]: r for r in drawn.to_pylist()}
     assert len(kept) == 16 and all(len(r["answers"]) == 4 for r in kept.values())
     by_prompt: dict[str, list[dict]] = {}
     for r in rows:

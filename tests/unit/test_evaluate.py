@@ -187,3 +187,17 @@ def test_ppo_ground_truth_settings_without_world_prompts_fail_before_any_worker(
     # only the prompts an evaluation reads count
     with pytest.raises(ValueError, match="none of the first 2 prompts"):
         check_ground_truth(PPOConfig(select_by="verifiers", eval_max_prompts=2), own + PROMPTS)
+
+
+def test_ppo_samples_the_first_eval_safety_prompts_distinct_safety_prompts(tmp_path):
+    from paddock.config import PPOJob, load_config
+    from paddock.ppo.loop import Driver
+
+    def driver(*overrides: str) -> Driver:
+        job = load_config(PPOJob, None, ["policy=models:/p@latest", *overrides])
+        return Driver(job, None, tmp_path, [], PROMPTS, None, None, None)  # type: ignore[arg-type]
+
+    assert driver().safety == []  # no sampled safety answers: nothing to sample
+    assert [p["id"] for p in driver("ppo.eval_safety_samples=2").safety] == ["p1", "p2", "p5"]
+    capped = driver("ppo.eval_safety_samples=2", "ppo.eval_safety_prompts=2")
+    assert [p["id"] for p in capped.safety] == ["p1", "p2"]

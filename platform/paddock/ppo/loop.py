@@ -370,7 +370,7 @@ class Driver:
         self.evals: list[dict[str, float]] = []
         self.best: tuple[tuple[float, ...], int] | None = None  # (eval_score, iteration)
         p = job.ppo
-        self.safety = safety_set(eval_prompts, 64) if p.eval_safety_samples else []
+        self.safety = safety_set(eval_prompts, p.eval_safety_prompts) if p.eval_safety_samples else []
         self.since_best = 0
         self.learner_restarts = 0
         self.orders: dict[int, list[int]] = {}

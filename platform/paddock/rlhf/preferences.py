@@ -1,11 +1,13 @@
 """Preference collection from the current policy (Llama 2, section 3.2.1), and the reward-hacking monitor.
 
 A round asks the current model(s) two answers per prompt (answer a and answer b, at two temperatures or from two
-models) and writes them as an **annotation batch**: ``round{k}/batch.parquet`` and ``batch.jsonl`` under
-``runs/{prefix}-preferences/``, one row per prompt in the shape of ``ANNOTATION``:
+models), or ``collect.samples`` of them once reward models are in use (then the pairs are the models' favourite
+against others, or with ``collect.pairing: all`` every pair of the different answers), and writes them as an
+**annotation batch**: ``round{k}/batch.parquet`` and ``batch.jsonl`` under ``runs/{prefix}-preferences/``, one row
+per pair in the shape of ``ANNOTATION``:
 
 =============  ==========================================================================================
-id             the pair's id (``r{round}-{prompt id}``)
+id             the pair's id (``r{round}-{prompt id}``, then ``/1``, ``/2`` ... for a prompt's later pairs)
 round          the preference round
 prompt         the dialog so far: a list of ``{"role", "content"}`` turns ending with the user's message
 is_safety      whether the prompt is a safety (adversarial) prompt
@@ -52,6 +54,16 @@ from paddock.cluster import actor_model, gather
 from paddock.config import CollectJob, paddock_home, resolve_path
 from paddock.data.schemas import PREFERENCES, RATINGS, TURNS
 
+# Every answer a round drew, one row per prompt (``round{k}/answers.parquet``): the monitor pairs them up.
+ANSWERS = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("round", pa.int64(), nullable=False),
+        pa.field("prompt", TURNS, nullable=False),
+        pa.field("is_safety", pa.bool_(), nullable=False),
+        pa.field("answers", pa.list_(pa.string()), nullable=False),
+    ]
+)
 ANNOTATION = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
@@ -316,7 +328,7 @@ def _run(job: CollectJob, lock: atomic.Lock) -> CollectResult:
             answers: list[dict[str, Any]] = []
             rows = sample_batch(job, draw_prompts(report.good.to_pylist(), cc, job.seed), answers)
             # every answer drawn, before any is picked (the monitor pairs up the held-out prompts' answers)
-            atomic.write_parquet(pa.Table.from_pylist(answers), round_dir / "answers.parquet")
+            atomic.write_parquet(pa.Table.from_pylist(answers, schema=ANSWERS), round_dir / "answers.parquet")
             write_batch(rows, batch_path)
             run.log_artifact(batch_path, "batch")
             run.log_artifact(batch_path.with_suffix(".jsonl"), "batch")
