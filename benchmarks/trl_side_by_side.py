@@ -107,6 +107,7 @@ def paddock_ppo(
     placement: str,
     engine: str = "transformers",
     advantage: str = "gae",
+    aggregation: str = "token-mean",
 ) -> dict[str, Any]:
     """The tiny PPO config from ``policy``, with ``rm`` as both reward models; evaluation at the start and end.
     ``engine``: the rollout workers' (``vllm`` where this environment has it, ``make venv-vllm``). ``advantage``
@@ -129,6 +130,7 @@ def paddock_ppo(
             f"ppo.batch_prompts={RL_BATCH // per_prompt}",
             f"ppo.samples_per_prompt={per_prompt}",
             f"ppo.advantage={advantage}",
+            f"ppo.loss_aggregation={aggregation}",
             f"ppo.mini_batch={RL_MINI}",
             f"ppo.max_new_tokens={RL_NEW_TOKENS}",
             f"ppo.beta={RL_BETA}",
@@ -411,6 +413,12 @@ def main() -> None:
     ap.add_argument("--rm-steps", type=int, default=60)
     ap.add_argument("--rl-updates", type=int, default=6, help="PPO iterations (RLOO: as many generations)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument(
+        "--rloo-aggregation",
+        default="token-mean",
+        choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+        help="ppo.loss_aggregation of the colocated rloo row (TRL's RLOO: a sum over each answer's tokens)",
+    )
     args = ap.parse_args()
     try:
         import trl
@@ -518,7 +526,14 @@ def main() -> None:
     ppo = paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "split")
     colocated = paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "colocated")
     colocated_rloo = paddock_ppo(
-        rm_init, rm_dir, tok_dir, world, args.rl_updates, "colocated", advantage="rloo"
+        rm_init,
+        rm_dir,
+        tok_dir,
+        world,
+        args.rl_updates,
+        "colocated",
+        advantage="rloo",
+        aggregation=args.rloo_aggregation,
     )
     on_vllm = importlib.util.find_spec("vllm") is not None
     colocated_vllm = (
@@ -555,6 +570,7 @@ def main() -> None:
         "sft_steps": args.sft_steps,
         "rm_steps": args.rm_steps,
         "rl_updates": args.rl_updates,
+        "rloo_loss_aggregation": args.rloo_aggregation,
         "rl_answers_per_update": RL_BATCH,
         "rl_start_reward": start_reward,
         "vllm_row": "measured" if on_vllm else "skipped: vLLM is not installed here (run in .venv-vllm)",

@@ -885,6 +885,15 @@ class PPOConfig(Strict):
     beta: float = Field(0.01, ge=0, description="KL penalty (0.01 for 7B/13B, 0.005 for 34B/70B).")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator in the reward.")
     clip: float = Field(0.2, gt=0, description="PPO clip range of the probability ratio (0.2).")
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = Field(
+        "token-mean",
+        description="How the clipped surrogate's per-token terms make one loss (veRL's loss_agg_mode names): "
+        "token-mean: the mean over every answer token of the mini-batch (a long answer weighs as many tokens "
+        "as it has); seq-mean-token-mean: each answer's mean over its tokens, then the mean over answers (every "
+        "answer weighs the same, whatever its length); seq-mean-token-sum: each answer's sum over its tokens, "
+        "then the mean over answers (each answer's log-probability, as TRL's RLOOTrainer takes it: token-mean's "
+        "weights scaled by the mean answer length, which Adam mostly cancels but gradient clipping does not).",
+    )
     value_clip: float = Field(0.2, gt=0, description="Clip range of the value update.")
     gamma: float = Field(1.0, gt=0, le=1, description="GAE discount (1.0: no discount within an answer).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")

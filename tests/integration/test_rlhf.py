@@ -480,7 +480,8 @@ def test_rloo_ppo_runs_without_a_value_model_and_centres_advantages_per_prompt(
 ):
     """``ppo.advantage: rloo``: no value scorer or value learner; each prompt is answered ``samples_per_prompt``
     times side by side, and each answer's advantage is its return less its prompt's other answers' mean, so the
-    advantages of a prompt's answers sum to zero in the spilled experience; only the policy is published."""
+    advantages of a prompt's answers sum to zero in the spilled experience; only the policy is published. The loss
+    weighs every answer the same (``ppo.loss_aggregation=seq-mean-token-mean``, the learners' other path)."""
     from paddock.config import paddock_home
     from paddock.models import load_causal_lm
     from paddock.ppo.loop import run
@@ -500,6 +501,7 @@ def test_rloo_ppo_runs_without_a_value_model_and_centres_advantages_per_prompt(
             "ppo.eval_every=100",
             "ppo.eval_max_prompts=8",
             "ppo.spill=true",
+            "ppo.loss_aggregation=seq-mean-token-mean",
         )
     )
     assert result.iterations == 3 and result.model_uri.startswith("models:/rloo-ppo/")

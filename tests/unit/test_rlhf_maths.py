@@ -93,6 +93,31 @@ def test_policy_loss_clips_ratio_e_to_1_2():
     assert loss.item() == pytest.approx(-1.0)
 
 
+def test_policy_loss_aggregates_by_token_or_by_answer():
+    # Ratio 1 (no update yet): each token's term is -A. Answer 1 has one token (A = 2), answer 2 three (A = 1),
+    # a third row no token at all (an empty answer), right-aligned as Packed lays answers out.
+    logp = T([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    adv = T([[0.0, 0.0, 2.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    mask = T([[0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    tokens, _ = ppo_policy_loss(logp, logp, adv, mask)
+    assert tokens.item() == pytest.approx(
+        -(2 + 1 + 1 + 1) / 4
+    )  # -1.25: four tokens, the long answer 3 of them
+    answers, _ = ppo_policy_loss(logp, logp, adv, mask, aggregation="seq-mean-token-mean")
+    assert answers.item() == pytest.approx(-(2 / 1 + 3 / 3) / 2)  # -1.5: two answers, the empty row left out
+    # The gradient reaches each token by 1 / (its answer's length x answers), not 1 / tokens
+    new = logp.clone().requires_grad_(True)
+    ppo_policy_loss(new, logp, adv, mask, aggregation="seq-mean-token-mean")[0].backward()
+    assert new.grad[0, 2].item() == pytest.approx(-2 / 2) and new.grad[1, 0].item() == pytest.approx(-1 / 6)
+    sums, _ = ppo_policy_loss(logp, logp, adv, mask, aggregation="seq-mean-token-sum")
+    assert sums.item() == pytest.approx(-(2 + 3) / 2)  # -2.5: each answer's log-probability, as TRL's RLOO
+    new = logp.clone().requires_grad_(True)
+    ppo_policy_loss(new, logp, adv, mask, aggregation="seq-mean-token-sum")[0].backward()
+    assert new.grad[0, 2].item() == pytest.approx(-2 / 2) and new.grad[1, 0].item() == pytest.approx(-1 / 2)
+    with pytest.raises(ValueError, match="unknown loss aggregation 'sum'"):
+        ppo_policy_loss(logp, logp, adv, mask, aggregation="sum")
+
+
 def test_value_loss_is_clipped_pessimistically():
     loss, _ = value_loss(T([[2.0]]), old_values=T([[1.0]]), returns=T([[0.0]]), mask=T([[1.0]]))
     assert loss.item() == pytest.approx(2.0)  # 0.5 * max(4, 1.44)

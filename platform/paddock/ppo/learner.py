@@ -209,7 +209,9 @@ class Learner:
         # One log-softmax over the vocabulary serves the loss and the entropy.
         logp_all = torch.log_softmax(response_logits(self.policy, b.packed, ppo.temperature), dim=-1)
         logp = pick_logprobs(logp_all, b.packed)
-        loss, stats = ppo_policy_loss(logp, b.old_logprobs, b.advantages, mask, ppo.clip)
+        loss, stats = ppo_policy_loss(
+            logp, b.old_logprobs, b.advantages, mask, ppo.clip, ppo.loss_aggregation
+        )
         with torch.no_grad():
             ent = entropy_from_logprobs(logp_all.detach(), mask).item()
         self.policy.backward(loss)

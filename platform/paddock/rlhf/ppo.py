@@ -189,16 +189,32 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float = 0.2,
+    aggregation: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate: mean over valid tokens of max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip)).
+    """Clipped surrogate: max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip)) per valid token, aggregated by
+    ``aggregation``: ``token-mean`` (the mean over every valid token), ``seq-mean-token-mean`` (each row's mean
+    over its valid tokens, then the mean over the rows that have any) or ``seq-mean-token-sum`` (each row's sum,
+    then that mean over rows).
 
-    Shapes: all (batch, response_len). Returns the loss and stats (clipfrac, approx_kl = mean k3 of old vs new).
+    Shapes: all (batch, response_len), one answer a row. Returns the loss and stats (clipfrac, approx_kl = mean
+    k3 of old vs new, over tokens).
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if aggregation == "token-mean":
+        loss = masked_mean(per_token, mask)
+    elif aggregation in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        tokens = mask.sum(-1)
+        rows = tokens > 0
+        sums = (per_token * mask).sum(-1)[rows]
+        loss = (sums / tokens[rows] if aggregation == "seq-mean-token-mean" else sums).mean()
+    else:
+        raise ValueError(
+            f"unknown loss aggregation {aggregation!r}: token-mean, seq-mean-token-mean or seq-mean-token-sum"
+        )
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask).item()
         approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask).item()
