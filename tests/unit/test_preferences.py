@@ -342,10 +342,8 @@ def test_the_pipeline_s_seed_reaches_every_stage_and_not_the_world_s_content():
     configs = pipeline.stage_configs(job, pipeline.schedule(job))
     assert {c.seed for c in configs.values()} == {2}
     assert configs["world"].world.seed == 0  # the same world for every seed
-    assert (
-        configs["collect_preferences@2"].draws == 4
-    )  # the demo labels every pair of four answers from round 2
-    assert configs["collect_preferences@2"].collect.pairing == "all"
+    assert configs["collect_preferences@2"].picks_by_reward  # the demo labels round 1's RMs' favourites
+    assert configs["collect_preferences@2"].draws == 4
     assert configs["collect_preferences"].draws == 2  # round 1 has no reward models yet: two answers
 
 
