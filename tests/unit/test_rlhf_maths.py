@@ -114,6 +114,9 @@ def test_policy_loss_aggregates_by_token_or_by_answer():
     new = logp.clone().requires_grad_(True)
     ppo_policy_loss(new, logp, adv, mask, aggregation="seq-mean-token-sum")[0].backward()
     assert new.grad[0, 2].item() == pytest.approx(-2 / 2) and new.grad[1, 0].item() == pytest.approx(-1 / 2)
+    for mode in ("seq-mean-token-mean", "seq-mean-token-sum"):  # only empty answers: zero, not NaN
+        empty, _ = ppo_policy_loss(logp[2:], logp[2:], adv[2:], mask[2:], aggregation=mode)
+        assert empty.item() == 0.0
     with pytest.raises(ValueError, match="unknown loss aggregation 'sum'"):
         ppo_policy_loss(logp, logp, adv, mask, aggregation="sum")
 

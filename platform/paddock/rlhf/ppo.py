@@ -210,7 +210,9 @@ def ppo_policy_loss(
         tokens = mask.sum(-1)
         rows = tokens > 0
         sums = (per_token * mask).sum(-1)[rows]
-        loss = (sums / tokens[rows] if aggregation == "seq-mean-token-mean" else sums).mean()
+        per_answer = sums / tokens[rows] if aggregation == "seq-mean-token-mean" else sums
+        # a mini-batch of empty answers: a zero loss (with its graph), not the NaN of an empty mean
+        loss = per_answer.mean() if rows.any() else (per_token * mask).sum()
     else:
         raise ValueError(
             f"unknown loss aggregation {aggregation!r}: token-mean, seq-mean-token-mean or seq-mean-token-sum"
