@@ -207,12 +207,12 @@ def ppo_policy_loss(
     if aggregation == "token-mean":
         loss = masked_mean(per_token, mask)
     elif aggregation in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        # no boolean indexing or branch on the device's values (no host sync per step); rows without a token
+        # count for nothing, and a mini-batch of empty answers is a zero loss, not the NaN of an empty mean
         tokens = mask.sum(-1)
-        rows = tokens > 0
-        sums = (per_token * mask).sum(-1)[rows]
-        per_answer = sums / tokens[rows] if aggregation == "seq-mean-token-mean" else sums
-        # a mini-batch of empty answers: a zero loss (with its graph), not the NaN of an empty mean
-        loss = per_answer.mean() if rows.any() else (per_token * mask).sum()
+        sums = (per_token * mask).sum(-1)
+        per_answer = sums / tokens.clamp(min=1) if aggregation == "seq-mean-token-mean" else sums
+        loss = per_answer.sum() / (tokens > 0).sum().clamp(min=1)
     else:
         raise ValueError(
             f"unknown loss aggregation {aggregation!r}: token-mean, seq-mean-token-mean or seq-mean-token-sum"
