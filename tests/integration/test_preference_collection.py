@@ -39,6 +39,16 @@ def collect_job(world_dir: Path, *more: str):
     )
 
 
+RMS = ("models:/tiny-rm-helpfulness@latest", "models:/tiny-rm-safety@latest")  # the chain's reward models
+
+
+def four_answers(world_dir: Path, *more: str):
+    """A collection of four answers a prompt with the chain's reward models in use."""
+    return collect_job(
+        world_dir, "collect.samples=4", f"reward_helpfulness={RMS[0]}", f"reward_safety={RMS[1]}", *more
+    )
+
+
 @pytest.fixture(scope="module")
 def collected(chain, world_dir: Path):
     from paddock.rlhf import preferences
@@ -78,8 +88,7 @@ def test_the_monitor_scores_the_reward_models_on_fresh_and_static_pairs(collecte
     from paddock.rlhf import preferences
 
     job, result = collected
-    rms = ("models:/tiny-rm-helpfulness@latest", "models:/tiny-rm-safety@latest")
-    metrics = preferences.monitor(job, {"after": rms}, static_pairs=300)
+    metrics = preferences.monitor(job, {"after": RMS}, static_pairs=300)
     assert metrics["monitor/fresh_pairs"] == len(pq.read_table(result.fresh_test))
     for key in ("fresh_accuracy", "fresh_agreement", "static_accuracy", "static_agreement"):
         assert 0.0 <= metrics[f"monitor/after/{key}"] <= 1.0
@@ -132,15 +141,7 @@ def test_with_four_answers_the_reward_models_favourite_is_labelled(chain, world_
     from paddock.rlhf.ppo import combine_rewards
     from paddock.rollout.actors import ScorerModel
 
-    rms = ("models:/tiny-rm-helpfulness@latest", "models:/tiny-rm-safety@latest")
-    job = collect_job(
-        world_dir,
-        "collect.round=9",
-        "collect.max_prompts=40",
-        "collect.samples=4",
-        f"reward_helpfulness={rms[0]}",
-        f"reward_safety={rms[1]}",
-    )
+    job = four_answers(world_dir, "collect.round=9", "collect.max_prompts=40")
     result = prefs.run(job)
     rows = pq.read_table(result.batch).to_pylist()
     assert len(rows) == 40
@@ -148,7 +149,7 @@ def test_with_four_answers_the_reward_models_favourite_is_labelled(chain, world_
     assert all(a != b for a, b in picked)  # exactly one side is the favourite
     assert {a for a, _ in picked} == {True, False}  # and it is not always answer a
     assert all(("another of 4" in r["source_a"]) == b for r, (_, b) in zip(rows, picked, strict=True))
-    scorers = [ScorerModel(str(tracking.resolve_model(u)), "reward", seq_len=256) for u in rms]
+    scorers = [ScorerModel(str(tracking.resolve_model(u)), "reward", seq_len=256) for u in RMS]
     turns = [r["prompt"] for r in rows]
     scores = []
     for side in ("response_a", "response_b"):
@@ -170,7 +171,7 @@ def test_with_four_answers_the_reward_models_favourite_is_labelled(chain, world_
         verdict = (prefs.quality(p["prompt"], p["chosen"]), prefs.quality(p["prompt"], p["rejected"]))
         assert verdict[0] >= verdict[1]  # the verifiers' better answer is the chosen one (no label noise)
     clear = [p for p in pairs if p["rating"] != "negligibly_better"]
-    metrics = prefs.monitor(job, {"before": rms, "after": rms}, static_pairs=50)
+    metrics = prefs.monitor(job, {"before": RMS, "after": RMS}, static_pairs=50)
     assert metrics["monitor/answer_pairs"] == len(pairs)
     assert metrics["monitor/after/answers_clear_pairs"] == len(clear)
     if clear:  # the same models before and after: the same agreement
@@ -184,16 +185,7 @@ def test_pairing_all_labels_every_pair_of_each_prompt_s_answers(chain, world_dir
     import mlflow
     from paddock.rlhf import preferences as prefs
 
-    rms = ("models:/tiny-rm-helpfulness@latest", "models:/tiny-rm-safety@latest")
-    job = collect_job(
-        world_dir,
-        "collect.round=11",
-        "collect.max_prompts=16",
-        "collect.samples=4",
-        "collect.pairing=all",
-        f"reward_helpfulness={rms[0]}",
-        f"reward_safety={rms[1]}",
-    )
+    job = four_answers(world_dir, "collect.round=11", "collect.max_prompts=16", "collect.pairing=all")
     result = prefs.run(job)
     rows = pq.read_table(result.batch).to_pylist()
     drawn = pq.read_table(result.batch.parent / "answers.parquet")
@@ -210,7 +202,7 @@ def test_pairing_all_labels_every_pair_of_each_prompt_s_answers(chain, world_dir
         assert {frozenset((r["response_a"], r["response_b"])) for r in got} == {
             frozenset((a, b)) for a in distinct for b in distinct if a < b
         }
-        assert [r["id"] for r in got] == [pid] + [f"{pid}/{j}" for j in range(1, len(got))]
+        assert [r["id"] for r in got] == [f"{pid}/{j}" if j else pid for j in range(len(got))]
     assert not any("pick of" in r["source_a"] + r["source_b"] for r in rows)
     run = mlflow.search_runs(
         experiment_names=[job.experiment], filter_string="tags.`paddock.round` = '11'", output_format="list"
