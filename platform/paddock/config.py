@@ -967,6 +967,12 @@ class PPOConfig(Strict):
         description="A publication's stream fails when its receivers have not all joined (or a bucket has not "
         "arrived) in this time; the learners go on and the next version reaches everyone alive.",
     )
+    weight_sync_attempts: int = Field(
+        4,
+        ge=1,
+        description="A version the rollout workers or the value scorer could not load is sent again by the "
+        "learners; the run fails once this many loads in a row lost the weights.",
+    )
     spill: bool = Field(
         False, description="Write every experience batch to Parquet under the run's directory."
     )

@@ -236,21 +236,30 @@ def ppo_faults(rs, home: Path, world_dir: Path, tokenizer_dir: Path):
       the best policy is kept after its publisher died: the case where paddock once registered its starting
       weights as "best iteration 5" (issue 16). The run picks its best by the world's verifiers
       (``select_by: verifiers``, with sampled safety answers): the evaluation's helpfulness accuracy is raised by
-      1 and its reward lowered by 1, so by reward it could never be best.
+      1 and its reward lowered by 1, so by reward it could never be best;
+    - once iteration 3's weights are received, the value scorer is killed; Ray restarts it with its start weights,
+      so batch 3's values come back under version 0 while the learners wait for that batch: the driver asks them
+      for the version again, and they send it (the same version, attempt 1) instead of both sides waiting out
+      ``take_timeout_s`` (a stall seen once in the multi-node test before the resend existed).
     """
     import ray
     from paddock.ppo import loop
 
     killed: list[str] = []
     boosted: list[int] = []
+    taken: list[tuple[int, int, int]] = []  # (version, attempt, iteration) of every publication received
     take, evaluate, evaluate_policy = loop.Driver.take, loop.Driver.evaluate, loop.evaluate_policy
 
     def take_then_kill(self: Any, pub: Any) -> None:
         take(self, pub)
+        taken.append((pub.version, pub.attempt, pub.iteration))
         if pub.iteration == 1 and not killed:
             ray.kill(self.actors.workers[0], no_restart=False)
             ray.kill(self.actors.reference, no_restart=False)
             killed.extend(["rollout", "scorer"])
+        if pub.iteration == 3 and "value" not in killed:
+            ray.kill(self.actors.value, no_restart=False)
+            killed.append("value")
 
     def evaluate_after_killing_learners(self: Any, pub: Any) -> None:
         if pub.iteration == 2 and "learners" not in killed:
@@ -292,13 +301,13 @@ def ppo_faults(rs, home: Path, world_dir: Path, tokenizer_dir: Path):
         mp.setattr(loop.Driver, "evaluate", evaluate_after_killing_learners)
         mp.setattr(loop, "evaluate_policy", boosted_evaluation)
         result = loop.run(job)
-    return result, killed
+    return result, killed, taken
 
 
 @pytest.mark.reliability
 def test_ppo_recovers_from_a_killed_rollout_worker_scorer_and_learners(ppo_faults):
-    result, killed = ppo_faults
-    assert killed == ["rollout", "scorer", "learners"], killed
+    result, killed, taken = ppo_faults
+    assert killed == ["rollout", "scorer", "learners", "value"], killed
     assert result.iterations == 4 and result.stop_reason == "completed"
     # The learners came back from their checkpoint; the restarted rollout worker stamped its rows with its start
     # version, so its peer passed it the weights and it was asked again.
@@ -306,6 +315,12 @@ def test_ppo_recovers_from_a_killed_rollout_worker_scorer_and_learners(ppo_fault
     b: dict[str, Any] = result.buffer
     assert b["rows_in"] == b["rows_out"] + b["rows_dropped"] + b["rows_held"] and b["reconciles"]
     assert b["rows_out"] >= 4 * 32
+    # The value scorer lost iteration 3's weights: the learners sent that version again rather than a new one,
+    # and the driver took it (without counting a learner restart: restarted learners publish a new version).
+    [(version, attempt, iteration)] = [t for t in taken if t[1] > 0]
+    assert attempt == 1 and iteration == 3 and (version, 0, 3) in taken, taken
+    assert result.restarts["resends"] == 1, result.restarts
+    assert [t[0] for t in taken] == sorted(t[0] for t in taken), taken
 
 
 @pytest.mark.reliability
@@ -315,7 +330,7 @@ def test_the_registered_best_policy_holds_the_evaluated_weights_after_a_learner_
     from paddock import tracking
     from paddock.models import checkpoint_digest
 
-    result, _ = ppo_faults
+    result, *_ = ppo_faults
     assert result.best_iteration == 2  # the evaluation made best, just after its publisher was killed
     run = tracking.configure().get_run(result.run_id)
     evaluated = run.data.tags["paddock.eval_digest.iter2"]

@@ -73,3 +73,57 @@ def test_take_times_out_with_what_there_is_and_spills(ray_cluster, tmp_path: Pat
     assert sum(rows for _, rows, _ in taken) == 2
     spilled = sorted(tmp_path.glob("*.parquet"))
     assert len(spilled) == 1 and pq.read_table(spilled[0]).equals(batch(2, 0))
+
+
+def test_a_resend_request_wakes_the_learners_waiting_for_experience_and_takes_nothing(ray_cluster):
+    """The driver that lost the latest version asks for it again where rank 0 of the learners waits (``take``):
+    the wait ends at once with no rows taken; the request stands until the version is published again, and a
+    request for any other version, or after the learners are done, is refused."""
+    import ray
+    from paddock.ppo.buffer import RolloutBuffer
+
+    buf = RolloutBuffer.remote(capacity_rows=100, max_staleness=1)
+    ray.get(buf.publish_version.remote(3))
+    ray.get(buf.put.remote([ray.put(batch(2, 3))], 2, 3))
+    waiting = buf.take.remote(8, timeout_s=600)
+    ready, _ = ray.wait([waiting], timeout=1.0)
+    assert not ready, "two rows of eight: take waits"
+    assert ray.get(buf.request_resend.remote(2)) is False  # not the learners' latest
+    assert ray.get(buf.request_resend.remote(3)) is True
+    assert ray.get(waiting, timeout=10) == []
+    assert ray.get(buf.resend_requested.remote()) == 3
+    assert ray.get(buf.take.remote(8, timeout_s=600), timeout=10) == []  # until the learners send it again
+    ray.get(buf.publish_version.remote(3))
+    assert ray.get(buf.resend_requested.remote()) is None
+    taken = ray.get(buf.take.remote(2, timeout_s=600), timeout=10)
+    assert [(rows, v) for _, rows, v in taken] == [(2, 3)]  # the rows waited through it
+    ray.get(buf.close.remote())
+    assert ray.get(buf.request_resend.remote(3)) is False
+    assert ray.get(buf.stats.remote())["reconciles"]
+
+
+def test_the_hub_announces_a_version_sent_again_as_its_next_attempt(ray_cluster):
+    """``republish`` keeps the version (the buffer's staleness counts versions) and raises the attempt, whose
+    process groups are new; the driver's wait sees it as newer; the resend marker left for the other ranks goes."""
+    import ray
+    from paddock.ppo.hub import RESEND, PolicyHub
+
+    hub = PolicyHub.remote()  # type: ignore[attr-defined]
+    assert ray.get(hub.publish.remote(2, [], None, 10, {"ppo/kl": 0.5})) == 1
+    first = ray.get(hub.wait_newer.remote((0, 0), 5))
+    assert (first.version, first.attempt, first.group("policy")) == (1, 0, "pub1.0/policy")
+    assert ray.get(hub.wait_newer.remote((1, 0), 0.2)) is None
+    ray.get(hub.put_batch.remote(2, RESEND))
+    assert ray.get(hub.get_batch.remote(2, 5)) == RESEND
+    waiting = hub.wait_newer.remote((1, 0), 30)
+    assert ray.get(hub.republish.remote(1)) == 1
+    again = ray.get(waiting, timeout=10)
+    assert (again.version, again.attempt, again.iteration, again.stats) == (1, 1, 2, {"ppo/kl": 0.5})
+    assert again.group("value") == "pub1.1/value"
+    with pytest.raises(ray.exceptions.RayTaskError):  # the marker is gone: nothing for iteration 2 yet
+        ray.get(hub.get_batch.remote(2, 0.2))
+    with pytest.raises(ray.exceptions.RayTaskError, match="the latest is 1"):
+        ray.get(hub.republish.remote(0))
+    assert ray.get(hub.publish.remote(3, [], None, 10)) == 2
+    newer = ray.get(hub.wait_newer.remote((1, 1), 5))
+    assert (newer.version, newer.attempt) == (2, 0)

@@ -8,6 +8,8 @@ in a list so that Ray does not resolve it: the rows themselves never pass throug
 - Versioned: every batch carries the policy version that produced it; when the learners publish version v,
   batches older than ``v - max_staleness`` are dropped and counted (``max_staleness=0`` is on-policy PPO).
 - Accounted: rows_in == rows_out + rows_dropped + rows_held, always; ``stats()`` reports it.
+- Where the learners wait: the driver that could not load the latest version asks for it again here
+  (``request_resend``); a ``take`` waiting then returns at once with nothing, and the learners send it again.
 - Auditable: with ``spill_dir`` set, every batch is also written to Parquet as it arrives (then the actor does
   read the rows, once).
 """
@@ -63,6 +65,7 @@ class RolloutBuffer:
         self.batches_in = 0
         self.rows_refused = 0  # offered after close(): never committed, reported to the producer
         self.closed = False
+        self.resend: int | None = None  # the version the driver asked for again, until it is published again
         self.changed = asyncio.Condition()
 
     @property
@@ -98,14 +101,20 @@ class RolloutBuffer:
         self, min_rows: int, timeout_s: float | None = None
     ) -> list[tuple[list[ray.ObjectRef], int, int]]:
         """Remove whole batches, oldest first, until at least ``min_rows`` rows (on timeout or close: what is there).
+        A resend request (``request_resend``) ends the wait at once and takes nothing.
 
         Returns ``[([ref], rows, policy_version), ...]``.
         """
         async with self.changed:
             with contextlib.suppress(asyncio.TimeoutError):  # on timeout, hand out what there is
                 await asyncio.wait_for(
-                    self.changed.wait_for(lambda: self.closed or self.held >= min_rows), timeout_s
+                    self.changed.wait_for(
+                        lambda: self.closed or self.resend is not None or self.held >= min_rows
+                    ),
+                    timeout_s,
                 )
+            if self.resend is not None and not self.closed:
+                return []
             out, got = [], 0
             while self.entries and got < min_rows:
                 e = self.entries.popleft()
@@ -122,9 +131,24 @@ class RolloutBuffer:
             if version < self.version:
                 raise ValueError(f"policy version went backwards: {version} after {self.version}")
             self.version = version
+            self.resend = None  # sent (again)
             dropped = self._drop_stale()
             self.changed.notify_all()
             return dropped
+
+    async def request_resend(self, version: int) -> bool:
+        """The driver could not load ``version``: the learners, once waiting here, send it again. False when that
+        cannot happen: a newer version is out (the driver takes that one) or the learners are done."""
+        async with self.changed:
+            if self.closed or version != self.version:
+                return False
+            self.resend = version
+            self.changed.notify_all()
+            return True
+
+    def resend_requested(self) -> int | None:
+        """The version the driver asked for again, if it has not been sent since."""
+        return self.resend
 
     async def close(self) -> None:
         """The learners are done: wake blocked producers, commit nothing more."""

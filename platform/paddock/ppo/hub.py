@@ -6,6 +6,11 @@ the driver has the receivers join: no tensor passes through this actor or the ob
 publications and only go up, also across a learner restart: a restarted learner group publishes the weights of
 the checkpoint it resumed from as a new version, and the rollout buffer drops experience sampled by the lost ones.
 
+A publication that reached no receiver the driver can use (its stream broke, or the value scorer restarted on the
+way) is sent again, not waited out: the driver asks the rollout buffer for it (``RolloutBuffer.request_resend``),
+the learners waiting there for experience stream the same version once more as its next ``attempt``, over groups
+of their own (``Publication.group``), and the hub announces that attempt as it announces a version.
+
 The hub also carries what learners and driver tell each other: each iteration's learner statistics, a stop
 request (early stopping, KL limit) and the driver's small state that a checkpoint must keep (running reward
 moments).
@@ -14,6 +19,7 @@ moments).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +27,10 @@ from typing import Any
 import ray
 
 from paddock.ppo.sync import Layout
+
+# What rank 0 of the learners leaves in place of an iteration's batch when the driver asked for the latest
+# version again: every rank streams it once more, then waits for the batch anew.
+RESEND = "resend"
 
 
 @dataclass
@@ -32,6 +42,15 @@ class Publication:
     nbytes: int  # both, in the inference precision
     published_at: float = field(default_factory=time.time)
     stats: dict[str, float] = field(default_factory=dict)  # the learners' statistics of that iteration
+    attempt: int = 0  # how many times this version was sent before (the driver asked again)
+
+    def group(self, name: str) -> str:
+        """The prefix of this attempt's process group ``name`` ("policy", "value", "repair3")."""
+        return group(self.version, self.attempt, name)
+
+
+def group(version: int, attempt: int, name: str) -> str:
+    return f"pub{version}.{attempt}/{name}"
 
 
 @ray.remote(num_cpus=0)
@@ -42,7 +61,7 @@ class PolicyHub:
         self.stop_reason: str | None = None
         self.finished = False
         self.driver_state: dict[str, Any] = {}
-        self.batches: dict[int, list[Any] | None] = {}
+        self.batches: dict[int, list[Any] | str | None] = {}
 
     async def publish(
         self,
@@ -62,21 +81,34 @@ class PolicyHub:
             self.changed.notify_all()
             return version
 
-    async def wait_newer(self, version: int, timeout_s: float) -> Publication | None:
-        """The latest publication once its version is above ``version``; None on timeout or when finished."""
+    async def republish(self, version: int) -> int:
+        """Announce ``version`` again (the driver asked for it once more); returns the new attempt's number."""
+        async with self.changed:
+            if self.latest is None or self.latest.version != version:
+                latest = None if self.latest is None else self.latest.version
+                raise ValueError(f"asked to send version {version} again, but the latest is {latest}")
+            # the resend request left in place of the batch goes, as a new publication's stale batches do
+            for stale in [i for i in self.batches if i >= self.latest.iteration]:
+                del self.batches[stale]
+            self.latest = dataclasses.replace(
+                self.latest, attempt=self.latest.attempt + 1, published_at=time.time()
+            )
+            self.changed.notify_all()
+            return self.latest.attempt
+
+    async def wait_newer(self, seen: tuple[int, int], timeout_s: float) -> Publication | None:
+        """The latest publication once its (version, attempt) is above ``seen``; None on timeout or when
+        finished."""
+
+        def newer() -> bool:
+            return self.latest is not None and (self.latest.version, self.latest.attempt) > tuple(seen)
+
         async with self.changed:
             try:
-                await asyncio.wait_for(
-                    self.changed.wait_for(
-                        lambda: self.finished or (self.latest is not None and self.latest.version > version)
-                    ),
-                    timeout_s,
-                )
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.finished or newer()), timeout_s)
             except asyncio.TimeoutError:
                 return None
-            if self.latest is not None and self.latest.version > version:
-                return self.latest
-            return None
+            return self.latest if newer() else None
 
     def version(self) -> int:
         return 0 if self.latest is None else self.latest.version
@@ -97,13 +129,14 @@ class PolicyHub:
     def is_finished(self) -> bool:
         return self.finished
 
-    async def put_batch(self, iteration: int, entries: list[Any] | None) -> None:
-        """Rank 0 leaves the refs of an iteration's experience here for the other ranks (None: stop)."""
+    async def put_batch(self, iteration: int, entries: list[Any] | str | None) -> None:
+        """Rank 0 leaves the refs of an iteration's experience here for the other ranks (None: stop; ``RESEND``:
+        send the latest version again first)."""
         async with self.changed:
             self.batches[iteration] = entries
             self.changed.notify_all()
 
-    async def get_batch(self, iteration: int, timeout_s: float) -> list[Any] | None:
+    async def get_batch(self, iteration: int, timeout_s: float) -> list[Any] | str | None:
         async with self.changed:
             await asyncio.wait_for(self.changed.wait_for(lambda: iteration in self.batches), timeout_s)
             return self.batches[iteration]

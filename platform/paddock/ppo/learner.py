@@ -34,6 +34,7 @@ from paddock.config import LoraSettings, OptimConfig, PPOConfig, TrainConfig
 from paddock.models import load_causal_lm, load_scalar_model, set_gradient_checkpointing
 from paddock.ppo import sync
 from paddock.ppo.experience import learner_batch
+from paddock.ppo.hub import RESEND, group
 from paddock.rlhf.ppo import entropy_from_logprobs, ppo_policy_loss, value_loss
 from paddock.rollout.actors import local_checkpoint
 from paddock.rollout.core import TokenValues, chunked_logprobs, pick_logprobs, response_logits, unalign
@@ -126,10 +127,10 @@ class Learner:
             return ds.gathered_state(module, self.rank, to_host=False, keep=lora.is_adapter)
         return lora.merged_state(module, ds.gathered_state(module, self.rank, to_host=False))
 
-    def stream_weights(self, version: int) -> list[str]:
-        """Send the policy to the rollout workers and the value model (if any) to the value scorer over
-        ``version``'s groups; every rank must call it (they gather in lockstep under ZeRO-3), rank 0 sends. Returns what
-        failed (a receiver gone, none joined in time), at rank 0."""
+    def stream_weights(self, version: int, attempt: int = 0) -> list[str]:
+        """Send the policy to the rollout workers and the value model (if any) to the value scorer over the groups
+        of ``version``'s ``attempt``; every rank must call it (they gather in lockstep under ZeRO-3), rank 0 sends.
+        Returns what failed (a receiver gone, none joined in time), at rank 0."""
         ch, failed = self.spec.channel, []
         streams = [("policy", self.policy.module, self.layouts[0], self.spec.ppo.rollout_workers + 1)]
         if self.value is not None and self.layouts[1] is not None:
@@ -138,7 +139,12 @@ class Learner:
             state = self.policy_state() if name == "policy" else None
             try:
                 sync.send_module(
-                    ch.sub(f"pub{version}/{name}", size), module, lay, self.rank, self.policy.device, state
+                    ch.sub(group(version, attempt, name), size),
+                    module,
+                    lay,
+                    self.rank,
+                    self.policy.device,
+                    state,
                 )
             except Exception as exc:  # the group's failure: gloo/NCCL errors, a store timeout
                 failed.append(f"{name}: {type(exc).__name__}: {exc}")
@@ -279,29 +285,44 @@ def learner_worker(config: dict[str, Any]) -> None:
             call("the policy hub", hub.set_driver_state.remote(driver_state), "restoring the driver's state")
             print(f"[ppo] learners resumed from the checkpoint of iteration {start}", flush=True)
 
-    def publish(iteration: int, stats: dict[str, float]) -> None:
-        """Rank 0 announces the version; every rank joins the gather while rank 0 streams it.
+    latest = 0  # rank 0's last published version
+
+    def publish(iteration: int, stats: dict[str, float], again: bool = False) -> None:
+        """Rank 0 announces the version; every rank joins the gather while rank 0 streams it. ``again``: the
+        latest version once more, as its next attempt (the driver could not load it).
 
         A stream that fails (a receiver gone, none joined in time) is reported and training goes on: the driver
-        repairs a restarted rollout worker from a peer, and the next version reaches everyone alive."""
-        version = 0  # known at rank 0, the only one that joins the groups
+        repairs a restarted rollout worker from a peer, asks again for a version nobody it needs received, and the
+        next version reaches everyone alive."""
+        nonlocal latest
+        version, attempt = 0, 0  # known at rank 0, the only one that joins the groups
+        if again and dist.is_initialized():
+            dist.barrier()  # every rank has read the request before the hub forgets it
         if rank == 0:
-            wire = spec.channel.torch_dtype
-            nbytes = sum(sync.nbytes(lay, wire) for lay in learner.layouts if lay is not None)
-            published: Any = hub.publish.remote(iteration, *learner.layouts, nbytes, stats)
-            version = int(call("the policy hub", published, f"publishing iteration {iteration}"))
+            if again:
+                version = latest
+                attempt = int(
+                    call("the policy hub", hub.republish.remote(version), f"sending {version} again")
+                )
+                print(f"[ppo] the driver asked for version {version} again: attempt {attempt}", flush=True)
+            else:
+                wire = spec.channel.torch_dtype
+                nbytes = sum(sync.nbytes(lay, wire) for lay in learner.layouts if lay is not None)
+                published: Any = hub.publish.remote(iteration, *learner.layouts, nbytes, stats)
+                version = int(call("the policy hub", published, f"publishing iteration {iteration}"))
+            latest = version
             call(
                 "the rollout buffer", buffer.publish_version.remote(version), f"publishing version {version}"
             )
-        for failure in learner.stream_weights(version):
-            print(f"[ppo] streaming version {version} failed, {failure}", flush=True)
+        for failure in learner.stream_weights(version, attempt):
+            print(f"[ppo] streaming version {version} (attempt {attempt}) failed, {failure}", flush=True)
         if dist.is_initialized():
             dist.barrier()  # no rank looks for a batch before the hub forgot those of a lost attempt
 
     publish(start, {})
     batch_rows = ppo.answers
-    done = start
-    for iteration in range(start, ppo.iterations):
+    done = iteration = start
+    while iteration < ppo.iterations:
         stop = _broadcast_flag(
             rank == 0 and call("the policy hub", hub.stop_requested.remote(), "asking for a stop") is not None
         )
@@ -316,33 +337,36 @@ def learner_worker(config: dict[str, Any]) -> None:
                 ppo.take_timeout_s,
             )
             got = sum(rows for _, rows, _ in taken)
-            if got < batch_rows and call("the policy hub", hub.stop_requested.remote(), taking) is None:
+            entries: list[Any] | str | None = taken if got >= batch_rows else None
+            if not taken and call("the rollout buffer", buffer.resend_requested.remote(), taking) == latest:
+                entries = RESEND
+            elif got < batch_rows and call("the policy hub", hub.stop_requested.remote(), taking) is None:
                 raise RuntimeError(
                     f"iteration {iteration}: only {got} of {batch_rows} experience rows arrived in "
                     f"{ppo.take_timeout_s:.0f} s; are the rollout workers and scorers alive?"
                 )
-            call(
-                "the policy hub",
-                hub.put_batch.remote(iteration, taken if got >= batch_rows else None),
-                taking,
-            )
-        entries: list[Any] | None = call(
+            call("the policy hub", hub.put_batch.remote(iteration, entries), taking)
+        entries = call(
             "the policy hub",
             hub.get_batch.remote(iteration, ppo.take_timeout_s),
             f"waiting for iteration {iteration}'s batch",
             ppo.take_timeout_s,
         )
+        if entries == RESEND:
+            publish(iteration, {}, again=True)
+            continue
         if entries is None:
             break  # stopped early while waiting for experience
+        assert not isinstance(entries, str)
         staleness = [v for _, _, v in entries]
         tables = ray.get([ref[0] for ref, _, _ in entries], timeout=spec.actor_timeout_s)
         rows = pa.concat_tables(tables).to_pylist()
         stats = learner.train_iteration(rows, iteration)
         stats["ppo/batch_version_min"] = float(min(staleness))
-        done = iteration + 1
+        done = iteration = iteration + 1
         publish(done, stats)
         if rank == 0:
-            call("the policy hub", hub.drop_batch.remote(iteration), f"ending iteration {iteration}")
+            call("the policy hub", hub.drop_batch.remote(iteration - 1), f"ending iteration {iteration - 1}")
         if done % ppo.checkpoint_every == 0 and done < ppo.iterations:
             driver_state = call(
                 "the policy hub", hub.get_driver_state.remote(), f"checkpointing iteration {done}"

@@ -152,12 +152,12 @@ class Actors:
 
         Raises ``WeightsLost`` when no rollout worker or not the value scorer got them (the learner sending them
         died, or they restarted on the way); a worker that alone failed is repaired from a peer when needed."""
-        policy = self.channel.sub(f"pub{pub.version}/policy", len(self.workers) + 1)
+        policy = self.channel.sub(pub.group("policy"), len(self.workers) + 1)
         calls = [w.receive.remote(policy, pub.policy, i + 1, pub.version) for i, w in enumerate(self.workers)]
         value = None
         if self.value is not None and pub.value is not None:
             value = self.value.receive.remote(
-                self.channel.sub(f"pub{pub.version}/value", 2), pub.value, 1, pub.version
+                self.channel.sub(pub.group("value"), 2), pub.value, 1, pub.version
             )
         failures = {}
         deadline = time.monotonic() + self.timeout_s  # one for all receivers, not one each
@@ -216,7 +216,7 @@ class Actors:
         if not peers:
             raise WeightsLost(f"no rollout worker holds version {pub.version} any more")
         self.reloads += 1
-        channel = self.channel.sub(f"pub{pub.version}/repair{self.reloads}", 2)
+        channel = self.channel.sub(pub.group(f"repair{self.reloads}"), 2)
         gather(
             {
                 f"rollout worker {peers[0]} (sending)": self.workers[peers[0]].send_held.remote(
@@ -373,6 +373,8 @@ class Driver:
         self.safety = safety_set(eval_prompts, p.eval_safety_prompts) if p.eval_safety_samples else []
         self.since_best = 0
         self.learner_restarts = 0
+        self.resends = 0  # versions the learners sent again because the driver could not load them
+        self.failed_loads = 0  # in a row: a load or a batch that lost the weights, since one that did not
         self.orders: dict[int, list[int]] = {}
         self.digests: dict[int, str] = {}  # iteration -> digest of the weights evaluated there
         self.first_publication: float | None = None
@@ -380,7 +382,7 @@ class Driver:
         self.next_batch = 0  # the iteration the next sampled batch feeds
         self.last_eval = -1
         self.eval_s = 0.0
-        self.seen = 0  # the newest version taken, received or not
+        self.seen = (0, 0)  # the newest (version, attempt) taken, received or not
         self.broken = False  # the receivers hold no usable version until the next one arrives
         self.sync_s = 0.0  # the last weight sync's seconds
 
@@ -554,12 +556,16 @@ class Driver:
     def take(self, pub: Publication) -> None:
         """A new publication: receive it everywhere (timed), log the learners' iteration, evaluate."""
         p = self.job.ppo
-        self.seen, self.broken = pub.version, True
+        self.seen, self.broken = (pub.version, pub.attempt), True
         t0 = time.perf_counter()
         if self.first_publication is None:
             self.first_publication = t0
         self.actors.load(pub)
         self.broken = False
+        self.failed_loads = 0
+        again = (
+            self.loaded is not None and pub.version == self.loaded.version
+        )  # sent again after a lost batch
         self.sync_s = time.perf_counter() - t0
         if self.loaded is None and pub.iteration > 0:
             # Learners that resumed from a checkpoint this driver did not see written: a rerun after the driver was
@@ -569,7 +575,7 @@ class Driver:
             if "running" in state:
                 self.running.load_state_dict(state["running"])
             print(f"[ppo] resuming from the learners' checkpoint of iteration {pub.iteration}", flush=True)
-        if self.loaded is not None and pub.iteration <= self.loaded.iteration:
+        if self.loaded is not None and not again and pub.iteration <= self.loaded.iteration:
             self.learner_restarts += 1
             print(
                 f"[ppo] learners restarted from iteration {pub.iteration}; batches from there are sampled "
@@ -579,13 +585,19 @@ class Driver:
             self.next_batch = pub.iteration
         self.loaded = pub
         self.next_batch = max(self.next_batch, pub.iteration)
-        if pub.iteration > 0 and pub.stats:
+        if pub.iteration > 0 and pub.stats and not again:
             self.record(pub.iteration - 1, pub.stats)
         self.record(
             pub.iteration,
             {"ppo/weight_sync_s": self.sync_s, "ppo/weight_sync_gb": pub.nbytes / 1e9},
         )
-        self.progress(pub)
+        if again:
+            print(
+                f"[ppo] version {pub.version} received again (attempt {pub.attempt}) | sync {self.sync_s:.2f}s",
+                flush=True,
+            )
+        else:
+            self.progress(pub)
         due = pub.iteration % p.eval_every == 0 or pub.iteration >= p.iterations
         if due and pub.iteration != self.last_eval:
             self.evaluate(pub)
@@ -613,16 +625,33 @@ class Driver:
                 try:
                     self.take(pub)
                 except WeightsLost as exc:
-                    print(f"[ppo] {exc}; waiting for the next version", flush=True)
+                    self.lost(pub.version, str(exc))
             elif can_generate and loaded is not None:
                 try:
                     self.rollout(loaded, self.next_batch)
                     self.next_batch += 1
                 except WeightsLost as exc:
-                    self.broken = True
-                    print(f"[ppo] {exc} mid-batch; waiting for the next version", flush=True)
+                    self.lost(loaded.version, f"{exc} mid-batch")
             elif not fit.is_alive():
                 return
+
+    def lost(self, version: int, why: str) -> None:
+        """The receivers lost ``version`` (its stream broke, or the value scorer restarted since): the learners,
+        who publish nothing new before they get experience, are asked to send it again. A newer version already out
+        (restarted learners) or learners that are done need no asking."""
+        self.broken = True
+        self.failed_loads += 1
+        limit = self.job.ppo.weight_sync_attempts
+        if self.failed_loads >= limit:
+            raise RuntimeError(
+                f"the rollout workers and the value scorer lost the weights {self.failed_loads} times in a row "
+                f"(ppo.weight_sync_attempts {limit}); the last time: {why}"
+            )
+        if self.ask("the rollout buffer", self.buffer.request_resend.remote(version)):
+            self.resends += 1
+            print(f"[ppo] {why}; asked the learners for version {version} again", flush=True)
+        else:
+            print(f"[ppo] {why}; waiting for the next version", flush=True)
 
     def progress(self, pub: Publication) -> None:
         p = self.job.ppo
@@ -782,6 +811,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             "ppo/iterations_done": float(iterations),
             "ppo/learner_restarts": float(driver.learner_restarts),
             "ppo/rollout_reloads": float(actors.reloads),
+            "ppo/weight_resends": float(driver.resends),
             "time/stage_s": time.monotonic() - start,
             "buffer/rows_in_total": float(buffer_stats["rows_in"]),
             "buffer/rows_out_total": float(buffer_stats["rows_out"]),
@@ -820,6 +850,10 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             history,
             driver.evals,
             buffer_stats,
-            {"learners": driver.learner_restarts, "rollout_reloads": actors.reloads},
+            {
+                "learners": driver.learner_restarts,
+                "rollout_reloads": actors.reloads,
+                "resends": driver.resends,
+            },
             wall,
         )
