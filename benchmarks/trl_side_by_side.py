@@ -108,6 +108,7 @@ def paddock_ppo(
     engine: str = "transformers",
     advantage: str = "gae",
     aggregation: str = "token-mean",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The tiny PPO config from ``policy``, with ``rm`` as both reward models; evaluation at the start and end.
     ``engine``: the rollout workers' (``vllm`` where this environment has it, ``make venv-vllm``). ``advantage``
@@ -145,7 +146,8 @@ def paddock_ppo(
             f"ppo.placement={placement}",
             # sync mode: the one scorer process runs while the rollout workers and learners wait
             *(["ppo.scorer_threads=2"] if placement == "colocated" else []),
-            f"registry_prefix=bench-trl-{placement}-{engine}-{advantage}",
+            f"registry_prefix=bench-trl-{placement}-{engine}-{advantage}" + (f"-s{seed}" if seed else ""),
+            f"seed={seed}",
             f"inference.engine={engine}",
             *(["inference.vllm.memory_share=0.05"] if engine == "vllm" else []),
         ],
@@ -176,6 +178,7 @@ def _trl_child(
     steps: int,
     budget_s: float | None,
     results: Any,
+    seed: int = 0,
 ) -> None:
     """One TRL run in its own process (so that its peak RSS is its own), 2 threads."""
     torch.set_num_threads(2)
@@ -204,7 +207,7 @@ def _trl_child(
         "use_cpu": True,
         "bf16": False,
         "dataloader_num_workers": 0,
-        "seed": 0,
+        "seed": seed,
         "pad_token": pad,
         "disable_tqdm": True,
     }
@@ -332,12 +335,13 @@ def trl_run(
     out: Path,
     steps: int,
     budget_s: float | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """One TRL run in a child process; ``budget_s`` stops its training after that many seconds."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     p = ctx.Process(
-        target=_trl_child, args=(kind, data, init, str(tok_dir), str(out), steps, budget_s, results)
+        target=_trl_child, args=(kind, data, init, str(tok_dir), str(out), steps, budget_s, results, seed)
     )
     p.start()
     while True:
@@ -418,6 +422,13 @@ def main() -> None:
         default="token-mean",
         choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
         help="ppo.loss_aggregation of the colocated rloo row (TRL's RLOO: a sum over each answer's tokens)",
+    )
+    ap.add_argument(
+        "--rl-seeds",
+        type=int,
+        default=1,
+        help="run the colocated rloo row and TRL's RLOO with seeds 0..N-1 and report the quality of each (the "
+        "spread says how far one run's quality may be read; speed stays seed 0's)",
     )
     args = ap.parse_args()
     try:
@@ -562,6 +573,37 @@ def main() -> None:
         a["wall_vs_trl"] = a["wall_s"] / b["wall_s"]
     for r in rows[4 : 4 + len(runs)]:
         r["samples_per_s_vs_trl"] = r["samples_per_s"] / rloo["samples_per_s"]
+    # The same two RLOOs with other seeds (prompt order and sampling): how much of a quality gap is one run's luck.
+    seeded: dict[str, list[float]] = {
+        "online RL, paddock PPO, colocated, rloo advantage": [],
+        "online RL, TRL RLOO": [],
+    }
+    for seed in range(1, args.rl_seeds):
+        again = paddock_ppo(
+            rm_init,
+            rm_dir,
+            tok_dir,
+            world,
+            args.rl_updates,
+            "colocated",
+            advantage="rloo",
+            aggregation=args.rloo_aggregation,
+            seed=seed,
+        )
+        trl_again = trl_run(
+            "rl", rl_data, rm_init, tok_dir, home / f"trl-rloo-s{seed}", args.rl_updates, seed=seed
+        )
+        for name, r in zip(seeded, (again, trl_again), strict=True):
+            seeded[name].append(held_out_reward(r["checkpoint"], rm_dir, tok_dir, rl_test))
+    for r in rows:
+        if r["name"] in seeded and args.rl_seeds > 1:
+            qs = [r["quality"], *seeded[r["name"]]]
+            r |= {
+                "quality_seeds": qs,
+                "quality_mean": statistics.mean(qs),
+                "quality_min": min(qs),
+                "quality_max": max(qs),
+            }
 
     meta = {
         "trl": trl.__version__,
@@ -571,6 +613,7 @@ def main() -> None:
         "rm_steps": args.rm_steps,
         "rl_updates": args.rl_updates,
         "rloo_loss_aggregation": args.rloo_aggregation,
+        "rl_seeds": args.rl_seeds,
         "rl_answers_per_update": RL_BATCH,
         "rl_start_reward": start_reward,
         "vllm_row": "measured" if on_vllm else "skipped: vLLM is not installed here (run in .venv-vllm)",
@@ -583,6 +626,12 @@ def main() -> None:
         print(
             f"{r['name']:<50} {r['wall_s']:>8.1f} {r['tokens_per_s']:>10.0f} {r['peak_rss_gb']:>8.2f} {r['quality']:>9.3f}"
         )
+    for r in rows:
+        if "quality_seeds" in r:
+            seeds = ", ".join(f"{q:.3f}" for q in r["quality_seeds"])
+            print(
+                f"{r['name']}: held-out greedy reward over seeds 0-{args.rl_seeds - 1}: {seeds} (mean {r['quality_mean']:.3f})"
+            )
 
 
 if __name__ == "__main__":

@@ -121,6 +121,35 @@ def test_the_hub_or_the_buffer_dying_ends_the_run_naming_it(ray_cluster, tmp_pat
     assert time.monotonic() - t0 < 30
 
 
+def test_a_lost_version_is_asked_for_again_and_the_run_ends_after_the_attempts(ray_cluster, tmp_path: Path):
+    """The driver whose receivers lost a version asks the learners for it again when it is their latest (and
+    only waits when a newer one is out); ``ppo.weight_sync_attempts`` losses in a row end the run with the last
+    cause rather than a wait that nothing ends."""
+    import ray
+    from paddock.config import PPOJob, load_config
+    from paddock.ppo.buffer import RolloutBuffer
+    from paddock.ppo.hub import PolicyHub
+    from paddock.ppo.loop import Driver
+
+    class Actors:
+        timeout_s = 30.0
+
+    job = load_config(PPOJob, REPO / "jobs/configs/tiny/ppo.yaml", ["ppo.weight_sync_attempts=3"])
+    hub, buffer = PolicyHub.remote(), RolloutBuffer.remote(64)  # type: ignore[attr-defined]
+    driver = Driver(job, None, tmp_path, [], [], Actors(), hub, buffer)  # type: ignore[arg-type]
+    ray.get(buffer.publish_version.remote(2))
+    driver.lost(1, "version 1 reached too few receivers")  # a newer one is out: nothing to ask
+    assert (driver.resends, driver.broken, ray.get(buffer.resend_requested.remote())) == (0, True, None)
+    driver.lost(2, "the value scorer holds version 0, not 2 (restarted?) mid-batch")
+    assert (driver.resends, ray.get(buffer.resend_requested.remote())) == (1, 2)
+    with pytest.raises(
+        RuntimeError, match=r"lost the weights 3 times in a row .*the last time: the stream broke"
+    ):
+        driver.lost(2, "the stream broke")
+    for a in (hub, buffer):
+        ray.kill(a)
+
+
 def test_evaluation_and_collection_calls_time_out_naming_the_actor(ray_cluster) -> None:
     """The helpers evaluation, rejection sampling and preference collection wait on (both reward scorers, the
     rollout workers' weights and perplexity) take the stage's ``actor_timeout_s`` and name the actor that hung."""

@@ -496,7 +496,8 @@ def test_rloo_ppo_runs_without_a_value_model_and_centres_advantages_per_prompt(
     """``ppo.advantage: rloo``: no value scorer or value learner; each prompt is answered ``samples_per_prompt``
     times side by side, and each answer's advantage is its return less its prompt's other answers' mean, so the
     advantages of a prompt's answers sum to zero in the spilled experience; only the policy is published. The loss
-    weighs every answer the same (``ppo.loss_aggregation=seq-mean-token-mean``, the learners' other path)."""
+    weighs every answer the same (``ppo.loss_aggregation=seq-mean-token-mean``, the learners' other path). One
+    reward model named for both rewards (as the TRL benchmark runs) is held and run once, its score read as both."""
     from paddock.config import paddock_home
     from paddock.models import load_causal_lm
     from paddock.ppo.loop import run
@@ -517,6 +518,7 @@ def test_rloo_ppo_runs_without_a_value_model_and_centres_advantages_per_prompt(
             "ppo.eval_max_prompts=8",
             "ppo.spill=true",
             "ppo.loss_aggregation=seq-mean-token-mean",
+            "reward_safety=models:/tiny-rm-helpfulness@latest",
         )
     )
     assert result.iterations == 3 and result.model_uri.startswith("models:/rloo-ppo/")
@@ -533,6 +535,8 @@ def test_rloo_ppo_runs_without_a_value_model_and_centres_advantages_per_prompt(
         per_answer = [r["advantages"][0] for r in group]
         assert abs(sum(per_answer)) < 1e-4 * k
     assert any(abs(r["advantages"][0]) > 0.1 for r in rows)  # not all zero
+    assert all(r["reward_safety"] == r["reward_helpfulness"] for r in rows)
+    assert len({r["reward_helpfulness"] for r in rows}) > k
     # what streamed each iteration is the policy alone: its fp32 bytes (the GAE runs send the value model too)
     synced = {h["ppo/weight_sync_gb"] for h in result.history if "ppo/weight_sync_gb" in h}
     policy_bytes = sum(p.numel() * 4 for p in load_causal_lm(result.checkpoint_dir).parameters())

@@ -127,6 +127,8 @@ class Actors:
             del members["reference"]
         if value is None:  # ppo.advantage rloo: no value model
             del members["value"]
+        if rm_s == rm_h:  # one model named for both rewards (a benchmark's single reward): held and run once
+            del members["rm_s"]
         if p.placement == "colocated":
             # One process holds the scorers' models; its CPUs and GPU share are theirs together (one GPU at
             # most: it uses one device; paddock.plan checks that they fit on it).
@@ -141,7 +143,8 @@ class Actors:
             self.scorers = [Scorer.options(**opts).remote(**kw, **own) for kw in members.values()]  # type: ignore[attr-defined]
             handles = dict(zip(members, self.scorers, strict=True))
         self.reference = handles.get("reference")  # None: the rollout workers give the reference log-probs
-        self.rm_h, self.rm_s, self.value = handles["rm_h"], handles["rm_s"], handles.get("value")
+        self.rm_h, self.value = handles["rm_h"], handles.get("value")
+        self.rm_s = handles.get("rm_s", self.rm_h)
         self.reloads = 0  # rollout workers given their weights again by a peer
 
     def all(self) -> list[Any]:
@@ -422,14 +425,15 @@ class Driver:
         t1 = time.perf_counter()
         prompt_ids, response_ids = [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples]
         turns, texts = [q["turns"] for q in prompts], [s["text"] for s in samples]
-        calls = {
-            "the helpfulness reward model": self.actors.rm_h.rewards.remote(turns, texts),
-            "the safety reward model": self.actors.rm_s.rewards.remote(turns, texts),
-        }
+        one_rm = self.actors.rm_s is self.actors.rm_h
+        calls = {"the helpfulness reward model": self.actors.rm_h.rewards.remote(turns, texts)}
+        if not one_rm:
+            calls["the safety reward model"] = self.actors.rm_s.rewards.remote(turns, texts)
         if reference is not None:
             calls["the reference scorer"] = reference.ref_logprobs.remote(prompt_ids, response_ids)
         values = self.actors.values(pub, samples)
-        r_h, r_s, *scored = gather(calls, self.actors.timeout_s, f"scoring batch {b} (version {pub.version})")
+        r_h, *scored = gather(calls, self.actors.timeout_s, f"scoring batch {b} (version {pub.version})")
+        r_s = r_h if one_rm else scored.pop(0)
         ref_lp = [s["reference_logprobs"] for s in samples] if on_workers else scored[0]
         score_s = time.perf_counter() - t1
         groups = [i // k for i in range(len(samples))]  # ``generate`` keeps the prompts' order

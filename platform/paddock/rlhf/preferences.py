@@ -510,8 +510,10 @@ def sample_batch(
             all_pairs(c, random.Random(f"{job.seed}:{cc.round}:{p['id']}"))
             for p, c in zip(prompts, candidates, strict=True)
         ]
+        alike = sum(1 for c in pairs if not c)  # every answer the same string: nothing to compare
         print(
-            f"[collect_preferences] every pair of each prompt's different answers: {sum(map(len, pairs))} pairs",
+            f"[collect_preferences] every pair of each prompt's different answers: {sum(map(len, pairs))} pairs; "
+            f"{alike} of {len(pairs)} prompts drew one answer {draws} times (no pair; kept in answers.parquet)",
             flush=True,
         )
     else:
