@@ -15,7 +15,11 @@ drops the value model) against TRL's `RLOOTrainer` (one process, 2 threads), bot
 helpfulness and safety RM, combined as in Llama 2 and put on the logit scale; paddock's penalty on answers cut off
 at the length limit off), the same prompts, answers per update
 (256, at most 48 new tokens, temperature 1), optimiser steps (mini-batches of 64, constant LR) and KL coefficient.
-Quality is the mean combined reward of greedy answers to held-out prompts.
+Quality is the mean combined reward of greedy answers to held-out prompts. Online RL's rates are over each side's
+training loop: TRL's ``trainer.train()`` (generation, scoring and every update; its ``save_model`` after it is not
+counted), paddock's PPO from its first weight publication to the driver's receipt of the last update's weights
+(``PPOResult.loop_s``: every generation, scoring, update and weight stream; its evaluations, and the learners'
+final export and Ray Train's end after it, are not counted; ``end_s`` adds those last two).
 
     pip install -e '.[bench]'   # TRL and its datasets/accelerate
     python benchmarks/trl_side_by_side.py [--sft-steps 60] [--rm-steps 60] [--rl-updates 6] [--out ...]
@@ -114,9 +118,10 @@ def paddock_ppo(
     ``engine``: the rollout workers' (``vllm`` where this environment has it, ``make venv-vllm``). ``advantage``
     rloo: RL_BATCH answers as TRL's RLOO samples them, 2 to each of half as many prompts, and no value model."""
     per_prompt = 2 if advantage == "rloo" else 1
-    from paddock.config import PPOJob, load_config
+    from paddock.config import PPOJob, load_config, paddock_home
     from paddock.ppo.loop import run
 
+    prefix = f"bench-trl-{placement}-{engine}-{advantage}" + (f"-s{seed}" if seed else "")
     job = load_config(
         PPOJob,
         REPO / "jobs/configs/tiny/ppo.yaml",
@@ -146,7 +151,7 @@ def paddock_ppo(
             f"ppo.placement={placement}",
             # sync mode: the one scorer process runs while the rollout workers and learners wait
             *(["ppo.scorer_threads=2"] if placement == "colocated" else []),
-            f"registry_prefix=bench-trl-{placement}-{engine}-{advantage}" + (f"-s{seed}" if seed else ""),
+            f"registry_prefix={prefix}",
             f"seed={seed}",
             f"inference.engine={engine}",
             *(["inference.vllm.memory_share=0.05"] if engine == "vllm" else []),
@@ -160,12 +165,16 @@ def paddock_ppo(
     answers = RL_BATCH * len(rollouts)
     return {
         "wall_s": time.monotonic() - start,
-        "loop_s": result.wall_s,
+        "loop_s": result.loop_s,
+        "end_s": result.wall_s,
         "updates": len(rollouts),
-        "samples_per_s": answers / result.wall_s,
-        "tokens_per_s": sum(h["ppo/response_length"] * RL_BATCH for h in rollouts) / result.wall_s,
+        "samples_per_s": answers / result.loop_s,
+        "tokens_per_s": sum(h["ppo/response_length"] * RL_BATCH for h in rollouts) / result.loop_s,
         "peak_rss_gb": mem.peak / 1e9,
-        "checkpoint": str(result.checkpoint_dir),
+        # the last update's weights, as TRL's are: the run registers its best evaluation, which with the two
+        # evaluations here (8 prompts each, sampled) is now and then the starting policy
+        "checkpoint": str(paddock_home() / "runs" / f"{prefix}-ppo" / "last"),
+        "best_iteration": result.best_iteration,
     }
 
 
@@ -419,9 +428,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument(
         "--rloo-aggregation",
-        default="token-mean",
+        default="seq-mean-token-sum",
         choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-        help="ppo.loss_aggregation of the colocated rloo row (TRL's RLOO: a sum over each answer's tokens)",
+        help="ppo.loss_aggregation of the colocated rloo row; by default TRL's RLOO weighting (a sum over each "
+        "answer's tokens, a mean over answers)",
     )
     ap.add_argument(
         "--rl-seeds",

@@ -74,6 +74,10 @@ class PPOResult:
     buffer: dict[str, Any] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0  # from the first publication to the end, evaluations excluded
+    # from the first publication to the driver's receipt of the last (the last update's weights), evaluations
+    # excluded: the training loop without the learners' final export and Ray Train's end (a trainer's train()
+    # without its save_model, as benchmarks compare)
+    loop_s: float = 0.0
 
 
 def _load_prompts(path: str, work: Path, name: str) -> tuple[list[dict[str, Any]], Any]:
@@ -381,6 +385,8 @@ class Driver:
         self.orders: dict[int, list[int]] = {}
         self.digests: dict[int, str] = {}  # iteration -> digest of the weights evaluated there
         self.first_publication: float | None = None
+        self.last_received = 0.0  # when the last publication was received, and the evaluations' time by then
+        self.eval_s_by_last = 0.0
         self.loaded: Publication | None = None  # what the rollout workers hold
         self.next_batch = 0  # the iteration the next sampled batch feeds
         self.last_eval = -1
@@ -571,6 +577,7 @@ class Driver:
             self.loaded is not None and pub.version == self.loaded.version
         )  # sent again after a lost batch
         self.sync_s = time.perf_counter() - t0
+        self.last_received, self.eval_s_by_last = time.perf_counter(), self.eval_s
         if self.loaded is None and pub.iteration > 0:
             # Learners that resumed from a checkpoint this driver did not see written: a rerun after the driver was
             # killed (the Ray Train run is named by the pipeline's run, which the rerun keeps). The reward
@@ -782,6 +789,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             raise
         thread.join()
         wall = time.perf_counter() - (driver.first_publication or time.perf_counter()) - driver.eval_s
+        loop_s = max(0.0, driver.last_received - (driver.first_publication or 0.0) - driver.eval_s_by_last)
         if "error" in box:
             raise box["error"]
         result = box["result"]
@@ -817,6 +825,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             "ppo/rollout_reloads": float(actors.reloads),
             "ppo/weight_resends": float(driver.resends),
             "time/stage_s": time.monotonic() - start,
+            "time/ppo_loop_s": loop_s,
             "buffer/rows_in_total": float(buffer_stats["rows_in"]),
             "buffer/rows_out_total": float(buffer_stats["rows_out"]),
             "buffer/rows_dropped_total": float(buffer_stats["rows_dropped"]),
@@ -860,4 +869,5 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
                 "resends": driver.resends,
             },
             wall,
+            loop_s,
         )
