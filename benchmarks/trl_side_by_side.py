@@ -546,16 +546,21 @@ def main() -> None:
     rl_test = pq.read_table(world / "prompts" / "test.parquet").to_pylist()[:100]
     ppo = paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "split")
     colocated = paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "colocated")
-    colocated_rloo = paddock_ppo(
-        rm_init,
-        rm_dir,
-        tok_dir,
-        world,
-        args.rl_updates,
-        "colocated",
-        advantage="rloo",
-        aggregation=args.rloo_aggregation,
-    )
+
+    def paddock_rloo(seed: int = 0) -> dict[str, Any]:
+        return paddock_ppo(
+            rm_init,
+            rm_dir,
+            tok_dir,
+            world,
+            args.rl_updates,
+            "colocated",
+            advantage="rloo",
+            aggregation=args.rloo_aggregation,
+            seed=seed,
+        )
+
+    colocated_rloo = paddock_rloo()
     on_vllm = importlib.util.find_spec("vllm") is not None
     colocated_vllm = (
         paddock_ppo(rm_init, rm_dir, tok_dir, world, args.rl_updates, "colocated", "vllm")
@@ -589,17 +594,7 @@ def main() -> None:
         "online RL, TRL RLOO": [],
     }
     for seed in range(1, args.rl_seeds):
-        again = paddock_ppo(
-            rm_init,
-            rm_dir,
-            tok_dir,
-            world,
-            args.rl_updates,
-            "colocated",
-            advantage="rloo",
-            aggregation=args.rloo_aggregation,
-            seed=seed,
-        )
+        again = paddock_rloo(seed)
         trl_again = trl_run(
             "rl", rl_data, rm_init, tok_dir, home / f"trl-rloo-s{seed}", args.rl_updates, seed=seed
         )
