@@ -169,6 +169,7 @@ def test_ppo_stops_at_once_when_every_rollout_worker_is_dead_for_good(ray_cluste
     from types import SimpleNamespace
 
     import ray
+    from paddock.ppo.hub import Publication
     from paddock.ppo.loop import Actors, ActorsDead
 
     @ray.remote(num_cpus=0.05, max_restarts=1, max_task_retries=2)
@@ -195,7 +196,7 @@ def test_ppo_stops_at_once_when_every_rollout_worker_is_dead_for_good(ray_cluste
     actors.value = Blocked.remote()
     actors.channel = SimpleNamespace(timeout_s=600.0, sub=lambda prefix, size: None)
     actors.timeout_s = 600.0
-    pub = SimpleNamespace(version=1, policy=None, value=None)
+    pub = Publication(version=1, iteration=0, policy=[], value=None, nbytes=0)
     start = time.monotonic()
     with pytest.raises(ActorsDead, match=r"all 2 rollout workers are dead.*max_model_len 512 is beyond"):
         actors.load(pub)
