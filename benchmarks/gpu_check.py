@@ -209,6 +209,7 @@ def ppo_part(
         seed=0,
         # no group here: the publication below hands its buckets over in-process
         channel=sync.Channel("127.0.0.1", 0, "nccl" if gpu else "gloo", sync.dtype_name(dtype), 60.0),
+        offload=True,  # measured below: what the learners give up while the engines sample (ppo.learner_offload)
     )
     learner = meter.load("learner (policy + value)", lambda: Learner(spec, 0, 1))
 
@@ -265,6 +266,22 @@ def ppo_part(
     tensors = engine.gathered_state(learner.policy.module, 0, to_host=False)
     nbytes = sync.load_into(rollout, sync.unflatten(lay, sync.flat_buckets(lay, tensors, dtype, device)))
     publish_s = time.perf_counter() - t0
+    # Taking turns on a shared GPU (ppo.learner_offload, ppo.engine_sleep): the device memory each side gives up
+    # for the other's turn, and the seconds of the round trip.
+    held = meter.now()
+    t0 = time.perf_counter()
+    learner.rest()
+    rest_s, learner_freed = time.perf_counter() - t0, (held - meter.now()) / GIB
+    t0 = time.perf_counter()
+    learner.wake()
+    wake_s = time.perf_counter() - t0
+    held = meter.now()
+    t0 = time.perf_counter()
+    rollout.to("cpu")  # the transformers engine's sleep (RolloutWorker.sleep)
+    if gpu:
+        torch.cuda.empty_cache()
+    sleep_s, engine_freed = time.perf_counter() - t0, (held - meter.now()) / GIB
+    rollout.to(device)
 
     lm, scalar = plan.ModelShape.of(rollout.config), plan.ModelShape.of(reward.config, scalar=True)
 
@@ -309,6 +326,16 @@ def ppo_part(
             "publish_s": publish_s,
             "published_gib": nbytes / GIB,
             "policy_loss": stats.get("ppo/policy_loss"),
+        }
+    )
+    out.append(
+        {
+            "role": "taking turns",
+            "learner_rest_freed_gib": learner_freed if gpu else None,  # of "learner (policy + value)"'s
+            "learner_rest_s": rest_s,
+            "learner_wake_s": wake_s,
+            "engine_sleep_freed_gib": engine_freed if gpu else None,  # the rollout copy's weights
+            "engine_sleep_s": sleep_s,
         }
     )
     return out

@@ -404,6 +404,13 @@ class TrainConfig(Strict):
         "local mode: one rank, no worker start-up, no restarts), for fine-tunes of a few steps.",
     )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; else CPU, gloo and fp32.")
+    gpus_per_worker: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="With use_gpu: the share of a GPU each worker requests from Ray; below 1 it shares the GPU "
+        "with other actors, as PPO's learners do with the rollout engines under ppo.placement colocated.",
+    )
     cpus_per_worker: float = Field(
         0.5,
         gt=0,
@@ -856,7 +863,27 @@ class PPOConfig(Strict):
         "split",
         description="split: the reference, both reward models and the value model in a scorer actor each "
         "(their own devices on a cluster); colocated: the four in one scorer actor with the four's CPUs and GPU "
-        "shares together, at most one GPU (one process instead of four on a small machine).",
+        "shares together, at most one GPU (one process instead of four on a small machine). On GPUs, give the "
+        "learners more than half a GPU and less than one (train.gpus_per_worker) and the rollout workers at most "
+        "the rest (gpus_per_actor, as many as learners): each learner and a rollout worker take turns on one GPU, "
+        "with engine_sleep and learner_offload on by default and the weights streamed over gloo.",
+    )
+    engine_sleep: bool | None = Field(
+        None,
+        description="Rollout workers free their device memory once an iteration's answers are sampled (vLLM's "
+        "sleep: weights and KV cache; the transformers engine moves its model to the host) and take it back "
+        "when the next weights arrive, so that the learners have the GPU while they train; sync mode only. "
+        "null: on when learners and rollout workers share GPUs (placement) in sync mode. On a CPU there is "
+        "no device memory to free: the turns are taken and timed, nothing moves.",
+    )
+    learner_offload: bool | None = Field(
+        None,
+        description="Learners move their optimiser states, fp32 master weights, gradients and weights to host "
+        "memory (DeepSpeed's offload_states) once they have published a version and take them back for the "
+        "next update, so that the rollout engines have the GPU while they sample; ZeRO 1 or 2 "
+        "(train.zero_stage; DeepSpeed offloads ZeRO-3's states only for its FusedAdam). null: on when learners and "
+        "rollout workers share GPUs (placement) under ZeRO 1 or 2. On a CPU the states make the round trip within "
+        "host memory.",
     )
     spread: bool = Field(
         False,
@@ -1065,7 +1092,56 @@ class PPOJob(StageConfig):
             raise ValueError(
                 f"ppo.rollout_workers: must divide the answers of an iteration ({p.answers}), got {p.rollout_workers}"
             )
+        if p.engine_sleep and p.staleness > 0:
+            raise ValueError(
+                "ppo.engine_sleep: sleeping rollout engines take turns with the learners, which needs sync mode "
+                f"(ppo.mode sync, ppo.max_staleness 0); got mode {p.mode}, staleness {p.staleness}"
+            )
+        if self.colocated_gpus:
+            if t.gpus_per_worker <= 0.5:
+                raise ValueError(
+                    "train.gpus_per_worker: learners sharing GPUs with rollout workers take more than half a GPU "
+                    "each, so that Ray never places two on one GPU (NCCL refuses two ranks on one device); got "
+                    f"{t.gpus_per_worker:g}"
+                )
+            if t.gpus_per_worker + p.gpus_per_actor > 1 + 1e-9:
+                raise ValueError(
+                    f"ppo.gpus_per_actor: a learner (train.gpus_per_worker {t.gpus_per_worker:g}) and a rollout "
+                    f"worker ({p.gpus_per_actor:g}) share one GPU; their shares add up to "
+                    f"{t.gpus_per_worker + p.gpus_per_actor:g}, more than 1"
+                )
+            if p.rollout_workers != t.num_workers:
+                raise ValueError(
+                    "ppo.rollout_workers: learners sharing GPUs with rollout workers pair them one to a GPU; give "
+                    f"as many as train.num_workers ({t.num_workers}), got {p.rollout_workers}"
+                )
+        if p.learner_offload and t.zero_stage not in (1, 2):
+            raise ValueError(
+                f"ppo.learner_offload: DeepSpeed offloads the learners' states under ZeRO 1 or 2 (ZeRO-3 only with "
+                f"its FusedAdam, which paddock's AdamW is not); got train.zero_stage {t.zero_stage}"
+            )
         return self
+
+    @property
+    def colocated_gpus(self) -> bool:
+        """Learners and rollout engines sharing GPUs (ppo.placement colocated, learners on a share of a GPU below
+        one and rollout workers on GPUs): they take turns on the devices."""
+        t, p = self.train, self.ppo
+        return p.placement == "colocated" and t.use_gpu and t.gpus_per_worker < 1 and p.gpus_per_actor > 0
+
+    @property
+    def engines_sleep(self) -> bool:
+        """Whether rollout workers free their device memory between sampling and the next weights."""
+        p = self.ppo
+        return p.engine_sleep if p.engine_sleep is not None else self.colocated_gpus and p.staleness == 0
+
+    @property
+    def learners_offload(self) -> bool:
+        """Whether learners move their states to host memory between updates."""
+        p = self.ppo
+        if p.learner_offload is not None:
+            return p.learner_offload
+        return self.colocated_gpus and self.train.zero_stage in (1, 2)
 
     @property
     def reference_on_workers(self) -> bool:

@@ -285,7 +285,7 @@ def learner_role(
     return Role(
         name,
         train.ranks,
-        1.0 if train.use_gpu else 0.0,
+        train.gpus_per_worker if train.use_gpu else 0.0,
         _gib(device),
         _gib(host),
         keys=[
@@ -347,6 +347,31 @@ def together(name: str, roles: list[Role], keys: Iterable[str]) -> Role:
         device, host = 0.0, weights + max(r.host_gib - r.weights_gib for r in roles)
     all_keys = list(dict.fromkeys([*keys, *(k for r in roles for k in r.keys)]))
     return Role(name, 1, gpus, device, host, keys=all_keys, weights_gib=weights)
+
+
+def taking_turns(learner: Role, worker: Role, *, sleeps: bool, offloads: bool, host_copy: bool) -> Role:
+    """A learner rank and a rollout worker on one GPU (``ppo.placement: colocated`` on GPUs), taking turns: the
+    engine samples while the learner rests, the learner trains while the engine sleeps. The device holds the
+    larger of the two turns and of the weight stream between them (the learner awake, the engine's weights back,
+    its KV cache not yet): what does not rest (``offloads`` false) or sleep (``sleeps`` false) stays through the
+    other's turn. The host holds both processes, the learner's offloaded states, and the engine's model where it
+    sleeps by moving to the host (``host_copy``: the transformers engine; vLLM's deepest sleep keeps nothing)."""
+    sampling = worker.device_gib + (0.0 if offloads else learner.device_gib)
+    training = learner.device_gib + (0.0 if sleeps else worker.device_gib)
+    streaming = learner.device_gib + (worker.weights_gib if sleeps else worker.device_gib)
+    host = learner.host_gib + worker.host_gib
+    host += (learner.device_gib if offloads else 0.0) + (worker.weights_gib if sleeps and host_copy else 0.0)
+    keys = ["train.gpus_per_worker", "ppo.gpus_per_actor", "ppo.engine_sleep", "ppo.learner_offload"]
+    role = Role(
+        f"{learner.role} + rollout worker (one GPU, taking turns)",
+        learner.count,
+        1.0,
+        round(max(sampling, training, streaming), 2),
+        round(host, 2),
+        keys=list(dict.fromkeys([*keys, *learner.keys, *worker.keys])),
+        weights_gib=worker.weights_gib,
+    )
+    return role  # the config checked the pairing: as many of each, shares within one GPU (PPOJob)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,6 +629,16 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
             )
         )
         roles.append(sampler("rollout worker", job.policy, p.rollout_workers, p.gpus_per_actor, "ppo"))
+        if job.colocated_gpus:
+            roles[-2:] = [
+                taking_turns(
+                    roles[-2],
+                    roles[-1],
+                    sleeps=job.engines_sleep,
+                    offloads=job.learners_offload,
+                    host_copy=inf.engine == "transformers",
+                )
+            ]
         reference = (
             not job.reference_on_workers
         )  # a LoRA policy's rollout workers give the reference log-probs

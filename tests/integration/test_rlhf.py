@@ -491,16 +491,23 @@ def test_async_colocated_ppo_overlaps_generation_with_training_within_the_stalen
 
 
 def test_rloo_ppo_runs_without_a_value_model_and_centres_advantages_per_prompt(
-    rs, world_dir: Path, tokenizer_dir: Path
+    rs, world_dir: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """``ppo.advantage: rloo``: no value scorer or value learner; each prompt is answered ``samples_per_prompt``
     times side by side, and each answer's advantage is its return less its prompt's other answers' mean, so the
     advantages of a prompt's answers sum to zero in the spilled experience; only the policy is published. The loss
     weighs every answer the same (``ppo.loss_aggregation=seq-mean-token-mean``, the learners' other path). One
-    reward model named for both rewards (as the TRL benchmark runs) is held and run once, its score read as both."""
-    from paddock.config import paddock_home
+    reward model named for both rewards (as the TRL benchmark runs) is held and run once, its score read as both.
+    The run is told its learners and rollout workers share GPUs (``PPOJob.colocated_gpus``, which needs
+    ``train.use_gpu``), so it goes the way of such a run on a CPU: the learners start first and the rollout workers
+    after their first publication, and the two take turns by default (``ppo.engine_sleep``,
+    ``ppo.learner_offload``): the engines sleep after sampling, the learners move their states to the host after
+    publishing, and the driver samples only once the learners have said so."""
+    from paddock.config import PPOJob, paddock_home
     from paddock.models import load_causal_lm
     from paddock.ppo.loop import run
+
+    monkeypatch.setattr(PPOJob, "colocated_gpus", property(lambda self: True))
 
     k = 4
     result = run(
@@ -519,6 +526,7 @@ def test_rloo_ppo_runs_without_a_value_model_and_centres_advantages_per_prompt(
             "ppo.spill=true",
             "ppo.loss_aggregation=seq-mean-token-mean",
             "reward_safety=models:/tiny-rm-helpfulness@latest",
+            "plan.check=false",  # the planner would look for the GPUs the run is told it shares
         )
     )
     assert result.iterations == 3 and result.model_uri.startswith("models:/rloo-ppo/")
@@ -541,3 +549,10 @@ def test_rloo_ppo_runs_without_a_value_model_and_centres_advantages_per_prompt(
     synced = {h["ppo/weight_sync_gb"] for h in result.history if "ppo/weight_sync_gb" in h}
     policy_bytes = sum(p.numel() * 4 for p in load_causal_lm(result.checkpoint_dir).parameters())
     assert len(synced) == 1 and synced.pop() == pytest.approx(policy_bytes / 1e9, rel=0.01)
+    # turns: every batch's engines slept (nothing to free on a CPU), every update woke the learners' states and
+    # every publication's sampling waited for them to rest again (the last one's after the final export)
+    batches = [h for h in result.history if "ppo/generate_s" in h]
+    assert len(batches) == 3 and all(h["ppo/engine_freed_gb"] == 0.0 for h in batches)
+    assert all(h["ppo/learner_offload_s"] > 0 for h in trained)
+    waits = [h for h in result.history if "ppo/weight_sync_s" in h]
+    assert len(waits) == 4 and all("ppo/learner_rest_wait_s" in h for h in waits)

@@ -122,6 +122,10 @@ def test_vllm_answers_as_transformers_does_before_and_after_streamed_weights(
     assert after != before and greedy(vl) == after
     # The host mirror holds exactly the published weights: the digest a registration would check.
     assert ray.get(vl.weights.remote()) == ray.get(hf.weights.remote())
+    # Taking turns with the learners (ppo.engine_sleep): a CPU has no device memory to free, but the worker
+    # treats vLLM's weights as gone and reloads them from its mirror before it samples again.
+    assert ray.get([hf.sleep.remote(), vl.sleep.remote()]) == [0.0, 0.0]
+    assert greedy(vl) == after and greedy(hf) == after
 
     # Sampling at temperature 1: the engine's log-probs are the policy's, and both engines' samples are equally
     # likely under it (the mean over ~1,500 tokens; seeds differ between engines, so the samples do too).

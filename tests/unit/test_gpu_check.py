@@ -41,11 +41,18 @@ def test_the_device_check_runs_every_role_on_the_cpu(tmp_path: Path):
         "value scorer",
         "learner (policy + value)",
         "whole PPO iteration, colocated",
+        "taking turns",
     }
     assert rows["SFT learner"]["tokens_per_s"] > 0 and rows["SFT learner"]["plan_gib"] > 0
     whole = rows["whole PPO iteration, colocated"]
     assert whole["answers"] == 8 and whole["response_tokens"] > 0 and whole["published_gib"] > 0
     assert whole["policy_loss"] is not None  # the learners took their PPO steps
+    turns = rows["taking turns"]  # the learners' states made the round trip (nothing is freed on a CPU)
+    assert (
+        turns["learner_rest_s"] > 0
+        and turns["learner_wake_s"] > 0
+        and turns["learner_rest_freed_gib"] is None
+    )
 
 
 @pytest.mark.gpu
@@ -56,6 +63,8 @@ def test_the_device_check_measures_every_role_on_a_gpu(tmp_path: Path):
         print(json.dumps(row))
         if "plan_gib" in row:
             assert row["measured_gib"] > 0 and row["measured_vs_plan"] > 0
+        if row["role"] == "taking turns":  # each side gives up most of what it holds for the other's turn
+            assert row["learner_rest_freed_gib"] > 0 and row["engine_sleep_freed_gib"] > 0
     assert result["meta"]["wall_s"] < 480
 
 

@@ -192,3 +192,56 @@ def test_picking_answers_by_reward_plans_the_two_reward_scorers_after_the_sample
     roles = {r["role"]: r for r in picked["roles"]}
     assert set(roles) == {"rollout worker", "helpfulness RM scorer", "safety RM scorer", "driver"}
     assert roles["helpfulness RM scorer"]["device_gib"] > 0 and roles["safety RM scorer"]["count"] == 1
+
+
+def test_colocated_learners_and_rollout_workers_take_turns_on_one_gpu(capsys):
+    """On GPUs, ppo.placement colocated pairs each learner with a rollout worker on one GPU: the device holds the
+    larger turn (or the weight stream between them) when the engine sleeps and the learner rests, and both
+    together when they do not."""
+    config = str(REPO / "jobs/configs/llama2-7b/ppo.yaml")
+    shares = ["train.gpus_per_worker=0.6", "ppo.gpus_per_actor=0.4", "train.zero_stage=2"]
+    shares += ["train.num_workers=8", "ppo.rollout_workers=8"]
+    sets = [a for kv in shares for a in ("--set", kv)]
+    _, split = _plan(["--config", config, *sets], capsys)
+    roles = {r["role"]: r for r in split["roles"]}
+    learner, worker = roles["learner (policy + value)"], roles["rollout worker"]
+    assert learner["gpus_per_process"] == 0.6 and worker["gpus_per_process"] == 0.4
+    weights = plan.ModelShape.named("7b").params * 2 / (1 << 30)  # bf16
+    code, turns = _plan(["--config", config, *sets, "--set", "ppo.placement=colocated"], capsys)
+    (pair,) = [r for r in turns["roles"] if "taking turns" in r["role"]]
+    assert code == 0 and turns["fits"] and pair["count"] == 8 and pair["gpus_per_process"] == 1
+    # the weight stream is the peak here: the learner awake and the engine's weights back, its KV cache not
+    expected = max(worker["device_gib"], learner["device_gib"] + weights)
+    assert pair["device_gib"] == pytest.approx(expected, abs=0.02)
+    assert not [r for r in turns["roles"] if r["role"] in ("rollout worker", "learner (policy + value)")]
+    awake = ["--set", "ppo.engine_sleep=false", "--set", "ppo.learner_offload=false"]
+    _, both = _plan(["--config", config, *sets, "--set", "ppo.placement=colocated", *awake], capsys)
+    (pair,) = [r for r in both["roles"] if "taking turns" in r["role"]]
+    assert pair["device_gib"] == pytest.approx(learner["device_gib"] + worker["device_gib"], abs=0.02)
+    assert not pair["fits"] and "ppo.engine_sleep" in pair["reason"]
+
+
+def test_engine_sleep_and_learner_offload_default_on_where_learners_and_engines_share_gpus():
+    from paddock.config import PPOJob, load_config
+
+    config = REPO / "jobs/configs/llama2-7b/ppo.yaml"
+    shared = ["ppo.placement=colocated", "train.gpus_per_worker=0.75", "ppo.gpus_per_actor=0.25"]
+    job = load_config(PPOJob, config, [*shared, "train.zero_stage=2"])
+    assert job.colocated_gpus and job.engines_sleep and job.learners_offload
+    zero3 = load_config(
+        PPOJob, config, shared
+    )  # the shipped ZeRO-3: DeepSpeed offloads none with torch's AdamW
+    assert zero3.engines_sleep and not zero3.learners_offload
+    split = load_config(PPOJob, config, [])
+    assert not (split.colocated_gpus or split.engines_sleep or split.learners_offload)
+    with pytest.raises(ValueError, match="ZeRO 1 or 2"):
+        load_config(PPOJob, config, [*shared, "ppo.learner_offload=true"])
+    with pytest.raises(ValueError, match="sync mode"):
+        load_config(PPOJob, config, [*shared, "ppo.engine_sleep=true", "ppo.mode=async"])
+    # pairs: learners on more than half a GPU each (never two on one), shares within one GPU, one worker each
+    with pytest.raises(ValueError, match="more than half a GPU"):
+        load_config(PPOJob, config, [*shared, "train.gpus_per_worker=0.5"])
+    with pytest.raises(ValueError, match=r"add up to 1\.05"):
+        load_config(PPOJob, config, [*shared, "train.gpus_per_worker=0.8"])
+    with pytest.raises(ValueError, match=r"as many as train\.num_workers"):
+        load_config(PPOJob, config, [*shared, "ppo.rollout_workers=8", "ppo.batch_prompts=512"])

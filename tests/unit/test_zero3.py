@@ -7,10 +7,9 @@ writes what it measured to a JSON file that the test reads.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
+import gloo_ranks
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -23,13 +22,6 @@ BUCKET = 64 * 1024  # bytes: small enough that the tiny model's weights fill man
 
 
 def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from paddock.config import OptimConfig, TrainConfig
     from paddock.models import load_causal_lm
@@ -37,10 +29,7 @@ def _rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
     from paddock.train.optim import adamw
 
     tc = TrainConfig(zero_stage=3, micro_batch_size=2, num_workers=world)
-    engine.setup_worker(tc)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    gloo_ranks.join(rank, world, port, tc)
     optim = OptimConfig(lr=1e-3, warmup_steps=1)
     with engine.partitioned(tc, optim, world):
         model = load_causal_lm(ckpt)
@@ -145,12 +134,6 @@ def _lora_under_zero3(rank: int, world: int, ckpt: str, root: Path, tc, optim) -
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory: pytest.TempPathFactory, tok) -> tuple[dict, Path]:
     root = tmp_path_factory.mktemp("zero3")
@@ -158,7 +141,7 @@ def zero3(tmp_path_factory: pytest.TempPathFactory, tok) -> tuple[dict, Path]:
     build_causal_lm("tiny", seed=0).save_pretrained(str(ckpt), safe_serialization=True)
     tok.save_pretrained(str(ckpt))  # the export writes the tokenizer too
     out = root / "result.json"
-    mp.spawn(_rank, args=(2, _free_port(), str(ckpt), str(out)), nprocs=2)
+    mp.spawn(_rank, args=(2, gloo_ranks.free_port(), str(ckpt), str(out)), nprocs=2)
     return json.loads(out.read_text()), root
 
 

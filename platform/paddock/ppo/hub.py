@@ -12,8 +12,8 @@ the learners waiting there for experience stream the same version once more as i
 of their own (``Publication.group``), and the hub announces that attempt as it announces a version.
 
 The hub also carries what learners and driver tell each other: each iteration's learner statistics, a stop
-request (early stopping, KL limit) and the driver's small state that a checkpoint must keep (running reward
-moments).
+request (early stopping, KL limit), the driver's small state that a checkpoint must keep (running reward
+moments) and, when learners and rollout engines take turns on the GPUs, that the learners gave up the device.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class PolicyHub:
         self.finished = False
         self.driver_state: dict[str, Any] = {}
         self.batches: dict[int, list[Any] | str | None] = {}
+        self.rest = (0, -1)  # the (version, attempt) after whose stream the learners last gave up the device
 
     async def publish(
         self,
@@ -109,6 +110,32 @@ class PolicyHub:
             except asyncio.TimeoutError:
                 return None
             return self.latest if newer() else None
+
+    async def rested(self, version: int, attempt: int) -> None:
+        """The learners have moved their states to host memory after streaming ``version``'s ``attempt``
+        (``ppo.learner_offload``), or ended: the rollout engines may take the device."""
+        async with self.changed:
+            self.rest = max(self.rest, (version, attempt))
+            self.changed.notify_all()
+
+    async def wait_rested(self, seen: tuple[int, int], timeout_s: float) -> bool:
+        """Whether the learners rested after the publication ``seen`` (version, attempt); False when they did not
+        within ``timeout_s``, or a newer publication or the end came first (they died, restarted or finished)."""
+
+        def rested() -> bool:
+            return self.rest >= tuple(seen)
+
+        def moved_on() -> bool:
+            return self.finished or (
+                self.latest is not None and (self.latest.version, self.latest.attempt) > tuple(seen)
+            )
+
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(lambda: rested() or moved_on()), timeout_s)
+            except asyncio.TimeoutError:
+                return False
+            return rested()
 
     def version(self) -> int:
         return 0 if self.latest is None else self.latest.version

@@ -65,6 +65,9 @@ class LearnerSpec(BaseModel):
     # transformers engine) or the merged weights (plain rollout models: vLLM)
     lora_publish: Literal["adapters", "merged"] = "adapters"
     actor_timeout_s: float = 3600.0  # the job's: the longest wait for the hub or the buffer to answer
+    # Between updates the engines' states wait in host memory (``PPOJob.learners_offload``): the rollout engines
+    # sample on the same GPUs meanwhile
+    offload: bool = False
 
 
 def _broadcast_flag(flag: bool) -> bool:
@@ -112,10 +115,37 @@ class Learner:
             shapes = lora.adapter_shapes(module)
         else:
             shapes = lora.merged_shapes(module)
+        self.resting = False  # the engines' states in host memory (``rest``)
         self.layouts = (
             sync.layout(shapes, bucket, wire),
             sync.module_layout(self.value.module, bucket, wire) if self.value is not None else None,
         )
+
+    @property
+    def engines(self) -> list[Any]:
+        return [self.policy, *([self.value] if self.value is not None else [])]
+
+    def rest(self) -> float:
+        """Move both engines' states (optimiser moments, fp32 master weights, gradients, weights) to host memory
+        until ``wake`` (``spec.offload``: the rollout engines sample on these GPUs meanwhile). Returns seconds."""
+        if not self.spec.offload or self.resting:
+            return 0.0
+        start = time.perf_counter()
+        for engine in self.engines:
+            engine.offload_states()
+        self.resting = True
+        return time.perf_counter() - start
+
+    def wake(self) -> float:
+        """Bring the states back to the device (before an update, a stream of the weights, a checkpoint, the
+        final export). Returns seconds."""
+        if not self.resting:
+            return 0.0
+        start = time.perf_counter()
+        for engine in self.engines:
+            engine.reload_states()
+        self.resting = False
+        return time.perf_counter() - start
 
     def policy_state(self) -> Iterator[tuple[str, torch.Tensor]] | None:
         """What this rank streams of the policy (every rank iterates it): a LoRA policy's adapters or merged
@@ -285,7 +315,24 @@ def learner_worker(config: dict[str, Any]) -> None:
             call("the policy hub", hub.set_driver_state.remote(driver_state), "restoring the driver's state")
             print(f"[ppo] learners resumed from the checkpoint of iteration {start}", flush=True)
 
-    latest = 0  # rank 0's last published version
+    latest, latest_attempt = 0, 0  # rank 0's last publication
+    offload_s = 0.0  # moving the states to host memory and back since the last update
+
+    def rest() -> None:
+        """Every rank moves its states to host memory; rank 0 then tells the driver, whose rollout engines may
+        take the device. Without ``spec.offload`` nothing moves and nobody waits for the word."""
+        nonlocal offload_s
+        if not spec.offload:
+            return
+        offload_s += learner.rest()
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            call("the policy hub", hub.rested.remote(latest, latest_attempt), "giving up the device")
+
+    def wake() -> None:
+        nonlocal offload_s
+        offload_s += learner.wake()
 
     def publish(iteration: int, stats: dict[str, float], again: bool = False) -> None:
         """Rank 0 announces the version; every rank joins the gather while rank 0 streams it. ``again``: the
@@ -294,8 +341,9 @@ def learner_worker(config: dict[str, Any]) -> None:
         A stream that fails (a receiver gone, none joined in time) is reported and training goes on: the driver
         repairs a restarted rollout worker from a peer, asks again for a version nobody it needs received, and the
         next version reaches everyone alive."""
-        nonlocal latest
+        nonlocal latest, latest_attempt
         version, attempt = 0, 0  # known at rank 0, the only one that joins the groups
+        wake()
         if again and dist.is_initialized():
             dist.barrier()  # every rank has read the request before the hub forgets it
         if rank == 0:
@@ -310,7 +358,7 @@ def learner_worker(config: dict[str, Any]) -> None:
                 nbytes = sum(sync.nbytes(lay, wire) for lay in learner.layouts if lay is not None)
                 published: Any = hub.publish.remote(iteration, *learner.layouts, nbytes, stats)
                 version = int(call("the policy hub", published, f"publishing iteration {iteration}"))
-            latest = version
+            latest, latest_attempt = version, attempt
             call(
                 "the rollout buffer", buffer.publish_version.remote(version), f"publishing version {version}"
             )
@@ -320,6 +368,8 @@ def learner_worker(config: dict[str, Any]) -> None:
             dist.barrier()  # no rank looks for a batch before the hub forgot those of a lost attempt
 
     publish(start, {})
+    if start < ppo.iterations:
+        rest()
     batch_rows = ppo.answers
     done = iteration = start
     while iteration < ppo.iterations:
@@ -354,6 +404,7 @@ def learner_worker(config: dict[str, Any]) -> None:
         )
         if entries == RESEND:
             publish(iteration, {}, again=True)
+            rest()
             continue
         if entries is None:
             break  # stopped early while waiting for experience
@@ -361,8 +412,11 @@ def learner_worker(config: dict[str, Any]) -> None:
         staleness = [v for _, _, v in entries]
         tables = ray.get([ref[0] for ref, _, _ in entries], timeout=spec.actor_timeout_s)
         rows = pa.concat_tables(tables).to_pylist()
+        wake()
         stats = learner.train_iteration(rows, iteration)
         stats["ppo/batch_version_min"] = float(min(staleness))
+        if spec.offload:
+            stats["ppo/learner_offload_s"], offload_s = offload_s, 0.0
         done = iteration = iteration + 1
         publish(done, stats)
         if rank == 0:
@@ -374,11 +428,15 @@ def learner_worker(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 learner.save(Path(tmp), done, driver_state)
                 ray.train.report({"iteration": done}, checkpoint=Checkpoint.from_directory(tmp))
+        if done < ppo.iterations:
+            rest()
 
     if rank == 0:
         call("the rollout buffer", buffer.close.remote(), "closing the buffer")
+    wake()
     with tempfile.TemporaryDirectory() as tmp:
         ds.export_hf(learner.policy.module, Path(tmp) / "hf", tokenizer_files(learner.policy_dir), rank)
+        rest()  # done with the device: the driver's last evaluation may have it
         if rank == 0:
             (Path(tmp) / "state.json").write_text(json.dumps({"iteration": done, "final": True}))
         ray.train.report(

@@ -117,10 +117,13 @@ class Actors:
         self.timeout_s = job.actor_timeout_s
         opts = actor_options(p.cpus_per_actor, p.gpus_per_actor, p.spread)
         inf = job.inference.model_dump()
+        if job.colocated_gpus and inf["vllm"]["memory_share"] is None:
+            # vLLM takes its share of the whole GPU at start, beside a learner: the share Ray gave the worker
+            inf["vllm"]["memory_share"] = p.gpus_per_actor
         # A LoRA policy's rollout workers hold its start checkpoint under the adapters and give the reference
         # log-probs with the adapters off: no reference scorer (``PPOJob.reference_on_workers``).
         lora_workers = job.lora if job.reference_on_workers else None
-        self.workers = workers_from(policy, p, job.inference, lora_workers)
+        self.workers = workers_from(policy, p, job.inference, lora_workers, can_sleep=job.engines_sleep)
         members = {
             "reference": {"checkpoint": policy, "kind": "reference", "temperature": p.temperature, **inf},
             "rm_h": {"checkpoint": rm_h, "kind": "reward", "seq_len": p.seq_len, **inf},
@@ -190,6 +193,17 @@ class Actors:
         reached = len(self.workers) - len([f for f in failures if f.startswith("rollout")])
         if "value scorer" in failures or reached == 0:
             raise WeightsLost(f"version {pub.version} reached too few receivers: {sorted(failures)}")
+
+    def sleep(self) -> float:
+        """Every rollout worker gives up its device memory (``ppo.engine_sleep``); returns the most GB one
+        freed."""
+        calls = {f"rollout worker {i}": w.sleep.remote() for i, w in enumerate(self.workers)}
+        return max(gather(calls, self.timeout_s, "giving up their device memory"))
+
+    def wake(self) -> None:
+        """Every rollout worker takes back the memory for its weights (the KV cache's comes when it samples)."""
+        calls = {f"rollout worker {i}": w.wake.remote(("weights",)) for i, w in enumerate(self.workers)}
+        gather(calls, self.timeout_s, "taking back their device memory")
 
     def check_alive(self, wait_s: float | None = None) -> None:
         """Raises ``ActorsDead`` when every rollout worker is dead for good. A call to a worker that Ray is
@@ -357,6 +371,17 @@ def _wake(hub: Any, buffer: Any, stop: str | None = None) -> None:
             ray.get(call, timeout=60)
 
 
+def _wait_for_learners(hub: Any, box: dict[str, Any], timeout_s: float) -> None:
+    """Until the learners have published their first version (each holds its GPU share by then); raises what
+    ended them if they ended first."""
+    first = ask("the policy hub", hub.wait_newer.remote((0, 0), timeout_s), timeout_s + 60, "PPO's start")
+    if first is None:
+        if "error" in box:
+            raise box["error"]
+        raise RuntimeError(f"the PPO learners published no weights within {timeout_s:g} s (actor_timeout_s)")
+    print("[ppo] learners placed; starting the rollout workers beside them", flush=True)
+
+
 class Driver:
     def __init__(
         self,
@@ -394,6 +419,7 @@ class Driver:
         self.seen = (0, 0)  # the newest (version, attempt) taken, received or not
         self.broken = False  # the receivers hold no usable version until the next one arrives
         self.sync_s = 0.0  # the last weight sync's seconds
+        self.rest_wait_s = 0.0  # the last wait for the learners to give up the device (ppo.learner_offload)
 
     def prompt_batch(self, b: int) -> list[dict[str, Any]]:
         """The prompts of batch ``b``: epochs over the training prompts, each shuffled with the seed."""
@@ -428,6 +454,10 @@ class Driver:
         seed = self.job.seed * 1_000_003 + b * 1009
         samples = self.actors.generate(pub, prompts, seed=seed, reference=on_workers)
         gen_s = time.perf_counter() - t0
+        sleep: dict[str, float] = {}
+        if self.job.engines_sleep:  # the learners train next: the engines give them the device
+            freed = self.actors.sleep()
+            sleep = {"ppo/engine_sleep_s": time.perf_counter() - t0 - gen_s, "ppo/engine_freed_gb": freed}
         t1 = time.perf_counter()
         prompt_ids, response_ids = [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples]
         turns, texts = [q["turns"] for q in prompts], [s["text"] for s in samples]
@@ -470,7 +500,8 @@ class Driver:
                 "buffer/staleness_mean": stats["staleness_mean"],
                 "buffer/dropped": float(stats["rows_dropped"]),
                 "buffer/rows_in": float(stats["rows_in"]),
-            },
+            }
+            | sleep,
         )
         if p.kl_limit is not None and exp.metrics["ppo/kl"] > p.kl_limit:
             self.stop(f"KL {exp.metrics['ppo/kl']:.3f} passed kl_limit {p.kl_limit} at iteration {b}")
@@ -570,6 +601,8 @@ class Driver:
         t0 = time.perf_counter()
         if self.first_publication is None:
             self.first_publication = t0
+        if self.job.engines_sleep:
+            self.actors.wake()
         self.actors.load(pub)
         self.broken = False
         self.failed_loads = 0
@@ -577,6 +610,8 @@ class Driver:
             self.loaded is not None and pub.version == self.loaded.version
         )  # sent again after a lost batch
         self.sync_s = time.perf_counter() - t0
+        if self.job.learners_offload:
+            self.wait_rested(pub)
         self.last_received, self.eval_s_by_last = time.perf_counter(), self.eval_s
         if self.loaded is None and pub.iteration > 0:
             # Learners that resumed from a checkpoint this driver did not see written: a rerun after the driver was
@@ -598,9 +633,10 @@ class Driver:
         self.next_batch = max(self.next_batch, pub.iteration)
         if pub.iteration > 0 and pub.stats and not again:
             self.record(pub.iteration - 1, pub.stats)
+        rested = {"ppo/learner_rest_wait_s": self.rest_wait_s} if self.job.learners_offload else {}
         self.record(
             pub.iteration,
-            {"ppo/weight_sync_s": self.sync_s, "ppo/weight_sync_gb": pub.nbytes / 1e9},
+            {"ppo/weight_sync_s": self.sync_s, "ppo/weight_sync_gb": pub.nbytes / 1e9} | rested,
         )
         if again:
             print(
@@ -613,6 +649,20 @@ class Driver:
         if due and pub.iteration != self.last_eval:
             self.evaluate(pub)
             self.last_eval = pub.iteration
+
+    def wait_rested(self, pub: Publication) -> None:
+        """Before the rollout engines sample (or evaluate) with ``pub``: the learners, who streamed it, have moved
+        their states off the shared GPUs (``ppo.learner_offload``). Learners that died or moved on meanwhile leave
+        nothing to wait for; past the weight-sync timeout the engines go ahead, with a warning."""
+        t0 = time.perf_counter()
+        timeout_s = self.job.ppo.weight_sync_timeout_s
+        seen = (pub.version, pub.attempt)
+        if not self.ask("the policy hub", self.hub.wait_rested.remote(seen, timeout_s)):
+            print(
+                f"[ppo] the learners did not report giving up the device after version {pub.version}",
+                flush=True,
+            )
+        self.rest_wait_s = time.perf_counter() - t0
 
     def loop(self, fit: threading.Thread) -> None:
         """Until the learners are done: take each new publication, and sample the batches it may feed.
@@ -738,11 +788,17 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
         channel = sync.Channel(
             host=host,
             port=store.port,
-            backend="nccl" if on_gpu and tc.use_gpu else "gloo",
+            # NCCL refuses two ranks of one group on one GPU ("Duplicate GPU detected"), which learners sharing
+            # GPUs with rollout workers would be: their weights go through host memory over gloo (a CUDA IPC hand-
+            # over from each learner to the worker on its GPU, as veRL does, would be faster; not built)
+            backend="nccl" if on_gpu and tc.use_gpu and not job.colocated_gpus else "gloo",
             dtype=sync.dtype_name(inference_dtype(job.inference.dtype, on_gpu)),
             timeout_s=p.weight_sync_timeout_s,
         )
-        actors = Actors(job, policy, rm_h, rm_s, value, channel)
+        # Learners sharing GPUs with rollout workers go first, one to a GPU (each takes more than half of one);
+        # the rollout workers then fill what is left beside them (Ray fits a fractional request on the fullest GPU
+        # that holds it). The other way round, rollout workers would pack two to a GPU and leave learners nowhere.
+        actors = None if job.colocated_gpus else Actors(job, policy, rm_h, rm_s, value, channel)
         value_optim = job.optim.model_copy(update={"lr": p.value_lr or job.optim.lr * 10})
         spec = LearnerSpec(
             ppo=p,
@@ -762,6 +818,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             lora=job.lora,
             lora_publish="adapters" if job.reference_on_workers else "merged",
             actor_timeout_s=job.actor_timeout_s,
+            offload=job.learners_offload,
         )
         # Under a pipeline the run is named by the pipeline's (or round's) run, so a rerun after a kill finds the
         # learners' last checkpoint; a standalone PPO run by its own
@@ -774,11 +831,25 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             f"{p.rollout_workers} rollout workers, {tc.num_workers} learners (ZeRO-{tc.zero_stage}), beta {p.beta}",
             flush=True,
         )
-        driver = Driver(job, run, work, prompts, eval_prompts, actors, hub, buffer)
+        turns = [
+            w
+            for w, on in (("engines sleep", job.engines_sleep), ("learners offload", job.learners_offload))
+            if on
+        ]
+        if job.colocated_gpus or turns:
+            share = " on shared GPUs" if job.colocated_gpus else ""
+            print(
+                f"[ppo] learners and rollout workers take turns{share}: {', '.join(turns) or 'nothing freed'}",
+                flush=True,
+            )
         start = time.monotonic()
         # When the learners end, for good or not, wake whatever waits on the buffer or the hub.
         thread, box = fit_in_thread(trainer, lambda: _wake(hub, buffer))
         try:
+            if actors is None:
+                _wait_for_learners(hub, box, job.actor_timeout_s)
+                actors = Actors(job, policy, rm_h, rm_s, value, channel)
+            driver = Driver(job, run, work, prompts, eval_prompts, actors, hub, buffer)
             driver.loop(thread)
         except BaseException as exc:
             # Wake the learners (they may be waiting for experience or for receivers) and let them end.

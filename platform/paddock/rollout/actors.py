@@ -57,6 +57,14 @@ def local_checkpoint(ref: str) -> str:
     return str(tracking.resolve_model(ref))
 
 
+def _device_used() -> int:
+    """Bytes in use on this process's GPU, by anyone (vLLM's memory is not torch's allocator's); 0 without one."""
+    if not torch.cuda.is_available():
+        return 0
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
 def _inference(dtype: str) -> tuple[torch.device, torch.dtype]:
     device = actor_device()
     return device, inference_dtype(dtype, device.type == "cuda")
@@ -87,9 +95,13 @@ class RolloutWorker:
         engine: str = "transformers",
         vllm: Mapping[str, Any] | None = None,
         lora: Mapping[str, Any] | None = None,
+        can_sleep: bool = False,
     ):
         torch.set_num_threads(threads)
         self.device, self.dtype = _inference(dtype)
+        self.can_sleep = can_sleep  # vLLM needs to know at start (its sleep mode)
+        self.asleep = False  # the device memory given up (``sleep``) until ``wake``
+        self.engine_stale = False  # vLLM woken from its sleep: its weights are garbage until reloaded
         self.attn = attn_implementation
         if lora is not None and engine != "transformers":
             raise ValueError("a rollout worker holds LoRA adapters on the transformers engine only")
@@ -128,9 +140,11 @@ class RolloutWorker:
         caller may take for any version's. Under vLLM each bucket goes on into the engine as it lands in the
         host mirror, in one in-place reload."""
         self.policy_version, self.digest = -1, None
+        self.wake(("weights",))  # the KV cache's memory comes back when sampling starts
         if self.engine is not None:
             wire = torch.device("cuda") if channel.backend == "nccl" else self.device  # NCCL lands on the GPU
             self._reload(sync.stream_into(channel, self.model, layout, rank, wire))
+            self.engine_stale = False
         else:
             sync.receive_into(channel, self.model, layout, rank, self.device, self.keep)
         self.policy_version = policy_version
@@ -140,7 +154,42 @@ class RolloutWorker:
         from paddock.rollout.vllm_engine import VllmEngine
 
         eos = self.tok.eos_token_id
-        return VllmEngine(checkpoint, dtype=self.dtype, eos_id=eos, on_gpu=self.on_gpu, **self.vllm)
+        return VllmEngine(
+            checkpoint, dtype=self.dtype, eos_id=eos, on_gpu=self.on_gpu, sleep=self.can_sleep, **self.vllm
+        )
+
+    def sleep(self) -> float:
+        """Give up this worker's device memory until ``wake`` (``ppo.engine_sleep``: the learners train in it):
+        vLLM sleeps (weights and KV cache freed), the transformers engine moves its model to the host. Returns the
+        GB of device memory freed (0 on a CPU, where nothing moves)."""
+        if self.asleep:
+            return 0.0
+        before = _device_used()
+        if self.engine is not None:
+            self.engine.sleep()
+            self.engine_stale = True
+        elif self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self.asleep = True
+        return max(0.0, before - _device_used()) / 1e9
+
+    def wake(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Take back the device memory ``sleep`` gave up (vLLM: the weights' and the KV cache's, as ``tags``
+        say). Woken vLLM weights are reloaded from the host mirror before the next sample unless new ones
+        arrive first."""
+        if self.engine is not None:
+            self.engine.wake(tags)
+        elif self.asleep and self.device.type == "cuda":
+            self.model.to(self.device)
+        self.asleep = False
+
+    def _ready(self) -> None:
+        """Awake, and vLLM holding the mirror's weights: what sampling and scoring need."""
+        self.wake()
+        if self.engine_stale:
+            self._reload(iter(self.model.state_dict().items()))
+            self.engine_stale = False
 
     def _reload(self, weights: Any) -> None:
         """Load weights into vLLM in place. A reload cut off half way (a stream whose sender died) leaves vLLM's
@@ -156,6 +205,7 @@ class RolloutWorker:
 
     def send_held(self, channel: sync.Channel, layout: sync.Layout) -> int:
         """Stream the weights held to a peer that lost them (rank 0 of ``channel``); returns their version."""
+        self._ready()
         sync.send_held(channel, self.model, layout, self.device)
         return self.policy_version
 
@@ -194,6 +244,7 @@ class RolloutWorker:
         A worker restarted after a crash comes back with the checkpoint it was created with and version 0;
         callers compare the versions stamped on its rows to notice."""
         checkpoint = local_checkpoint(checkpoint)
+        self.wake()
         self.model = self._load(checkpoint)
         self.tok = load_tokenizer(checkpoint)
         if self.engine is not None:
@@ -205,6 +256,7 @@ class RolloutWorker:
 
     def answer_nll(self, dialogs: Sequence[Mapping[str, Any]], seq_len: int) -> tuple[float, int]:
         """Summed NLL of the dialogs' answer tokens under the weights held, and their count (perplexity)."""
+        self._ready()
         return answer_nll(self.model, self.tok, dialogs, seq_len, self.logits_chunk)
 
     def generate(
@@ -222,6 +274,7 @@ class RolloutWorker:
         the base with the adapters off; a LoRA worker only.
         """
         temperature = self.temperature if temperature is None else temperature
+        self._ready()
         if self.engine is not None:
             samples = self._engine_samples(prompts, seed, temperature)
         else:
@@ -419,6 +472,7 @@ def start_workers(
     inference: Mapping[str, Any] | None = None,
     lora: Mapping[str, Any] | None = None,
     spread: bool = False,
+    can_sleep: bool = False,
 ) -> list[Any]:
     """``count`` rollout workers holding ``checkpoint``, with one sampling setup; ``inference`` is a job's
     ``InferenceConfig`` as a dict (precision, token budget, engine); ``lora``: a LoRA policy's adapter settings
@@ -435,15 +489,19 @@ def start_workers(
             temperature=temperature,
             top_p=top_p,
             lora=lora,
+            can_sleep=can_sleep,
             **(inference or {}),
         )
         for _ in range(count)
     ]
 
 
-def workers_from(checkpoint: str, cfg: Any, inference: Any = None, lora: Any = None) -> list[Any]:
+def workers_from(
+    checkpoint: str, cfg: Any, inference: Any = None, lora: Any = None, can_sleep: bool = False
+) -> list[Any]:
     """Rollout workers as a sampling section says (``SamplingConfig`` or ``PPOConfig``) and the job's
-    ``InferenceConfig`` (and ``LoraSettings`` for a LoRA policy's workers)."""
+    ``InferenceConfig`` (and ``LoraSettings`` for a LoRA policy's workers); ``can_sleep``: PPO's engines that
+    give up their device memory while the learners train."""
     return start_workers(
         checkpoint,
         cfg.rollout_workers,
@@ -455,6 +513,7 @@ def workers_from(checkpoint: str, cfg: Any, inference: Any = None, lora: Any = N
         inference=inference.model_dump() if inference is not None else None,
         lora=lora.model_dump() if lora is not None else None,
         spread=getattr(cfg, "spread", False),
+        can_sleep=can_sleep,
     )
 
 

@@ -101,8 +101,10 @@ def engine_kwargs(
     enforce_eager: bool = False,
     tensor_parallel: int = 1,
     seed: int = 0,
+    sleep: bool = False,
 ) -> dict[str, Any]:
-    """vLLM's engine arguments for a paddock checkpoint (``inference.vllm`` / ``serve.vllm``)."""
+    """vLLM's engine arguments for a paddock checkpoint (``inference.vllm`` / ``serve.vllm``). ``sleep``: able to
+    free its device memory between turns (``ppo.engine_sleep``); vLLM's sleep mode exists on GPUs only."""
     if tensor_parallel != 1:
         raise ValueError("paddock's vLLM engine runs on one device (inference.vllm.tensor_parallel: 1)")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in the actor's process, one engine
@@ -122,6 +124,7 @@ def engine_kwargs(
         "worker_extension_cls": EXTENSION,
         "trust_remote_code": False,
         "load_format": "safetensors",
+        "enable_sleep_mode": sleep and on_gpu,
     }
 
 
@@ -151,9 +154,42 @@ def sampling_params(
 class VllmEngine:
     """One ``vllm.LLM`` over a checkpoint, sampling from token ids (a rollout worker's)."""
 
-    def __init__(self, checkpoint: str, *, dtype: torch.dtype, eos_id: int, on_gpu: bool, **vllm: Any):
+    def __init__(
+        self,
+        checkpoint: str,
+        *,
+        dtype: torch.dtype,
+        eos_id: int,
+        on_gpu: bool,
+        sleep: bool = False,
+        **vllm: Any,
+    ):
         self.eos_id = eos_id
-        self.llm = _import_vllm().LLM(**engine_kwargs(checkpoint, dtype=dtype, on_gpu=on_gpu, **vllm))
+        self.llm = _import_vllm().LLM(
+            **engine_kwargs(checkpoint, dtype=dtype, on_gpu=on_gpu, sleep=sleep, **vllm)
+        )
+        self.can_sleep = sleep and on_gpu  # vLLM's sleep mode: GPUs only
+        self.asleep: set[str] = set()  # what is freed: "weights", "kv_cache"
+
+    def sleep(self) -> None:
+        """Free the engine's device memory, weights and KV cache alike (vLLM's sleep level 2: the weights are not
+        kept anywhere, the next reload brings them back). On the CPU backend nothing is freed."""
+        if self.asleep >= {"weights", "kv_cache"}:
+            return
+        self.wake()  # half awake (weights reloaded, no KV cache yet): vLLM sleeps from awake
+        if self.can_sleep:
+            self.llm.sleep(level=2)
+        self.asleep = {"weights", "kv_cache"}
+
+    def wake(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Take back the memory of ``tags``: the weights' before a reload, the KV cache's before sampling (in
+        that order the two peaks do not add up). Woken weights hold nothing until reloaded."""
+        want = [t for t in tags if t in self.asleep]
+        if want and self.can_sleep:
+            self.llm.wake_up(tags=want)
+        self.asleep.difference_update(want)
+        if "kv_cache" in want:
+            self.llm.reset_prefix_cache()  # the cached prefixes' KV went with the memory
 
     def generate(
         self,
@@ -192,7 +228,8 @@ class VllmEngine:
         """Load Hugging Face-named tensors in place, as they are produced; the prefix cache (KV computed with the
         old weights) is dropped. Returns how many tensors."""
         n = int(self.llm.collective_rpc("paddock_reload", args=(weights,))[0])
-        self.llm.reset_prefix_cache()
+        if "kv_cache" not in self.asleep:  # else waking it resets the prefix cache
+            self.llm.reset_prefix_cache()
         return n
 
     def close(self) -> None:

@@ -191,7 +191,7 @@ def torch_trainer(
 
     from paddock.config import train_storage
 
-    resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
+    resources = {"CPU": tc.cpus_per_worker} | ({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})
     scaling = (
         ScalingConfig(num_workers=0)
         if tc.num_workers == 0
