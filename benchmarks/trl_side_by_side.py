@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -609,6 +610,16 @@ def main() -> None:
                 "quality_min": min(qs),
                 "quality_max": max(qs),
             }
+    by_name = {r["name"]: r for r in rows}
+    ours, theirs = (by_name[n].get("quality_seeds") for n in seeded)
+    if ours and theirs and len(ours) > 1:
+        # paddock's mean less TRL's, and the standard error of that difference (the seeds' spread, each side's
+        # own): within two of it the two means are not told apart by this many seeds
+        se = math.sqrt(statistics.variance(ours) / len(ours) + statistics.variance(theirs) / len(theirs))
+        by_name["online RL, paddock PPO, colocated, rloo advantage"] |= {
+            "quality_mean_vs_trl": statistics.mean(ours) - statistics.mean(theirs),
+            "quality_mean_vs_trl_se": se,
+        }
 
     meta = {
         "trl": trl.__version__,
@@ -636,6 +647,10 @@ def main() -> None:
             seeds = ", ".join(f"{q:.3f}" for q in r["quality_seeds"])
             print(
                 f"{r['name']}: held-out greedy reward over seeds 0-{args.rl_seeds - 1}: {seeds} (mean {r['quality_mean']:.3f})"
+            )
+        if "quality_mean_vs_trl" in r:
+            print(
+                f"  mean less TRL's: {r['quality_mean_vs_trl']:+.3f} (standard error {r['quality_mean_vs_trl_se']:.3f})"
             )
 
 
