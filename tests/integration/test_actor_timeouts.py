@@ -239,3 +239,49 @@ def test_weights_that_reach_no_receiver_fail_once_within_one_timeout(ray_cluster
     assert 2.0 <= waited < 7.0, waited  # 2 s to load, 2 s to see them alive; 12 s one by one
     for a in [*actors.workers, actors.value]:
         ray.kill(a)
+
+
+def test_a_dead_rollout_worker_is_passed_over_when_the_engines_sleep_and_wake(ray_cluster, capsys) -> None:
+    """``ppo.engine_sleep``'s turns do not end a run whose rollout worker died: the others sleep and wake, the dead
+    one is named and passed over (a restarted worker comes back awake; the next load and the repairs deal with its
+    weights), and a hung one costs one ``actor_timeout_s``, not one each."""
+    import ray
+    from paddock.ppo.loop import Actors
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Engine:
+        def __init__(self, freed: float, hang: bool = False):
+            self.freed, self.hang, self.awake = freed, hang, True
+
+        def sleep(self) -> float:
+            if self.hang:
+                time.sleep(3600)
+            self.awake = False
+            return self.freed
+
+        def wake(self, tags: tuple[str, ...]) -> None:
+            self.awake = tags == ("weights",)
+
+        def is_awake(self) -> bool:
+            return self.awake
+
+    actors = Actors.__new__(Actors)
+    actors.timeout_s = 2.0
+    actors.workers = [Engine.remote(1.5), Engine.remote(2.5), Engine.remote(0.5)]
+    ray.get([w.is_awake.remote() for w in actors.workers])  # started
+    ray.kill(actors.workers[1])
+    assert actors.sleep() == 1.5  # the live ones' most; the dead one passed over
+    assert ray.get([actors.workers[i].is_awake.remote() for i in (0, 2)]) == [False, False]
+    actors.wake()
+    assert ray.get([actors.workers[i].is_awake.remote() for i in (0, 2)]) == [True, True]
+    assert (
+        "rollout worker 1 was passed over giving up its device memory: ActorDiedError"
+        in capsys.readouterr().out
+    )
+    first, hung = actors.workers, [Engine.remote(1.0, hang=True) for _ in range(3)]
+    actors.workers = hung
+    t0 = time.monotonic()
+    assert actors.sleep() == 0.0
+    assert 2.0 <= time.monotonic() - t0 < 5.0
+    for a in [first[0], first[2], *hung]:
+        ray.kill(a)

@@ -197,13 +197,25 @@ class Actors:
     def sleep(self) -> float:
         """Every rollout worker gives up its device memory (``ppo.engine_sleep``); returns the most GB one
         freed."""
-        calls = {f"rollout worker {i}": w.sleep.remote() for i, w in enumerate(self.workers)}
-        return max(gather(calls, self.timeout_s, "giving up their device memory"))
+        return max(self._each(lambda w: w.sleep.remote(), "giving up its device memory"), default=0.0)
 
     def wake(self) -> None:
         """Every rollout worker takes back the memory for its weights (the KV cache's comes when it samples)."""
-        calls = {f"rollout worker {i}": w.wake.remote(("weights",)) for i, w in enumerate(self.workers)}
-        gather(calls, self.timeout_s, "taking back their device memory")
+        self._each(lambda w: w.wake.remote(("weights",)), "taking back its device memory")
+
+    def _each(self, call: Any, doing: str) -> list[Any]:
+        """``call`` on every rollout worker; the answers of those that gave one. A worker that died, or that Ray
+        is restarting, is passed over: it comes back awake with its start weights, which the next load replaces
+        (or a repair from a peer), as after any crash."""
+        refs = [call(w) for w in self.workers]
+        deadline = time.monotonic() + self.timeout_s
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                print(f"[ppo] rollout worker {i} was passed over {doing}: {type(exc).__name__}", flush=True)
+        return out
 
     def check_alive(self, wait_s: float | None = None) -> None:
         """Raises ``ActorsDead`` when every rollout worker is dead for good. A call to a worker that Ray is
