@@ -1466,6 +1466,13 @@ class PipelineJob(StageConfig):
         "model, retrains both reward models on every pair so far, then runs rejection sampling and PPO; its "
         "model is registered as {registry_prefix}-rlhf-v<k>. Needs the collect_preferences stage when above 1.",
     )
+    reward_warm_start: bool = Field(
+        False,
+        description="From round 2, each reward model starts from the previous round's (its score head included) "
+        "instead of from the reward stage's init_from, and trains on every pair so far: the new round's pairs "
+        "move a model that already ranks the older ones, rather than a fresh one whose own seed-to-seed spread "
+        "is as large as what one round's pairs teach.",
+    )
 
     @model_validator(mode="after")
     def _known_stages(self) -> PipelineJob:

@@ -157,7 +157,9 @@ def round_overrides(job: PipelineJob, step: Step) -> list[str]:
         judges = [f"reward_{kind}=models:/{p}-rm-{kind}@latest" for kind in ("helpfulness", "safety")]
         return [f"collect.round={k}", f"models=[{start}]", *(judges if k > 1 else [])]
     if step.stage in ("reward_helpfulness", "reward_safety"):
-        return [f"data.train=runs/{p}-preferences/round{k}/train.parquet"]
+        kind = step.stage.removeprefix("reward_")
+        warm = [f"model.init_from=models:/{p}-rm-{kind}@latest"] if job.reward_warm_start and k > 1 else []
+        return [f"data.train=runs/{p}-preferences/round{k}/train.parquet", *warm]
     if step.stage == "rejection_sampling":
         return [f"rejection.round={k}", *([f"policy={start}"] if k > 1 else [])]
     return []

@@ -333,6 +333,19 @@ def test_the_pipeline_schedules_rounds_with_their_models_and_data():
     assert over["rejection_sampling"] == ["rejection.round=1"]
     assert over["rejection_sampling@2"] == ["rejection.round=2", "policy=models:/tiny-rlhf-v1@latest"]
     assert over["ppo@2"] == over["gatt"] == []
+    # reward_warm_start: from round 2 each reward model starts from the previous round's
+    warm = load_config(
+        PipelineJob, REPO / "jobs/configs/tiny/pipeline.yaml", ["rounds=3", "reward_warm_start=true"]
+    )
+    over = {s.key: pipeline.round_overrides(warm, s) for s in pipeline.schedule(warm)}
+    assert over["reward_helpfulness"] == ["data.train=runs/tiny-preferences/round1/train.parquet"]
+    assert over["reward_safety@3"] == [
+        "data.train=runs/tiny-preferences/round3/train.parquet",
+        "model.init_from=models:/tiny-rm-safety@latest",
+    ]
+    configs = pipeline.stage_configs(warm, pipeline.schedule(warm))
+    assert configs["reward_helpfulness@2"].model.init_from == "models:/tiny-rm-helpfulness@latest"
+    assert configs["reward_helpfulness"].model.init_from == "models:/tiny-sft@latest"
 
 
 def test_the_pipeline_s_seed_reaches_every_stage_and_not_the_world_s_content():
