@@ -669,7 +669,8 @@ class Driver:
         t0 = time.perf_counter()
         timeout_s = self.job.ppo.weight_sync_timeout_s
         seen = (pub.version, pub.attempt)
-        if not self.ask("the policy hub", self.hub.wait_rested.remote(seen, timeout_s)):
+        call = self.hub.wait_rested.remote(seen, timeout_s)  # its own wait, whatever actor_timeout_s says
+        if not ask("the policy hub", call, timeout_s + 60, "PPO's driver waiting for the learners' rest"):
             print(
                 f"[ppo] the learners did not report giving up the device after version {pub.version}",
                 flush=True,
