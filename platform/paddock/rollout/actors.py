@@ -204,8 +204,9 @@ class RolloutWorker:
             raise
 
     def send_held(self, channel: sync.Channel, layout: sync.Layout) -> int:
-        """Stream the weights held to a peer that lost them (rank 0 of ``channel``); returns their version."""
-        self._ready()
+        """Stream the weights held to a peer that lost them (rank 0 of ``channel``); returns their version. They are
+        read from ``model`` wherever it is (a sleeping transformers model on the host, vLLM's host mirror): nothing
+        needs waking."""
         sync.send_held(channel, self.model, layout, self.device)
         return self.policy_version
 
