@@ -282,6 +282,6 @@ def test_a_dead_rollout_worker_is_passed_over_when_the_engines_sleep_and_wake(ra
     actors.workers = hung
     t0 = time.monotonic()
     assert actors.sleep() == 0.0
-    assert 2.0 <= time.monotonic() - t0 < 5.0
+    assert 1.5 <= time.monotonic() - t0 < 5.0  # ray.get may return a hair before its timeout
     for a in [first[0], first[2], *hung]:
         ray.kill(a)
