@@ -98,9 +98,10 @@ class VllmConfig(Strict):
     tensor_parallel: int = Field(
         1,
         ge=1,
-        le=1,
-        description="GPUs one engine spans. paddock runs one engine per rollout worker on one device for now "
-        "(34B/70B rollouts need tensor parallelism: README, status table).",
+        le=16,
+        description="Devices one engine spans (tensor parallelism; 34B/70B need it): vLLM starts a process on each "
+        "of them, all on the worker's node, and each joins the weight publications itself. Must divide the "
+        "model's attention heads; a worker with GPUs takes this many whole ones.",
     )
     max_model_len: int | None = Field(
         None, ge=16, description="Longest prompt + answer an engine holds; null: the model's context length."
@@ -132,6 +133,20 @@ class InferenceConfig(Strict):
     attn_implementation: AttnImplementation = Field(
         "auto", description="Attention kernel; auto: flash_attention_2 on GPU when installed, else sdpa."
     )
+
+    @model_validator(mode="after")
+    def _parallel_engine(self) -> InferenceConfig:
+        if self.vllm.tensor_parallel > 1 and self.engine != "vllm":
+            raise ValueError(
+                f"inference.vllm.tensor_parallel: {self.vllm.tensor_parallel} devices per engine needs "
+                f"inference.engine vllm, got {self.engine}"
+            )
+        return self
+
+    @property
+    def worker_ranks(self) -> int:
+        """Ranks a rollout worker takes in a weight publication's group: one per process of its engine."""
+        return self.vllm.tensor_parallel if self.engine == "vllm" else 1
 
 
 class StageConfig(Strict):
@@ -1115,6 +1130,11 @@ class PPOJob(StageConfig):
                     "ppo.rollout_workers: learners sharing GPUs with rollout workers pair them one to a GPU; give "
                     f"as many as train.num_workers ({t.num_workers}), got {p.rollout_workers}"
                 )
+        if self.colocated_gpus and self.inference.vllm.tensor_parallel > 1:
+            raise ValueError(
+                "inference.vllm.tensor_parallel: learners and rollout workers sharing GPUs pair one learner with one "
+                "engine on one GPU; an engine over several GPUs runs in the split placement (ppo.placement split)"
+            )
         if p.learner_offload and t.zero_stage not in (1, 2):
             raise ValueError(
                 f"ppo.learner_offload: DeepSpeed offloads the learners' states under ZeRO 1 or 2 (ZeRO-3 only with "

@@ -188,7 +188,8 @@ class Role:
     reason: str = ""
     node_type: str | None = None
     needs: str | None = None  # a capability paddock lacks for this role
-    weights_gib: float = 0.0  # an inference copy's weights alone
+    weights_gib: float = 0.0  # an inference copy's weights alone (on each of its GPUs)
+    spread: str = ""  # the setting that spreads this copy over GPUs (tensor parallelism), where one exists
     phase: str = ""  # roles of one phase run at the same time
 
     def row(self) -> dict[str, Any]:
@@ -482,11 +483,13 @@ def _place(roles: list[Role], cluster: Cluster) -> None:
     gpu_roles = sorted((r for r in roles if r.gpus_per_process > 0 and r.fits), key=lambda r: -r.device_gib)
     for r in gpu_roles:
         need = math.ceil(r.count * r.gpus_per_process)
-        # paddock runs no tensor parallelism yet: a process uses one GPU, however many it holds
+        # device_gib is what each GPU of the process holds (a process spanning several, vLLM's tensor parallelism,
+        # holds a share of its copy on each, all on one node); a process without it uses one GPU of those it holds
         holders = [
             t
             for t in cluster.node_types
-            if t.gpus and (t.gpu_gib is None or r.device_gib <= USABLE * t.gpu_gib)
+            if t.gpus >= min(r.gpus_per_process, t.gpus or 1)
+            and (t.gpu_gib is None or r.device_gib <= USABLE * t.gpu_gib)
         ]
         if not holders:
             biggest = max((t.gpu_gib or 0 for t in cluster.node_types), default=0)
@@ -499,9 +502,11 @@ def _place(roles: list[Role], cluster: Cluster) -> None:
                 else "the cluster has no GPUs"
             )
             if biggest and r.weights_gib > USABLE * biggest:
-                r.reason += (
-                    f"; its weights alone ({r.weights_gib:.1f} GiB) exceed one GPU: this role needs tensor-parallel "
-                    "inference, which paddock does not have yet (its vLLM engine runs on one GPU)"
+                r.reason += f"; its weights alone ({r.weights_gib:.1f} GiB) exceed one GPU: " + (
+                    f"spread them over GPUs with {r.spread} (tensor-parallel inference)"
+                    if r.spread
+                    else "this role needs tensor-parallel inference, which paddock's scorers do not have (they run "
+                    "transformers on one GPU)"
                 )
             continue
         holders.sort(key=lambda t: t.gpu_gib or 0)
@@ -603,11 +608,20 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
         role = copy(
             name, ref, count, gpus, False, True, [f"{prefix}.rollout_workers", f"{prefix}.gpus_per_actor"]
         )
+        role.spread = "inference.engine=vllm and inference.vllm.tensor_parallel"
         if inf.engine == "vllm":
             # vLLM's copy (weights and KV cache) where the transformers model would be, and the worker's host
             # mirror of the weights in the Hugging Face layout beside it (paddock.rollout.vllm_engine)
             role.host_gib += role.weights_gib
-            role.keys += ["inference.engine", "inference.vllm.memory_share"]
+            role.keys += ["inference.engine", "inference.vllm.memory_share", "inference.vllm.tensor_parallel"]
+            role.spread = "inference.vllm.tensor_parallel"
+            tp = inf.vllm.tensor_parallel
+            if tp > 1 and gpus > 0:
+                # one vLLM process on each of tp whole GPUs (paddock.rollout.actors.start_workers), each holding
+                # its share of the heads: of the weights, the KV cache and the activations alike
+                role.gpus_per_process = tp
+                role.device_gib /= tp
+                role.weights_gib /= tp
         return role
 
     def scorer(name: str, ref: str, gpus: float, scalar: bool) -> Role:

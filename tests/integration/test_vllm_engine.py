@@ -78,14 +78,61 @@ def _publish(checkpoint: Path, workers: list[Any], version: int) -> None:
     from paddock.ppo import sync
 
     store = sync.rendezvous("127.0.0.1", 120.0)
+    widths = ray.get([w.ranks.remote() for w in workers])  # a tensor-parallel engine's workers join one each
     channel = sync.Channel("127.0.0.1", store.port, "gloo", "float32", 120.0)
-    channel = channel.sub(f"pub{version}/policy", len(workers) + 1)
+    channel = channel.sub(f"pub{version}/policy", sum(widths) + 1)
     model = load_causal_lm(checkpoint)
     lay = sync.module_layout(model, 64 * 1024, torch.float32)  # many buckets: the stream is cut finely
-    got = [w.receive.remote(channel, lay, i + 1, version) for i, w in enumerate(workers)]
+    got = [w.receive.remote(channel, lay, 1 + sum(widths[:i]), version) for i, w in enumerate(workers)]
     sync.send_module(channel, model, lay, 0, torch.device("cpu"))
     assert ray.get(got) == [version] * len(workers)
     del store
+
+
+def test_a_tensor_parallel_vllm_engine_answers_as_transformers_does_through_streams_repairs_and_sleep(
+    ray_cluster, checkpoints: Path, world_dir: Path
+):
+    """inference.vllm.tensor_parallel 2: two vLLM worker processes behind one rollout worker (bound to one core
+    each), which join the publication themselves and keep the worker's shared mirror."""
+    import ray
+    from paddock.ppo import sync
+
+    prompts = _prompts(world_dir, 16)
+    hf = _worker(checkpoints / "policy", "transformers")
+    tp = _worker(checkpoints / "policy", "vllm", {**EAGER, "tensor_parallel": 2})
+    assert ray.get(tp.ranks.remote()) == 2
+
+    def greedy(worker: Any) -> list[list[int]]:
+        return [r["response_ids"] for r in ray.get(worker.generate.remote(prompts, seed=0, temperature=0.0))]
+
+    before = greedy(hf)
+    assert greedy(tp) == before  # fp32, token for token, the heads split over two processes
+
+    # Streamed: each vLLM worker joins the group (ranks 2 and 3) and loads its shard of every bucket; the first
+    # writes the full buckets into the mirror, which the rollout worker saves and digests.
+    _publish(checkpoints / "other", [hf, tp], 1)
+    after = greedy(hf)
+    assert after != before and greedy(tp) == after
+    assert ray.get(tp.weights.remote()) == ray.get(hf.weights.remote())
+
+    # Asleep and woken: every vLLM worker reloads from the shared mirror.
+    assert ray.get(tp.sleep.remote()) == 0.0
+    assert greedy(tp) == after
+
+    # A peer that holds version 2 repairs it over a group of 1 + 2 ranks; then another checkpoint is loaded.
+    _publish(checkpoints / "policy", [hf], 2)
+    store = sync.rendezvous("127.0.0.1", 120.0)
+    channel = sync.Channel("127.0.0.1", store.port, "gloo", "float32", 120.0).sub("repair1", 3)
+    import torch
+    from paddock.models import load_causal_lm
+
+    lay = sync.module_layout(load_causal_lm(checkpoints / "policy"), 64 * 1024, torch.float32)
+    sent, got = hf.send_held.remote(channel, lay), tp.receive.remote(channel, lay, 1, 2)
+    assert ray.get([sent, got]) == [2, 2]
+    assert greedy(tp) == before and ray.get(tp.weights.remote()) == ray.get(hf.weights.remote())
+    assert ray.get(tp.load_checkpoint.remote(str(checkpoints / "other"), 7)) == 7
+    assert greedy(tp) == after
+    ray.kill(tp)
 
 
 def _mean_logprob(scorer: Any, rows: list[dict[str, Any]]) -> tuple[float, float]:
@@ -240,8 +287,13 @@ def _models(models: dict[str, Path], tokenizer_dir: Path) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize(
+    "parallel",
+    [[], ["inference.vllm.tensor_parallel=2", "ppo.rollout_workers=1"]],
+    ids=["one-device", "tensor-parallel-2"],
+)
 def test_ppo_on_the_vllm_engine_recomputes_behaviour_logprobs_and_registers_its_policy(
-    home, ray_cluster, start_models, tokenizer_dir: Path, world_dir: Path, results
+    home, ray_cluster, start_models, tokenizer_dir: Path, world_dir: Path, results, parallel: list[str]
 ):
     from paddock import tracking
     from paddock.config import PPOJob, load_config
@@ -265,13 +317,17 @@ def test_ppo_on_the_vllm_engine_recomputes_behaviour_logprobs_and_registers_its_
             # untrained reward models and a peaked random policy: small steps, and no KL stop (not a quality test)
             "optim.lr=1.0e-5",
             "ppo.kl_limit=1000",
+            *parallel,
         ],
     )
     result = run(job)
     assert result.iterations == 2 and result.stop_reason == "completed"
     drift = [h["rollout/logprob_drift"] for h in result.history if "rollout/logprob_drift" in h]
     sync_s = [h["ppo/weight_sync_s"] for h in result.history if "ppo/weight_sync_s" in h]
-    results(f"PPO on vLLM: engine vs learner log-prob drift by iteration {drift}; weight sync s {sync_s}")
+    results(
+        f"PPO on vLLM {parallel or 'one device'}: engine vs learner log-prob drift by iteration {drift}; "
+        f"weight sync s {sync_s}"
+    )
     # fp32 on both sides: the learners' recomputation agrees with the engine's sampler to kernel order.
     assert len(drift) == 2 and max(drift) < 1e-3
     # The registered policy holds the weights that were evaluated on the vLLM workers (their host mirror).
@@ -322,8 +378,9 @@ def test_rejection_sampling_on_the_vllm_engine_registers_its_model(
     assert name == "vllm-rs"
 
 
+@pytest.mark.parametrize("parallel", [1, 2], ids=["one-device", "tensor-parallel-2"])
 def test_the_serve_app_on_vllm_answers_the_openai_client_as_the_transformers_engine_does(
-    ray_cluster, checkpoints: Path, tok
+    ray_cluster, checkpoints: Path, tok, parallel: int
 ):
     import socket
 
@@ -341,7 +398,7 @@ def test_the_serve_app_on_vllm_answers_the_openai_client_as_the_transformers_eng
         "api_key": "sk-vllm",
         "engine": "vllm",
         "dtype": "fp32",
-        "vllm": EAGER,
+        "vllm": {**EAGER, "tensor_parallel": parallel},
         "cpus_per_replica": 0.5,
         "app_name": "paddock-vllm",
     }
@@ -392,6 +449,7 @@ def test_the_serve_app_on_vllm_answers_the_openai_client_as_the_transformers_eng
         assert stopped.choices[0].finish_reason == "stop" and cut not in stopped.choices[0].message.content
     finally:
         serve.delete("paddock-vllm")
+        serve.shutdown()  # the next one starts Serve on its own port
 
 
 def test_the_rollout_device_script_runs_both_engines_on_the_cpu(tmp_path: Path):

@@ -86,9 +86,20 @@ def test_the_vllm_engine_is_chosen_per_job_and_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match=r"inference.engine: input should be 'transformers' or 'vllm'"):
         load_config(PPOJob, base, ["inference.engine=sglang"])
     with pytest.raises(
-        ConfigError, match=r"inference.vllm.tensor_parallel: input should be less than or equal"
+        ConfigError, match=r"tensor_parallel: 8 devices per engine needs inference.engine vllm"
     ):
         load_config(PPOJob, base, ["inference.vllm.tensor_parallel=8"])
+    spread = load_config(PPOJob, base, ["inference.engine=vllm", "inference.vllm.tensor_parallel=2"])
+    assert spread.inference.worker_ranks == 2 and cfg.inference.worker_ranks == 1
+    shared = [
+        "ppo.placement=colocated",
+        "train.use_gpu=true",
+        "train.gpus_per_worker=0.6",
+        "ppo.gpus_per_actor=0.4",
+    ]
+    shared += ["ppo.rollout_workers=1", "train.num_workers=1"]
+    with pytest.raises(ConfigError, match=r"an engine over several GPUs runs in the split placement"):
+        load_config(PPOJob, base, ["inference.engine=vllm", "inference.vllm.tensor_parallel=2", *shared])
 
 
 def test_starting_vllm_workers_without_vllm_fails_before_any_actor_starts(monkeypatch):
@@ -123,3 +134,31 @@ def test_a_vllm_context_beyond_the_models_is_refused_before_any_worker_starts(tm
     check_settings(str(tmp_path), {"max_model_len": None})
     with pytest.raises(ValueError, match=r"max_model_len \(512\) is beyond the model's context \(256"):
         check_settings(str(tmp_path), {"max_model_len": 512})
+
+
+@pytest.mark.reliability
+def test_a_tensor_parallel_engine_that_cannot_split_the_model_or_its_gpus_is_refused_before_any_worker_starts(
+    tmp_path: Path,
+):
+    import json
+
+    from paddock.rollout import actors
+    from paddock.rollout.vllm_engine import check_settings
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
+    check_settings(str(tmp_path), {"tensor_parallel": 4})
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel \(8\) must divide the model's attention heads \(4"
+    ):
+        check_settings(str(tmp_path), {"tensor_parallel": 8})
+    with pytest.raises(ValueError, match=r"a rollout worker whose engine spans 2 GPUs .* takes them whole"):
+        actors.start_workers(
+            str(tmp_path),
+            1,
+            max_new_tokens=8,
+            temperature=1.0,
+            top_p=1.0,
+            num_cpus=0.5,
+            num_gpus=0.5,
+            inference={"engine": "vllm", "vllm": {"tensor_parallel": 2}},
+        )

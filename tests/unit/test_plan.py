@@ -108,6 +108,23 @@ def test_70b_stages_with_an_inference_copy_are_refused_for_want_of_tensor_parall
     assert not [r for r in result["roles"] if "learner" in r["role"] and not r["fits"]]  # training fits
 
 
+def test_a_70b_sampler_spread_over_eight_gpus_by_vllm_fits_where_the_scorers_still_do_not(capsys):
+    config = str(REPO / "jobs/configs/llama2-70b/rejection_sampling.yaml")
+    _, one = _plan(["--config", config], capsys)
+    spread = ["inference.engine=vllm", "inference.vllm.tensor_parallel=8", "rejection.gpus_per_actor=1"]
+    code, tp = _plan(["--config", config, *[a for s in spread for a in ("--set", s)]], capsys)
+    before = {r["role"]: r for r in one["roles"]}
+    after = {r["role"]: r for r in tp["roles"]}
+    assert not before["rollout worker"]["fits"]
+    assert "inference.engine=vllm and inference.vllm.tensor_parallel" in before["rollout worker"]["reason"]
+    worker = after["rollout worker"]
+    assert worker["fits"] and worker["gpus_per_process"] == 8  # one vLLM process on each GPU of a node
+    # each GPU holds an eighth of the copy: 70B parameters in bf16 / 8 is 16.1 GiB of weights, the rest KV cache
+    assert 16.0 < worker["device_gib"] < 0.3 * before["rollout worker"]["device_gib"]
+    assert code == 1 and not after["helpfulness RM scorer"]["fits"]
+    assert "paddock's scorers do not have" in after["helpfulness RM scorer"]["reason"]
+
+
 def test_zero3_learners_are_planned_partitioned_on_the_host():
     from paddock.config import TrainConfig
 

@@ -68,6 +68,8 @@ class LearnerSpec(BaseModel):
     # Between updates the engines' states wait in host memory (``PPOJob.learners_offload``): the rollout engines
     # sample on the same GPUs meanwhile
     offload: bool = False
+    # Ranks each rollout worker takes in a publication's group: its engine's vLLM workers under tensor parallelism
+    worker_ranks: int = 1
 
 
 def _broadcast_flag(flag: bool) -> bool:
@@ -157,12 +159,17 @@ class Learner:
             return ds.gathered_state(module, self.rank, to_host=False, keep=lora.is_adapter)
         return lora.merged_state(module, ds.gathered_state(module, self.rank, to_host=False))
 
+    @property
+    def receivers(self) -> int:
+        """The ranks that receive the policy: every rollout worker's (``LearnerSpec.worker_ranks`` each)."""
+        return self.spec.ppo.rollout_workers * self.spec.worker_ranks
+
     def stream_weights(self, version: int, attempt: int = 0) -> list[str]:
         """Send the policy to the rollout workers and the value model (if any) to the value scorer over the groups
         of ``version``'s ``attempt``; every rank must call it (they gather in lockstep under ZeRO-3), rank 0 sends.
         Returns what failed (a receiver gone, none joined in time), at rank 0."""
         ch, failed = self.spec.channel, []
-        streams = [("policy", self.policy.module, self.layouts[0], self.spec.ppo.rollout_workers + 1)]
+        streams = [("policy", self.policy.module, self.layouts[0], self.receivers + 1)]
         if self.value is not None and self.layouts[1] is not None:
             streams.append(("value", self.value.module, self.layouts[1], 2))
         for name, module, lay, size in streams:

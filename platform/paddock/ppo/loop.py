@@ -116,14 +116,18 @@ class Actors:
         self.channel = channel
         self.timeout_s = job.actor_timeout_s
         opts = actor_options(p.cpus_per_actor, p.gpus_per_actor, p.spread)
-        inf = job.inference.model_dump()
-        if job.colocated_gpus and inf["vllm"]["memory_share"] is None:
+        inference = job.inference
+        if job.colocated_gpus and inference.vllm.memory_share is None:
             # vLLM takes its share of the whole GPU at start, beside a learner: the share Ray gave the worker
-            inf["vllm"]["memory_share"] = p.gpus_per_actor
+            shared = inference.vllm.model_copy(update={"memory_share": p.gpus_per_actor})
+            inference = inference.model_copy(update={"vllm": shared})
+        inf = inference.model_dump()
         # A LoRA policy's rollout workers hold its start checkpoint under the adapters and give the reference
         # log-probs with the adapters off: no reference scorer (``PPOJob.reference_on_workers``).
         lora_workers = job.lora if job.reference_on_workers else None
-        self.workers = workers_from(policy, p, job.inference, lora_workers, can_sleep=job.engines_sleep)
+        self.workers = workers_from(policy, p, inference, lora_workers, can_sleep=job.engines_sleep)
+        # Ranks each rollout worker takes in a publication's group: one per vLLM worker of its engine.
+        self.width = inference.worker_ranks
         members = {
             "reference": {"checkpoint": policy, "kind": "reference", "temperature": p.temperature, **inf},
             "rm_h": {"checkpoint": rm_h, "kind": "reward", "seq_len": p.seq_len, **inf},
@@ -162,8 +166,11 @@ class Actors:
 
         Raises ``WeightsLost`` when no rollout worker or not the value scorer got them (the learner sending them
         died, or they restarted on the way); a worker that alone failed is repaired from a peer when needed."""
-        policy = self.channel.sub(pub.group("policy"), len(self.workers) + 1)
-        calls = [w.receive.remote(policy, pub.policy, i + 1, pub.version) for i, w in enumerate(self.workers)]
+        policy = self.channel.sub(pub.group("policy"), len(self.workers) * self.width + 1)
+        calls = [
+            w.receive.remote(policy, pub.policy, 1 + i * self.width, pub.version)
+            for i, w in enumerate(self.workers)
+        ]
         value = None
         if self.value is not None and pub.value is not None:
             value = self.value.receive.remote(
@@ -249,7 +256,7 @@ class Actors:
         if not peers:
             raise WeightsLost(f"no rollout worker holds version {pub.version} any more")
         self.reloads += 1
-        channel = self.channel.sub(pub.group(f"repair{self.reloads}"), 2)
+        channel = self.channel.sub(pub.group(f"repair{self.reloads}"), 1 + self.width)
         gather(
             {
                 f"rollout worker {peers[0]} (sending)": self.workers[peers[0]].send_held.remote(
@@ -828,6 +835,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             # vLLM's kernels, or a rollout copy in another precision than fp32 (bf16 on GPUs), give log-probs that
             # are not the learners' own; transformers in fp32 (the CPU default) computes exactly theirs
             recompute_logprobs=job.inference.engine != "transformers" or channel.dtype != "float32",
+            worker_ranks=job.inference.worker_ranks,
             lora=job.lora,
             lora_publish="adapters" if job.reference_on_workers else "merged",
             actor_timeout_s=job.actor_timeout_s,

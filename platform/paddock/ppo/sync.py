@@ -39,6 +39,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in _DTYPES.items() if v == dtype)
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
 @dataclass(frozen=True)
 class Channel:
     """Where one group meets and what flows in it: a receiver needs nothing else to join."""
@@ -251,6 +255,25 @@ def landed(
         pending = (work, bucket, flat)
     if pending is not None:
         yield finish(*pending)
+
+
+def arriving(
+    group: Any, lay: Layout, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of ``lay`` as its bucket lands from rank 0, the next bucket already arriving
+    meanwhile. Each bucket lands in a buffer of its own, which lives as long as a consumer holds a view of it (vLLM's
+    loader keeps a layer's tensors until the layer is complete, which can be buckets later)."""
+    pending: tuple[Any, list[tuple[str, tuple[int, ...]]], torch.Tensor] | None = None
+    for bucket in [*lay, None]:
+        posted = None
+        if bucket is not None:
+            flat = torch.empty(sum(_numel(shape) for _, shape in bucket), dtype=dtype, device=device)
+            posted = (group.broadcast(flat, 0), bucket, flat)
+        if pending is not None:
+            work, done, landed_flat = pending
+            work.wait()
+            yield from unflatten([done], [landed_flat])
+        pending = posted
 
 
 def send_module(

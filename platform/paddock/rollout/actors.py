@@ -113,6 +113,10 @@ class RolloutWorker:
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.engine: Any = None
         self.checkpoint, self.vllm = checkpoint, dict(vllm or {})
+        # Group ranks this worker takes in a publication: one, or one per vLLM worker under tensor parallelism.
+        self.width = int(self.vllm.get("tensor_parallel", 1)) if engine == "vllm" else 1
+        # Under tensor parallelism the mirror lives in shared memory: (its spec, the flat tensor it is).
+        self.shared: tuple[dict[str, Any], torch.Tensor] | None = None
         if engine == "vllm":
             # vLLM holds the weights on the device; ``model`` is the host mirror in the Hugging Face layout
             # (what the worker saves, digests and passes to peers), loaded into vLLM whenever it changes.
@@ -122,6 +126,7 @@ class RolloutWorker:
         elif engine != "transformers":
             raise ValueError(f"inference.engine must be 'transformers' or 'vllm', got {engine!r}")
         self.model = self._load(checkpoint)
+        self._share()
         self.policy_version = 0
         self.digest: str | None = None  # of the weights held, taken when first asked
 
@@ -133,17 +138,40 @@ class RolloutWorker:
             model = adapters.wrap(model, self.lora, scalar=False)  # type: ignore[assignment]
         return model.eval().to(self.device)
 
+    def _share(self) -> None:
+        """Under tensor parallelism, put the mirror in shared memory where every vLLM worker reads and the first
+        writes it (``paddock.rollout.vllm_engine``), filling the same memory again after the first time."""
+        if self.width > 1:
+            from paddock.rollout.vllm_engine import share_mirror
+
+            first = self.shared is None
+            self.shared = share_mirror(self.model, self.shared)
+            if first:
+                self.engine.map_mirror(self.shared[0])
+
+    def ranks(self) -> int:
+        """How many ranks of a publication's group this worker takes (``receive``'s ``rank`` and on)."""
+        return self.width
+
     def receive(self, channel: sync.Channel, layout: sync.Layout, rank: int, policy_version: int) -> int:
-        """Join a publication's group as ``rank`` and load the weights bucket by bucket; returns the version.
+        """Join a publication's group as ``rank`` (and the ranks after it, ``ranks``) and load the weights bucket by
+        bucket; returns the version.
 
         While they arrive the worker holds no version (-1): a stream cut off half way leaves weights that no
         caller may take for any version's. Under vLLM each bucket goes on into the engine as it lands in the
-        host mirror, in one in-place reload."""
+        host mirror, in one in-place reload; with tensor parallelism vLLM's workers receive them and write the
+        mirror."""
         self.policy_version, self.digest = -1, None
         self.wake(("weights",))  # the KV cache's memory comes back when sampling starts
-        if self.engine is not None:
-            wire = torch.device("cuda") if channel.backend == "nccl" else self.device  # NCCL lands on the GPU
-            self._reload(sync.stream_into(channel, self.model, layout, rank, wire))
+        if self.width > 1:
+            sync.check_layout(self.model, layout)
+            self._reload(lambda: self.engine.receive(channel, layout, rank))
+            self.engine_stale = False
+        elif self.engine is not None:
+            wire = self._wire(channel)
+            self._reload(
+                lambda: self.engine.reload(sync.stream_into(channel, self.model, layout, rank, wire))
+            )
             self.engine_stale = False
         else:
             sync.receive_into(channel, self.model, layout, rank, self.device, self.keep)
@@ -188,26 +216,43 @@ class RolloutWorker:
         """Awake, and vLLM holding the mirror's weights: what sampling and scoring need."""
         self.wake()
         if self.engine_stale:
-            self._reload(iter(self.model.state_dict().items()))
+            self._reload(self._from_mirror)
             self.engine_stale = False
 
-    def _reload(self, weights: Any) -> None:
-        """Load weights into vLLM in place. A reload cut off half way (a stream whose sender died) leaves vLLM's
-        model half swapped and unusable, which another reload does not mend: the engine and the mirror start
-        again from the worker's checkpoint, still holding no version, and the error goes to the caller."""
+    def _from_mirror(self) -> None:
+        if self.width > 1:
+            self.engine.reload_mirror()
+        else:
+            self.engine.reload(iter(self.model.state_dict().items()))
+
+    def _wire(self, channel: sync.Channel) -> torch.device:
+        """Where this worker's end of a group's buckets lives: NCCL's on the GPU, even for a host mirror."""
+        return torch.device("cuda") if channel.backend == "nccl" else self.device
+
+    def _reload(self, load: Any) -> None:
+        """Load weights into vLLM in place (``load()`` does). A reload cut off half way (a stream whose sender
+        died) leaves vLLM's model half swapped and unusable, which another reload does not mend: the engine and
+        the mirror start again from the worker's checkpoint, still holding no version, and the error goes to the
+        caller."""
         try:
-            self.engine.reload(weights)
+            load()
         except BaseException:
             self.engine.close()
             self.model = load_causal_lm(self.checkpoint, self.dtype, self.attn).eval().to(self.device)
+            if self.shared is not None:  # the new engine's workers map a new mirror
+                from paddock.rollout.vllm_engine import release_mirror
+
+                release_mirror(self.shared[0])
+                self.shared = None
             self.engine = self._start_engine(self.checkpoint)
+            self._share()
             raise
 
     def send_held(self, channel: sync.Channel, layout: sync.Layout) -> int:
         """Stream the weights held to a peer that lost them (rank 0 of ``channel``); returns their version. They are
         read from ``model`` wherever it is (a sleeping transformers model on the host, vLLM's host mirror): nothing
         needs waking."""
-        sync.send_held(channel, self.model, layout, self.device)
+        sync.send_held(channel, self.model, layout, self._wire(channel))
         return self.policy_version
 
     def version(self) -> int:
@@ -251,7 +296,8 @@ class RolloutWorker:
         if self.engine is not None:
             self.policy_version = -1
             self.checkpoint = checkpoint  # what a broken reload starts again from
-            self._reload(iter(self.model.state_dict().items()))
+            self._share()
+            self._reload(self._from_mirror)
         self.policy_version, self.digest = policy_version, None
         return policy_version
 
@@ -481,8 +527,17 @@ def start_workers(
     if (inference or {}).get("engine") == "vllm":
         from paddock.rollout.vllm_engine import check_installed, check_settings
 
+        vllm = (inference or {}).get("vllm") or {}
+        tp = int(vllm.get("tensor_parallel", 1))
+        if tp > 1 and num_gpus:
+            if num_gpus != 1:
+                raise ValueError(
+                    f"gpus_per_actor: a rollout worker whose engine spans {tp} GPUs (inference.vllm.tensor_parallel) "
+                    f"takes them whole; give 1 (GPU per vLLM worker), got {num_gpus:g}"
+                )
+            num_gpus = tp  # vLLM's workers start beside the actor, one on each of its GPUs: one node
         check_installed()
-        check_settings(checkpoint, (inference or {}).get("vllm") or {})
+        check_settings(checkpoint, vllm)
     return [
         RolloutWorker.options(**actor_options(num_cpus, num_gpus, spread)).remote(  # type: ignore[attr-defined]
             checkpoint,

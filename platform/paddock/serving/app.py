@@ -773,8 +773,10 @@ def build_app(args: dict[str, Any]) -> Any:
         from paddock import tracking
 
         model["path"] = str(tracking.resolve_model(model["uri"]))
+    # A vLLM engine over several GPUs (tensor parallelism) starts one process on each of its replica's GPUs.
+    tp = cfg.vllm.tensor_parallel if cfg.engine == "vllm" else 1
     actor = {"num_cpus": cfg.cpus_per_replica} | (
-        {"num_gpus": cfg.gpus_per_replica} if cfg.gpus_per_replica else {}
+        {"num_gpus": cfg.gpus_per_replica * tp} if cfg.gpus_per_replica else {}
     )
     autoscaling = {
         "min_replicas": cfg.min_replicas,
