@@ -162,3 +162,43 @@ def test_a_tensor_parallel_engine_that_cannot_split_the_model_or_its_gpus_is_ref
             num_gpus=0.5,
             inference={"engine": "vllm", "vllm": {"tensor_parallel": 2}},
         )
+
+
+@pytest.mark.reliability
+def test_ppo_hands_its_rollout_workers_the_vllm_share_and_group_ranks_its_placement_implies(monkeypatch):
+    """Colocated on GPUs, vLLM takes the worker's GPU share (not its 0.85 default beside a learner); with tensor
+    parallelism each worker takes one rank per vLLM process in a publication's group."""
+    from paddock.config import PPOJob
+    from paddock.ppo import loop, sync
+
+    started: list = []
+
+    class Fake:
+        @staticmethod
+        def options(**kw):
+            return Fake
+
+        @staticmethod
+        def remote(*a, **kw):
+            return object()
+
+    monkeypatch.setattr(
+        loop, "workers_from", lambda policy, p, inference, *a, **kw: started.append(inference)
+    )
+    monkeypatch.setattr(loop, "Scorer", Fake)
+    monkeypatch.setattr(loop, "Scorers", Fake)
+    base = Path(__file__).resolve().parents[2] / "jobs/configs/tiny/ppo.yaml"
+    channel = sync.Channel("127.0.0.1", 1, "gloo", "float32", 10.0)
+    shared = ["ppo.placement=colocated", "train.use_gpu=true", "train.gpus_per_worker=0.6"]
+    shared += [
+        "ppo.gpus_per_actor=0.4",
+        "ppo.rollout_workers=2",
+        "train.num_workers=2",
+        "inference.engine=vllm",
+    ]
+    job = load_config(PPOJob, base, shared)
+    actors = loop.Actors(job, "p", "h", "s", None, channel)
+    assert started[-1].vllm.memory_share == 0.4 and actors.width == 1
+    job = load_config(PPOJob, base, ["inference.engine=vllm", "inference.vllm.tensor_parallel=2"])
+    actors = loop.Actors(job, "p", "h", "s", None, channel)
+    assert started[-1].vllm.memory_share is None and actors.width == 2
