@@ -402,3 +402,57 @@ def test_a_round_draws_other_prompts_with_the_configured_safety_share():
     assert len(plain) == 100 and sum(p["is_safety"] for p in plain) < 20  # as they come (10% expected)
     few = prefs.draw_prompts(prompts[:100], CollectConfig(max_prompts=50, round=1, safety_share=0.5), seed=0)
     assert sum(p["is_safety"] for p in few) == 10 and len(few) == 50  # only 10 exist: the rest are others
+
+
+def test_the_monitor_loads_no_more_reward_models_at_once_than_the_cluster_holds(monkeypatch):
+    """Eight pairs of reward models on a cluster with room for four scorers: scored two pairs at a time (all at
+    once, the twelve that found no room would wait for the four that did, which wait for all of them)."""
+    from types import SimpleNamespace
+
+    import ray
+    from paddock import cluster
+    from paddock.rollout import actors
+
+    alive: set[int] = set()
+    most = [0]
+
+    class Scorer:
+        @classmethod
+        def options(cls, **kw):
+            return cls
+
+        @classmethod
+        def remote(cls, model, kind, **kw):
+            return cls(model)
+
+        def __init__(self, model: str) -> None:
+            self.k = int(model.rsplit("/", 1)[1])
+            alive.add(id(self))
+            most[0] = max(most[0], len(alive))
+            self.rewards = SimpleNamespace(remote=self.score)
+
+        def score(self, turns, texts):  # pair k prefers the chosen answers when k is even
+            n = len(texts) // 2
+            sign = 1.0 if self.k % 2 == 0 else -1.0
+            return [sign] * n + [-sign] * n
+
+    monkeypatch.setattr(actors, "Scorer", Scorer)
+    monkeypatch.setattr(cluster, "connect", lambda *a, **kw: None)
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "kill", lambda sc: alive.discard(id(sc)))
+    monkeypatch.setattr(prefs, "actor_model", lambda uri: uri)
+    monkeypatch.setattr(prefs, "gather", lambda refs, timeout, doing: list(refs.values()))
+    job = load_config(
+        CollectJob,
+        Path(__file__).resolve().parents[2] / "jobs/configs/tiny/collect_preferences.yaml",
+        ["collect.cpus_per_actor=0.5"],
+    )
+    models = {f"m{k}": (f"models:/h/{k}", f"models:/s/{k}") for k in range(1, 9)}
+    pair = {"prompt": [], "chosen": "a", "rejected": "b", "kind": "helpfulness", "rating": "better"}
+    out = prefs.pair_scores(models, {"fresh": [pair] * 3}, job)
+    assert most[0] == 4 and not alive  # two pairs of models at a time, each wave's scorers gone after it
+    assert {k: got["fresh_agreement"] for k, got in out.items()} == {
+        f"m{k}": float(k % 2 == 0) for k in range(1, 9)
+    }
+    assert prefs._held_at_once(2.0, 0.0, 0.5, 0.0) == 4 and prefs._held_at_once(0.3, 0.0, 0.5, 0.0) == 2
+    assert prefs._held_at_once(8.0, 1.0, 0.25, 0.5) == 2

@@ -647,8 +647,8 @@ def training_mix(job: CollectJob, round_: int) -> pa.Table:
 def pair_scores(
     reward_models: dict[str, tuple[str, str]], sets: dict[str, list[dict[str, Any]]], job: CollectJob
 ) -> dict[str, dict[str, float]]:
-    """Pairs of reward models (name -> (helpfulness, safety)) on sets of preference pairs, every model loaded at
-    once and every set scored in one call per model. Per model pair and set: the accuracy of each model on its own
+    """Pairs of reward models (name -> (helpfulness, safety)) on sets of preference pairs, as many models loaded at
+    once as the cluster holds and every set scored in one call per model. Per model pair and set: the accuracy of each model on its own
     kind of pair (the helpfulness RM on helpfulness pairs, the safety RM on safety pairs) and the agreement of the
     combined reward (Llama 2's safety gate) with the labels on every pair, and on the pairs with a clear preference
     (rated more than negligibly better: two equally good answers are labelled by a coin, so a reward model agrees
@@ -669,26 +669,33 @@ def pair_scores(
     cc = job.collect
     opts = actor_options(cc.cpus_per_actor, cc.gpus_per_actor)
     inf = job.inference.model_dump()
-    scorers = {
-        (which, i): Scorer.options(**opts).remote(  # type: ignore[attr-defined]
-            actor_model(uri), "reward", seq_len=cc.seq_len, **inf
-        )
-        for which, models in reward_models.items()
-        for i, uri in enumerate(models)
-    }
-    try:
-        turns = [p["prompt"] for p in pairs] * 2
-        texts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-        refs = {key: sc.rewards.remote(turns, texts) for key, sc in scorers.items()}
-        answered = gather(
-            {f"{which} reward scorer {i}": ref for (which, i), ref in refs.items()},
-            job.actor_timeout_s,
-            f"scoring {len(pairs)} preference pairs",
-        )
-        scores = {key: torch.tensor(a) for key, a in zip(refs, answered, strict=True)}
-    finally:
-        for sc in scorers.values():
-            ray.kill(sc)
+    turns = [p["prompt"] for p in pairs] * 2
+    texts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    scores: dict[tuple[str, int], torch.Tensor] = {}
+    # As many models at once as the cluster holds now: scorers that cannot all be placed would wait for each other
+    free = ray.available_resources()
+    held = _held_at_once(free.get("CPU", 0.0), free.get("GPU", 0.0), cc.cpus_per_actor, cc.gpus_per_actor)
+    names = list(reward_models)
+    per_wave = max(1, held // 2)
+    for wave in [names[i : i + per_wave] for i in range(0, len(names), per_wave)]:
+        scorers = {
+            (which, i): Scorer.options(**opts).remote(  # type: ignore[attr-defined]
+                actor_model(uri), "reward", seq_len=cc.seq_len, **inf
+            )
+            for which in wave
+            for i, uri in enumerate(reward_models[which])
+        }
+        try:
+            refs = {key: sc.rewards.remote(turns, texts) for key, sc in scorers.items()}
+            answered = gather(
+                {f"{which} reward scorer {i}": ref for (which, i), ref in refs.items()},
+                job.actor_timeout_s,
+                f"scoring {len(pairs)} preference pairs",
+            )
+            scores |= {key: torch.tensor(a) for key, a in zip(refs, answered, strict=True)}
+        finally:
+            for sc in scorers.values():
+                ray.kill(sc)
     n = len(pairs)
     is_safety = torch.tensor([p["kind"] == "safety" for p in pairs])
     clear = torch.tensor([p["rating"] != "negligibly_better" for p in pairs])
@@ -715,6 +722,13 @@ def pair_scores(
                     got[f"{name}_accuracy_{kind}"] = own[part][mask].float().mean().item()
         out[which] = got
     return out
+
+
+def _held_at_once(cpus: float, gpus: float, cpus_each: float, gpus_each: float) -> int:
+    """How many scorers of ``cpus_each`` / ``gpus_each`` fit in what is free (at least 2: one pair of models)."""
+    fits = [int(cpus / cpus_each + 1e-9)] if cpus_each > 0 else []
+    fits += [int(gpus / gpus_each + 1e-9)] if gpus_each > 0 else []
+    return max(2, min(fits, default=2**20))
 
 
 def held_out_answer_pairs(job: CollectJob) -> list[dict[str, Any]]:
