@@ -132,6 +132,15 @@ def test_a_tensor_parallel_vllm_engine_answers_as_transformers_does_through_stre
     assert greedy(tp) == before and ray.get(tp.weights.remote()) == ray.get(hf.weights.remote())
     assert ray.get(tp.load_checkpoint.remote(str(checkpoints / "other"), 7)) == 7
     assert greedy(tp) == after
+
+    # Cut off half way: the vLLM processes' reload cannot be resumed, so the worker starts its engine (and a new
+    # shared mirror) again from its checkpoint, holds no version, and takes the next whole publication.
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ray.get(_publish_cut(checkpoints / "policy", tp, 8, width=2), timeout=300)
+    assert ray.get(tp.version.remote()) == -1
+    _publish(checkpoints / "policy", [hf, tp], 9)
+    assert greedy(tp) == greedy(hf) == before
+    assert ray.get(tp.weights.remote()) == ray.get(hf.weights.remote())
     ray.kill(tp)
 
 
@@ -201,9 +210,10 @@ def test_vllm_answers_as_transformers_does_before_and_after_streamed_weights(
     assert abs(m_vl - m_hf) < 0.25  # a fixed margin; the results line shows the standard errors beside it
 
 
-def _publish_cut(checkpoint: Path, worker: Any, version: int) -> Any:
+def _publish_cut(checkpoint: Path, worker: Any, version: int, width: int = 1) -> Any:
     """A publication whose sender stops after half of its buckets (as a learner that dies mid-stream): returns the
-    receiver's pending call, which fails once the group's 10 s timeout has passed."""
+    receiver's pending call, which fails once the group's 10 s timeout has passed. ``width``: the ranks the
+    receiver takes (a tensor-parallel engine's processes)."""
     import itertools
 
     import torch
@@ -211,7 +221,9 @@ def _publish_cut(checkpoint: Path, worker: Any, version: int) -> Any:
     from paddock.ppo import sync
 
     store = sync.rendezvous("127.0.0.1", 10.0)
-    channel = sync.Channel("127.0.0.1", store.port, "gloo", "float32", 10.0).sub(f"pub{version}/policy", 2)
+    channel = sync.Channel("127.0.0.1", store.port, "gloo", "float32", 10.0).sub(
+        f"pub{version}/policy", 1 + width
+    )
     model = load_causal_lm(checkpoint)
     lay = sync.module_layout(model, 64 * 1024, torch.float32)
     got = worker.receive.remote(channel, lay, 1, version)
