@@ -488,9 +488,18 @@ def _place(roles: list[Role], cluster: Cluster) -> None:
         holders = [
             t
             for t in cluster.node_types
-            if t.gpus >= min(r.gpus_per_process, t.gpus or 1)
+            if t.gpus
+            and t.gpus >= r.gpus_per_process  # Ray gives a process its GPUs on one node
             and (t.gpu_gib is None or r.device_gib <= USABLE * t.gpu_gib)
         ]
+        widest = max((t.gpus for t in cluster.node_types), default=0)
+        if widest and r.gpus_per_process > widest:
+            r.fits = False
+            r.reason = (
+                f"one process takes {r.gpus_per_process:g} GPUs, which must be on one node; the cluster's nodes "
+                f"have at most {widest}; change {', '.join(r.keys)}"
+            )
+            continue
         if not holders:
             biggest = max((t.gpu_gib or 0 for t in cluster.node_types), default=0)
             missing = r.device_gib - USABLE * biggest

@@ -123,6 +123,15 @@ def test_a_70b_sampler_spread_over_eight_gpus_by_vllm_fits_where_the_scorers_sti
     assert 16.0 < worker["device_gib"] < 0.3 * before["rollout worker"]["device_gib"]
     assert code == 1 and not after["helpfulness RM scorer"]["fits"]
     assert "paddock's scorers do not have" in after["helpfulness RM scorer"]["reason"]
+    # an engine wider than a node (its 8 GPUs) cannot be placed: Ray gives an actor its GPUs on one node
+    wider = ["inference.engine=vllm", "rejection.gpus_per_actor=1", "inference.vllm.tensor_parallel=16"]
+    _, wide = _plan(["--config", config, *[a for s in wider for a in ("--set", s)]], capsys)
+    worker = {r["role"]: r for r in wide["roles"]}["rollout worker"]
+    assert (
+        not worker["fits"]
+        and "takes 16 GPUs, which must be on one node; the cluster's nodes have at most 8"
+        in (worker["reason"])
+    )
 
 
 def test_zero3_learners_are_planned_partitioned_on_the_host():
