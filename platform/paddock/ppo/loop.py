@@ -109,6 +109,8 @@ def _why_dead(exc: BaseException) -> str:
 class Actors:
     """The rollout workers and scorers of one PPO run."""
 
+    width = 1  # ranks each rollout worker takes in a publication's group (its engine's processes)
+
     def __init__(
         self, job: PPOJob, policy: str, rm_h: str, rm_s: str, value: str | None, channel: sync.Channel
     ):
@@ -126,8 +128,7 @@ class Actors:
         # log-probs with the adapters off: no reference scorer (``PPOJob.reference_on_workers``).
         lora_workers = job.lora if job.reference_on_workers else None
         self.workers = workers_from(policy, p, inference, lora_workers, can_sleep=job.engines_sleep)
-        # Ranks each rollout worker takes in a publication's group: one per vLLM worker of its engine.
-        self.width = inference.worker_ranks
+        self.width = inference.worker_ranks  # one per vLLM process under tensor parallelism
         members = {
             "reference": {"checkpoint": policy, "kind": "reference", "temperature": p.temperature, **inf},
             "rm_h": {"checkpoint": rm_h, "kind": "reward", "seq_len": p.seq_len, **inf},
