@@ -20,7 +20,9 @@ the planner computes, from the config and the model shapes alone (nothing is loa
 - **inference copies**: weights ``N`` × the inference dtype's bytes; a forward micro-batch of ``T`` tokens (the
   token budget) holds per layer ``T·(4h + 3f)`` activation elements and one chunk of fp32 logits
   (``chunk·V·4``: log-probs are computed chunk by chunk); generation adds the KV cache of the micro-batch,
-  ``T · 2·L·kv_heads·head_dim`` elements.
+  ``T · 2·L·kv_heads·head_dim`` elements. A vLLM rollout copy spread over ``n`` GPUs
+  (``inference.vllm.tensor_parallel``) holds ``1/n`` of all three on each, its process taking ``n`` GPUs of one
+  node.
 
 A role fits when its device memory is within ``USABLE`` of one GPU of a node type that still has enough GPUs
 left (roles are placed largest first, on the smallest GPUs that hold them), and its processes' host memory is
