@@ -76,7 +76,7 @@ class Channel:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
     def buffer_device(self, device: torch.device) -> torch.device:
         """Where flat buckets live: on the device for NCCL, on the host for gloo."""

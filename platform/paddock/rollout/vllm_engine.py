@@ -23,6 +23,7 @@ pyproject.toml and the README); importing this module does not import it.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -113,24 +114,29 @@ def share_mirror(
             at[key] = numel
             numel += t.numel()
         entries[name] = (at[key], tuple(t.shape))
+    del state  # its references would keep every tensor's old memory alive until the end
     if shared is None:
         flat, path = _shared_file(numel, dtype)
     else:
         path, flat = shared[0]["path"], shared[1]
         if flat.numel() != numel or flat.dtype != dtype:
             raise ValueError(f"the mirror holds {flat.numel()} {flat.dtype}, the model {numel} {dtype}")
-    views = {name: flat[o : o + _numel(shape)].view(shape) for name, (o, shape) in entries.items()}
+    views = {name: flat[o : o + math.prod(shape)].view(shape) for name, (o, shape) in entries.items()}
+    # Tensor by tensor: each one's old memory goes as it moves, so the host never holds two models (the shared
+    # file's pages are taken as they are written).
     with torch.no_grad():
-        for name, t in state.items():
-            views[name].copy_(t)
         for module_name, module in model.named_modules():
             prefix = f"{module_name}." if module_name else ""
-            for name, param in module.named_parameters(recurse=False):
-                if prefix + name in views:
-                    param.data = views[prefix + name]
-            for name, _ in list(module.named_buffers(recurse=False)):
-                if prefix + name in views:
-                    module._buffers[name] = views[prefix + name]
+            for kind in (module._parameters, module._buffers):
+                for name, t in kind.items():
+                    view = views.get(prefix + name)
+                    if t is None or view is None or t.data_ptr() == view.data_ptr():
+                        continue  # not in the state, or a tied tensor already moved
+                    view.copy_(t)
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = view
+                    else:
+                        kind[name] = view
     spec = {
         "path": path,
         "dtype": sync.dtype_name(dtype),
@@ -146,7 +152,8 @@ def mirror_views(spec: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         spec["path"], shared=True, size=spec["numel"], dtype=sync.torch_dtype(spec["dtype"])
     )
     return {
-        name: flat[o : o + _numel(shape)].view(tuple(shape)) for name, (o, shape) in spec["entries"].items()
+        name: flat[o : o + math.prod(shape)].view(tuple(shape))
+        for name, (o, shape) in spec["entries"].items()
     }
 
 
@@ -175,13 +182,6 @@ def _shared_file(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, str]:
     _OPEN.add(fd)
     reach = f"/proc/{os.getpid()}/fd/{fd}"
     return torch.from_file(reach, shared=True, size=numel, dtype=dtype), reach
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 @dataclass(frozen=True)
