@@ -648,10 +648,10 @@ def pair_scores(
     reward_models: dict[str, tuple[str, str]], sets: dict[str, list[dict[str, Any]]], job: CollectJob
 ) -> dict[str, dict[str, float]]:
     """Pairs of reward models (name -> (helpfulness, safety)) on sets of preference pairs, as many models loaded at
-    once as the cluster holds and every set scored in one call per model. Per model pair and set: the accuracy of each model on its own
-    kind of pair (the helpfulness RM on helpfulness pairs, the safety RM on safety pairs) and the agreement of the
-    combined reward (Llama 2's safety gate) with the labels on every pair, and on the pairs with a clear preference
-    (rated more than negligibly better: two equally good answers are labelled by a coin, so a reward model agrees
+    once as the cluster holds and every set scored in one call per model. Per model pair and set: the accuracy of
+    each model on its own kind of pair (the helpfulness RM on helpfulness pairs, the safety RM on safety pairs) and
+    the agreement of the combined reward (Llama 2's safety gate) with the labels on every pair, and on the pairs with
+    a clear preference (rated more than negligibly better: two equally good answers are labelled by a coin, so a reward model agrees
     with about half of them whatever it learned; Llama 2's table 8 reads accuracy by rating the same way). Keys are
     ``{set}_accuracy``, ``{set}_accuracy_{kind}``, ``{set}_agreement``, ``{set}_agreement_clear`` and
     ``{set}_clear_pairs``."""
