@@ -4,6 +4,7 @@ with ``sync.arriving`` and writes it in, and the worker's own model sees the new
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,8 @@ def test_a_shared_mirror_holds_the_model_in_one_file_its_parameters_are_views_of
     want = {k: t.clone() for k, t in model.state_dict().items()}
     spec, flat = share_mirror(model)
     try:
+        # the file has no name from the start: only this process's descriptor reaches it
+        assert not glob.glob(f"/dev/shm/paddock-mirror-{os.getpid()}-*") and os.path.exists(spec["path"])
         assert spec["numel"] == flat.numel() == sum(t.numel() for t in want.values())
         lo, hi = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
         for k, t in model.state_dict().items():
@@ -39,7 +42,7 @@ def test_a_shared_mirror_holds_the_model_in_one_file_its_parameters_are_views_of
             share_mirror(build_causal_lm("tiny", vocab_size=300, seed=0), (spec, flat))
     finally:
         release_mirror(spec)
-    assert not os.path.exists(spec["path"])  # the descriptor closed; nothing was ever left on disk
+    assert not os.path.exists(spec["path"])  # the descriptor closed: the memory goes with the last mapping
 
 
 def test_tied_weights_take_one_place_in_the_mirror():
