@@ -501,6 +501,15 @@ class RewardConfig(Strict):
         ge=0,
         description="Other-kind pairs per own-kind pair: default 1.0 for helpfulness (equal amount), 1/9 for safety (90/10).",
     )
+    ensemble: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Members of a reward-model ensemble: the stage trains this many models one after another, "
+        "member i with seed seed+i (its score head and data mix), and registers them as one model that scores "
+        "with the mean of their logits. Costs this many trainings and this many scoring passes wherever the "
+        "model scores; the value model starts from member 0.",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1485,6 +1494,15 @@ class PipelineJob(StageConfig):
         description="Preference rounds (the paper's RLHF-V1 ... V5): round k collects pairs from round k-1's "
         "model, retrains both reward models on every pair so far, then runs rejection sampling and PPO; its "
         "model is registered as {registry_prefix}-rlhf-v<k>. Needs the collect_preferences stage when above 1.",
+    )
+    reward_ensemble: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Members of every reward model the pipeline trains (reward.ensemble in both reward stages, "
+        "every round; a stage's own overrides win): each registered reward model is that many trained from "
+        "seeds seed, seed+1, ... and scores with their mean. Steadier and harder to exploit than one model, at "
+        "that many times the reward stages' training and scoring time.",
     )
     reward_warm_start: bool = Field(
         False,

@@ -237,6 +237,67 @@ def load_scalar_model(
 
 
 # --------------------------------------------------------------------------------------------------
+# Reward-model ensembles: one checkpoint directory, several members
+
+# A reward stage with ``reward.ensemble: k`` writes member 0 as a plain checkpoint at the top of the directory
+# (what a value model starts from, and what anything that reads one model reads) and members 1 .. k-1 under
+# ``members/<i>``; this file lists them. Scorers load them all and score with the mean (``load_reward_model``).
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def ensemble_members(path: str | Path) -> list[Path]:
+    """The member checkpoints of a reward model directory: ``[path]`` for a single model."""
+    import json
+
+    p = Path(path)
+    manifest = p / ENSEMBLE_FILE
+    if not manifest.is_file():
+        return [p]
+    members = json.loads(manifest.read_text())["members"]
+    return [p / m for m in members]
+
+
+def write_ensemble(path: str | Path, members: int) -> None:
+    """Write the manifest of a directory holding ``members`` checkpoints (member 0 at the top)."""
+    import json
+
+    listed = [".", *(f"members/{i}" for i in range(1, members))]
+    (Path(path) / ENSEMBLE_FILE).write_text(json.dumps({"members": listed, "combine": "mean_logit"}) + "\n")
+
+
+class RewardEnsemble(torch.nn.Module):
+    """Reward models trained alike from different seeds, scoring as one: the mean of their logits (the score
+    before the sigmoid), so that a pair is ordered by the members' average margin. An ensemble's mean is steadier
+    than any one member, whose training seed alone moves its ranking of a policy's answers by several points on
+    the tiny world (README, issue 22), and harder for a policy to exploit (Coste et al. 2023, "Reward Model
+    Ensembles Help Mitigate Overoptimization"). Called as a ``LlamaForSequenceClassification`` is."""
+
+    def __init__(self, members: list[LlamaForSequenceClassification]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.config = members[0].config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        from types import SimpleNamespace
+
+        logits = torch.stack(
+            [m(input_ids=input_ids, attention_mask=attention_mask).logits.float() for m in self.members]
+        )
+        return SimpleNamespace(logits=logits.mean(0))
+
+
+def load_reward_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, attn: AttnImpl = "auto"
+) -> torch.nn.Module:
+    """A reward model for scoring: the scalar model, or a ``RewardEnsemble`` of every member of an ensemble
+    directory. (A value model starts from member 0 alone: ``load_scalar_model``.)"""
+    members = ensemble_members(path)
+    if len(members) == 1:
+        return load_scalar_model(path, dtype, attn)
+    return RewardEnsemble([load_scalar_model(m, dtype, attn) for m in members])
+
+
+# --------------------------------------------------------------------------------------------------
 # Weight digests: what is registered is what was measured
 
 
@@ -268,19 +329,25 @@ def state_digest(state: Mapping[str, torch.Tensor], params: set[Any], every: set
 
 
 def checkpoint_digest(path: str | Path) -> str:
-    """The digest of a safetensors checkpoint directory (all shards), read one tensor at a time."""
+    """The digest of a safetensors checkpoint directory (all shards), read one tensor at a time; of a reward
+    ensemble's, every member's tensors, those of member i > 0 named ``members/<i>/<name>``."""
     from safetensors import safe_open
 
-    p = check_checkpoint(path)
-    where: dict[str, Path] = {}
-    for file in sorted(p.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            where |= dict.fromkeys(f.keys(), file)
+    root = Path(path)
+    where: dict[str, tuple[Path, str]] = {}
+    for member in ensemble_members(root):
+        p = check_checkpoint(member)
+        prefix = "" if p == root else f"{p.relative_to(root).as_posix()}/"
+        for file in sorted(p.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                names = f.keys()  # a safetensors file is not iterable
+                where |= {f"{prefix}{k}": (file, k) for k in names}
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name in sorted(where):
-            with safe_open(str(where[name]), framework="pt") as f:
-                yield name, f.get_tensor(name)
+            file, key = where[name]
+            with safe_open(str(file), framework="pt") as f:
+                yield name, f.get_tensor(key)
 
     return _digest(tensors())
 

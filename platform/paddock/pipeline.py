@@ -177,6 +177,7 @@ def stage_configs(job: PipelineJob, steps: list[Step]) -> dict[str, Any]:
                 f"experiment={job.experiment}",
                 f"seed={job.seed}",
                 *round_overrides(job, step),
+                *([f"reward.ensemble={job.reward_ensemble}"] if step.stage.startswith("reward_") else []),
                 *job.stages[step.stage].overrides,
             ],
         )

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class ModelShape:
     heads: int
     kv_heads: int
     vocab: int
+    members: int = 1  # a reward ensemble's models, each of ``params`` (paddock.models.RewardEnsemble)
 
     @property
     def head_dim(self) -> int:
@@ -101,8 +102,11 @@ class ModelShape:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, scalar: bool = False) -> ModelShape:
+        from paddock.models import ensemble_members
+
         config = json.loads((Path(path) / "config.json").read_text())
-        return cls.of(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"}), scalar)
+        shape = cls.of(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"}), scalar)
+        return replace(shape, members=len(ensemble_members(path))) if scalar else shape
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -321,7 +325,8 @@ def inference_role(
 ) -> Role:
     """An inference copy (rollout worker, scorer, replica): weights, one micro-batch's forward, KV cache."""
     bpv = dtype_bytes(dtype)
-    total = shape.params * bpv + forward_bytes(shape, token_budget, bpv, flash=gpus > 0, seq_len=seq_len)
+    weights = shape.params * shape.members * bpv  # an ensemble's members all held, run one after another
+    total = weights + forward_bytes(shape, token_budget, bpv, flash=gpus > 0, seq_len=seq_len)
     if generates:
         total += kv_cache_bytes(shape, token_budget, bpv)
     on_gpu = gpus > 0
@@ -331,9 +336,9 @@ def inference_role(
         gpus,
         _gib(total) if on_gpu else 0.0,
         # loaded on the host in the inference dtype first; on CPU the host is the device
-        _gib(shape.params * bpv + (0 if on_gpu else total - shape.params * bpv)),
+        _gib(weights + (0 if on_gpu else total - weights)),
         keys=list(keys),
-        weights_gib=_gib(shape.params * bpv),
+        weights_gib=_gib(weights),
     )
 
 
@@ -606,10 +611,19 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
     seq_len = int(next((n for n in lengths if n), 4096))
 
     def copy(
-        name: str, ref: str, count: int, gpus: float, scalar: bool, generates: bool, keys: list[str]
+        name: str,
+        ref: str,
+        count: int,
+        gpus: float,
+        scalar: bool,
+        generates: bool,
+        keys: list[str],
+        one_member: bool = False,
     ) -> Role:
         dtype = resolve_dtype(inf.dtype, gpus > 0)
         shape = shape_of(ref, scalar)
+        if one_member:  # a value model starts from a reward ensemble's member 0 alone
+            shape = replace(shape, members=1)
         keys = [*keys, "inference.dtype", "inference.token_budget"]
         return inference_role(
             name, count, gpus, shape, dtype, inf.token_budget, generates=generates, seq_len=seq_len, keys=keys
@@ -635,8 +649,8 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
                 role.weights_gib /= tp
         return role
 
-    def scorer(name: str, ref: str, gpus: float, scalar: bool) -> Role:
-        return copy(name, ref, 1, gpus, scalar, False, [])
+    def scorer(name: str, ref: str, gpus: float, scalar: bool, one_member: bool = False) -> Role:
+        return copy(name, ref, 1, gpus, scalar, False, [], one_member)
 
     if isinstance(job, c.PPOJob):
         p = job.ppo
@@ -674,7 +688,7 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
         ]
         if p.value_model:
             scorers.append(
-                scorer("value scorer", job.value_from or job.reward_helpfulness, p.gpus_per_actor, True)
+                scorer("value scorer", job.value_from or job.reward_helpfulness, p.gpus_per_actor, True, True)
             )
         if p.placement == "colocated":
             names = ["reference"] * reference + ["both RMs"] + ["value"] * p.value_model

@@ -147,7 +147,14 @@ class _CheckpointModel(PythonModel):
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         self.scalar = "ForSequenceClassification" in (config.architectures or [""])[0]
         cls = transformers.LlamaForSequenceClassification if self.scalar else transformers.LlamaForCausalLM
-        self.model = cls.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
+        # a reward ensemble (paddock.models.ENSEMBLE_FILE) scores with the mean of its members' logits
+        manifest = Path(path) / "ensemble.json"
+        members = json.loads(manifest.read_text())["members"] if self.scalar and manifest.is_file() else ["."]
+        self.models = [
+            cls.from_pretrained(str(Path(path) / m), use_safetensors=True, local_files_only=True).eval()
+            for m in members
+        ]
+        self.model = self.models[0]
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list:
         import torch
@@ -158,7 +165,9 @@ class _CheckpointModel(PythonModel):
             for text in texts:
                 ids = torch.tensor([self.tok.encode(text)])
                 if self.scalar:
-                    out.append(float(self.model(input_ids=ids).logits[0, 0]))
+                    out.append(
+                        sum(float(m(input_ids=ids).logits[0, 0]) for m in self.models) / len(self.models)
+                    )
                 else:
                     gen = self.model.generate(
                         ids, max_new_tokens=int((params or {}).get("max_new_tokens", 64)), do_sample=False

@@ -123,6 +123,66 @@ def test_local_mode_trains_like_two_workers(chain, world_dir: Path, tokenizer_di
     )
 
 
+def test_a_reward_ensemble_trains_its_members_and_scores_as_their_mean(
+    chain, world_dir: Path, tokenizer_dir: Path
+):
+    """``reward.ensemble: 2``: two helpfulness RMs from seeds 0 and 1 (local mode, 8 steps each) registered as one
+    version holding both, whose digest covers both; the run logs both members' curves and the ensemble's own eval
+    accuracy; a scorer actor's model and the logged MLflow model score with the mean of the members' logits."""
+    import mlflow
+    import torch
+    from paddock import tracking
+    from paddock.config import RewardJob
+    from paddock.models import checkpoint_digest, ensemble_members, load_scalar_model
+    from paddock.rollout.actors import ScorerModel
+    from paddock.rollout.core import reward_scores
+    from paddock.tokenizer import load_tokenizer
+    from paddock.train.stage import run_supervised
+
+    o = overrides(world_dir, tokenizer_dir)["rm_h"]
+    local = [*o, "reward.ensemble=2", "train.num_workers=0", "train.grad_accum=2", "train.max_steps=8"]
+    job = load_config(
+        RewardJob, REPO / "jobs/configs/tiny/reward_helpfulness.yaml", [*local, "registry_prefix=ens"]
+    )
+    result = run_supervised(job, "reward_helpfulness")
+    out = result.checkpoint_dir
+    assert result.model_uri == "models:/ens-rm-helpfulness/1"
+    assert ensemble_members(out) == [out, out / "members" / "1"]
+    client = tracking.configure()
+    run = client.get_run(result.run_id)
+    assert {"train/loss", "member1/train/loss", "eval/accuracy", "member1/eval/accuracy"} <= set(
+        run.data.metrics
+    )
+    assert 0.0 <= run.data.metrics["ensemble/eval/accuracy"] <= 1.0
+    assert run.data.metrics["ensemble/eval/pairs"] == run.data.metrics["eval/pairs"]
+    losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
+    member1 = [m.value for m in client.get_metric_history(result.run_id, "member1/train/loss")]
+    assert len(losses) == len(member1) == 8 and losses != member1  # another seed, another run
+    assert "plots/loss_member1.png" in {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    version = client.get_model_version("ens-rm-helpfulness", "1")
+    assert version.tags[tracking.DIGEST_TAG] == checkpoint_digest(out)
+
+    # scored as the mean logit of the two, wherever a reward model scores
+    pairs = pq.read_table(world_dir / "preferences" / "test.parquet").to_pylist()[:6]
+    prompts, answers = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
+    tok = load_tokenizer(out)
+    members = [load_scalar_model(m).eval() for m in ensemble_members(out)]
+    logits = torch.stack([torch.logit(reward_scores(m, tok, prompts, answers, 256)) for m in members])
+    assert (logits[0] - logits[1]).abs().max() > 1e-3  # the members disagree
+    scorer = ScorerModel(str(out), "reward", seq_len=256)
+    torch.testing.assert_close(
+        torch.tensor(scorer.rewards(prompts, answers)), torch.sigmoid(logits.mean(0)), atol=1e-4, rtol=0
+    )
+    from transformers import AutoTokenizer
+
+    text = "What is the capital of Peru?"
+    ids = torch.tensor([AutoTokenizer.from_pretrained(out, local_files_only=True).encode(text)])  # as served
+    with torch.no_grad():
+        each = [float(m(input_ids=ids).logits[0, 0]) for m in members]
+    served = mlflow.pyfunc.load_model(result.model_uri).predict([text])
+    assert served == pytest.approx([sum(each) / 2], abs=1e-4)
+
+
 @pytest.mark.reliability
 @pytest.mark.reliability
 def test_killed_worker_resumes_to_the_same_loss(

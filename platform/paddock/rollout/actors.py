@@ -22,7 +22,13 @@ from paddock import lora as adapters
 from paddock.cluster import actor_device, gather, is_uri, put_dir
 from paddock.config import LoraSettings
 from paddock.data.tokenize import encode_prompt
-from paddock.models import inference_dtype, load_causal_lm, load_scalar_model, save_checkpoint
+from paddock.models import (
+    inference_dtype,
+    load_causal_lm,
+    load_reward_model,
+    load_scalar_model,
+    save_checkpoint,
+)
 from paddock.ppo import sync
 from paddock.rlhf.ppo import combine_rewards
 from paddock.rollout.core import (
@@ -419,8 +425,8 @@ class ScorerModel:
         attn = attn_implementation
         if kind == "reference":
             self.model: torch.nn.Module = load_causal_lm(checkpoint, dtype_, attn)
-        elif kind == "reward":
-            self.model = load_scalar_model(checkpoint, dtype_, attn)
+        elif kind == "reward":  # an ensemble's members all, scoring with their mean
+            self.model = load_reward_model(checkpoint, dtype_, attn)
         else:
             self.model = TokenValues(load_scalar_model(checkpoint, dtype_, attn))
         self.model.eval().to(device)

@@ -283,13 +283,13 @@ class RewardModels:
     def __init__(
         self, helpfulness: str, safety: str, seq_len: int = 512, threads: int = 1, dtype: str = "auto"
     ):
-        from paddock.models import load_scalar_model
+        from paddock.models import load_reward_model
         from paddock.tokenizer import load_tokenizer
 
         _threads(threads)
         device = actor_device()
-        self.rm_h = load_scalar_model(helpfulness, _dtype(dtype, device)).eval().to(device)
-        self.rm_s = load_scalar_model(safety, _dtype(dtype, device)).eval().to(device)
+        self.rm_h = load_reward_model(helpfulness, _dtype(dtype, device)).eval().to(device)
+        self.rm_s = load_reward_model(safety, _dtype(dtype, device)).eval().to(device)
         self.tok = load_tokenizer(helpfulness)
         self.seq_len = seq_len
 

@@ -41,6 +41,7 @@ from paddock.rlhf.reward import margin_ranking_loss
 from paddock.train import engine as ds
 
 Objective = Literal["lm", "reward"]
+REWARD_KEYS = ("chosen_ids", "rejected_ids", "margin", "rating", "safety_bin")  # a preference batch's columns
 
 
 class LoopSpec(BaseModel):
@@ -330,11 +331,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # DeepSpeed state: resume passes over it like any unusable checkpoint, to the last one before it
         start = resume(engine, checkpoint, world, rank)
 
-    keys = (
-        PACKED_COLUMNS
-        if spec.objective == "lm"
-        else ("chosen_ids", "rejected_ids", "margin", "rating", "safety_bin")
-    )
+    keys = PACKED_COLUMNS if spec.objective == "lm" else REWARD_KEYS
     batches = micro_batches(
         ray.train.get_dataset_shard("train"),
         keys,

@@ -44,7 +44,7 @@ from paddock.config import (
 from paddock.data.pairs import reward_mix
 from paddock.data.schemas import DIALOGS
 from paddock.data.validate import load_dataset
-from paddock.models import count_parameters, llama_config
+from paddock.models import count_parameters, llama_config, write_ensemble
 from paddock.tokenizer import check_matches, load_tokenizer, tokenizer_files
 from paddock.train.data import packed_dataset, pairs_dataset
 from paddock.train.engine import torch_trainer
@@ -204,8 +204,10 @@ def _follow(
     run: tracking.StageRun,
     progress: Progress,
     history: list[dict[str, float]],
+    prefix: str = "",
 ) -> Any:
-    """Run ``trainer.fit()`` in a thread while this thread logs every report rank 0 puts on ``queue``."""
+    """Run ``trainer.fit()`` in a thread while this thread logs every report rank 0 puts on ``queue`` (its
+    metric names behind ``prefix``)."""
     thread, box = fit_in_thread(trainer)
     while True:
         alive = thread.is_alive()
@@ -220,7 +222,8 @@ def _follow(
                             flush=True,
                         )
                     history.append(m)
-                    run.log_metrics(m, step=int(m["step"]), send=False)
+                    logged = {k if k == "step" else f"{prefix}{k}": v for k, v in m.items()}
+                    run.log_metrics(logged, step=int(m["step"]), send=False)
                     progress.update(m)
                 run.send()  # a report's steps in one request
         except Empty:
@@ -403,29 +406,79 @@ def _run_supervised(
             flush=True,
         )
         queue = Queue(actor_options={"num_cpus": 0})
-        # Under a pipeline the name outlives a killed driver: Ray Train resumes a run of the same name and storage
-        # from its last checkpoint (Train V2's driver fault tolerance), so a rerun loses at most checkpoint_every
-        # steps, not the stage.
-        trainer = make_trainer(p, f"{p.name}-{run.attempt_key}", callbacks, reports=queue)
-        history: list[dict[str, float]] = []
-        start = time.monotonic()
-        with in_driver() if tc.num_workers == 0 else nullcontext():
-            result = _follow(trainer, queue, run, Progress(stage, total), history)
         out_dir = (
             resolve_path(job.output_dir) if job.output_dir else paddock_home() / "runs" / p.name / "final"
         )
-        with result.checkpoint.as_directory() as ckpt:
-            atomic.copy_dir(Path(ckpt) / "hf", out_dir)
-        if tc.num_workers == 0:  # the loop's own temporary directory, not Ray Train's storage
-            shutil.rmtree(result.checkpoint.path, ignore_errors=True)
-        run.log_figure(loss_curve(history, f"{p.name}: loss"), "plots/loss.png")
+        members = job.reward.ensemble if isinstance(job, RewardJob) else 1
+        histories: list[list[dict[str, float]]] = []
+        start = time.monotonic()
+        for i in range(members):
+            # Member i > 0 of a reward ensemble: its own seed (score head and data mix), its metrics under
+            # member<i>/, its checkpoint under members/<i> (member 0 is the directory itself)
+            m = p if i == 0 else ensemble_member(p, i)
+            label = stage if members == 1 else f"{stage} member {i + 1}/{members}"
+            # Under a pipeline the name outlives a killed driver: Ray Train resumes a run of the same name and
+            # storage from its last checkpoint (Train V2's driver fault tolerance), so a rerun loses at most
+            # checkpoint_every steps, not the stage.
+            name = f"{p.name}-{run.attempt_key}" + (f"-member{i}" if i else "")
+            trainer = make_trainer(m, name, callbacks, reports=queue)
+            history: list[dict[str, float]] = []
+            with in_driver() if tc.num_workers == 0 else nullcontext():
+                result = _follow(
+                    trainer, queue, run, Progress(label, total), history, f"member{i}/" if i else ""
+                )
+            with result.checkpoint.as_directory() as ckpt:
+                atomic.copy_dir(Path(ckpt) / "hf", out_dir if i == 0 else out_dir / "members" / str(i))
+            if tc.num_workers == 0:  # the loop's own temporary directory, not Ray Train's storage
+                shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+            run.log_figure(
+                loss_curve(history, f"{p.name}: loss" + (f" (member {i})" if members > 1 else "")),
+                "plots/loss.png" if i == 0 else f"plots/loss_member{i}.png",
+            )
+            histories.append(history)
+        if members > 1:
+            write_ensemble(out_dir, members)
+            run.log_metrics(ensemble_metrics(p, out_dir, histories), step=total)
         run.log_metrics({"time/stage_s": time.monotonic() - start}, step=total)
         model_uri = run.log_model(
             out_dir, p.name, {"paddock.stage": stage, "paddock.upstream": job.model.init_from or ""}
         )
+        history = histories[0]
         final = history[-1] if history else {}
         print(f"[{stage}] done: {model_uri}, checkpoint {out_dir}", flush=True)
         return StageResult(stage, run.run_id, out_dir, model_uri, final, history)
+
+
+def ensemble_member(p: Prepared, i: int) -> Prepared:
+    """Member ``i`` of a reward ensemble: the stage's data mixed again and its model's head drawn from seed
+    ``job.seed + i`` (what makes the members differ), everything else as member 0's."""
+    seed = p.job.seed + i
+    work = paddock_home() / "runs" / p.name / f"member{i}"
+    train_ds, eval_ds, _ = _prepare(p.job, resolve_path(p.job.tokenizer), work, seed)
+    spec = p.spec.model_copy(update={"seed": seed})
+    return Prepared(
+        p.job, p.stage, p.name, spec, train_ds.materialize(), eval_ds.materialize(), p.rows, p.inputs
+    )
+
+
+def ensemble_metrics(p: Prepared, out_dir: Path, histories: list[list[dict[str, float]]]) -> dict[str, float]:
+    """The registered ensemble's own eval metrics (``ensemble/eval/...``: the mean logit of every member on the
+    test pairs, scored in the driver), and its members' final eval accuracies, printed beside it."""
+    from paddock.models import load_reward_model
+    from paddock.train.loop import REWARD_KEYS, evaluate
+
+    model = load_reward_model(out_dir)
+    got = evaluate("reward", model, p.eval_ds, REWARD_KEYS, p.job.train.micro_batch_size, 0, 1, None)
+    own = [
+        next((h["eval/accuracy"] for h in reversed(hist) if "eval/accuracy" in h), math.nan)
+        for hist in histories
+    ]
+    print(
+        f"[{p.stage}] ensemble of {len(histories)}: eval accuracy {got['eval/accuracy']:.3f} "
+        f"(members {', '.join(f'{a:.3f}' for a in own)})",
+        flush=True,
+    )
+    return {f"ensemble/{k}": v for k, v in got.items()}
 
 
 def finetune_sft_job(job: FinetuneJob, dataset: Path | None, suffix: str, *extra: str) -> SFTJob:
