@@ -587,7 +587,9 @@ def stage_figures(parent_run_id: str, out: Path) -> list[tuple[str, str]]:
         width = 0.8 / len(rms)
         for i, stage in enumerate(rms):
             m = runs[stage].data.metrics
-            own = "ensemble/" if "ensemble/eval/accuracy" in m else ""  # the registered model's: the ensemble's
+            own = (
+                "ensemble/" if "ensemble/eval/accuracy" in m else ""
+            )  # the registered model's: the ensemble's
             ax.bar(
                 [r + i * width for r in range(len(RATINGS))],
                 [m.get(f"{own}eval/accuracy/{r}", float("nan")) for r in RATINGS],

@@ -651,8 +651,9 @@ def pair_scores(
     once as the cluster holds and every set scored in one call per model. Per model pair and set: the accuracy of
     each model on its own kind of pair (the helpfulness RM on helpfulness pairs, the safety RM on safety pairs) and
     the agreement of the combined reward (Llama 2's safety gate) with the labels on every pair, and on the pairs with
-    a clear preference (rated more than negligibly better: two equally good answers are labelled by a coin, so a reward model agrees
-    with about half of them whatever it learned; Llama 2's table 8 reads accuracy by rating the same way). Keys are
+    a clear preference (rated more than negligibly better: two equally good answers are labelled by a coin, so a
+    reward model agrees with about half of them whatever it learned; Llama 2's table 8 reads accuracy by rating the
+    same way). Keys are
     ``{set}_accuracy``, ``{set}_accuracy_{kind}``, ``{set}_agreement``, ``{set}_agreement_clear`` and
     ``{set}_clear_pairs``."""
     import ray

@@ -454,11 +454,9 @@ def ensemble_member(p: Prepared, i: int) -> Prepared:
     ``job.seed + i`` (what makes the members differ), everything else as member 0's."""
     seed = p.job.seed + i
     work = paddock_home() / "runs" / p.name / f"member{i}"
-    train_ds, eval_ds, _ = _prepare(p.job, resolve_path(p.job.tokenizer), work, seed)
+    train_ds, _, _ = _prepare(p.job, resolve_path(p.job.tokenizer), work, seed)  # the test pairs take no seed
     spec = p.spec.model_copy(update={"seed": seed})
-    return Prepared(
-        p.job, p.stage, p.name, spec, train_ds.materialize(), eval_ds.materialize(), p.rows, p.inputs
-    )
+    return Prepared(p.job, p.stage, p.name, spec, train_ds.materialize(), p.eval_ds, p.rows, p.inputs)
 
 
 def ensemble_metrics(p: Prepared, out_dir: Path, histories: list[list[dict[str, float]]]) -> dict[str, float]:
