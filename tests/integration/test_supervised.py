@@ -184,7 +184,6 @@ def test_a_reward_ensemble_trains_its_members_and_scores_as_their_mean(
 
 
 @pytest.mark.reliability
-@pytest.mark.reliability
 def test_killed_worker_resumes_to_the_same_loss(
     chain, home: Path, world_dir: Path, tokenizer_dir: Path, tmp_path
 ):

@@ -57,6 +57,47 @@ def test_an_ensemble_scores_with_the_mean_of_its_members_logits(tmp_path):
     assert isinstance(load_reward_model(out / "members/1"), LlamaForSequenceClassification)
 
 
+def test_an_ensembles_test_accuracy_is_its_mean_logits_one_member_loaded_at_a_time(tmp_path):
+    """``loop.ensemble_eval`` (the stage's ``ensemble/eval/*``): each pair ranked by the mean of the members'
+    logits, counted overall and by rating and safety bin; a member may be a directory or a Ray Train checkpoint."""
+    from paddock.data.schemas import RATINGS, SAFETY_BINS
+    from paddock.train.loop import ensemble_eval, pair_scores
+    from ray.train import Checkpoint
+
+    out = _ensemble(tmp_path, 2)
+    shutil.copytree(out / "members/1", tmp_path / "ckpt1" / "hf")
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n: int) -> dict[str, torch.Tensor]:
+        return {
+            "chosen_ids": torch.randint(3, 300, (n, 7), generator=gen),
+            "rejected_ids": torch.randint(3, 300, (n, 7), generator=gen),
+            "rating": torch.arange(n) % len(RATINGS),
+            "safety_bin": torch.arange(n) % len(SAFETY_BINS),
+        }
+
+    batches = [batch(8), batch(8), batch(5)]  # the last one short, as drop_last=False leaves it
+    with torch.no_grad():
+        each = [
+            [torch.stack(pair_scores(load_scalar_model(m).eval(), b)) for b in batches]
+            for m in ensemble_members(out)
+        ]
+    right = torch.cat(
+        [(a + b)[0] > (a + b)[1] for a, b in zip(*each, strict=True)]
+    )  # mean logit, pair by pair
+    alone = torch.cat([a[0] > a[1] for a in each[0]])
+    assert (right != alone).any()  # the ensemble ranks some pair otherwise than member 0 alone
+    rating = torch.cat([b["rating"] for b in batches])
+    got = ensemble_eval([out, Checkpoint.from_directory(str(tmp_path / "ckpt1"))], batches, use_gpu=False)
+    assert got["eval/pairs"] == 21
+    assert got["eval/accuracy"] == pytest.approx(right.double().mean().item())
+    for j, name in enumerate(RATINGS):
+        assert got[f"eval/accuracy/{name}"] == pytest.approx(right[rating == j].double().mean().item())
+    # one member is its own ensemble of one
+    alone_got = ensemble_eval([out], batches, use_gpu=False)
+    assert alone_got["eval/accuracy"] == pytest.approx(alone.double().mean().item())
+
+
 def test_an_ensembles_digest_covers_every_member(tmp_path):
     out = _ensemble(tmp_path, 2)
     alone = tmp_path / "member0"

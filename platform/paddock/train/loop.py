@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ from paddock.data.tokenize import IGNORE, PACKED_COLUMNS
 from paddock.metrics import record_train
 from paddock.models import (
     build_causal_lm,
+    inference_dtype,
     load_causal_lm,
     load_scalar_model,
     right_padded_mask,
@@ -217,12 +219,60 @@ def evaluate(
     if objective == "lm":
         loss = (stats[0] / stats[1].clamp(min=1)).item()
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    return pair_metrics(stats)
+
+
+def pair_metrics(stats: torch.Tensor) -> dict[str, float]:
+    """``eval/accuracy`` overall and by rating and safety bin, from ``pair_stats`` summed over the test pairs."""
     out = {"eval/accuracy": (stats[0] / stats[1].clamp(min=1)).item(), "eval/pairs": stats[1].item()}
     for j, name in enumerate([*RATINGS, *SAFETY_BINS]):
         correct, n = stats[2 + 2 * j], stats[3 + 2 * j]
         if n > 0:
             out[f"eval/accuracy/{name}"] = (correct / n).item()
     return out
+
+
+def pair_stats(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Pairs ranked right and pairs seen: over the batch, then by rating and by safety bin (``pair_metrics``)."""
+    correct = (r_chosen > r_rejected).double().cpu()
+    stats = [correct.sum().item(), float(correct.numel())]
+    for column, names in (("rating", RATINGS), ("safety_bin", SAFETY_BINS)):
+        for j in range(len(names)):
+            m = batch[column].cpu() == j
+            stats += [correct[m].sum().item(), float(m.sum().item())]
+    return torch.tensor(stats, dtype=torch.float64)
+
+
+@torch.no_grad()
+def ensemble_eval(
+    members: list[Any], batches: list[dict[str, torch.Tensor]], use_gpu: bool
+) -> dict[str, float]:
+    """``eval/*`` metrics of a reward ensemble, the mean of its members' logits, on the test pairs ``batches``.
+
+    One member is loaded at a time (a checkpoint directory, or a Ray Train ``Checkpoint`` holding ``hf/``), in
+    its inference dtype on the GPU when ``use_gpu`` (bf16) and fp32 on the CPU, scores every pair and is freed
+    before the next: the memory of one model, not of k. Each pair's logits are summed in fp64 meanwhile.
+    """
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    dtype = inference_dtype("auto", device.type == "cuda")
+    sums = [torch.zeros(2, len(b["chosen_ids"]), dtype=torch.float64) for b in batches]
+    for member in members:
+        where = nullcontext(member) if isinstance(member, (str, Path)) else member.as_directory()
+        with where as d:
+            path = Path(d) if isinstance(member, (str, Path)) else Path(d) / "hf"
+            model: torch.nn.Module = load_scalar_model(path, dtype)
+        model.to(device).eval()
+        for total, b in zip(sums, batches, strict=True):
+            ids = {k: b[k].to(device) for k in ("chosen_ids", "rejected_ids")}
+            total += torch.stack(pair_scores(model, ids)).double().cpu()
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    k = len(members)
+    stats = [pair_stats(t[0] / k, t[1] / k, b) for t, b in zip(sums, batches, strict=True)]
+    return pair_metrics(torch.stack(stats).sum(0))
 
 
 def _forward_stats(
@@ -239,16 +289,7 @@ def _forward_stats(
             reduction="sum",
         )
         return torch.tensor([loss.item(), (target != IGNORE).sum().item()], dtype=torch.float64)
-    r_chosen, r_rejected = pair_scores(model, batch)
-    correct = (r_chosen > r_rejected).double()
-    stats = [correct.sum().item(), float(correct.numel())]
-    for j in range(len(RATINGS)):
-        m = batch["rating"] == j
-        stats += [correct[m].sum().item(), float(m.sum().item())]
-    for j in range(len(SAFETY_BINS)):
-        m = batch["safety_bin"] == j
-        stats += [correct[m].sum().item(), float(m.sum().item())]
-    return torch.tensor(stats, dtype=torch.float64)
+    return pair_stats(*pair_scores(model, batch), batch)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -411,6 +411,7 @@ def _run_supervised(
         )
         members = job.reward.ensemble if isinstance(job, RewardJob) else 1
         histories: list[list[dict[str, float]]] = []
+        scored: list[Any] = []  # where ensemble_metrics reads each member
         start = time.monotonic()
         for i in range(members):
             # Member i > 0 of a reward ensemble: its own seed (score head and data mix), its metrics under
@@ -427,10 +428,12 @@ def _run_supervised(
                 result = _follow(
                     trainer, queue, run, Progress(label, total), history, f"member{i}/" if i else ""
                 )
+            member_dir = out_dir if i == 0 else out_dir / "members" / str(i)
             with result.checkpoint.as_directory() as ckpt:
-                atomic.copy_dir(Path(ckpt) / "hf", out_dir if i == 0 else out_dir / "members" / str(i))
+                atomic.copy_dir(Path(ckpt) / "hf", member_dir)
             if tc.num_workers == 0:  # the loop's own temporary directory, not Ray Train's storage
                 shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+            scored.append(member_dir if tc.num_workers == 0 else result.checkpoint)
             run.log_figure(
                 loss_curve(history, f"{p.name}: loss" + (f" (member {i})" if members > 1 else "")),
                 "plots/loss.png" if i == 0 else f"plots/loss_member{i}.png",
@@ -438,7 +441,7 @@ def _run_supervised(
             histories.append(history)
         if members > 1:
             write_ensemble(out_dir, members)
-            run.log_metrics(ensemble_metrics(p, out_dir, histories), step=total)
+            run.log_metrics(ensemble_metrics(p, scored, histories), step=total)
         run.log_metrics({"time/stage_s": time.monotonic() - start}, step=total)
         model_uri = run.log_model(
             out_dir, p.name, {"paddock.stage": stage, "paddock.upstream": job.model.init_from or ""}
@@ -459,14 +462,30 @@ def ensemble_member(p: Prepared, i: int) -> Prepared:
     return Prepared(p.job, p.stage, p.name, spec, train_ds.materialize(), p.eval_ds, p.rows, p.inputs)
 
 
-def ensemble_metrics(p: Prepared, out_dir: Path, histories: list[list[dict[str, float]]]) -> dict[str, float]:
+def ensemble_metrics(
+    p: Prepared, members: list[Any], histories: list[list[dict[str, float]]]
+) -> dict[str, float]:
     """The registered ensemble's own eval metrics (``ensemble/eval/...``: the mean logit of every member on the
-    test pairs, scored in the driver), and its members' final eval accuracies, printed beside it."""
-    from paddock.models import load_reward_model
-    from paddock.train.loop import REWARD_KEYS, evaluate
+    test pairs, ``loop.ensemble_eval``), and its members' final eval accuracies, printed beside it.
 
-    model = load_reward_model(out_dir)
-    got = evaluate("reward", model, p.eval_ds, REWARD_KEYS, p.job.train.micro_batch_size, 0, 1, None)
+    ``members``: checkpoint directories in local mode, scored in the driver (the stage's one rank); else the
+    members' Ray Train checkpoints, scored in a Ray task with one worker's resources (its GPU under
+    ``train.use_gpu``), which reads them from Ray Train's storage like a restarted worker, on any node.
+    """
+    from paddock.train.loop import REWARD_KEYS, ensemble_eval
+
+    tc = p.job.train
+    batches = [
+        {k: b[k] for k in REWARD_KEYS}
+        for b in p.eval_ds.iter_torch_batches(batch_size=tc.micro_batch_size, drop_last=False)
+    ]
+    if tc.num_workers == 0:
+        got = ensemble_eval(members, batches, tc.use_gpu)
+    else:
+        task = ray.remote(ensemble_eval).options(
+            num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0, max_retries=0
+        )
+        got = ray.get(task.remote(members, batches, tc.use_gpu))
     own = [
         next((h["eval/accuracy"] for h in reversed(hist) if "eval/accuracy" in h), math.nan)
         for hist in histories
