@@ -320,6 +320,12 @@ class TokenizerConfig(Strict):
     corpus: str = Field(
         "world/pretrain/train.parquet", description="Pretraining Parquet file (column 'text') to train on."
     )
+    dialogs: list[str] = Field(
+        default_factory=list,
+        description="Dialog Parquet files (the 'dialogs' shape) whose turns join the corpus: where the pretraining "
+        "text holds no conversation (the tiny world's is facts), a tokenizer trained on it alone splits the chat "
+        "data's common words into letters and short pieces.",
+    )
     vocab_size: int = Field(
         32000,
         ge=300,

@@ -259,6 +259,22 @@ def check_matches(tok: PreTrainedTokenizerBase, model_dir: str | Path) -> None:
         )
 
 
+def dialog_texts(path: Path) -> list[str]:
+    """The text of every turn and system prompt of a dialogs Parquet file, validated as a fine-tuning stage
+    reads it (bad rows quarantined under ``runs/tokenizer/quarantine``)."""
+    from paddock.config import paddock_home
+    from paddock.data.validate import load_dataset
+
+    report = load_dataset(
+        path, "dialogs", quarantine_dir=paddock_home() / "runs" / "tokenizer" / "quarantine"
+    )
+    out: list[str] = []
+    for row in report.good.to_pylist():
+        out += [row["system"]] if row.get("system") else []
+        out += [t["content"] for t in row["turns"]]
+    return out
+
+
 def run(job: TokenizerJob) -> Path:
     """Stage entry point: train a tokenizer on the pretraining corpus, or import an existing one."""
     import pyarrow.parquet as pq
@@ -285,9 +301,13 @@ def run(job: TokenizerJob) -> Path:
     if not corpus.is_file():
         raise FileNotFoundError(f"tokenizer.corpus: {corpus} does not exist; run jobs/world.py first")
     texts = pq.read_table(corpus, columns=["text"])["text"].to_pylist()
+    documents = len(texts)
+    for path in cfg.dialogs:
+        texts += dialog_texts(resolve_path(path))
     print(
-        f"training a {cfg.style}-style BPE tokenizer (vocab {cfg.vocab_size}) on {len(texts)} documents from "
-        f"{corpus}",
+        f"training a {cfg.style}-style BPE tokenizer (vocab {cfg.vocab_size}) on {documents} documents from "
+        f"{corpus}"
+        + (f" and {len(texts) - documents} turns of {', '.join(cfg.dialogs)}" if cfg.dialogs else ""),
         flush=True,
     )
     if cfg.style == "llama3":

@@ -110,3 +110,28 @@ def test_the_llama2_tokenizer_configs_import_the_checkpoints_own(size, tokenizer
     assert (out / "tokenizer.model").read_bytes() == (checkpoint / "tokenizer.model").read_bytes()
     text = "The capital of France is Paris."
     assert load_tokenizer(out).encode(text) == load_tokenizer(tokenizer_dir).encode(text)
+
+
+def test_dialogs_join_the_corpus_and_their_words_stay_whole(world_dir, tmp_path, monkeypatch):
+    """The tiny world's pretraining text is facts; trained on it alone, a tokenizer spells the chat data's
+    refusals in pieces ("I won't help with" as "▁I ▁w on ' t ▁he lp ▁w ith"), which a sampled answer can mix up.
+    ``tokenizer.dialogs`` adds the turns of dialog files to the corpus."""
+    from paddock.config import TokenizerJob, load_config
+    from paddock.data.validate import DatasetError
+    from paddock.tokenizer import run
+
+    monkeypatch.setenv("PADDOCK_HOME", str(tmp_path))
+    refusal = "I won't help with that request."
+    pieces = {}
+    for out, extra in (("facts", []), ("chat", [f"tokenizer.dialogs=[{world_dir}/sft/train.parquet]"])):
+        sets = [f"tokenizer.corpus={world_dir}/pretrain/train.parquet", "tokenizer.vocab_size=1000"]
+        job = load_config(TokenizerJob, None, [*sets, f"tokenizer.out_dir={out}", *extra])
+        tok = load_tokenizer(run(job))
+        pieces[out] = tok.convert_ids_to_tokens(tok.encode(refusal, add_special_tokens=False))
+        assert tok.decode(tok.encode(refusal, add_special_tokens=False)) == refusal
+    assert "▁with" not in pieces["facts"] and "▁help" not in pieces["facts"]
+    assert {"▁help", "▁with", "▁that"} <= set(pieces["chat"])
+    assert len(pieces["chat"]) < len(pieces["facts"])
+    missing = [*sets, "tokenizer.out_dir=none", f"tokenizer.dialogs=[{tmp_path}/nope.parquet]"]
+    with pytest.raises(DatasetError, match=r"nope\.parquet: no such dataset file"):
+        run(load_config(TokenizerJob, None, missing))
