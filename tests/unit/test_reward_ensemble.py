@@ -88,11 +88,14 @@ def test_an_ensembles_test_accuracy_is_its_mean_logits_one_member_loaded_at_a_ti
     alone = torch.cat([a[0] > a[1] for a in each[0]])
     assert (right != alone).any()  # the ensemble ranks some pair otherwise than member 0 alone
     rating = torch.cat([b["rating"] for b in batches])
+    safety_bin = torch.cat([b["safety_bin"] for b in batches])
     got = ensemble_eval([out, Checkpoint.from_directory(str(tmp_path / "ckpt1"))], batches, use_gpu=False)
     assert got["eval/pairs"] == 21
     assert got["eval/accuracy"] == pytest.approx(right.double().mean().item())
     for j, name in enumerate(RATINGS):
         assert got[f"eval/accuracy/{name}"] == pytest.approx(right[rating == j].double().mean().item())
+    for j, name in enumerate(SAFETY_BINS):
+        assert got[f"eval/accuracy/{name}"] == pytest.approx(right[safety_bin == j].double().mean().item())
     # one member is its own ensemble of one
     alone_got = ensemble_eval([out], batches, use_gpu=False)
     assert alone_got["eval/accuracy"] == pytest.approx(alone.double().mean().item())

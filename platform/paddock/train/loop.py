@@ -259,10 +259,9 @@ def ensemble_eval(
     dtype = inference_dtype("auto", device.type == "cuda")
     sums = [torch.zeros(2, len(b["chosen_ids"]), dtype=torch.float64) for b in batches]
     for member in members:
-        where = nullcontext(member) if isinstance(member, (str, Path)) else member.as_directory()
-        with where as d:
-            path = Path(d) if isinstance(member, (str, Path)) else Path(d) / "hf"
-            model: torch.nn.Module = load_scalar_model(path, dtype)
+        local = isinstance(member, (str, Path))  # else a Ray Train checkpoint, its model under hf/
+        with nullcontext(member) if local else member.as_directory() as d:
+            model: torch.nn.Module = load_scalar_model(Path(d) if local else Path(d) / "hf", dtype)
         model.to(device).eval()
         for total, b in zip(sums, batches, strict=True):
             ids = {k: b[k].to(device) for k in ("chosen_ids", "rejected_ids")}
