@@ -75,9 +75,17 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
         "ppo.spread=true",
         "train.placement_strategy=SPREAD",
         "train.micro_batch_size=4",
+        # Waits sized for a tiny model on a busy 2-core machine, not the defaults' 7B-70B ones (an hour for a
+        # call, 15 minutes for a weight stream or a batch): whatever the node's loss leaves waiting on a process
+        # that is gone gives up within minutes, and the run recovers as it would at full size
+        "actor_timeout_s=300",
+        "ppo.weight_sync_timeout_s=120",
+        "ppo.take_timeout_s=300",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env |= common | {"RAY_ADDRESS": cluster.address, "PADDOCK_HOME": str(homes["driver"])}
+    # Ray Train's controller takes a worker whose health check hangs for dead after this (its default: 10 min)
+    env["RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"] = "120"
     command = [sys.executable, "jobs/ppo.py", "--config", "jobs/configs/tiny/ppo.yaml"]
     for o in overrides:
         command += ["--set", o]
@@ -98,7 +106,16 @@ def test_ppo_spreads_over_two_worker_nodes_that_share_only_storage_and_mlflow(
         wait_for_checkpoint(storage, "mn-ppo-*", timeout_s=900, proc=proc)
         cluster.remove_node(nodes["b"])
         removed_at = len(lines)
-        code = proc.wait(timeout=1200)
+        try:
+            code = proc.wait(timeout=1200)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            reader.join(timeout=30)
+            said = "".join(line for line in lines if "[ppo]" in line)
+            pytest.fail(
+                f"PPO had not finished 1200 s after the node's loss (at line {removed_at}); what it said:\n"
+                f"{said[-6000:]}\nits last lines:\n{''.join(lines[-40:])[-4000:]}"
+            )
         reader.join(timeout=30)
         # A second driver evaluates the registered policy on the node left: its rollout workers and scorers open
         # the models they are handed as pinned URIs, resolved into that node's cache (paths on the driver's disk
