@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from chain import REPO
+from faults import kill_and_wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -108,11 +109,11 @@ def test_the_hub_or_the_buffer_dying_ends_the_run_naming_it(ray_cluster, tmp_pat
     job = load_config(PPOJob, REPO / "jobs/configs/tiny/ppo.yaml", [])
     hub, buffer = PolicyHub.remote(), RolloutBuffer.remote(64)  # type: ignore[attr-defined]
     driver = Driver(job, None, tmp_path, [], [], Actors(), hub, buffer)  # type: ignore[arg-type]
-    ray.kill(buffer)
+    kill_and_wait(buffer)
     with pytest.raises(ActorLost, match=r"^PPO's driver at batch 0: the rollout buffer died \(\w+Error\)"):
         driver.stop("kl_limit passed")  # the hub answers (its stop request is kept); the buffer does not
     assert ray.get(hub.stop_requested.remote()) == "kl_limit passed"
-    ray.kill(hub)
+    kill_and_wait(hub)
     alive = threading.Thread(target=time.sleep, args=(30,), daemon=True)
     alive.start()  # the learners' fit, still running
     t0 = time.monotonic()
@@ -269,7 +270,7 @@ def test_a_dead_rollout_worker_is_passed_over_when_the_engines_sleep_and_wake(ra
     actors.timeout_s = 2.0
     actors.workers = [Engine.remote(1.5), Engine.remote(2.5), Engine.remote(0.5)]
     ray.get([w.is_awake.remote() for w in actors.workers])  # started
-    ray.kill(actors.workers[1])
+    kill_and_wait(actors.workers[1])
     assert actors.sleep() == 1.5  # the live ones' most; the dead one passed over
     assert ray.get([actors.workers[i].is_awake.remote() for i in (0, 2)]) == [False, False]
     actors.wake()
