@@ -22,7 +22,9 @@ the planner computes, from the config and the model shapes alone (nothing is loa
   (``chunk·V·4``: log-probs are computed chunk by chunk); generation adds the KV cache of the micro-batch,
   ``T · 2·L·kv_heads·head_dim`` elements. A vLLM rollout copy spread over ``n`` GPUs
   (``inference.vllm.tensor_parallel``) holds ``1/n`` of all three on each, its process taking ``n`` GPUs of one
-  node.
+  node. Host memory of an inference copy on a GPU: its weights, loaded on the host first; a vLLM rollout worker
+  keeps that copy as its host mirror (one ``N``, not two); on a CPU vLLM's own copy is host memory too, the mirror
+  beside it.
 
 A role fits when its device memory is within ``USABLE`` of one GPU of a node type that still has enough GPUs
 left (roles are placed largest first, on the smallest GPUs that hold them), and its processes' host memory is
@@ -635,9 +637,12 @@ def job_roles(job: Any, shape_of: ShapeOf) -> list[Role]:
         )
         role.spread = "inference.engine=vllm and inference.vllm.tensor_parallel"
         if inf.engine == "vllm":
-            # vLLM's copy (weights and KV cache) where the transformers model would be, and the worker's host
-            # mirror of the weights in the Hugging Face layout beside it (paddock.rollout.vllm_engine)
-            role.host_gib += role.weights_gib
+            # vLLM's copy (weights and KV cache) where the transformers model would be. The worker's host mirror
+            # of the weights in the Hugging Face layout (paddock.rollout.vllm_engine) is the host copy the weights
+            # load into, kept: on a GPU that is the host memory already counted; on a CPU vLLM's own copy is on
+            # the host too, and the mirror beside it
+            if gpus == 0:
+                role.host_gib += role.weights_gib
             role.keys += ["inference.engine", "inference.vllm.memory_share", "inference.vllm.tensor_parallel"]
             role.spread = "inference.vllm.tensor_parallel"
             tp = inf.vllm.tensor_parallel

@@ -190,7 +190,9 @@ def test_a_gpu_node_type_without_its_memory_label_is_an_error(tmp_path):
         plan.Cluster.from_yaml(tmp_path / "c.yaml")
 
 
-def test_vllm_rollout_workers_are_planned_with_their_host_mirror(capsys):
+def test_vllm_rollout_workers_are_planned_with_their_host_mirror_once(capsys):
+    """On a GPU the mirror is the host copy the weights load into, kept (counted once, as the transformers engine's
+    load is); on a CPU vLLM's own copy is host memory too, and the mirror comes beside it."""
     config = str(REPO / "jobs/configs/llama2-7b/ppo.yaml")
     _, hf = _plan(["--config", config], capsys)
     code, vl = _plan(["--config", config, "--set", "inference.engine=vllm"], capsys)
@@ -198,6 +200,15 @@ def test_vllm_rollout_workers_are_planned_with_their_host_mirror(capsys):
     (w_vl,) = [r for r in vl["roles"] if r["role"] == "rollout worker"]
     weights = plan.ModelShape.named("7b").params * 2 / (1 << 30)  # bf16 on a GPU
     assert code == 0 and w_vl["device_gib"] == w_hf["device_gib"]
+    assert w_vl["host_gib"] == pytest.approx(weights, abs=0.01) == w_hf["host_gib"]
+
+    on_cpu = ["--config", str(REPO / "jobs/configs/tiny/ppo.yaml"), "--set", "plan.shape=7b"]
+    _, hf = _plan(on_cpu, capsys)
+    _, vl = _plan([*on_cpu, "--set", "inference.engine=vllm"], capsys)  # 7B on this machine: does not fit
+    (w_hf,) = [r for r in hf["roles"] if r["role"] == "rollout worker"]
+    (w_vl,) = [r for r in vl["roles"] if r["role"] == "rollout worker"]
+    weights = plan.ModelShape.named("7b").params * 4 / (1 << 30)  # fp32 on a CPU
+    assert w_vl["device_gib"] == w_hf["device_gib"] == 0 and w_hf["host_gib"] > weights
     assert w_vl["host_gib"] == pytest.approx(w_hf["host_gib"] + weights, abs=0.01)
 
 
