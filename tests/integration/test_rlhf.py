@@ -359,6 +359,46 @@ def test_the_registered_best_policy_holds_the_evaluated_weights_after_a_learner_
     assert registered["eval/helpfulness_accuracy"] == evals[2]["eval/helpfulness_accuracy"] > 1.0
 
 
+@pytest.mark.reliability
+def test_ppo_goes_on_without_a_rollout_worker_dead_for_good(rs, world_dir: Path, tokenizer_dir: Path):
+    """A rollout worker killed for good (no restart left) once iteration 1's weights are received: batch 1's
+    sampling meets it dead, it leaves the run, the other worker samples the whole batch, and the hub sizes every
+    later publication's group for one receiving rank, so no stream waits for the dead one (before, every
+    publication after the death waited ``weight_sync_timeout_s`` for it and the run ended)."""
+    from faults import kill_and_wait
+    from paddock.ppo import loop
+
+    taken: list[tuple[int, int, int, int | None]] = []  # (version, attempt, iteration, receivers)
+    take = loop.Driver.take
+
+    def take_then_kill(self: Any, pub: Any) -> None:
+        take(self, pub)
+        taken.append((pub.version, pub.attempt, pub.iteration, pub.receivers))
+        if pub.iteration == 1 and len(self.actors.workers) == 2:
+            kill_and_wait(self.actors.workers[1])
+
+    job = ppo_job(
+        world_dir,
+        tokenizer_dir,
+        "registry_prefix=lostworker",
+        "ppo.iterations=3",
+        "ppo.batch_prompts=16",
+        "ppo.mini_batch=16",
+        "ppo.eval_every=3",
+        "ppo.eval_max_prompts=8",
+        "ppo.weight_sync_timeout_s=120",  # a group waiting for the dead worker would fail the test's time
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop.Driver, "take", take_then_kill)
+        result = loop.run(job)
+    assert result.iterations == 3 and result.stop_reason == "completed"
+    assert result.restarts["rollout_workers_lost"] == 1 and result.restarts["resends"] == 0, result.restarts
+    # versions 1 and 2 went to both workers' ranks (the hub not told otherwise: None), 3 and 4 to the one left
+    assert taken == [(1, 0, 0, None), (2, 0, 1, None), (3, 0, 2, 1), (4, 0, 3, 1)], taken
+    assert result.buffer["rows_out"] >= 3 * 16
+    assert {int(e["iteration"]) for e in result.evals} == {0, 3}
+
+
 def test_ppo_raises_its_reward_within_the_kl_bound_and_registers_what_it_measured(
     ppo, rs, chain, world_dir: Path, results
 ):

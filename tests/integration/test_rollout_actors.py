@@ -206,5 +206,5 @@ def test_ppo_stops_at_once_when_every_rollout_worker_is_dead_for_good(ray_cluste
     ray.get(alive.version.remote())
     ray.kill(alive, no_restart=False)  # Ray restarts it: not dead, the check waits for it
     actors.workers = [alive]
-    actors.check_alive(wait_s=60)
+    assert actors.drop_dead(wait_s=60) == [] and actors.workers == [alive]
     ray.kill(actors.value)

@@ -109,21 +109,25 @@ def test_the_hub_announces_a_version_sent_again_as_its_next_attempt(ray_cluster)
     from paddock.ppo.hub import RESEND, PolicyHub
 
     hub = PolicyHub.remote()  # type: ignore[attr-defined]
-    assert ray.get(hub.publish.remote(2, [], None, 10, {"ppo/kl": 0.5})) == 1
+    assert ray.get(hub.publish.remote(2, [], None, 10, {"ppo/kl": 0.5})) == (1, None)  # every worker receives
     first = ray.get(hub.wait_newer.remote((0, 0), 5))
     assert (first.version, first.attempt, first.group("policy")) == (1, 0, "pub1.0/policy")
     assert ray.get(hub.wait_newer.remote((1, 0), 0.2)) is None
     ray.get(hub.put_batch.remote(2, RESEND))
     assert ray.get(hub.get_batch.remote(2, 5)) == RESEND
     waiting = hub.wait_newer.remote((1, 0), 30)
-    assert ray.get(hub.republish.remote(1)) == 1
+    ray.get(
+        hub.set_receivers.remote(3)
+    )  # a rollout worker of four died for good: the next attempt goes to three
+    assert first.receivers is None and ray.get(hub.republish.remote(1)) == (1, 3)
     again = ray.get(waiting, timeout=10)
     assert (again.version, again.attempt, again.iteration, again.stats) == (1, 1, 2, {"ppo/kl": 0.5})
+    assert again.receivers == 3
     assert again.group("value") == "pub1.1/value"
     with pytest.raises(ray.exceptions.RayTaskError):  # the marker is gone: nothing for iteration 2 yet
         ray.get(hub.get_batch.remote(2, 0.2))
     with pytest.raises(ray.exceptions.RayTaskError, match="the latest is 1"):
         ray.get(hub.republish.remote(0))
-    assert ray.get(hub.publish.remote(3, [], None, 10)) == 2
+    assert ray.get(hub.publish.remote(3, [], None, 10)) == (2, 3)
     newer = ray.get(hub.wait_newer.remote((1, 1), 5))
-    assert (newer.version, newer.attempt) == (2, 0)
+    assert (newer.version, newer.attempt, newer.receivers) == (2, 0, 3)

@@ -14,6 +14,8 @@ of their own (``Publication.group``), and the hub announces that attempt as it a
 The hub also carries what learners and driver tell each other: each iteration's learner statistics, a stop
 request (early stopping, KL limit), the driver's small state that a checkpoint must keep (running reward
 moments) and, when learners and rollout engines take turns on the GPUs, that the learners gave up the device.
+It also holds how many ranks receive the policy (``set_receivers``): the driver lowers it when a rollout worker is
+dead for good, and every publication from then on is sized for the workers left (``Publication.receivers``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Publication:
     published_at: float = field(default_factory=time.time)
     stats: dict[str, float] = field(default_factory=dict)  # the learners' statistics of that iteration
     attempt: int = 0  # how many times this version was sent before (the driver asked again)
+    # Ranks of the rollout workers this attempt's policy group waits for (None: every configured worker's)
+    receivers: int | None = None
 
     def group(self, name: str) -> str:
         """The prefix of this attempt's process group ``name`` ("policy", "value", "repair3")."""
@@ -63,6 +67,9 @@ class PolicyHub:
         self.driver_state: dict[str, Any] = {}
         self.batches: dict[int, list[Any] | str | None] = {}
         self.rest = (0, -1)  # the (version, attempt) after whose stream the learners last gave up the device
+        self.receivers: int | None = (
+            None  # the policy group's receiving ranks (None: every configured worker's)
+        )
 
     async def publish(
         self,
@@ -71,19 +78,23 @@ class PolicyHub:
         value: Layout | None,
         nbytes: int,
         stats: dict[str, float] | None = None,
-    ) -> int:
-        """Announce new weights; returns their version (one more than the last, whoever published it)."""
+    ) -> tuple[int, int | None]:
+        """Announce new weights; returns their version (one more than the last, whoever published it) and the
+        ranks its policy group waits for (``set_receivers``)."""
         async with self.changed:
             version = 1 if self.latest is None else self.latest.version + 1
             # A (re)started learner group begins at ``iteration``: batches handed out from there on are void.
             for stale in [i for i in self.batches if i >= iteration]:
                 del self.batches[stale]
-            self.latest = Publication(version, iteration, policy, value, nbytes, stats=stats or {})
+            self.latest = Publication(
+                version, iteration, policy, value, nbytes, stats=stats or {}, receivers=self.receivers
+            )
             self.changed.notify_all()
-            return version
+            return version, self.receivers
 
-    async def republish(self, version: int) -> int:
-        """Announce ``version`` again (the driver asked for it once more); returns the new attempt's number."""
+    async def republish(self, version: int) -> tuple[int, int | None]:
+        """Announce ``version`` again (the driver asked for it once more); returns the new attempt's number and
+        the ranks its policy group waits for."""
         async with self.changed:
             if self.latest is None or self.latest.version != version:
                 latest = None if self.latest is None else self.latest.version
@@ -92,10 +103,18 @@ class PolicyHub:
             for stale in [i for i in self.batches if i >= self.latest.iteration]:
                 del self.batches[stale]
             self.latest = dataclasses.replace(
-                self.latest, attempt=self.latest.attempt + 1, published_at=time.time()
+                self.latest,
+                attempt=self.latest.attempt + 1,
+                published_at=time.time(),
+                receivers=self.receivers,
             )
             self.changed.notify_all()
-            return self.latest.attempt
+            return self.latest.attempt, self.receivers
+
+    def set_receivers(self, ranks: int) -> None:
+        """From the next publication or attempt on, the policy group waits for ``ranks`` receivers (the driver's
+        rollout workers that are not dead for good)."""
+        self.receivers = ranks
 
     async def wait_newer(self, seen: tuple[int, int], timeout_s: float) -> Publication | None:
         """The latest publication once its (version, attempt) is above ``seen``; None on timeout or when

@@ -164,12 +164,14 @@ class Learner:
         """The ranks that receive the policy: every rollout worker's (``LearnerSpec.worker_ranks`` each)."""
         return self.spec.ppo.rollout_workers * self.spec.worker_ranks
 
-    def stream_weights(self, version: int, attempt: int = 0) -> list[str]:
+    def stream_weights(self, version: int, attempt: int = 0, receivers: int | None = None) -> list[str]:
         """Send the policy to the rollout workers and the value model (if any) to the value scorer over the groups
         of ``version``'s ``attempt``; every rank must call it (they gather in lockstep under ZeRO-3), rank 0 sends.
-        Returns what failed (a receiver gone, none joined in time), at rank 0."""
+        ``receivers``: the policy group's receiving ranks as the hub announced them (None: every configured
+        worker's). Returns what failed (a receiver gone, none joined in time), at rank 0."""
         ch, failed = self.spec.channel, []
-        streams = [("policy", self.policy.module, self.layouts[0], self.receivers + 1)]
+        policy_ranks = self.receivers if receivers is None else receivers
+        streams = [("policy", self.policy.module, self.layouts[0], policy_ranks + 1)]
         if self.value is not None and self.layouts[1] is not None:
             streams.append(("value", self.value.module, self.layouts[1], 2))
         for name, module, lay, size in streams:
@@ -350,26 +352,27 @@ def learner_worker(config: dict[str, Any]) -> None:
         next version reaches everyone alive."""
         nonlocal latest, latest_attempt
         version, attempt = 0, 0  # known at rank 0, the only one that joins the groups
+        receivers: int | None = None  # the policy group's receiving ranks, as the hub announced them
         wake()
         if again and dist.is_initialized():
             dist.barrier()  # every rank has read the request before the hub forgets it
         if rank == 0:
             if again:
                 version = latest
-                attempt = int(
-                    call("the policy hub", hub.republish.remote(version), f"sending {version} again")
+                attempt, receivers = call(
+                    "the policy hub", hub.republish.remote(version), f"sending {version} again"
                 )
                 print(f"[ppo] the driver asked for version {version} again: attempt {attempt}", flush=True)
             else:
                 wire = spec.channel.torch_dtype
                 nbytes = sum(sync.nbytes(lay, wire) for lay in learner.layouts if lay is not None)
                 published: Any = hub.publish.remote(iteration, *learner.layouts, nbytes, stats)
-                version = int(call("the policy hub", published, f"publishing iteration {iteration}"))
+                version, receivers = call("the policy hub", published, f"publishing iteration {iteration}")
             latest, latest_attempt = version, attempt
             call(
                 "the rollout buffer", buffer.publish_version.remote(version), f"publishing version {version}"
             )
-        for failure in learner.stream_weights(version, attempt):
+        for failure in learner.stream_weights(version, attempt, receivers):
             print(f"[ppo] streaming version {version} (attempt {attempt}) failed, {failure}", flush=True)
         if dist.is_initialized():
             dist.barrier()  # no rank looks for a batch before the hub forgot those of a lost attempt

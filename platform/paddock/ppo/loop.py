@@ -15,7 +15,9 @@ Roles (ARCHITECTURE.md, "Distributed PPO"):
 Synchronous mode generates iteration k's batch with the weights of iteration k; asynchronous mode may run up to
 ``max_staleness`` iterations ahead, so that generation overlaps training. A rollout worker that comes back from
 a crash holds its start weights: the version stamped on its rows shows it, and it gets the weights from a peer
-that holds them and is asked again.
+that holds them and is asked again. A rollout worker dead for good (Ray's restarts used up) leaves the run: the
+others sample its share, and the hub sizes the next publications' groups for them (``PolicyHub.set_receivers``);
+a publication already streaming to it is lost (one ``weight_sync_timeout_s``) and sent again.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class Actors:
     """The rollout workers and scorers of one PPO run."""
 
     width = 1  # ranks each rollout worker takes in a publication's group (its engine's processes)
+    lost = 0  # rollout workers dead for good, gone from ``workers``
 
     def __init__(
         self, job: PPOJob, policy: str, rm_h: str, rm_s: str, value: str | None, channel: sync.Channel
@@ -166,11 +169,18 @@ class Actors:
         """Every rollout worker and the value scorer (if any) join ``pub``'s groups and receive its weights.
 
         Raises ``WeightsLost`` when no rollout worker or not the value scorer got them (the learner sending them
-        died, or they restarted on the way); a worker that alone failed is repaired from a peer when needed."""
-        policy = self.channel.sub(pub.group("policy"), len(self.workers) * self.width + 1)
+        died, or they restarted on the way), or when ``pub``'s group waits for other receivers than the workers
+        alive (one died for good since it was announced); a worker that alone failed is repaired from a peer when
+        needed."""
+        n, ranks = len(self.workers), len(self.workers) * self.width
+        sent_to = (n + self.lost) * self.width if pub.receivers is None else pub.receivers
+        # A group sized for workers since gone cannot complete: the workers left do not join it (the value scorer
+        # still takes its own stream, which the learners send after this one fails)
+        policy = self.channel.sub(pub.group("policy"), ranks + 1)
         calls = [
             w.receive.remote(policy, pub.policy, 1 + i * self.width, pub.version)
             for i, w in enumerate(self.workers)
+            if sent_to == ranks
         ]
         value = None
         if self.value is not None and pub.value is not None:
@@ -192,13 +202,19 @@ class Actors:
 
         for i, call in enumerate(calls):
             wait(f"rollout worker {i}", call)
-        if len(failures) == len(calls):
-            self.check_alive()  # before waiting on the value scorer, whose stream waits for them
+        if calls and len(failures) == len(calls):
+            # before waiting on the value scorer, whose stream waits for them
+            self.drop_dead(self.channel.timeout_s)
         if value is not None:
             wait("value scorer", value)
+        if sent_to != ranks:
+            raise WeightsLost(
+                f"version {pub.version} (attempt {pub.attempt}) went to a group of {sent_to} receiving ranks; "
+                f"the {n} rollout workers left take {ranks}"
+            )
         if failures:
             print(f"[ppo] version {pub.version} did not reach {sorted(failures)}", flush=True)
-        reached = len(self.workers) - len([f for f in failures if f.startswith("rollout")])
+        reached = n - len([f for f in failures if f.startswith("rollout")])
         if "value scorer" in failures or reached == 0:
             raise WeightsLost(f"version {pub.version} reached too few receivers: {sorted(failures)}")
 
@@ -225,26 +241,32 @@ class Actors:
                 print(f"[ppo] rollout worker {i} was passed over {doing}: {type(exc).__name__}", flush=True)
         return out
 
-    def check_alive(self, wait_s: float | None = None) -> None:
-        """Raises ``ActorsDead`` when every rollout worker is dead for good. A call to a worker that Ray is
-        restarting waits for it (up to ``wait_s`` for them all, default the weight-sync timeout); a dead one fails
-        at once."""
-        wait_s = self.channel.timeout_s if wait_s is None else wait_s
+    def drop_dead(self, wait_s: float = 10.0) -> list[int]:
+        """Rollout workers dead for good (Ray's restarts used up) leave the run; returns their indices as they
+        were. A call on a dead actor fails at once; one on a worker that Ray is restarting waits for it (up to
+        ``wait_s`` for them all), and such a worker stays. Raises ``ActorsDead`` when none is left."""
         refs = [w.version.remote() for w in self.workers]
+        ray.wait(refs, num_returns=len(refs), timeout=wait_s)
         dead: dict[int, BaseException] = {}
-        deadline = time.monotonic() + wait_s
         for i, ref in enumerate(refs):
             try:
-                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                ray.get(ref, timeout=0)
             except ray.exceptions.ActorDiedError as exc:
                 dead[i] = exc
-            except ray.exceptions.GetTimeoutError:
-                pass  # slow to come back, not dead
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+                pass  # restarting, or busy: not dead
         if len(dead) == len(self.workers):
             raise ActorsDead(
                 f"all {len(dead)} rollout workers are dead and Ray's restarts are used up; worker 0: "
                 f"{_why_dead(dead[0])}"
             )
+        for i, why in dead.items():
+            print(
+                f"[ppo] rollout worker {i} is dead for good and leaves the run: {_why_dead(why)}", flush=True
+            )
+        self.workers = [w for i, w in enumerate(self.workers) if i not in dead]
+        self.lost += len(dead)
+        return sorted(dead)
 
     def repair(self, worker: int, pub: Publication) -> None:
         """Give rollout worker ``worker`` the weights of ``pub`` from a peer that holds them."""
@@ -426,6 +448,7 @@ class Driver:
         self.since_best = 0
         self.learner_restarts = 0
         self.resends = 0  # versions the learners sent again because the driver could not load them
+        self.workers_lost = 0  # rollout workers dead for good, as the hub was last told
         self.failed_loads = 0  # in a row: a load or a batch that lost the weights, since one that did not
         self.orders: dict[int, list[int]] = {}
         self.digests: dict[int, str] = {}  # iteration -> digest of the weights evaluated there
@@ -707,15 +730,44 @@ class Driver:
                 try:
                     self.take(pub)
                 except WeightsLost as exc:
+                    self.drop_dead_workers()  # a receiver dead for good: the next attempt goes without it
                     self.lost(pub.version, str(exc))
+                except ray.exceptions.ActorDiedError:
+                    if not self.drop_dead_workers():
+                        raise  # not a rollout worker: a scorer dead for good ends the run
+                    self.lost(
+                        pub.version, f"a rollout worker died for good while taking version {pub.version}"
+                    )
             elif can_generate and loaded is not None:
                 try:
                     self.rollout(loaded, self.next_batch)
                     self.next_batch += 1
                 except WeightsLost as exc:
                     self.lost(loaded.version, f"{exc} mid-batch")
+                except ray.exceptions.ActorDiedError:
+                    if not self.drop_dead_workers():
+                        raise
+                    # the workers left hold the same version: they sample the batch again
             elif not fit.is_alive():
                 return
+
+    def drop_dead_workers(self) -> bool:
+        """Rollout workers dead for good leave the run (``Actors.drop_dead``; a failed load may have dropped some
+        already) and the hub sizes the next publications' groups for those left. Whether any left since the
+        last call."""
+        self.actors.drop_dead()
+        if self.actors.lost == self.workers_lost:
+            return False
+        self.workers_lost = self.actors.lost
+        left = len(self.actors.workers)
+        ranks = left * self.actors.width
+        self.ask("the policy hub", self.hub.set_receivers.remote(ranks))
+        print(
+            f"[ppo] going on with {left} rollout worker(s); publications are sized for {ranks} receiving ranks "
+            "from now on",
+            flush=True,
+        )
+        return True
 
     def lost(self, version: int, why: str) -> None:
         """The receivers lost ``version`` (its stream broke, or the value scorer restarted since): the learners,
@@ -917,6 +969,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
             "ppo/learner_restarts": float(driver.learner_restarts),
             "ppo/rollout_reloads": float(actors.reloads),
             "ppo/weight_resends": float(driver.resends),
+            "ppo/rollout_workers_lost": float(driver.workers_lost),
             "time/stage_s": time.monotonic() - start,
             "time/ppo_loop_s": loop_s,
             "buffer/rows_in_total": float(buffer_stats["rows_in"]),
@@ -960,6 +1013,7 @@ def _run(job: PPOJob, lock: atomic.Lock) -> PPOResult:
                 "learners": driver.learner_restarts,
                 "rollout_reloads": actors.reloads,
                 "resends": driver.resends,
+                "rollout_workers_lost": driver.workers_lost,
             },
             wall,
             loop_s,
