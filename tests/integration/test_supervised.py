@@ -183,6 +183,35 @@ def test_a_reward_ensemble_trains_its_members_and_scores_as_their_mean(
     assert served == pytest.approx([sum(each) / 2], abs=1e-4)
 
 
+def test_an_ensemble_trained_by_ray_train_workers_is_scored_in_a_ray_task_as_here(
+    chain, world_dir: Path, tokenizer_dir: Path
+):
+    """``reward.ensemble: 2`` with Ray Train workers (two ranks a member, as on a cluster): the ensemble's eval runs
+    in a Ray task with one worker's resources, reading the members' Ray Train checkpoints (their ``hf/``) from
+    Ray Train's storage, and gives the metrics that scoring the registered members in this process gives."""
+    from paddock import tracking
+    from paddock.config import RewardJob
+    from paddock.models import ensemble_members
+    from paddock.train.loop import ensemble_eval
+    from paddock.train.stage import ensemble_batches, prepare, run_supervised
+
+    o = overrides(world_dir, tokenizer_dir)["rm_h"]  # train.num_workers=2
+    sets = [*o, "reward.ensemble=2", "train.max_steps=4", "train.eval_every=4", "registry_prefix=ensray"]
+    job = load_config(RewardJob, REPO / "jobs/configs/tiny/reward_helpfulness.yaml", sets)
+    assert job.train.num_workers == 2
+    result = run_supervised(job, "reward_helpfulness")
+    m = tracking.configure().get_run(result.run_id).data.metrics
+    members = ensemble_members(result.checkpoint_dir)
+    batches = ensemble_batches(prepare(job, "reward_helpfulness"))
+    here = ensemble_eval(members, batches, use_gpu=False)
+    assert m["ensemble/eval/pairs"] == here["eval/pairs"] == m["eval/pairs"]
+    assert m["ensemble/eval/margin"] == pytest.approx(here["eval/margin"], rel=1e-4, abs=1e-6)
+    assert abs(m["ensemble/eval/accuracy"] - here["eval/accuracy"]) <= 1 / here["eval/pairs"]  # a tie at most
+    # both members count: member 0 alone scores another margin
+    alone = ensemble_eval(members[:1], batches, use_gpu=False)
+    assert alone["eval/margin"] != pytest.approx(here["eval/margin"], rel=1e-3, abs=1e-5)
+
+
 @pytest.mark.reliability
 def test_killed_worker_resumes_to_the_same_loss(
     chain, home: Path, world_dir: Path, tokenizer_dir: Path, tmp_path

@@ -61,7 +61,7 @@ def test_an_ensembles_test_accuracy_is_its_mean_logits_one_member_loaded_at_a_ti
     """``loop.ensemble_eval`` (the stage's ``ensemble/eval/*``): each pair ranked by the mean of the members'
     logits, counted overall and by rating and safety bin; a member may be a directory or a Ray Train checkpoint."""
     from paddock.data.schemas import RATINGS, SAFETY_BINS
-    from paddock.train.loop import ensemble_eval, pair_scores
+    from paddock.train.loop import PAIR_STATS, ensemble_eval, pair_scores, pair_stats
     from ray.train import Checkpoint
 
     out = _ensemble(tmp_path, 2)
@@ -77,6 +77,8 @@ def test_an_ensembles_test_accuracy_is_its_mean_logits_one_member_loaded_at_a_ti
         }
 
     batches = [batch(8), batch(8), batch(5)]  # the last one short, as drop_last=False leaves it
+    # the workers' eval sums vectors of this length over batches and ranks
+    assert pair_stats(torch.zeros(8), torch.ones(8), batches[0]).shape == (PAIR_STATS,)
     with torch.no_grad():
         each = [
             [torch.stack(pair_scores(load_scalar_model(m).eval(), b)) for b in batches]
@@ -92,6 +94,8 @@ def test_an_ensembles_test_accuracy_is_its_mean_logits_one_member_loaded_at_a_ti
     got = ensemble_eval([out, Checkpoint.from_directory(str(tmp_path / "ckpt1"))], batches, use_gpu=False)
     assert got["eval/pairs"] == 21
     assert got["eval/accuracy"] == pytest.approx(right.double().mean().item())
+    margins = torch.cat([((a + b)[0] - (a + b)[1]) / 2 for a, b in zip(*each, strict=True)])
+    assert got["eval/margin"] == pytest.approx(margins.double().mean().item(), rel=1e-6)
     for j, name in enumerate(RATINGS):
         assert got[f"eval/accuracy/{name}"] == pytest.approx(right[rating == j].double().mean().item())
     for j, name in enumerate(SAFETY_BINS):
@@ -99,6 +103,8 @@ def test_an_ensembles_test_accuracy_is_its_mean_logits_one_member_loaded_at_a_ti
     # one member is its own ensemble of one
     alone_got = ensemble_eval([out], batches, use_gpu=False)
     assert alone_got["eval/accuracy"] == pytest.approx(alone.double().mean().item())
+    alone_margin = torch.cat([a[0] - a[1] for a in each[0]]).double().mean().item()
+    assert alone_got["eval/margin"] == pytest.approx(alone_margin, rel=1e-6) != got["eval/margin"]
 
 
 def test_an_ensembles_digest_covers_every_member(tmp_path):

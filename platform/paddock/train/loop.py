@@ -203,7 +203,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Eval metrics over the test split, each rank scoring its slice, sums all-reduced (works under ZeRO-3)."""
     model.eval()
-    n_stats = 2 if objective == "lm" else 2 * (1 + len(RATINGS) + len(SAFETY_BINS))
+    n_stats = 2 if objective == "lm" else PAIR_STATS
     stats = torch.zeros(n_stats, dtype=torch.float64)
     for i, batch in enumerate(shard.iter_torch_batches(batch_size=mb * world, drop_last=False)):
         if max_batches is not None and i >= max_batches:
@@ -223,8 +223,14 @@ def evaluate(
 
 
 def pair_metrics(stats: torch.Tensor) -> dict[str, float]:
-    """``eval/accuracy`` overall and by rating and safety bin, from ``pair_stats`` summed over the test pairs."""
-    out = {"eval/accuracy": (stats[0] / stats[1].clamp(min=1)).item(), "eval/pairs": stats[1].item()}
+    """``eval/accuracy`` overall and by rating and safety bin, and ``eval/margin`` (the chosen answer's logit less
+    the rejected one's, on average), from ``pair_stats`` summed over the test pairs."""
+    pairs = stats[1].clamp(min=1)
+    out = {
+        "eval/accuracy": (stats[0] / pairs).item(),
+        "eval/pairs": stats[1].item(),
+        "eval/margin": (stats[-1] / pairs).item(),
+    }
     for j, name in enumerate([*RATINGS, *SAFETY_BINS]):
         correct, n = stats[2 + 2 * j], stats[3 + 2 * j]
         if n > 0:
@@ -232,16 +238,22 @@ def pair_metrics(stats: torch.Tensor) -> dict[str, float]:
     return out
 
 
+# ``pair_stats``' length: pairs right and seen, overall, by rating and by safety bin; then the margins' sum
+PAIR_STATS = 2 * (1 + len(RATINGS) + len(SAFETY_BINS)) + 1
+
+
 def pair_stats(
     r_chosen: torch.Tensor, r_rejected: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    """Pairs ranked right and pairs seen: over the batch, then by rating and by safety bin (``pair_metrics``)."""
+    """Pairs ranked right and pairs seen: over the batch, then by rating and by safety bin; last, the logit
+    margins' sum (``pair_metrics``)."""
     correct = (r_chosen > r_rejected).double().cpu()
     stats = [correct.sum().item(), float(correct.numel())]
     for column, names in (("rating", RATINGS), ("safety_bin", SAFETY_BINS)):
         for j in range(len(names)):
             m = batch[column].cpu() == j
             stats += [correct[m].sum().item(), float(m.sum().item())]
+    stats.append((r_chosen.double() - r_rejected.double()).sum().item())
     return torch.tensor(stats, dtype=torch.float64)
 
 

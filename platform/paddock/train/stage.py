@@ -462,6 +462,16 @@ def ensemble_member(p: Prepared, i: int) -> Prepared:
     return Prepared(p.job, p.stage, p.name, spec, train_ds.materialize(), p.eval_ds, p.rows, p.inputs)
 
 
+def ensemble_batches(p: Prepared) -> list[dict[str, Any]]:
+    """The test pairs an ensemble is scored on (``ensemble_metrics``): the stage's, in micro-batches."""
+    from paddock.train.loop import REWARD_KEYS
+
+    return [
+        {k: b[k] for k in REWARD_KEYS}
+        for b in p.eval_ds.iter_torch_batches(batch_size=p.job.train.micro_batch_size, drop_last=False)
+    ]
+
+
 def ensemble_metrics(
     p: Prepared, members: list[Any], histories: list[list[dict[str, float]]]
 ) -> dict[str, float]:
@@ -472,13 +482,10 @@ def ensemble_metrics(
     members' Ray Train checkpoints, scored in a Ray task with one worker's resources (its GPU under
     ``train.use_gpu``), which reads them from Ray Train's storage like a restarted worker, on any node.
     """
-    from paddock.train.loop import REWARD_KEYS, ensemble_eval
+    from paddock.train.loop import ensemble_eval
 
     tc = p.job.train
-    batches = [
-        {k: b[k] for k in REWARD_KEYS}
-        for b in p.eval_ds.iter_torch_batches(batch_size=tc.micro_batch_size, drop_last=False)
-    ]
+    batches = ensemble_batches(p)
     if tc.num_workers == 0:
         got = ensemble_eval(members, batches, tc.use_gpu)
     else:
