@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from chain import REPO
+from faults import kill_and_wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -365,7 +366,6 @@ def test_ppo_goes_on_without_a_rollout_worker_dead_for_good(rs, world_dir: Path,
     sampling meets it dead, it leaves the run, the other worker samples the whole batch, and the hub sizes every
     later publication's group for one receiving rank, so no stream waits for the dead one (before, every
     publication after the death waited ``weight_sync_timeout_s`` for it and the run ended)."""
-    from faults import kill_and_wait
     from paddock.ppo import loop
 
     taken: list[tuple[int, int, int, int | None]] = []  # (version, attempt, iteration, receivers)

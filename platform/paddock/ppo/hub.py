@@ -67,9 +67,8 @@ class PolicyHub:
         self.driver_state: dict[str, Any] = {}
         self.batches: dict[int, list[Any] | str | None] = {}
         self.rest = (0, -1)  # the (version, attempt) after whose stream the learners last gave up the device
-        self.receivers: int | None = (
-            None  # the policy group's receiving ranks (None: every configured worker's)
-        )
+        # the policy group's receiving ranks (None: every configured worker's)
+        self.receivers: int | None = None
 
     async def publish(
         self,
