@@ -139,6 +139,17 @@ def _member(rank: int, port: int, out: str) -> None:
         except Exception as exc:
             result["unjoined"] = f"{type(exc).__name__}: {exc}"
         result["unjoined_s"] = time.monotonic() - t0
+    # 5. Groups whose sender stops waiting at ``closes_at`` (20 s timeouts): rank 1 coming after it fails at once,
+    #    and coming before it (nobody else joins) waits only until then.
+    if rank == 1:
+        for key, prefix, closes_in in (("closed", "pub4/policy", -5.0), ("closing", "pub5/policy", 2.0)):
+            t0 = time.monotonic()
+            try:
+                sync.receive_into(base.sub(prefix, 3, time.time() + closes_in), model, lay, 1, cpu)
+                result[key] = "completed"
+            except Exception as exc:
+                result[key] = f"{type(exc).__name__}: {exc}"
+            result[f"{key}_s"] = time.monotonic() - t0
     Path(out, f"{rank}.json").write_text(json.dumps(result))
 
 
@@ -166,6 +177,13 @@ def test_a_receiver_that_lost_its_weights_gets_them_from_a_peer(members):
 def test_a_publication_in_bf16_sends_half_the_bytes_and_rounds_each_weight_once(members):
     assert members[0]["sent_bf16"] == 1_827_968 * 2
     assert members[1]["rounded"] is True and members[2]["rounded"] is True
+
+
+def test_a_receiver_waits_no_longer_than_its_sender(members):
+    r = members[1]
+    assert r["closed"].startswith("TimeoutError: weight-sync group pub4/policy closed 5 s before rank 1"), r
+    assert r["closed_s"] < 1.0, r
+    assert r["closing"] != "completed" and 1.9 <= r["closing_s"] < 15, r  # not the channel's 20 s
 
 
 def test_a_publication_missing_a_receiver_fails_at_its_timeout_instead_of_hanging(members):

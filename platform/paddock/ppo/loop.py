@@ -174,13 +174,16 @@ class Actors:
         needed."""
         n, ranks = len(self.workers), len(self.workers) * self.width
         sent_to = (n + self.lost) * self.width if pub.receivers is None else pub.receivers
-        # A group sized for workers since gone cannot complete: the workers left do not join it (the value scorer
-        # still takes its own stream, which the learners send after this one fails)
-        policy = self.channel.sub(pub.group("policy"), ranks + 1)
+        # The learners wait for the policy group's receivers ``weight_sync_timeout_s`` from its announcement
+        closes_at = pub.published_at + self.channel.timeout_s
+        late = time.time() >= closes_at
+        # A group sized for workers since gone, or one whose sender stopped waiting, cannot complete: the workers
+        # do not join it (the value scorer still takes its own stream, which the learners send after this one)
+        policy = self.channel.sub(pub.group("policy"), ranks + 1, closes_at)
         calls = [
             w.receive.remote(policy, pub.policy, 1 + i * self.width, pub.version)
             for i, w in enumerate(self.workers)
-            if sent_to == ranks
+            if sent_to == ranks and not late
         ]
         value = None
         if self.value is not None and pub.value is not None:
@@ -211,6 +214,12 @@ class Actors:
             raise WeightsLost(
                 f"version {pub.version} (attempt {pub.attempt}) went to a group of {sent_to} receiving ranks; "
                 f"the {n} rollout workers left take {ranks}"
+            )
+        if late:
+            raise WeightsLost(
+                f"version {pub.version} (attempt {pub.attempt}) was announced {time.time() - pub.published_at:.0f} s "
+                f"ago: its learners stopped waiting for receivers after {self.channel.timeout_s:g} s "
+                "(ppo.weight_sync_timeout_s)"
             )
         if failures:
             print(f"[ppo] version {pub.version} did not reach {sorted(failures)}", flush=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,18 +55,32 @@ class Channel:
     timeout_s: float
     prefix: str = ""  # unique per group, e.g. "pub7/policy"; empty for the run's rendezvous itself
     size: int = 0  # the sender (rank 0) and the receivers
+    # When the sender stops waiting for its receivers (``time.time()``; None: unknown, each waits ``timeout_s``)
+    closes_at: float | None = None
 
-    def sub(self, prefix: str, size: int) -> Channel:
+    def sub(self, prefix: str, size: int, closes_at: float | None = None) -> Channel:
         """One group of the run's rendezvous."""
-        return dataclasses.replace(self, prefix=prefix, size=size)
+        return dataclasses.replace(self, prefix=prefix, size=size, closes_at=closes_at)
 
     def join(self, rank: int) -> Any:
-        """This process's handle on the group (blocks until all ``size`` members have joined, or times out)."""
+        """This process's handle on the group (blocks until all ``size`` members have joined, or times out).
+
+        A receiver joining after ``closes_at`` fails at once (its sender gave up: a call queued behind another, a
+        driver busy elsewhere, a task Ray retried on a restarted actor), and one joining before waits no longer
+        than that: nobody waits in a group that can no longer complete."""
         if not self.prefix or self.size < 2:
             raise ValueError(f"a weight-sync group needs a prefix and two members or more: {self}")
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {self.backend!r}")
-        timeout = datetime.timedelta(seconds=self.timeout_s)
+        wait_s = self.timeout_s
+        if self.closes_at is not None:
+            wait_s = min(wait_s, self.closes_at - time.time())
+            if wait_s <= 0:
+                raise TimeoutError(
+                    f"weight-sync group {self.prefix} closed {-wait_s:.0f} s before rank {rank} came: its sender "
+                    "stopped waiting for receivers (ppo.weight_sync_timeout_s)"
+                )
+        timeout = datetime.timedelta(seconds=wait_s)
         store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timeout)
         prefixed = dist.PrefixStore(self.prefix, store)
         if self.backend == "nccl":
