@@ -224,7 +224,7 @@ def test_weights_that_reach_no_receiver_fail_once_within_one_timeout(ray_cluster
     class Channel:
         timeout_s = 2.0
 
-        def sub(self, name: str, size: int) -> str:
+        def sub(self, name: str, size: int, closes_at: float | None = None) -> str:
             return name
 
     actors = Actors.__new__(Actors)

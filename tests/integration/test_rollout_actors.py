@@ -194,7 +194,7 @@ def test_ppo_stops_at_once_when_every_rollout_worker_is_dead_for_good(ray_cluste
     actors = object.__new__(Actors)
     actors.workers = [Broken.remote() for _ in range(2)]
     actors.value = Blocked.remote()
-    actors.channel = SimpleNamespace(timeout_s=600.0, sub=lambda prefix, size: None)
+    actors.channel = SimpleNamespace(timeout_s=600.0, sub=lambda prefix, size, closes_at=None: None)
     actors.timeout_s = 600.0
     pub = Publication(version=1, iteration=0, policy=[], value=None, nbytes=0)
     start = time.monotonic()
