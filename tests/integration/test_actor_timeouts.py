@@ -242,6 +242,58 @@ def test_weights_that_reach_no_receiver_fail_once_within_one_timeout(ray_cluster
         ray.kill(a)
 
 
+@pytest.mark.parametrize(
+    ("announced_ago", "receivers", "lost", "why"),
+    [
+        (30.0, None, 0, r"was announced 30 s ago: its learners stopped waiting for receivers after 20 s"),
+        (0.0, None, 1, r"went to a group of 3 receiving ranks; the 2 rollout workers left take 2"),
+        (0.0, 3, 0, r"went to a group of 3 receiving ranks; the 2 rollout workers left take 2"),
+    ],
+)
+def test_a_publication_whose_group_cannot_complete_is_not_joined(
+    ray_cluster, announced_ago: float, receivers: int | None, lost: int, why: str
+) -> None:
+    """A publication whose sender stopped waiting (announced longer ago than the weight-sync timeout), or whose
+    group was sized for a rollout worker since dead for good, is not joined by the rollout workers (each would wait
+    in a group that cannot complete): ``WeightsLost`` at once, the value scorer still taking its own stream."""
+    import ray
+    from paddock.ppo.hub import Publication
+    from paddock.ppo.loop import Actors, WeightsLost
+
+    @ray.remote(num_cpus=0)
+    class Receiver:
+        def __init__(self) -> None:
+            self.got: list[int] = []
+
+        def receive(self, channel: object, spec: list, rank: int, version: int) -> int:
+            self.got.append(version)
+            return version
+
+        def received(self) -> list[int]:
+            return self.got
+
+    class Channel:
+        timeout_s = 20.0
+
+        def sub(self, name: str, size: int, closes_at: float | None = None) -> str:
+            return name
+
+    actors = Actors.__new__(Actors)
+    actors.channel, actors.timeout_s, actors.lost = Channel(), 20.0, lost  # type: ignore[assignment]
+    actors.workers = [Receiver.remote() for _ in range(2)]
+    actors.value = Receiver.remote()
+    pub = Publication(version=2, iteration=1, policy=[], value=[], nbytes=0, receivers=receivers)
+    pub.published_at -= announced_ago
+    t0 = time.monotonic()
+    with pytest.raises(WeightsLost, match=r"^version 2 \(attempt 0\) " + why):
+        actors.load(pub)
+    assert time.monotonic() - t0 < 10.0  # not the 20 s a receiver would wait
+    assert ray.get([w.received.remote() for w in actors.workers]) == [[], []]
+    assert ray.get(actors.value.received.remote()) == [2]
+    for a in [*actors.workers, actors.value]:
+        ray.kill(a)
+
+
 def test_a_dead_rollout_worker_is_passed_over_when_the_engines_sleep_and_wake(ray_cluster, capsys) -> None:
     """``ppo.engine_sleep``'s turns do not end a run whose rollout worker died: the others sleep and wake, the dead
     one is named and passed over (a restarted worker comes back awake; the next load and the repairs deal with its

@@ -176,15 +176,25 @@ class Actors:
         sent_to = (n + self.lost) * self.width if pub.receivers is None else pub.receivers
         # The learners wait for the policy group's receivers ``weight_sync_timeout_s`` from its announcement
         closes_at = pub.published_at + self.channel.timeout_s
-        late = time.time() >= closes_at
         # A group sized for workers since gone, or one whose sender stopped waiting, cannot complete: the workers
         # do not join it (the value scorer still takes its own stream, which the learners send after this one)
+        unjoinable = None
+        if sent_to != ranks:
+            unjoinable = (
+                f"went to a group of {sent_to} receiving ranks; the {n} rollout workers left take {ranks}"
+            )
+        elif time.time() >= closes_at:
+            unjoinable = (
+                f"was announced {time.time() - pub.published_at:.0f} s ago: its learners stopped waiting for "
+                f"receivers after {self.channel.timeout_s:g} s (ppo.weight_sync_timeout_s)"
+            )
         policy = self.channel.sub(pub.group("policy"), ranks + 1, closes_at)
-        calls = [
-            w.receive.remote(policy, pub.policy, 1 + i * self.width, pub.version)
-            for i, w in enumerate(self.workers)
-            if sent_to == ranks and not late
-        ]
+        calls = []
+        if unjoinable is None:
+            calls = [
+                w.receive.remote(policy, pub.policy, 1 + i * self.width, pub.version)
+                for i, w in enumerate(self.workers)
+            ]
         value = None
         if self.value is not None and pub.value is not None:
             value = self.value.receive.remote(
@@ -210,17 +220,8 @@ class Actors:
             self.drop_dead(self.channel.timeout_s)
         if value is not None:
             wait("value scorer", value)
-        if sent_to != ranks:
-            raise WeightsLost(
-                f"version {pub.version} (attempt {pub.attempt}) went to a group of {sent_to} receiving ranks; "
-                f"the {n} rollout workers left take {ranks}"
-            )
-        if late:
-            raise WeightsLost(
-                f"version {pub.version} (attempt {pub.attempt}) was announced {time.time() - pub.published_at:.0f} s "
-                f"ago: its learners stopped waiting for receivers after {self.channel.timeout_s:g} s "
-                "(ppo.weight_sync_timeout_s)"
-            )
+        if unjoinable is not None:
+            raise WeightsLost(f"version {pub.version} (attempt {pub.attempt}) {unjoinable}")
         if failures:
             print(f"[ppo] version {pub.version} did not reach {sorted(failures)}", flush=True)
         reached = n - len([f for f in failures if f.startswith("rollout")])
@@ -262,8 +263,8 @@ class Actors:
                 ray.get(ref, timeout=0)
             except ray.exceptions.ActorDiedError as exc:
                 dead[i] = exc
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
-                pass  # restarting, or busy: not dead
+            except ray.exceptions.RayError:
+                pass  # restarting, or busy (GetTimeoutError): not dead
         if len(dead) == len(self.workers):
             raise ActorsDead(
                 f"all {len(dead)} rollout workers are dead and Ray's restarts are used up; worker 0: "
