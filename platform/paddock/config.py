@@ -781,6 +781,15 @@ class CollectConfig(SamplingConfig):
         "adds tens of pairs to thousands of static ones; the paper's new batches were a sizeable share of the "
         "data each time (section 3.2.2), which this restores.",
     )
+    monitor_prompts: int = Field(
+        0,
+        ge=0,
+        description="Prompts answered beside the round's for the reward-hacking monitor alone: a seeded draw of "
+        "other prompts (none whose words the round asks or an earlier round trained on, each once), answered as "
+        "the round's are, never labelled for training. Every pair of their answers joins the held-out prompts' in "
+        "the monitor's answer pairs, labelled by the world's verifiers (the simulated annotator only). The "
+        "round's own prompts, answers and pairs are the same with or without them.",
+    )
     round: int = Field(1, ge=1, description="Preference round: names the batch and seeds the draw.")
     batch_prompts: int = Field(25, ge=1, description="Prompts per generation call.")
     test_fraction: float = Field(

@@ -208,3 +208,38 @@ def test_pairing_all_labels_every_pair_of_each_prompt_s_answers(chain, world_dir
         experiment_names=[job.experiment], filter_string="tags.`paddock.round` = '11'", output_format="list"
     )[0]
     assert "rm-" not in run.data.tags["paddock.upstream"]  # the reward models chose nothing
+
+
+def test_the_monitor_s_own_prompts_leave_the_round_as_it_was(chain, world_dir: Path):
+    """collect.monitor_prompts: the round's batch and answers are those of the same round without them (their
+    batches come after the round's, seeded as before); their answers, to prompts of other words, join the
+    monitor's answer pairs."""
+    from paddock.rlhf import preferences as prefs
+
+    plain = four_answers(world_dir, "collect.round=12", "collect.max_prompts=24")
+    extra = four_answers(
+        world_dir,
+        "registry_prefix=tinymon",  # a work directory of its own
+        "collect.round=12",
+        "collect.max_prompts=24",
+        "collect.monitor_prompts=16",
+    )
+    batches = [pq.read_table(prefs.run(job).batch).to_pylist() for job in (plain, extra)]
+    assert batches[0] == batches[1] and len(batches[0]) == 24
+    answers = [
+        pq.read_table(prefs.work_dir(job) / "round12" / "answers.parquet").to_pylist()
+        for job in (plain, extra)
+    ]
+    assert answers[1][:24] == answers[0] and not any(r["monitor"] for r in answers[0])
+    mine = answers[1][24:]
+    assert 0 < len(mine) <= 16 and all(r["monitor"] and len(r["answers"]) == 4 for r in mine)
+    asked = {json.dumps(r["prompt"]) for r in answers[0]}
+    assert not {json.dumps(r["prompt"]) for r in mine} & asked  # other words than the round's
+    pairs = [prefs.held_out_answer_pairs(job) for job in (plain, extra)]
+    ids = {p["id"].removeprefix("pref-").split(":")[0] for p in pairs[1]}
+    assert pairs[0] == [
+        p for p in pairs[1] if not p["id"].startswith(tuple(f"pref-{r['id']}:" for r in mine))
+    ]
+    assert ids & {r["id"] for r in mine}  # the monitor's own answers are paired (those not all alike)
+    metrics = prefs.monitor(extra, {"after": RMS}, static_pairs=10)
+    assert metrics["monitor/answer_pairs"] == len(pairs[1]) > len(pairs[0])

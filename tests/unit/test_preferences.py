@@ -404,6 +404,83 @@ def test_a_round_draws_other_prompts_with_the_configured_safety_share():
     assert sum(p["is_safety"] for p in few) == 10 and len(few) == 50  # only 10 exist: the rest are others
 
 
+def _prompt(i: int, text: str, is_safety: bool = False) -> dict:
+    return {"id": f"p{i}", "turns": [{"role": "user", "content": text}], "is_safety": is_safety}
+
+
+def test_the_monitor_s_prompts_are_not_the_round_s_or_trained_on(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("PADDOCK_HOME", str(tmp_path))
+    # 600 prompts in 300 wordings (each twice, under two ids), every tenth wording a safety prompt
+    pool = [_prompt(i, f"question {i % 300}?", is_safety=(i % 300) % 10 == 0) for i in range(600)]
+    job = load_config(
+        CollectJob, None, ["collect.round=3", "collect.max_prompts=40", "collect.monitor_prompts=60"]
+    )
+    drawn = prefs.draw_prompts(pool, job.collect, job.seed)
+    # round 1 trained on 5 wordings (a pair each); round 2's pairs_train is missing (a round that held all out)
+    trained = [f"question {k}?" for k in range(5)]
+    pairs = [
+        {"id": f"t{k}", "prompt": [{"role": "user", "content": q}], "chosen": RIGHT, "rejected": WRONG}
+        | {"rating": "better", "kind": "helpfulness", "safety_bin": None}
+        for k, q in enumerate(trained)
+    ]
+    round1 = prefs.work_dir(job) / "round1"
+    round1.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(pairs, schema=PREFERENCES), round1 / "pairs_train.parquet")
+
+    picked = prefs.draw_monitor_prompts(pool, drawn, job)
+    words = [p["turns"][0]["content"] for p in picked]
+    assert len(picked) == 60 and len(set(words)) == 60  # each wording once
+    assert not set(words) & {p["turns"][0]["content"] for p in drawn}  # not the round's (under any id)
+    assert not set(words) & set(trained)  # not what round 1's pairs trained on
+    assert picked == prefs.draw_monitor_prompts(pool, drawn, job)  # seeded
+    shared = load_config(
+        CollectJob,
+        None,
+        [
+            "collect.round=3",
+            "collect.max_prompts=40",
+            "collect.monitor_prompts=60",
+            "collect.safety_share=0.25",
+        ],
+    )
+    assert sum(p["is_safety"] for p in prefs.draw_monitor_prompts(pool, drawn, shared)) == 15
+    # Fewer left than asked: what is left, each wording once (300 - the round's - round 1's)
+    many = load_config(
+        CollectJob, None, ["collect.round=3", "collect.max_prompts=40", "collect.monitor_prompts=500"]
+    )
+    left = 300 - len({p["turns"][0]["content"] for p in drawn} | set(trained))
+    assert len(prefs.draw_monitor_prompts(pool, drawn, many)) == left
+
+
+def test_the_monitor_pairs_up_the_held_out_and_the_monitor_s_answers_alone(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("PADDOCK_HOME", str(tmp_path))
+    job = load_config(CollectJob, None, ["collect.round=2"])
+    d = prefs.work_dir(job) / "round2"
+    d.mkdir(parents=True)
+    three = [RIGHT, WRONG, RUDE]  # 3 pairs: right over wrong, right over rude, rude over wrong
+
+    def answered(pid: str, monitor: bool) -> dict:
+        return {"id": f"r2-{pid}", "round": 2, "prompt": FRANCE, "is_safety": False, "answers": three} | {
+            "monitor": monitor
+        }
+
+    answers = [answered("trained", False), answered("held", False), answered("extra", True)]
+    pq.write_table(pa.Table.from_pylist(answers, schema=prefs.ANSWERS), d / "answers.parquet")
+    held = [{"id": "pref-r2-held", "prompt": FRANCE, "chosen": RIGHT, "rejected": WRONG, "rating": "better"}]
+    held[0] |= {"kind": "helpfulness", "safety_bin": None}
+    pq.write_table(pa.Table.from_pylist(held, schema=PREFERENCES), d / "pairs_test.parquet")
+    pairs = prefs.held_out_answer_pairs(job)
+    assert sorted(p["id"] for p in pairs) == sorted(
+        f"pref-r2-{pid}:{ij}" for pid in ("held", "extra") for ij in ("0-1", "0-2", "1-2")
+    )
+    by_id = {p["id"]: (p["chosen"], p["rejected"]) for p in pairs}
+    assert by_id["pref-r2-extra:0-1"] == (RIGHT, WRONG) and by_id["pref-r2-extra:1-2"] == (RUDE, WRONG)
+    # An answers.parquet written before the monitor column: the held-out prompts' answers, as before
+    old = pa.Table.from_pylist(answers).drop_columns(["monitor"])
+    pq.write_table(old, d / "answers.parquet")
+    assert {p["id"].split(":")[0] for p in prefs.held_out_answer_pairs(job)} == {"pref-r2-held"}
+
+
 def test_the_monitor_loads_no_more_reward_models_at_once_than_the_cluster_holds(monkeypatch):
     """Eight pairs of reward models on a cluster with room for four scorers: scored two pairs at a time (all at
     once, the twelve that found no room would wait for the four that did, which wait for all of them)."""

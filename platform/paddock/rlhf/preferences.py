@@ -34,8 +34,10 @@ round's pairs so far, which the round's reward models train on.
 
 The monitor scores the held-out fresh pairs and the static test pairs with the reward models in use before the
 round and after retraining: accuracy on each, and how often the combined reward orders the policy's two answers
-as the labels do. A reward model that loses accuracy on the policy's answers while keeping it on the static pairs
-is being gamed (the paper's "hyper-specialization").
+as the labels do; also every pair of the answers to the held-out prompts and to ``collect.monitor_prompts`` more
+prompts answered for it alone (``answers.parquet``, ``monitor`` true), which no reward model picked. A reward
+model that loses accuracy on the policy's answers while keeping it on the static pairs is being gamed (the
+paper's "hyper-specialization").
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ ANSWERS = pa.schema(
         pa.field("prompt", TURNS, nullable=False),
         pa.field("is_safety", pa.bool_(), nullable=False),
         pa.field("answers", pa.list_(pa.string()), nullable=False),
+        pa.field("monitor", pa.bool_(), nullable=False),  # a prompt answered for the monitor alone
     ]
 )
 ANNOTATION = pa.schema(
@@ -326,7 +329,18 @@ def _run(job: CollectJob, lock: atomic.Lock) -> CollectResult:
             )
             run.log_dataset(resolve_path(cc.prompts), "prompts", "collection", report.total, report.n_bad)
             answers: list[dict[str, Any]] = []
-            rows = sample_batch(job, draw_prompts(report.good.to_pylist(), cc, job.seed), answers)
+            pool = report.good.to_pylist()
+            drawn = draw_prompts(pool, cc, job.seed)
+            extra = []
+            if cc.monitor_prompts and ann.kind == "simulated":
+                extra = draw_monitor_prompts(pool, drawn, job)
+            elif cc.monitor_prompts:
+                print(
+                    f"[collect_preferences] collect.monitor_prompts ({cc.monitor_prompts}) left out: only the "
+                    "simulated annotator labels the monitor's answer pairs",
+                    flush=True,
+                )
+            rows = sample_batch(job, drawn, answers, extra)
             # every answer drawn, before any is picked (the monitor pairs up the held-out prompts' answers)
             atomic.write_parquet(pa.Table.from_pylist(answers, schema=ANSWERS), round_dir / "answers.parquet")
             write_batch(rows, batch_path)
@@ -414,29 +428,71 @@ def _run(job: CollectJob, lock: atomic.Lock) -> CollectResult:
 def draw_prompts(prompts: list[dict[str, Any]], cc: Any, seed: int) -> list[dict[str, Any]]:
     """The round's prompts: a seeded draw of ``max_prompts`` (other prompts every round), with ``safety_share``
     of them safety prompts when set (as many as there are)."""
-    rng = random.Random(f"{seed}:{cc.round}")
+    return _draw(prompts, cc.max_prompts, cc.safety_share, random.Random(f"{seed}:{cc.round}"))
+
+
+def draw_monitor_prompts(
+    prompts: list[dict[str, Any]], drawn: list[dict[str, Any]], job: CollectJob
+) -> list[dict[str, Any]]:
+    """``collect.monitor_prompts`` prompts for the monitor alone, drawn as the round's are (their own seed, the
+    same safety share) from those whose words neither the round asks (``drawn``) nor any reward model of the
+    round trains on (an earlier round's training pairs), each wording once: no reward model judged scores an
+    answer to a prompt it learned from."""
+    cc = job.collect
+    seen = {_words(p["turns"]) for p in drawn}
+    for k in range(1, cc.round):
+        path = work_dir(job) / f"round{k}" / "pairs_train.parquet"
+        if path.is_file():
+            seen |= {_words(t) for t in pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()}
+    left = []
+    for p in prompts:
+        words = _words(p["turns"])
+        if words not in seen:
+            seen.add(words)
+            left.append(p)
+    picked = _draw(left, cc.monitor_prompts, cc.safety_share, random.Random(f"{job.seed}:{cc.round}:monitor"))
+    if len(picked) < cc.monitor_prompts:
+        print(
+            f"[collect_preferences] {len(picked)} of collect.monitor_prompts ({cc.monitor_prompts}) left for the "
+            "monitor: the other prompts' words are the round's or were trained on",
+            flush=True,
+        )
+    return picked
+
+
+def _words(turns: list[dict[str, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((t["role"], t["content"]) for t in turns)
+
+
+def _draw(
+    prompts: list[dict[str, Any]], n: int, safety_share: float | None, rng: random.Random
+) -> list[dict[str, Any]]:
     prompts = list(prompts)
     rng.shuffle(prompts)
-    if cc.safety_share is None:
-        return prompts[: cc.max_prompts]
+    if safety_share is None:
+        return prompts[:n]
     safety = [p for p in prompts if p["is_safety"]]
-    n_safety = min(len(safety), round(cc.max_prompts * cc.safety_share))
-    rest = [p for p in prompts if not p["is_safety"]][: cc.max_prompts - n_safety]
+    n_safety = min(len(safety), round(n * safety_share))
+    rest = [p for p in prompts if not p["is_safety"]][: n - n_safety]
     drawn = safety[:n_safety] + rest
     rng.shuffle(drawn)
     return drawn
 
 
 def sample_batch(
-    job: CollectJob, prompts: list[dict[str, Any]], answers_out: list[dict[str, Any]] | None = None
+    job: CollectJob,
+    prompts: list[dict[str, Any]],
+    answers_out: list[dict[str, Any]] | None = None,
+    monitor: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Answer a and answer b for every prompt: the first model at the first temperature, then the second model
     (or the same one) at the second. With ``collect.samples`` > 2 and the reward models in use, ``samples``
     answers are drawn (half at each temperature) and each of the prompt's ``pairs_per_prompt`` pairs is the reward
     models' favourite and another of them (``pick_pairs``), or with ``collect.pairing: all`` every pair of its
     different answers (``all_pairs``); row ids ``r{round}-{prompt}/{j}`` from a prompt's second pair.
-    ``answers_out`` gets every prompt's answers (``id``, ``round``, ``prompt``, ``is_safety``, ``answers``), which the
-    monitor pairs up."""
+    ``answers_out`` gets every prompt's answers (``id``, ``round``, ``prompt``, ``is_safety``, ``answers``,
+    ``monitor``), which the monitor pairs up. ``monitor``: prompts answered after the round's, the same way, for
+    ``answers_out`` alone (the round's answers and pairs do not change with them)."""
     import ray
 
     from paddock.cluster import connect
@@ -445,6 +501,8 @@ def sample_batch(
     connect()  # the embedded instance's CPUs and settings, or RAY_ADDRESS's cluster (not Ray's own default)
     cc = job.collect
     draws = job.draws
+    # The round's batches first: their seeds, and so their answers, do not depend on the monitor's prompts
+    asked = [*prompts, *(monitor or [])]
     answers: list[list[list[str]]] = []  # [temperature][draw][prompt]
     sources = []
     for n, temperature in enumerate(cc.temperatures):
@@ -464,7 +522,9 @@ def sample_batch(
             inference=job.inference.model_dump(),
         )
         try:
-            batches = [prompts[i : i + cc.batch_prompts] for i in range(0, len(prompts), cc.batch_prompts)]
+            size = cc.batch_prompts
+            batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+            batches += [asked[i : i + size] for i in range(len(prompts), len(asked), size)]
             draws_refs = [  # one call per batch and draw, named for the timeout's message
                 {
                     f"rollout worker {b % len(workers)} (batch {b})": workers[
@@ -476,7 +536,7 @@ def sample_batch(
                 }
                 for j in range((draws + 1 - n) // 2)  # the first temperature takes the odd one out
             ]
-            doing = f"answering {len(prompts)} prompts at T={temperature:g}"
+            doing = f"answering {len(asked)} prompts at T={temperature:g}"
             answers.append(
                 [
                     [s["text"] for rows in gather(calls, job.actor_timeout_s, doing) for s in rows]
@@ -487,10 +547,11 @@ def sample_batch(
             for w in workers:
                 ray.kill(w)
         drawn = f"answer {'ab'[n]}" if draws == 2 else f"{len(answers[-1])} answers"
-        print(f"[collect_preferences] {drawn}: {len(prompts)} prompts, {sources[-1]}", flush=True)
+        more = f" (and {len(asked) - len(prompts)} for the monitor)" if len(asked) > len(prompts) else ""
+        print(f"[collect_preferences] {drawn}: {len(prompts)} prompts{more}, {sources[-1]}", flush=True)
     candidates = [
         [(draw[i], sources[n]) for n, group in enumerate(answers) for draw in group]
-        for i in range(len(prompts))
+        for i in range(len(asked))
     ]
     if answers_out is not None:
         answers_out += [
@@ -500,9 +561,11 @@ def sample_batch(
                 "prompt": p["turns"],
                 "is_safety": bool(p["is_safety"]),
                 "answers": [text for text, _ in c],
+                "monitor": i >= len(prompts),
             }
-            for p, c in zip(prompts, candidates, strict=True)
+            for i, (p, c) in enumerate(zip(asked, candidates, strict=True))
         ]
+    candidates = candidates[: len(prompts)]
     if draws == 2:
         pairs = [[(c[0], c[1])] for c in candidates]
     elif cc.pairing == "all":
@@ -733,9 +796,9 @@ def _held_at_once(cpus: float, gpus: float, cpus_each: float, gpus_each: float) 
 
 
 def held_out_answer_pairs(job: CollectJob) -> list[dict[str, Any]]:
-    """Every pair of the answers drawn for this round's held-out prompts (those of ``pairs_test.parquet``),
-    labelled by the world's verifiers without noise; [] when the answers were not kept or no verifier labels
-    them (an external annotator).
+    """Every pair of the answers drawn for this round's held-out prompts (those of ``pairs_test.parquet``) and for
+    the monitor's own prompts (``collect.monitor_prompts``), labelled by the world's verifiers without noise; []
+    when the answers were not kept or no verifier labels them (an external annotator).
 
     The held-out pairs themselves are the reward models' favourite against another answer when the round picks
     by reward: the models that picked it agree with the label whenever the favourite is the better answer, so
@@ -750,7 +813,7 @@ def held_out_answer_pairs(job: CollectJob) -> list[dict[str, Any]]:
     }
     rows = []
     for p in pq.read_table(round_dir / "answers.parquet").to_pylist():
-        if p["id"] not in held:
+        if p["id"] not in held and not p.get("monitor"):  # answers.parquet of rounds before the column
             continue
         texts = list(dict.fromkeys(p["answers"]))  # an answer drawn twice is one answer
         for i in range(len(texts)):
@@ -798,7 +861,7 @@ def monitor(
         f"{which}: {metrics.get(f'monitor/{which}/fresh_agreement_clear', float('nan')):.1%} on the policy's answers "
         f"with a clear preference ({metrics.get(f'monitor/{which}/fresh_agreement', float('nan')):.1%} on all), "
         f"{metrics.get(f'monitor/{which}/answers_agreement_clear', float('nan')):.1%} on every clear pair of the "
-        f"held-out prompts' answers, {metrics.get(f'monitor/{which}/static_accuracy', float('nan')):.1%} on static pairs"
+        f"held-out and monitor prompts' answers, {metrics.get(f'monitor/{which}/static_accuracy', float('nan')):.1%} on static pairs"
         for which in reward_models
     )
     print(f"[reward_monitor] round {cc.round} ({len(fresh)} fresh pairs): {line}", flush=True)
