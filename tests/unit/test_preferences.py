@@ -265,13 +265,18 @@ def test_pairing_all_draws_samples_once_reward_models_are_in_use_and_picks_nothi
         )
 
 
-def test_a_prompts_pairs_stay_on_one_side_of_the_split():
-    pairs = [{"id": f"r2-p{i}" + (f"/{j}" if j else "")} for i in range(20) for j in range(3)]
+def test_a_questions_pairs_stay_on_one_side_of_the_split():
+    # 20 prompts of 10 questions (each drawn under two ids), 3 pairs a prompt (collect.pairs_per_prompt)
+    pairs = [
+        {"id": f"r2-p{i}" + (f"/{j}" if j else ""), "prompt": [{"role": "user", "content": f"q{i % 10}?"}]}
+        for i in range(20)
+        for j in range(3)
+    ]
     for seed in range(10):
         train, test = prefs.split_pairs(pairs, 0.2, seed=seed)
         assert len(test) == 12 and len(train) == 48
-        prompts = lambda rows: {p["id"].split("/")[0] for p in rows}  # noqa: E731
-        assert not prompts(train) & prompts(test)
+        words = lambda rows: {p["prompt"][0]["content"] for p in rows}  # noqa: E731
+        assert not words(train) & words(test) and len(words(test)) == 2
 
 
 def test_reward_models_for_picking_come_in_pairs():
@@ -286,7 +291,7 @@ def test_reward_models_for_picking_come_in_pairs():
 
 
 def test_split_holds_out_a_seeded_share():
-    pairs = [{"id": str(i)} for i in range(50)]
+    pairs = [{"id": str(i), "prompt": [{"role": "user", "content": f"q{i}?"}]} for i in range(50)]
     train, test = prefs.split_pairs(pairs, 0.2, seed=1)
     assert (len(train), len(test)) == (40, 10)
     assert sorted(p["id"] for p in train + test) == sorted(p["id"] for p in pairs)

@@ -259,11 +259,12 @@ def write_batch(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def split_pairs(pairs: list[dict[str, Any]], test_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, test): a seeded share of the pairs held out for the monitor. A prompt's pairs (ids that differ only
-    after a ``/``: ``collect.pairs_per_prompt``) go to the same side, so no held-out answer was trained on."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    """(train, test): a seeded share of the pairs held out for the monitor. The pairs of one prompt's words go to
+    the same side (a prompt's several pairs, ``collect.pairs_per_prompt``, and the same question drawn under
+    another id), so no reward model is measured on answers to a question it trained on."""
+    groups: dict[tuple[tuple[str, str], ...], list[dict[str, Any]]] = {}
     for p in pairs:
-        groups.setdefault(str(p["id"]).split("/")[0], []).append(p)
+        groups.setdefault(_words(p["prompt"]), []).append(p)
     order = list(groups.values())
     random.Random(seed).shuffle(order)
     n_test = round(len(pairs) * test_fraction)
