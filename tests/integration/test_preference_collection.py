@@ -216,14 +216,11 @@ def test_the_monitor_s_own_prompts_leave_the_round_as_it_was(chain, world_dir: P
     monitor's answer pairs."""
     from paddock.rlhf import preferences as prefs
 
-    plain = four_answers(world_dir, "collect.round=12", "collect.max_prompts=24")
-    extra = four_answers(
-        world_dir,
-        "registry_prefix=tinymon",  # a work directory of its own
-        "collect.round=12",
-        "collect.max_prompts=24",
-        "collect.monitor_prompts=16",
-    )
+    # A quarter safety prompts (the monitor's 4 of them, from the 7 left): refusals against compliance give the
+    # verifiers' clear pairs that a tiny model's facts rarely do
+    same = ("collect.round=12", "collect.max_prompts=24", "collect.safety_share=0.25")
+    plain = four_answers(world_dir, *same)
+    extra = four_answers(world_dir, *same, "registry_prefix=tinymon", "collect.monitor_prompts=16")
     batches = [pq.read_table(prefs.run(job).batch).to_pylist() for job in (plain, extra)]
     assert batches[0] == batches[1] and len(batches[0]) == 24
     answers = [
@@ -232,7 +229,8 @@ def test_the_monitor_s_own_prompts_leave_the_round_as_it_was(chain, world_dir: P
     ]
     assert answers[1][:24] == answers[0] and not any(r["monitor"] for r in answers[0])
     mine = answers[1][24:]
-    assert 0 < len(mine) <= 16 and all(r["monitor"] and len(r["answers"]) == 4 for r in mine)
+    assert len(mine) == 16 and all(r["monitor"] and len(r["answers"]) == 4 for r in mine)
+    assert sum(r["is_safety"] for r in mine) == 4  # the round's safety share
     asked = {json.dumps(r["prompt"]) for r in answers[0]}
     assert not {json.dumps(r["prompt"]) for r in mine} & asked  # other words than the round's
     pairs = [prefs.held_out_answer_pairs(job) for job in (plain, extra)]
