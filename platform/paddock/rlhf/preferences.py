@@ -261,7 +261,7 @@ def write_batch(rows: list[dict[str, Any]], path: Path) -> None:
 def split_pairs(pairs: list[dict[str, Any]], test_fraction: float, seed: int) -> tuple[list, list]:
     """(train, test): a seeded share of the pairs held out for the monitor. The pairs of one prompt's words go to
     the same side (a prompt's several pairs, ``collect.pairs_per_prompt``, and the same question drawn under
-    another id), so no reward model is measured on answers to a question it trained on."""
+    another id), so the round's retraining is not measured on answers to a question its new pairs asked."""
     groups: dict[tuple[tuple[str, str], ...], list[dict[str, Any]]] = {}
     for p in pairs:
         groups.setdefault(_words(p["prompt"]), []).append(p)
@@ -436,9 +436,10 @@ def draw_monitor_prompts(
     prompts: list[dict[str, Any]], drawn: list[dict[str, Any]], job: CollectJob
 ) -> list[dict[str, Any]]:
     """``collect.monitor_prompts`` prompts for the monitor alone, drawn as the round's are (their own seed, the
-    same safety share) from those whose words neither the round asks (``drawn``) nor any reward model of the
-    round trains on (an earlier round's training pairs), each wording once: no reward model judged scores an
-    answer to a prompt it learned from."""
+    same safety share) from those whose words neither the round asks (``drawn``) nor an earlier round's
+    training pairs ask, each wording once: the models after the round learned
+    nothing from these questions that the models before it did not (the world's static pairs ask about half of the
+    tiny world's RL questions; both trained on those)."""
     cc = job.collect
     seen = {_words(p["turns"]) for p in drawn}
     for k in range(1, cc.round):
